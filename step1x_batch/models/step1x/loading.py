@@ -1,0 +1,140 @@
+"""Safe weight loading: safetensors only, modules built on meta, weights assigned in place.
+
+Peak host memory stays near one copy of the weights: tensors are read one at a time from the
+file, converted to the compute dtype on the target device, and assigned to a module that never
+allocated its own random parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FP8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: says which file and which keys."""
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Validate a safetensors file's framing and return its header (tensor name -> dtype/shape/offsets).
+
+    Refuses pickle checkpoints outright and reports a truncated or corrupt file by name instead of
+    failing later inside the deserializer.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: refusing to load a pickle checkpoint; only .safetensors files are loaded")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise WeightsError(f"{path}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
+            if len(head) < 8:
+                raise WeightsError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise WeightsError(f"{path}: header claims {n} bytes but the file has {size}; truncated or not safetensors")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if 8 + n + end != size:
+        raise WeightsError(
+            f"{path}: expected {8 + n + end} bytes from its header, found {size}; the file is truncated or corrupt"
+        )
+    return tensors
+
+
+class ShapeOnly:
+    """A stand-in tensor with only ``.shape`` and ``.dtype``, so sizes can be inferred from a header."""
+
+    def __init__(self, shape: Iterable[int], dtype: str):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+
+def header_shapes(header: Mapping[str, dict]) -> dict[str, ShapeOnly]:
+    return {k: ShapeOnly(v["shape"], v["dtype"]) for k, v in header.items()}
+
+
+def check_keys(
+    module: nn.Module,
+    shapes: Mapping[str, torch.Size],
+    path: str | os.PathLike,
+    prefix: str = "",
+    others: tuple[str, ...] = (),
+) -> None:
+    """Raise one error naming every missing, unexpected and wrong-shape key.
+
+    Keys under ``prefix`` belong to ``module``, except those under ``others`` (other modules
+    stored in the same file).
+    """
+    expected = {prefix + k: v.shape for k, v in module.state_dict().items()}
+    got = {k: s for k, s in shapes.items() if k.startswith(prefix) and not k.startswith(others)}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(got[k])} vs model {tuple(expected[k])}"
+        for k in set(got) & set(expected)
+        if tuple(got[k]) != tuple(expected[k])
+    )
+    if missing or unexpected or wrong:
+        parts = [f"{path}: weights do not match the model"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{title} ({len(items)}): " + ", ".join(items))
+        raise WeightsError("; ".join(parts))
+
+
+def load_into(
+    module: nn.Module,
+    path: str | os.PathLike,
+    *,
+    prefix: str = "",
+    others: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    header: Mapping[str, dict] | None = None,
+) -> nn.Module:
+    """Assign the tensors under ``prefix`` in ``path`` to a (meta-built) ``module``.
+
+    Floating-point tensors are cast to ``dtype`` (fp8 storage is upcast to it: computing in fp8 is not
+    what the release does); ``strict`` refuses any key mismatch.
+    """
+    header = read_header(path) if header is None else header
+    shapes = {k: torch.Size(v["shape"]) for k, v in header.items()}
+    if strict:
+        check_keys(module, shapes, path, prefix, others)
+    state = {}
+    expected = module.state_dict().keys()
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in expected:
+            if prefix + key not in shapes:
+                continue
+            t = f.get_tensor(prefix + key)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
+            state[key] = t
+    module.load_state_dict(state, strict=strict, assign=True)
+    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
+    if left:
+        raise WeightsError(f"{path}: no weights for {', '.join(left)}")
+    return module
