@@ -17,6 +17,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+# The release folder's layout (what ``model.weights`` points at).
+DIT_FILES = (
+    "step1x-edit-v1p1-official.safetensors",
+    "step1x-edit-i1258.safetensors",
+    "step1x-edit-i1258-FP8.safetensors",
+)
+VAE_FILE = "vae.safetensors"
+QWEN_DIR = "Qwen2.5-VL-7B-Instruct"
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FP8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")

@@ -28,16 +28,9 @@ from step1x_batch.sampling import denoise, get_schedule
 from .conditioner import QwenConditioner
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
-from .loading import WeightsError, header_shapes, load_into, read_header
+from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, WeightsError, header_shapes, load_into, read_header
 from .vae import AutoEncoder, AutoEncoderParams
 
-DIT_FILES = (
-    "step1x-edit-v1p1-official.safetensors",
-    "step1x-edit-i1258.safetensors",
-    "step1x-edit-i1258-FP8.safetensors",
-)
-VAE_FILE = "vae.safetensors"
-QWEN_DIR = "Qwen2.5-VL-7B-Instruct"
 NON_FINITE_OUTPUT = "non_finite_output"
 
 

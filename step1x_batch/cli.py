@@ -1,0 +1,94 @@
+"""The ``step1x-batch`` command: demo, run a job config, make tiny weights, edit one image."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _make_tiny_weights(args: argparse.Namespace) -> int:
+    from step1x_batch.models.step1x.tiny import make_tiny_weights
+
+    folder = make_tiny_weights(args.dir, seed=args.seed, version=args.version)
+    print(f"tiny Step1X-Edit {args.version} weights (seed {args.seed}) written to {folder}")
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from step1x_batch.models.step1x.pipeline import EditPipeline
+
+    pipe = EditPipeline.from_pretrained(args.weights, device=args.device, dtype=args.dtype, version=args.version)
+    result = pipe.edit(
+        [Image.open(args.image)], [args.instruction], seeds=[args.seed],
+        negative_prompts=[args.negative_prompt], num_steps=args.steps, guidance_scale=args.guidance,
+        size_level=args.size_level,
+    )[0]
+    if result.error_type:
+        print(f"error: {result.error_type}: {result.error_message}", file=sys.stderr)
+        return 1
+    result.to_pil().save(args.out)
+    timing = ", ".join(f"{k} {v:.0f}" for k, v in result.timings_ms.items())
+    print(f"wrote {args.out} (model size {result.width}x{result.height}, seed {result.seed}; ms: {timing})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from step1x_batch.config import load_config
+    from step1x_batch.runner import run_job
+
+    summary = run_job(load_config(args.config, args.set))
+    return 0 if getattr(summary, "ok", True) else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from step1x_batch.demo import main as demo_main
+
+    return demo_main(args.dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="step1x-batch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the whole job on local Ray with a tiny model and sample images")
+    p.add_argument("--dir", default=None, help="working folder (default: ./step1x-demo)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("run", help="run a dataset editing job from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("make-tiny-weights", help="write a toy-size release folder made from a seed")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", choices=["v1.0", "v1.1"], default="v1.1")
+    p.set_defaults(func=_make_tiny_weights)
+
+    p = sub.add_parser("edit", help="edit one image in this process (no Ray)")
+    p.add_argument("--weights", required=True, help="release folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--size-level", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--version", choices=["v1.0", "v1.1"], default=None)
+    p.set_defaults(func=_edit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

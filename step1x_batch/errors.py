@@ -1,0 +1,116 @@
+"""Row errors: a failure that becomes one ``error`` row in the log, never a crash.
+
+``code`` is a short stable string (the log's ``error_type``; summaries group by it, so never rename
+one). ``message`` is a sentence a person can act on: what failed, where (URI, key, row id) and what
+to check. Messages pass through :func:`redact` so credentials that slipped into a URI or an
+exception text (``user:password@``, presigned-URL signatures, AWS keys) never reach a log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+MISSING_OBJECT = "missing_object"
+EMPTY_OBJECT = "empty_object"
+CORRUPT_IMAGE = "corrupt_image"
+TRUNCATED_IMAGE = "truncated_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_MANY_PIXELS = "too_many_pixels"
+EMPTY_INSTRUCTION = "empty_instruction"
+INSTRUCTION_TOO_LONG = "instruction_too_long"
+NON_FINITE_OUTPUT = "non_finite_output"
+UNSAFE_OUTPUT_KEY = "unsafe_output_key"
+INVALID_ROW = "invalid_row"
+READ_FAILED = "read_failed"
+WRITE_FAILED = "write_failed"
+EDIT_FAILED = "edit_failed"
+
+CODES = frozenset(
+    {
+        MISSING_OBJECT,
+        EMPTY_OBJECT,
+        CORRUPT_IMAGE,
+        TRUNCATED_IMAGE,
+        UNSUPPORTED_FORMAT,
+        TOO_MANY_PIXELS,
+        EMPTY_INSTRUCTION,
+        INSTRUCTION_TOO_LONG,
+        NON_FINITE_OUTPUT,
+        UNSAFE_OUTPUT_KEY,
+        INVALID_ROW,
+        READ_FAILED,
+        WRITE_FAILED,
+        EDIT_FAILED,
+    }
+)
+
+
+class RowError(Exception):
+    """A failure that becomes one error row (``error_type=code``, ``error_message=message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown row error code {code!r}; expected one of {sorted(CODES)}")
+        self.code = code
+        self.message = redact(message)
+        super().__init__(self.code, self.message)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __reduce__(self):  # picklable across Ray workers with the same (code, message)
+        return (type(self), (self.code, self.message))
+
+
+# --- redaction -----------------------------------------------------------------------------------
+
+_MASK = "***"
+# scheme://user:password@host  or  scheme://token@host  -> scheme://***@host
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+# query / header / key=value pairs whose value is a secret (presigned URLs, SAS tokens, ...)
+_SECRET_PARAMS = (
+    r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|AWSAccessKeyId|Signature|"
+    r"X-Goog-Signature|X-Goog-Credential|GoogleAccessId|Credential|sig|"
+    r"access_token|refresh_token|token|password|passwd|secret|"
+    r"aws_access_key_id|aws_secret_access_key|aws_session_token|"
+    r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|"
+    r"secret_access_key|session_token|api_key|apikey|Authorization"
+)
+_SECRET_KV = re.compile(
+    rf"(?P<key>\b(?:{_SECRET_PARAMS}))(?P<sep>\s*[=:]\s*['\"]?)(?P<value>[^\s&'\",;)#]+)",
+    re.IGNORECASE,
+)
+# AWS access key ids (AKIA... long-term, ASIA... temporary) anywhere in text
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
+_ENV_SECRETS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECURITY_TOKEN",
+)
+
+
+def redact(text: str) -> str:
+    """Remove credentials from ``text``: URI userinfo, secret query parameters, AWS key ids, and
+    the values of this process's AWS credential variables (when 12+ characters, so that short
+    dummy values like ``testing`` do not blank out ordinary words)."""
+    if not text:
+        return text
+    text = str(text)
+    for name in _ENV_SECRETS:
+        value = os.environ.get(name, "")
+        if len(value) >= 12:
+            text = text.replace(value, _MASK)
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{_MASK}@", text)
+    text = _SECRET_KV.sub(lambda m: f"{m.group('key')}{m.group('sep')}{_MASK}", text)
+    text = _AWS_KEY_ID.sub(_MASK, text)
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """A URI fit for a message: userinfo masked and the whole query string dropped."""
+    uri = redact(str(uri))
+    if "://" in uri and "?" in uri:
+        uri = uri.split("?", 1)[0] + "?" + _MASK
+    return uri
