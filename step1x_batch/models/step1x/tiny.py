@@ -53,21 +53,30 @@ def seeded_state_dict(module: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def tiny_dit_state_dict(seed: int = 0, version: str = "v1.1") -> dict[str, torch.Tensor]:
+    """DiT + connector tensors in the release's key names and dtype (bf16)."""
+    with torch.device("meta"):
+        dit, connector = Step1XDiT(TINY_DIT), Connector(tiny_connector_params(version))
+    state = seeded_state_dict(dit, seed)
+    state.update({f"connector.{k}": v for k, v in seeded_state_dict(connector, seed + 1).items()})
+    return {k: v.to(torch.bfloat16) for k, v in state.items()}
+
+
+def tiny_vae_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        vae = AutoEncoder(TINY_VAE)
+    return seeded_state_dict(vae, seed + 2)  # fp32, as released
+
+
 def make_tiny_weights(folder: str | os.PathLike, seed: int = 0, version: str = "v1.1") -> Path:
     """Write the release layout into ``folder`` (created if needed) and return it."""
     if version not in DIT_FILE_BY_VERSION:
         raise ValueError(f"unknown version {version!r}; expected one of {sorted(DIT_FILE_BY_VERSION)}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        dit, connector = Step1XDiT(TINY_DIT), Connector(tiny_connector_params(version))
-        vae = AutoEncoder(TINY_VAE)
-    state = seeded_state_dict(dit, seed)
-    state.update({f"connector.{k}": v for k, v in seeded_state_dict(connector, seed + 1).items()})
-    # The release stores the DiT in bf16 and the VAE in fp32.
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(folder / DIT_FILE_BY_VERSION[version]))
-    save_file(seeded_state_dict(vae, seed + 2), str(folder / VAE_FILE))
     from .tiny_qwen import write_tiny_qwen
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_dit_state_dict(seed, version), str(folder / DIT_FILE_BY_VERSION[version]))
+    save_file(tiny_vae_state_dict(seed), str(folder / VAE_FILE))
     write_tiny_qwen(folder / QWEN_DIR, seed=seed + 3, hidden_size=TINY_QWEN_HIDDEN)
     return folder
