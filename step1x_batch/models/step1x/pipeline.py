@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,13 @@ from torch import Tensor
 from step1x_batch.editor import EditOutput, EditRow
 from step1x_batch.sampling import denoise, get_schedule
 
-from .conditioner import QwenConditioner
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
 from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, WeightsError, header_shapes, load_into, read_header
 from .vae import AutoEncoder, AutoEncoderParams
+
+if TYPE_CHECKING:
+    from .conditioner import QwenConditioner
 
 NON_FINITE_OUTPUT = "non_finite_output"
 
@@ -154,7 +156,7 @@ class EditPipeline:
         dit: Step1XDiT,
         connector: Connector,
         vae: AutoEncoder,
-        conditioner: QwenConditioner,
+        conditioner: "QwenConditioner",
         version: Version,
         device: torch.device,
         dtype: torch.dtype,
@@ -208,6 +210,8 @@ class EditPipeline:
         with torch.device("meta"):
             vae = AutoEncoder(AutoEncoderParams.from_state_dict(header_shapes(vae_header)))
         load_into(vae, vae_path, device=device, dtype=torch.float32, strict=strict, header=vae_header)
+
+        from .conditioner import QwenConditioner  # imports transformers: only when loading a release
 
         conditioner = QwenConditioner.from_pretrained(qwen_dir or folder / QWEN_DIR, device=device, dtype=dtype)
         for module in (dit, connector, vae):
