@@ -1,0 +1,205 @@
+"""Job config: YAML -> typed objects, overrides, errors that name the key path, no credentials."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from step1x_batch.config import (
+    ConfigError,
+    JobConfig,
+    apply_overrides,
+    config_to_yaml,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+MINIMAL = {
+    "input": {"manifest": "s3://b/manifest.parquet"},
+    "output": {"uri": "s3://b/out"},
+    "model": {"kind": "null"},
+}
+
+
+def _write(tmp_path: Path, raw: dict) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "step1x-edit-v1p1.yaml", "step1x-edit-v1p0.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(str(CONFIGS / name))
+    assert cfg.model.kind == "step1x"
+    if name != "demo.yaml":
+        assert cfg.resources.num_gpus_per_actor == 1
+        assert cfg.model.dtype == "bfloat16"
+        assert cfg.model.weights.startswith("s3://")
+        assert cfg.device() == "cuda"
+        assert cfg.model.version == ("v1.1" if "v1p1" in name else "v1.0")
+    else:
+        assert cfg.resources.num_gpus_per_actor == 0 and cfg.device() == "cpu"
+
+
+def test_demo_yaml_is_the_demo_config():
+    from step1x_batch.demo import demo_config
+
+    shipped = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    assert shipped == demo_config("step1x-demo")
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(
+        _write(tmp_path, MINIMAL),
+        [
+            "sampling.num_steps=20",
+            "sampling.guidance_scale=4.5",
+            "runtime.progress_bars=false",
+            "model.version=null",
+            "output.format=webp",
+            "runtime.retry_error_types=[read_failed]",
+            "input.storage.endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
+    assert cfg.sampling.num_steps == 20 and isinstance(cfg.sampling.num_steps, int)
+    assert cfg.sampling.guidance_scale == 4.5
+    assert cfg.runtime.progress_bars is False
+    assert cfg.model.version is None
+    assert cfg.output.format == "webp"
+    assert cfg.runtime.retry_error_types == ["read_failed"]
+    assert cfg.input.storage.endpoint_url == "http://127.0.0.1:9000"
+    # untouched defaults
+    assert cfg.sampling.size_level == 1024 and cfg.output.quality == 95
+    assert cfg.sampling.edit_params().num_steps == 20
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sampling.num_steps=0", "sampling.num_steps: Input should be greater than 0"),
+        ("sampling.num_steps=many", "sampling.num_steps: Input should be a valid integer"),
+        ("sampling.nums_steps=20", "sampling.nums_steps: Extra inputs are not permitted"),
+        ("output.format=gif", "output.format: Input should be 'png', 'webp' or 'jpeg'"),
+        ("runtime.max_error_fraction=1.5", "runtime.max_error_fraction: Input should be less than or equal to 1"),
+        ("resources.num_gpus_per_actor=-1", "resources.num_gpus_per_actor: Input should be greater than or equal to 0"),
+        ("input.storage.max_attempts=0", "input.storage.max_attempts: Input should be greater than or equal to 1"),
+        ("runtime.run_id=../../etc", "runtime.run_id: Value error, use letters"),
+        ("bogus.key=1", "bogus: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_name_the_key_path(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, MINIMAL), [override])
+    assert expected in str(e.value)
+
+
+def test_unknown_key_in_file_is_refused(tmp_path):
+    raw = {**MINIMAL, "sampling": {"num_step": 20}}
+    with pytest.raises(ConfigError, match=r"sampling\.num_step: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_missing_sections_are_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, {"model": {"kind": "null"}}))
+    assert "input: Field required" in str(e.value)
+    assert "output: Field required" in str(e.value)
+
+
+def test_step1x_needs_weights(tmp_path):
+    raw = {**MINIMAL, "model": {"kind": "step1x"}}
+    with pytest.raises(ConfigError, match="model: Value error, weights: required"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_credentials_are_refused_without_echoing_them(tmp_path):
+    raw = {**MINIMAL, "input": {"manifest": "s3://b/m", "storage": {"aws_secret_access_key": "hunter2-very-secret"}}}
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, raw))
+    assert "input.storage.aws_secret_access_key: credentials are not accepted" in str(e.value)
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ConfigError, match="output.storage.session_token"):
+        load_config(_write(tmp_path, MINIMAL), ["output.storage.session_token=abc"])
+
+
+@pytest.mark.parametrize("bad", ["sampling", "=3", "sampling..x=1", "a.b"])
+def test_malformed_overrides(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, MINIMAL), [bad])
+
+
+def test_override_through_a_value_is_refused():
+    with pytest.raises(ConfigError, match="sampling.num_steps: is a value"):
+        apply_overrides({"sampling": {"num_steps": 3}}, ["sampling.num_steps.x=1"])
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "input": {"manifest": "data/m.jsonl"},
+        "output": {"uri": "out"},
+        "model": {"kind": "step1x", "weights": "~/w"},
+    }
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.input.manifest == str(tmp_path / "data" / "m.jsonl")
+    assert cfg.output.uri == str(tmp_path / "out")
+    assert cfg.model.weights == os.path.expanduser("~/w")
+    cfg = load_config(_write(tmp_path, MINIMAL))
+    assert cfg.input.manifest == "s3://b/manifest.parquet"
+
+
+def test_run_id_default_is_a_unique_timestamp(tmp_path):
+    a = load_config(_write(tmp_path, MINIMAL)).runtime.run_id
+    b = load_config(_write(tmp_path, MINIMAL)).runtime.run_id
+    assert a != b and a[:8].isdigit() and "T" in a
+
+
+def test_snapshot_round_trips(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), ["runtime.run_id=r1", "sampling.seed_base=7"])
+    text = config_to_yaml(cfg)
+    again = parse_config(yaml.safe_load(text))
+    assert again == cfg
+    assert "run_id: r1" in text
+
+
+def test_model_id_and_editor_spec(tmp_path):
+    cfg = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"))
+    spec = cfg.editor_spec("/local/copy")
+    assert spec.weights == "/local/copy" and spec.device == "cuda" and spec.dtype == "bfloat16"
+    assert spec.model_id == cfg.model.resolved_model_id()
+    other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.dtype=float16"])
+    assert other.model.resolved_model_id() != cfg.model.resolved_model_id()  # dtype changes pixels
+    named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
+    assert named.editor_spec().model_id == "mine"
+    assert load_config(_write(tmp_path, MINIMAL)).model.resolved_model_id() == "null"
+
+
+def _cfg(**resources) -> JobConfig:
+    return parse_config({**MINIMAL, "resources": resources})
+
+
+def test_actor_plan_keeps_cpus_for_io_tasks():
+    from step1x_batch.stages import plan_actors
+
+    p = plan_actors(_cfg(), {"CPU": 2.0})
+    assert (p.min_size, p.max_size, p.num_cpus, p.num_gpus) == (1, 1, 1.0, 0.0)
+    p = plan_actors(_cfg(cpus_per_actor=4), {"CPU": 2.0})  # would take every slot: lowered
+    assert p.num_cpus == 1.0 and p.max_size == 1 and "lowered" in p.note
+    p = plan_actors(_cfg(cpus_per_actor=0.5, max_actors=8), {"CPU": 4.0})
+    assert p.max_size == 6 and p.num_cpus * p.max_size <= 4.0 - 1.0
+    p = plan_actors(_cfg(num_gpus_per_actor=1, cpus_per_actor=2, reserved_cpus=8), {"CPU": 64.0, "GPU": 8.0})
+    assert (p.min_size, p.max_size, p.num_gpus) == (1, 8, 1.0)
+    p = plan_actors(_cfg(num_gpus_per_actor=1, num_actors=3), {"CPU": 64.0, "GPU": 8.0})
+    assert p.min_size == p.max_size == 3
+    with pytest.raises(ValueError, match="reserved_cpus"):
+        plan_actors(_cfg(reserved_cpus=2), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="num_gpus_per_actor is 1 but the Ray cluster has 0 GPUs"):
+        plan_actors(_cfg(num_gpus_per_actor=1), {"CPU": 8.0})
+    with pytest.raises(ConfigError, match="max_actors"):
+        _cfg(min_actors=3, max_actors=2)
