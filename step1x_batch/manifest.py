@@ -1,0 +1,668 @@
+"""The manifest: finding its files, reading them, and turning raw rows into validated work.
+
+A manifest is Parquet, JSON Lines or CSV (one file, a folder of them, or a glob; any fsspec URI)
+with the columns of DESIGN.md. :func:`normalize_batch` is a pure function of one batch of rows,
+so it gives the same answer however the manifest is split into batches, on any worker.
+
+Row identity (``id``)
+    A given ``id`` is kept (as text). Otherwise the id is a content hash: the first 20 hex digits
+    of sha256 over a canonical JSON of the row's own contract fields -- the resolved ``image_uri``,
+    the stripped ``instruction``, and whichever of ``seed``, ``negative_prompt``, ``num_steps``,
+    ``guidance_scale``, ``size_level``, ``output_key`` the row itself sets (parsed, so ``"7"`` in a
+    CSV and ``7`` in Parquet agree; a null cell counts as not set). Config defaults and extra
+    columns are not part of it, so changing a default keeps every id (and output key) and only
+    changes fingerprints: the rows are redone in place. A row that sets its own value for a
+    parameter is a different piece of work from one that does not, so a sweep (same image and
+    instruction, several seeds) gives distinct ids and outputs.
+
+Duplicates
+    Two identical rows (same fields, no id) get the same id: they are the same work. Both are
+    processed and both are logged (one record per input row); they write the same bytes to the same
+    key, and on a re-run both are skipped. To get two different outputs, make the rows differ
+    (``seed``, ``output_key`` or ``id``). Given ids are trusted to be unique; this is not checked
+    (it would need a pass over the whole manifest).
+
+Instruction policy
+    Surrounding whitespace is stripped. Empty or whitespace-only -> EMPTY_INSTRUCTION. Longer
+    than ``max_instruction_chars`` characters -> INSTRUCTION_TOO_LONG: the row is *rejected, not
+    truncated*, because a silently shortened instruction is a different edit than the one asked
+    for. ``max_instruction_chars <= 0`` disables the length check.
+
+Seeds
+    A given seed (an integer 0 <= seed < 2**63) is used as is. Otherwise the seed is derived from
+    the id and ``default_seed_base``: sha256 -> an integer 0 <= seed < 2**31; stable across runs
+    and batchings, and changed for every row by changing ``default_seed_base``.
+
+Fingerprint
+    sha256 over a canonical JSON of everything that changes the output bytes: the input identity
+    (resolved URI, and its ETag when known), the instruction, every pixel-changing parameter
+    (:class:`EditParams`), the seed, the model id, the output format (and quality for lossy
+    formats). Extra columns, the id and the output key are not in it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import decimal
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+from dataclasses import asdict
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from step1x_batch.editor import EditParams
+from step1x_batch.errors import (
+    EMPTY_INSTRUCTION,
+    INSTRUCTION_TOO_LONG,
+    INVALID_ROW,
+    RowError,
+    redact,
+    redact_uri,
+)
+from step1x_batch.images import image_extension, image_format as canonical_format
+from step1x_batch.storage import StorageOptions, filesystem, parent_uri, safe_output_key
+
+MANIFEST_REQUIRED = ("image_uri", "instruction")
+MANIFEST_OPTIONAL = (
+    "id",
+    "seed",
+    "negative_prompt",
+    "num_steps",
+    "guidance_scale",
+    "size_level",
+    "output_key",
+)
+MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
+
+# What normalize_batch returns, in this order, followed by the extra columns.
+NORMALIZED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image_uri", pa.string()),
+        ("instruction", pa.string()),
+        ("seed", pa.int64()),
+        ("num_steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("size_level", pa.int64()),
+        ("negative_prompt", pa.string()),
+        ("output_key", pa.string()),
+        ("fingerprint", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("extra", pa.string()),  # JSON object of the extra columns (original names), or null
+    ]
+)
+NORMALIZED_COLUMNS = tuple(NORMALIZED_SCHEMA.names)
+
+FINGERPRINT_VERSION = 1
+SEED_LIMIT = 2**31  # derived seeds are in [0, SEED_LIMIT)
+_MAX_GIVEN_SEED = 2**63
+_MAX_ID_CHARS = 512
+
+_FORMAT_SUFFIXES = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".json": "json",
+    ".csv": "csv",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz", ".lz4")
+_GLOB_CHARS = "*?["
+
+
+# --- finding and reading manifest files ----------------------------------------------------------
+
+
+def _strip_compression(name: str) -> str:
+    lower = name.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _suffix_format(path: str) -> str | None:
+    name = _strip_compression(posixpath.basename(path.rstrip("/")))
+    return _FORMAT_SUFFIXES.get(os.path.splitext(name)[1].lower())
+
+
+def manifest_format(path: str) -> str:
+    """``"parquet"``, ``"json"`` (JSON Lines) or ``"csv"`` from a manifest file's name (a
+    compression suffix such as ``.gz`` is looked through)."""
+    fmt = _suffix_format(path)
+    if fmt is None:
+        raise ValueError(
+            f"cannot tell the manifest format of {redact_uri(path)}; name it *.parquet, "
+            "*.jsonl or *.csv (optionally compressed, e.g. *.jsonl.gz)"
+        )
+    return fmt
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def manifest_files(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """The manifest files ``uri`` names, sorted: the file itself, every Parquet / JSONL / CSV file
+    under a folder (recursively; names starting with ``.`` or ``_`` such as ``_SUCCESS`` are
+    skipped), or the matches of a glob. URIs keep their scheme (``s3://...``); local ones are
+    absolute. Raises FileNotFoundError when nothing matches and ValueError for mixed formats."""
+    fs, path = filesystem(uri, options)
+    scheme = uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
+
+    def full(p: str) -> str:
+        return f"{scheme}{p}" if scheme else p
+
+    shown = redact_uri(uri)
+    if any(c in path for c in _GLOB_CHARS):
+        found = fs.glob(path, detail=True)
+        files = [p for p, info in found.items() if info.get("type") != "directory"]
+        files = [p for p in files if _suffix_format(p) and not _hidden(posixpath.basename(p))]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        files = [
+            p
+            for p in fs.find(root, detail=False)
+            if _suffix_format(p) and not _hidden(p[len(root):])
+        ]
+    elif fs.isfile(path):
+        manifest_format(path)  # refuse an unknown suffix up front
+        files = [path]
+    else:
+        raise FileNotFoundError(f"No manifest at {shown}: no such file, folder or glob match.")
+    if not files:
+        raise FileNotFoundError(
+            f"No manifest files (*.parquet, *.jsonl, *.csv) found at {shown}."
+        )
+    formats = {manifest_format(p) for p in files}
+    if len(formats) > 1:
+        raise ValueError(
+            f"The manifest at {shown} mixes formats ({', '.join(sorted(formats))}); "
+            "point it at files of one format (e.g. with a glob such as '*.parquet')."
+        )
+    return sorted(full(p) for p in files)
+
+
+def _csv_header(fs, path: str) -> list[str]:
+    with fs.open(path, "rb", compression="infer") as f:
+        first = io.TextIOWrapper(f, encoding="utf-8-sig", newline="").readline()
+    return next(csv.reader([first]), [])
+
+
+def csv_convert_options(uri: str, options: StorageOptions | None = None) -> pacsv.ConvertOptions:
+    """pyarrow CSV options that read every column of the CSV at ``uri`` as text (so an id such as
+    ``0007`` is not turned into the number 7) with only empty cells as nulls. Pass them to
+    ``ray.data.read_csv(..., convert_options=...)`` too; :func:`normalize_batch` parses numbers."""
+    fs, path = filesystem(uri, options)
+    names = _csv_header(fs, path)
+    return pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names},
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=False,
+    )
+
+
+def _read_file(uri: str, options: StorageOptions | None) -> pa.Table:
+    fmt = manifest_format(uri)
+    fs, path = filesystem(uri, options)
+    if fmt == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    convert = csv_convert_options(uri, options) if fmt == "csv" else None
+    with fs.open(path, "rb", compression="infer") as f:
+        if fmt == "json":
+            return pajson.read_json(f)
+        return pacsv.read_csv(f, convert_options=convert)
+
+
+def read_manifest_table(uri: str, options: StorageOptions | None = None) -> pa.Table:
+    """The whole manifest as one Arrow table (for small manifests and tests; a job reads large
+    ones with Ray's readers and :func:`step1x_batch.storage.arrow_filesystem`)."""
+    tables = [_read_file(f, options) for f in manifest_files(uri, options)]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(
+            f"The manifest files at {redact_uri(uri)} have incompatible column types ({exc}); "
+            "give each column one type in every file."
+        ) from None
+
+
+# --- URIs ----------------------------------------------------------------------------------------
+
+
+def _has_scheme(uri: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", uri) is not None
+
+
+def manifest_base(manifest_uri: str) -> str:
+    """The folder relative ``image_uri`` values are resolved against, from the manifest URI alone
+    (no I/O): a file's folder; a folder itself; for a glob, the folder before the first wildcard.
+    A URI whose last part has no manifest suffix (``.parquet``, ``.jsonl``, ``.csv``, ...) is
+    taken to be a folder."""
+    uri = manifest_uri
+    cut = min((uri.find(c) for c in _GLOB_CHARS if c in uri), default=-1)
+    if cut >= 0:
+        return uri[: uri.rfind("/", 0, cut)] if "/" in uri[:cut] else "."
+    if uri.endswith("/"):
+        return uri.rstrip("/") or "/"
+    if _suffix_format(uri):
+        return parent_uri(uri)
+    return uri
+
+
+def resolve_image_uri(image_uri: str, base: str) -> str:
+    """``image_uri`` as is when it is a URL (``s3://``, ``file://``, ``https://``) or an absolute
+    path; otherwise joined to ``base`` (a URI or path) and normalised (``./``, ``../``)."""
+    uri = image_uri.strip()
+    if _has_scheme(uri) or uri.startswith("/"):
+        return uri
+    if _has_scheme(base):
+        head, rest = base.split("://", 1)
+        return f"{head}://{posixpath.normpath(posixpath.join(rest, uri))}"
+    return os.path.normpath(os.path.join(base, uri))
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def _py(value: Any) -> Any:
+    """A plain Python value with every kind of missing (None, NaN, NA, NaT) as None."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _columns(batch: Any) -> tuple[list[str], dict[str, list], int]:
+    if isinstance(batch, (pa.Table, pa.RecordBatch)):
+        names = list(batch.schema.names)
+        cols = {n: batch.column(n).to_pylist() for n in names}
+        return names, cols, batch.num_rows
+    if isinstance(batch, pd.DataFrame):
+        names = [str(c) for c in batch.columns]
+        cols = {str(c): [_py(v) for v in batch[c].tolist()] for c in batch.columns}
+        return names, cols, len(batch)
+    if isinstance(batch, Mapping):  # Ray's "numpy" batch format: column -> array
+        names = [str(k) for k in batch]
+        cols = {str(k): [_py(v) for v in list(batch[k])] for k in batch}
+        return names, cols, len(next(iter(cols.values()), []))
+    raise TypeError(f"expected a pyarrow Table or pandas DataFrame, got {type(batch).__name__}")
+
+
+def _jsonable(value: Any) -> Any:
+    value = _py(value)
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time, pd.Timestamp)):
+        return value.isoformat()
+    if isinstance(value, (_dt.timedelta, pd.Timedelta)):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        # pyarrow gives map columns as lists of (key, value) pairs; keep them as lists
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _canonical(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _parse_int(value: Any, lo: int, hi: int) -> int:
+    """An integer in [lo, hi) from an int, an integral float or a numeric string; else ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, int):
+        out = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not a whole number")
+        out = int(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            out = int(text)
+        except ValueError:
+            f = float(text)
+            if not f.is_integer():
+                raise ValueError("not a whole number") from None
+            out = int(f)
+    else:
+        raise ValueError("not a number")
+    if not lo <= out < hi:
+        raise ValueError(f"out of range [{lo}, {hi})")
+    return out
+
+
+def _parse_float(value: Any, lo: float) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str) and value.strip():
+        out = float(value.strip())
+    else:
+        raise ValueError("not a number")
+    if not math.isfinite(out) or out < lo:
+        raise ValueError(f"must be a finite number >= {lo}")
+    return out
+
+
+def extra_columns(table_columns: Iterable[str]) -> list[str]:
+    """The manifest columns that are not part of the contract, in their order: carried untouched
+    into the log (``extra`` JSON)."""
+    known = set(MANIFEST_COLUMNS)
+    return [str(c) for c in table_columns if str(c) not in known]
+
+
+def derive_seed(row_id: str, default_seed_base: int) -> int:
+    """The seed of a row that gives none: stable, 0 <= seed < 2**31."""
+    digest = hashlib.sha256(f"{int(default_seed_base)}\x00{row_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_LIMIT
+
+
+def fingerprint(
+    *,
+    image_uri: str,
+    image_etag: str | None,
+    instruction: str,
+    params: EditParams,
+    seed: int,
+    model_id: str,
+    image_format: str,
+    image_quality: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """sha256 (hex) of everything that changes a row's output bytes. ``image_quality`` counts
+    only for lossy formats (jpeg, webp). ``settings``: further pixel-changing job settings not
+    captured by ``model_id`` (e.g. ``{"posterior_mean": True}``); omit when there are none."""
+    fmt = canonical_format(image_format)
+    doc: dict[str, Any] = {
+        "v": FINGERPRINT_VERSION,
+        "image_uri": image_uri,
+        "image_etag": image_etag,
+        "instruction": instruction,
+        "num_steps": int(params.num_steps),
+        "guidance_scale": float(params.guidance_scale),
+        "size_level": int(params.size_level),
+        "negative_prompt": params.negative_prompt or "",
+        "seed": int(seed),
+        "model_id": model_id,
+        "image_format": fmt,
+    }
+    if image_quality is not None and fmt in ("jpeg", "webp"):
+        doc["image_quality"] = int(image_quality)
+    if settings:
+        doc["settings"] = _jsonable(dict(settings))
+    return _sha256(_canonical(doc))
+
+
+# --- normalisation -------------------------------------------------------------------------------
+
+
+class _Context:
+    def __init__(self, base: str, defaults: EditParams, default_seed_base: int, model_id: str,
+                 fmt: str, quality: int | None, settings, max_chars: int) -> None:
+        self.base = base
+        self.defaults = defaults
+        self.default_seed_base = default_seed_base
+        self.model_id = model_id
+        self.fmt = fmt
+        self.ext = image_extension(fmt)
+        self.quality = quality
+        self.settings = settings
+        self.max_chars = max_chars
+
+
+def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> dict[str, Any]:
+    error: list[tuple[str, str]] = []  # the first problem found wins
+
+    def fail(code: str, message: str) -> None:
+        if not error:
+            error.append((code, message))
+
+    identity: dict[str, Any] = {}
+    # image_uri
+    raw_uri = raw.get("image_uri")
+    image_uri = None
+    if isinstance(raw_uri, str) and raw_uri.strip():
+        image_uri = resolve_image_uri(raw_uri, ctx.base)
+        identity["image_uri"] = image_uri
+    else:
+        identity["image_uri"] = None if raw_uri is None else repr(raw_uri)
+        fail(INVALID_ROW, "image_uri is {}; give the image's URI or a path relative to the "
+             "manifest.".format("missing" if raw_uri is None or raw_uri == "" else
+                                f"not a usable text value ({redact(repr(raw_uri))[:80]})"))
+    # instruction
+    raw_instruction = raw.get("instruction")
+    instruction = None
+    if raw_instruction is None:
+        fail(EMPTY_INSTRUCTION, "instruction is missing; give the edit to apply in the "
+             "'instruction' column.")
+    elif not isinstance(raw_instruction, str):
+        fail(INVALID_ROW, f"instruction is not text ({type(raw_instruction).__name__}); give the "
+             "edit to apply as text.")
+        identity["instruction"] = repr(raw_instruction)
+    else:
+        instruction = raw_instruction.strip()
+        identity["instruction"] = instruction
+        if not instruction:
+            fail(EMPTY_INSTRUCTION, "instruction is empty or only whitespace; give the edit to "
+                 "apply in the 'instruction' column.")
+        elif ctx.max_chars > 0 and len(instruction) > ctx.max_chars:
+            fail(INSTRUCTION_TOO_LONG, f"instruction is {len(instruction)} characters, over the "
+                 f"limit of {ctx.max_chars}; shorten it (long instructions are rejected, not "
+                 "truncated).")
+    # parameters given by the row
+    given: dict[str, Any] = {}
+    parsers = {
+        "seed": lambda v: _parse_int(v, 0, _MAX_GIVEN_SEED),
+        "num_steps": lambda v: _parse_int(v, 1, 10_001),
+        "size_level": lambda v: _parse_int(v, 1, 1 << 20),
+        "guidance_scale": lambda v: _parse_float(v, 0.0),
+    }
+    for name, parse in parsers.items():
+        value = raw.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        try:
+            given[name] = parse(value)
+        except (ValueError, OverflowError) as exc:
+            identity[name] = repr(value)
+            fail(INVALID_ROW, f"{name} {redact(repr(value))[:80]} is invalid ({exc}); fix or "
+                 "remove it to use the default.")
+    negative = raw.get("negative_prompt")
+    if negative is not None:
+        if isinstance(negative, str):
+            given["negative_prompt"] = negative
+        else:
+            identity["negative_prompt"] = repr(negative)
+            fail(INVALID_ROW, f"negative_prompt is not text ({type(negative).__name__}).")
+    raw_key = raw.get("output_key")
+    output_key = None
+    if raw_key is not None and not (isinstance(raw_key, str) and not raw_key.strip()):
+        identity["output_key"] = raw_key if isinstance(raw_key, str) else repr(raw_key)
+        try:
+            output_key = safe_output_key(raw_key)
+        except RowError as exc:
+            fail(exc.code, exc.message)
+        else:
+            identity["output_key"] = output_key
+    identity.update(given)
+    # id
+    raw_id = raw.get("id")
+    row_id = None
+    if raw_id is not None:
+        text = str(raw_id).strip() if not isinstance(raw_id, float) else (
+            str(int(raw_id)) if raw_id.is_integer() else str(raw_id))
+        if isinstance(raw_id, (bytes, bytearray, list, dict, bool)):
+            fail(INVALID_ROW, f"id has an unusable type ({type(raw_id).__name__}); give text.")
+        elif any(ord(c) < 32 or ord(c) == 127 for c in text) or len(text) > _MAX_ID_CHARS:
+            fail(INVALID_ROW, f"id {redact(repr(text))[:80]} contains control characters or is "
+                 f"longer than {_MAX_ID_CHARS} characters.")
+        elif text:
+            row_id = text
+    if row_id is None:
+        row_id = _sha256(_canonical(identity))[:20]
+    # defaults, seed, output key
+    params = EditParams(
+        num_steps=given.get("num_steps", ctx.defaults.num_steps),
+        guidance_scale=given.get("guidance_scale", ctx.defaults.guidance_scale),
+        size_level=given.get("size_level", ctx.defaults.size_level),
+        negative_prompt=given.get("negative_prompt", ctx.defaults.negative_prompt or ""),
+    )
+    seed = given.get("seed")
+    if seed is None:
+        seed = derive_seed(row_id, ctx.default_seed_base)
+    if output_key is None and "output_key" not in identity:
+        try:
+            output_key = safe_output_key(f"images/{row_id}.{ctx.ext}")
+        except RowError as exc:
+            fail(exc.code, f"the default output key from id {redact(repr(row_id))[:80]} is "
+                 f"unsafe ({exc.message}); give a plain id or an output_key.")
+    out: dict[str, Any] = {
+        "id": row_id,
+        "image_uri": image_uri if image_uri is not None else (
+            raw_uri if isinstance(raw_uri, str) else None),
+        "instruction": instruction if instruction is not None else (
+            raw_instruction if isinstance(raw_instruction, str) else None),
+        "seed": seed,
+        **asdict(params),
+        "output_key": output_key,
+        "fingerprint": None,
+        "error_type": None,
+        "error_message": None,
+    }
+    if error:
+        code, message = error[0]
+        where = f" (image_uri {redact_uri(out['image_uri'])})" if out["image_uri"] else ""
+        out["error_type"] = code
+        out["error_message"] = redact(f"Row {row_id}{where}: {message}")
+    else:
+        out["fingerprint"] = fingerprint(
+            image_uri=image_uri,
+            image_etag=None,
+            instruction=instruction,
+            params=params,
+            seed=seed,
+            model_id=ctx.model_id,
+            image_format=ctx.fmt,
+            image_quality=ctx.quality,
+            settings=ctx.settings,
+        )
+    out["extra"] = (
+        _canonical({name: _jsonable(raw.get(name)) for name in extras}) if extras else None
+    )
+    return out
+
+
+def _reserved_names() -> set[str]:
+    from step1x_batch.rowlog import LOG_SCHEMA  # local import: rowlog is independent of manifests
+
+    return set(NORMALIZED_COLUMNS) | set(LOG_SCHEMA.names)
+
+
+def normalize_batch(
+    batch: pa.Table | pd.DataFrame,
+    *,
+    manifest_uri: str,
+    defaults: EditParams,
+    default_seed_base: int,
+    model_id: str,
+    image_format: str,
+    max_instruction_chars: int,
+    image_quality: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    output: str = "pandas",
+) -> pd.DataFrame | pa.Table:
+    """Validate one batch of raw manifest rows and turn it into work (see the module docstring
+    for the id, seed, duplicate and instruction policies).
+
+    Returns one row per input row, in order: the :data:`NORMALIZED_SCHEMA` columns (``id``,
+    resolved ``image_uri``, stripped ``instruction``, ``seed``, every :class:`EditParams` field
+    filled, safe ``output_key``, ``fingerprint``, ``error_type`` / ``error_message`` and ``extra``
+    (JSON of the extra columns)), then the extra columns as they came, except any whose name
+    clashes with a normalised or log column (those are only in ``extra``). A row that is invalid
+    here keeps every column, has ``error_type``/``error_message`` set and ``fingerprint`` null.
+
+    ``manifest_uri`` should be absolute (see :func:`step1x_batch.storage.absolute_uri`): relative
+    image paths are resolved against :func:`manifest_base` of it. ``image_quality`` and
+    ``settings`` are folded into the fingerprint (see :func:`fingerprint`). ``output="pyarrow"``
+    returns a pyarrow Table instead of a DataFrame (string columns are pandas ``string`` dtype and
+    integers ``Int64`` in the DataFrame, so missing values are ``pd.NA``: test with ``pd.isna``).
+    """
+    fmt = canonical_format(image_format)
+    ctx = _Context(manifest_base(manifest_uri), defaults, int(default_seed_base), model_id, fmt,
+                   image_quality, settings, int(max_instruction_chars or 0))
+    names, cols, n = _columns(batch)
+    extras = extra_columns(names)
+    rows = []
+    for i in range(n):
+        raw = {name: cols[name][i] for name in names}
+        rows.append(_normalize_row(raw, extras, ctx))
+    reserved = _reserved_names()
+    carried = [c for c in extras if c not in reserved]
+    core = {name: [r[name] for r in rows] for name in NORMALIZED_COLUMNS}
+    if output == "pyarrow":
+        table = pa.Table.from_pydict(core, schema=NORMALIZED_SCHEMA)
+        for name in carried:
+            col = batch.column(name) if isinstance(batch, (pa.Table, pa.RecordBatch)) else (
+                pa.array(cols[name], from_pandas=True))
+            table = table.append_column(name, col)
+        return table
+    if output != "pandas":
+        raise ValueError(f"output must be 'pandas' or 'pyarrow', got {output!r}")
+    df = pd.DataFrame(
+        {
+            name: pd.Series(
+                core[name],
+                dtype=(
+                    "Int64"
+                    if pa.types.is_integer(NORMALIZED_SCHEMA.field(name).type)
+                    else "float64"
+                    if pa.types.is_floating(NORMALIZED_SCHEMA.field(name).type)
+                    else pd.StringDtype()
+                ),
+            )
+            for name in NORMALIZED_COLUMNS
+        }
+    )
+    if carried:
+        if isinstance(batch, pd.DataFrame):
+            extra_df = batch[carried].reset_index(drop=True)
+        elif isinstance(batch, (pa.Table, pa.RecordBatch)):
+            extra_df = batch.select(carried).to_pandas()
+        else:
+            extra_df = pd.DataFrame({c: cols[c] for c in carried})
+        df = pd.concat([df, extra_df], axis=1)
+    return df

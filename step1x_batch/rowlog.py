@@ -1,0 +1,241 @@
+"""The row log: one Parquet record per input row, the job's source of truth.
+
+Layout: ``<output_uri>/logs/<run_id>/part-*.parquet``. A part is written whole or not at all
+(:func:`write_log_part`), so a killed job leaves only complete parts (plus, at worst, a part some
+other writer left half-written, which :func:`done_fingerprints` skips with a warning).
+
+Resume rule (DESIGN.md): a row is done when some ``ok`` record has its ``id`` and the same
+``fingerprint``; when several ``ok`` records share an id, the one that finished last wins, since
+its bytes are the ones in the output object now.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+import posixpath
+import re
+import warnings
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from step1x_batch.errors import redact_uri
+from step1x_batch.storage import StorageOptions, filesystem, join_uri, write_bytes
+
+logger = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_SKIPPED = "skipped"
+STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
+
+_TS = pa.timestamp("us", tz="UTC")
+LOG_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("fingerprint", pa.string()),
+        ("status", pa.string()),  # ok | error | skipped
+        ("error_type", pa.string()),  # a stable code from step1x_batch.errors, null when ok
+        ("error_message", pa.string()),
+        ("image_uri", pa.string()),
+        ("instruction", pa.string()),
+        ("output_uri", pa.string()),  # set only when the object was fully written
+        ("input_width", pa.int64()),
+        ("input_height", pa.int64()),
+        ("width", pa.int64()),  # the size the model ran at
+        ("height", pa.int64()),
+        ("seed", pa.int64()),
+        ("num_steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("size_level", pa.int64()),
+        ("model_id", pa.string()),
+        ("run_id", pa.string()),
+        ("attempt", pa.int64()),
+        ("worker", pa.string()),
+        ("started_at", _TS),
+        ("finished_at", _TS),
+        ("preprocess_ms", pa.float64()),
+        ("edit_ms", pa.float64()),
+        ("write_ms", pa.float64()),
+        ("extra", pa.string()),  # JSON object of the manifest's extra columns
+    ]
+)
+LOG_COLUMNS = tuple(LOG_SCHEMA.names)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+def log_dir(output_uri: str, run_id: str) -> str:
+    """``<output_uri>/logs/<run_id>``; ``run_id`` must be a plain name (letters, digits, ``._-``)."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or run_id in (".", ".."):
+        raise ValueError(
+            f"run_id {run_id!r} is not a plain name; use letters, digits, '.', '_' and '-'"
+        )
+    return join_uri(output_uri, f"logs/{run_id}")
+
+
+def part_uri(output_uri: str, run_id: str, index: int | str) -> str:
+    """The URI of log part ``index`` of ``run_id`` (``part-<index>.parquet``; an int is zero
+    padded to 6 digits so parts sort in order)."""
+    name = f"{index:06d}" if isinstance(index, int) else str(index)
+    if not re.match(r"^[A-Za-z0-9._\-]+$", name):
+        raise ValueError(f"log part index {index!r} is not a plain name")
+    return join_uri(log_dir(output_uri, run_id), f"part-{name}.parquet")
+
+
+def _timestamps(values: Any) -> pa.Array:
+    """Timestamps (datetime, pandas Timestamp, ISO text or epoch seconds) as timestamp[us, UTC]."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        if pa.types.is_timestamp(values.type):
+            if values.type.tz is None:
+                values = pc.assume_timezone(values, "UTC")
+            return values.cast(_TS)
+        if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+            values = values.to_pylist()
+        elif pa.types.is_null(values.type):
+            return pa.nulls(len(values), _TS)
+        else:
+            values = values.to_pylist()
+    out = []
+    for v in list(values):
+        if v is None or (isinstance(v, float) and v != v) or v is pd.NaT:
+            out.append(None)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(_dt.datetime.fromtimestamp(float(v), tz=_dt.timezone.utc))
+        else:
+            ts = pd.Timestamp(v)
+            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+            out.append(ts.to_pydatetime())
+    return pa.array(out, type=_TS)
+
+
+def _extra_json(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def conform(table: pa.Table | pd.DataFrame | Mapping[str, Any]) -> pa.Table:
+    """``table`` as exactly :data:`LOG_SCHEMA`: columns in order, cast to their types, missing
+    ones null; other columns dropped. ``extra`` may be given as a JSON string or a dict."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    elif isinstance(table, Mapping):
+        table = pa.table(dict(table))
+    elif isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    n = table.num_rows
+    arrays = []
+    for field in LOG_SCHEMA:
+        if field.name not in table.column_names:
+            arrays.append(pa.nulls(n, field.type))
+            continue
+        col = table.column(field.name)
+        if field.name == "extra" and not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            arrays.append(pa.array([_extra_json(v) for v in col.to_pylist()], pa.string()))
+        elif field.type == _TS:
+            arrays.append(_timestamps(col))
+        elif pa.types.is_null(col.type):
+            arrays.append(pa.nulls(n, field.type))
+        else:
+            try:
+                arrays.append(col.cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(
+                    f"log column {field.name!r} of type {col.type} cannot be stored as "
+                    f"{field.type}: {exc}"
+                ) from None
+    return pa.Table.from_arrays(
+        [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays],
+        schema=LOG_SCHEMA,
+    )
+
+
+def log_part_bytes(table: pa.Table | pd.DataFrame) -> bytes:
+    """A conformed table as Parquet bytes (zstd)."""
+    buf = io.BytesIO()
+    pq.write_table(conform(table), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_log_part(
+    table: pa.Table | pd.DataFrame, uri: str, options: StorageOptions | None = None
+) -> int:
+    """Write ``table`` (conformed to :data:`LOG_SCHEMA`) as one Parquet part at ``uri``, whole or
+    not at all. Returns the number of records. Raises RowError(WRITE_FAILED)."""
+    data = log_part_bytes(table)
+    write_bytes(uri, data, options)
+    return table.num_rows if isinstance(table, pa.Table) else len(table)
+
+
+def log_part_uris(output_uri: str, options: StorageOptions | None = None,
+                  run_id: str | None = None) -> list[str]:
+    """Every ``logs/*/part-*.parquet`` under ``output_uri`` (or of one run), sorted."""
+    fs, root = filesystem(output_uri, options)
+    pattern = posixpath.join(root.rstrip("/"), "logs", run_id or "*", "part-*.parquet")
+    try:
+        found = fs.glob(pattern)
+    except FileNotFoundError:
+        return []
+    prefix = output_uri.split("://", 1)[0] + "://" if "://" in output_uri and not output_uri.startswith("file://") else ""
+    return sorted(f"{prefix}{p}" for p in found)
+
+
+def _read_part(uri: str, options: StorageOptions | None, columns: list[str] | None) -> pa.Table | None:
+    fs, path = filesystem(uri, options)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+        return conform(table) if columns is None else table
+    except Exception as exc:  # noqa: BLE001 - a damaged part must not stop a resume
+        msg = (
+            f"skipping unreadable log part {redact_uri(uri)} ({type(exc).__name__}: {exc}); "
+            "its rows count as not done and will be redone"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        logger.warning(msg)
+        return None
+
+
+def read_logs(output_uri: str, options: StorageOptions | None = None,
+              run_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Every readable log record under ``output_uri`` (or of one run) as one table
+    (unreadable parts skipped with a warning)."""
+    parts = [_read_part(u, options, columns) for u in log_part_uris(output_uri, options, run_id)]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        schema = LOG_SCHEMA if columns is None else pa.schema([LOG_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def done_fingerprints(output_uri: str, options: StorageOptions | None = None) -> dict[str, str]:
+    """id -> fingerprint of its latest ``ok`` record (by ``finished_at``; records without one count
+    as oldest), over every readable log part under ``output_uri``."""
+    wanted = ["id", "fingerprint", "status", "finished_at"]
+    tables = []
+    for uri in log_part_uris(output_uri, options):
+        part = _read_part(uri, options, None)
+        if part is None:
+            continue
+        part = part.select(wanted)
+        tables.append(part.filter(pc.equal(part.column("status"), STATUS_OK)))
+    if not tables:
+        return {}
+    ok = pa.concat_tables(tables)
+    ok = ok.filter(pc.and_(pc.is_valid(ok.column("id")), pc.is_valid(ok.column("fingerprint"))))
+    # sort ascending by finished_at with nulls first, so later records overwrite earlier ones
+    order = pc.sort_indices(ok, sort_keys=[("finished_at", "ascending")], null_placement="at_start")
+    ok = ok.take(order)
+    return dict(zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist()))

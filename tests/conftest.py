@@ -1,0 +1,324 @@
+"""Shared test fixtures: a real S3-protocol server (moto in server mode, over HTTP), buckets,
+storage options, a fault-injecting proxy in front of it, and procedurally drawn test images.
+
+Environment set for the whole test session by ``s3_server`` (Ray workers started later by a test
+inherit it, so they reach the same server with no extra configuration):
+
+- ``AWS_ACCESS_KEY_ID=testing``, ``AWS_SECRET_ACCESS_KEY=testing`` (dummy; moto accepts anything)
+- ``AWS_DEFAULT_REGION=us-east-1``, ``AWS_REGION=us-east-1``
+- ``AWS_ENDPOINT_URL=<the moto endpoint>`` (so nothing in a test can reach real AWS)
+- ``AWS_EC2_METADATA_DISABLED=true`` (no slow instance-metadata credential lookups)
+- ``AWS_CONFIG_FILE`` / ``AWS_SHARED_CREDENTIALS_FILE`` pointing at empty files (a developer's
+  ``~/.aws`` cannot leak in); ``AWS_PROFILE`` removed.
+
+No Ray here: tests that need Ray start it in their own files.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import socketserver
+import struct
+import threading
+import uuid
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from step1x_batch.storage import StorageOptions
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (random free port); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request access lines
+    empty = tmp_path_factory.mktemp("aws") / "empty"
+    empty.write_text("")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in _S3_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_CONFIG_FILE", str(empty))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def make_bucket(endpoint: str, name: str | None = None) -> str:
+    """Create a bucket on ``endpoint``; returns ``s3://name``."""
+    import boto3
+
+    name = name or f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> Iterator[str]:
+    """A fresh, empty bucket for one test; yields ``s3://<name>``."""
+    yield make_bucket(s3_server)
+
+
+@pytest.fixture
+def storage_options(s3_server) -> StorageOptions:
+    """Options naming the moto endpoint explicitly (the environment names it too)."""
+    return StorageOptions(endpoint_url=s3_server, max_attempts=4)
+
+
+# --- fault injection -----------------------------------------------------------------------------
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of the S3 server that fails chosen requests the way object stores
+    do, to exercise retries over a real connection.
+
+    ``fail(n, kind)`` makes the next ``n`` matching requests fail with ``kind``:
+    ``"503"`` (503 SlowDown), ``"500"`` (500 InternalError), ``"reset"`` (connection closed with
+    no response) or ``"truncate"`` (status and headers sent, then half the body, then closed).
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.split("://", 1)[1]
+        self._plan: list[tuple[str, str | None]] = []
+        self._lock = threading.Lock()
+        self.injected = 0
+        self.requests: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = io.BytesIO()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out.getvalue()
+                        out.write(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                kind = proxy._take(self.command)
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
+                if kind in ("503", "500"):
+                    code = "SlowDown" if kind == "503" else "InternalError"
+                    payload = (
+                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                        f"<Message>injected {kind}</Message></Error>"
+                    ).encode()
+                    self.send_response(int(kind))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                if kind == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection")
+                }
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                            self.send_header(k, v)
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
+                    if kind == "truncate" and len(data) > 1:
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail(self, n: int, kind: str = "503", method: str | None = None) -> None:
+        """Fail the next ``n`` requests (only those with HTTP ``method`` when given)."""
+        assert kind in ("503", "500", "reset", "truncate"), kind
+        with self._lock:
+            self._plan.extend([(kind, method)] * n)
+
+    def _take(self, method: str) -> str | None:
+        with self._lock:
+            for i, (kind, want) in enumerate(self._plan):
+                if want is None or want == method:
+                    del self._plan[i]
+                    self.injected += 1
+                    return kind
+        return None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3_server) -> Iterator[FlakyProxy]:
+    """A fault-injecting proxy in front of the moto server (see :class:`FlakyProxy`)."""
+    proxy = FlakyProxy(s3_server)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+# --- procedural images ---------------------------------------------------------------------------
+
+
+def draw_rgb(width: int = 48, height: int = 32) -> np.ndarray:
+    """A deterministic RGB uint8 test picture with four distinct solid corners:
+    top-left red, top-right green, bottom-left blue, bottom-right white (rest a gradient)."""
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack(
+        [(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), (x + y) % 256], axis=-1
+    ).astype(np.uint8)
+    qh, qw = height // 4, width // 4
+    img[:qh, :qw] = (255, 0, 0)
+    img[:qh, -qw:] = (0, 255, 0)
+    img[-qh:, :qw] = (0, 0, 255)
+    img[-qh:, -qw:] = (255, 255, 255)
+    return img
+
+
+class ImageFactory:
+    """Draws small procedural test images and encodes them in many modes and formats."""
+
+    def rgb(self, width: int = 48, height: int = 32) -> np.ndarray:
+        return draw_rgb(width, height)
+
+    def encode(self, image: Image.Image | np.ndarray, fmt: str = "PNG", **save_kwargs) -> bytes:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **save_kwargs)
+        return buf.getvalue()
+
+    def pil(self, mode: str = "RGB", width: int = 48, height: int = 32) -> Image.Image:
+        """The test picture converted to a Pillow ``mode`` (RGBA gets a transparent left half)."""
+        base = Image.fromarray(draw_rgb(width, height))
+        if mode == "RGBA":
+            im = base.convert("RGBA")
+            alpha = np.full((height, width), 255, np.uint8)
+            alpha[:, : width // 2] = 0
+            im.putalpha(Image.fromarray(alpha))
+            return im
+        return base.convert(mode)
+
+    def bytes(self, mode: str = "RGB", fmt: str = "PNG", width: int = 48, height: int = 32,
+              **save_kwargs) -> bytes:
+        return self.encode(self.pil(mode, width, height), fmt, **save_kwargs)
+
+    def exif_rotated(self, orientation: int = 6, width: int = 48, height: int = 32) -> bytes:
+        """A JPEG whose stored pixels are the test picture rotated so that applying EXIF
+        ``orientation`` makes it upright again (6: stored rotated 90 degrees counter-clockwise)."""
+        upright = Image.fromarray(draw_rgb(width, height))
+        inverse = {
+            2: Image.Transpose.FLIP_LEFT_RIGHT,
+            3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_90,
+            7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270,
+        }[orientation]
+        stored = upright.transpose(inverse)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return self.encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+    def animated_gif(self, frames: int = 3, width: int = 48, height: int = 32) -> bytes:
+        """An animated GIF whose first frame is the test picture and later frames solid black."""
+        first = Image.fromarray(draw_rgb(width, height)).convert("P", palette=Image.Palette.ADAPTIVE)
+        rest = [Image.new("P", (width, height), 0) for _ in range(frames - 1)]
+        buf = io.BytesIO()
+        first.save(buf, format="GIF", save_all=True, append_images=rest, duration=100, loop=0)
+        return buf.getvalue()
+
+    def bomb_png(self, width: int = 20000, height: int = 20000) -> bytes:
+        """A valid, tiny (tens of KB) 1-bit black PNG of ``width`` x ``height`` pixels: a
+        decompression bomb (400 megapixels by default)."""
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return (struct.pack(">I", len(data)) + kind + data
+                    + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+        row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+        z = zlib.compressobj(9)
+        idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+        ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def image_factory() -> ImageFactory:
+    return ImageFactory()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for tests that must name one up front)."""
+    with socketserver.TCPServer(("127.0.0.1", 0), None) as s:  # type: ignore[arg-type]
+        return s.server_address[1]
+
+
+__all__ = ["FlakyProxy", "ImageFactory", "draw_rgb", "make_bucket", "free_port"]
