@@ -106,8 +106,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RowError(
             TOO_MANY_PIXELS,
-            f"The image declares too many pixels to decode safely ({exc}); the limit is "
-            f"{max_pixels} pixels. Downscale the image or raise the pixel limit.",
+            f"The image declares more pixels than can be decoded safely (Pillow: {exc}); the "
+            f"job's limit is {max_pixels} pixels. Downscale the image or raise the pixel limit.",
         ) from None
     except UnidentifiedImageError:
         if _cut_off(data, sniffed):
@@ -128,12 +128,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "job can read; use PNG, JPEG, WebP, GIF, BMP or TIFF.",
         ) from None
     except Exception as exc:  # noqa: BLE001 - any header failure is a damaged file
-        code = TRUNCATED_IMAGE if _is_truncation(exc, data, sniffed) else CORRUPT_IMAGE
-        raise RowError(
-            code,
-            f"The {sniffed or 'image'} header cannot be read ({type(exc).__name__}: {exc}); "
-            "the file is damaged. Re-export or re-upload it.",
-        ) from None
+        what = f"The {sniffed or 'image'} header cannot be read ({type(exc).__name__}: {exc})"
+        if _is_truncation(exc, data, sniffed):
+            raise RowError(
+                TRUNCATED_IMAGE,
+                f"{what}: the file ends too early; it was cut off during upload or copy. "
+                "Re-upload the complete file.",
+            ) from None
+        raise RowError(CORRUPT_IMAGE, f"{what}; the file is damaged. Re-export or re-upload it.") from None
     width, height = im.size
     if width <= 0 or height <= 0:
         raise RowError(CORRUPT_IMAGE, f"The {im.format} image declares a {width}x{height} size.")

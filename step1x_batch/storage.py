@@ -290,8 +290,8 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     except Exception as exc:  # noqa: BLE001 - any storage failure is a row error
         raise RowError(
             READ_FAILED,
-            f"Could not read {shown} after up to {options.max_attempts} attempts "
-            f"({_describe(exc)}); check the storage endpoint and network.",
+            f"Could not read {shown} ({_describe(exc)}; up to {options.max_attempts} "
+            "attempts were made); check the storage endpoint, network and URI.",
         ) from None
 
 

@@ -288,9 +288,10 @@ class ImageFactory:
         return self.encode(stored, "JPEG", quality=95, exif=exif.tobytes())
 
     def animated_gif(self, frames: int = 3, width: int = 48, height: int = 32) -> bytes:
-        """An animated GIF whose first frame is the test picture and later frames solid black."""
+        """An animated GIF whose first frame is the test picture and later frames solid dark
+        greys (all different, so the encoder keeps every frame)."""
         first = Image.fromarray(draw_rgb(width, height)).convert("P", palette=Image.Palette.ADAPTIVE)
-        rest = [Image.new("P", (width, height), 0) for _ in range(frames - 1)]
+        rest = [Image.new("RGB", (width, height), (8 * i,) * 3) for i in range(frames - 1)]
         buf = io.BytesIO()
         first.save(buf, format="GIF", save_all=True, append_images=rest, duration=100, loop=0)
         return buf.getvalue()
