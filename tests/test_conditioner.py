@@ -1,0 +1,220 @@
+"""QwenConditioner on the tiny Qwen2.5-VL folder (float32, CPU, offline).
+
+Oracles: direct transformers calls on inputs built here by hand (processor output constructed from
+the reference sheet), and a hand-written MLP-only chain for the masked-token case.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_batch.models.step1x import conditioner as C
+from step1x_batch.models.step1x.tiny_qwen import write_tiny_qwen
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen")
+    write_tiny_qwen(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cond(folder):
+    return C.QwenConditioner.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def raw(folder):
+    """An independent copy of the model, with lm_head, for direct transformers calls."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True,
+        attn_implementation="sdpa", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def by_hand(tok, img: np.ndarray, instruction: str, qwen_hw: tuple[int, int]):
+    """Processor output for a quote-free instruction, built from the reference sheet's recipe."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    t = torch.from_numpy(img).permute(2, 0, 1).float().div(255)  # to_tensor
+    pil = Image.fromarray(t.mul(255).byte().permute(1, 2, 0).numpy())  # ToPILImage
+    pil = pil.resize((qwen_hw[1], qwen_hw[0]), Image.Resampling.BICUBIC)  # qwen_vl_utils
+    proc = Qwen2VLImageProcessorPil(min_pixels=256 * 28 * 28, max_pixels=324 * 28 * 28)
+    pix = proc(images=[pil], return_tensors="pt")
+    n = int(pix["image_grid_thw"].prod()) // 4
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + C.load_prefix()
+            + "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + instruction
+            + "<|im_end|>\n<|im_start|>assistant\n")
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    return ids, pix["pixel_values"], pix["image_grid_thw"]
+
+
+def direct(raw, ids, pixel_values, grid, *, token_types: bool = True, mask=None):
+    kwargs = {}
+    if token_types:
+        kwargs["mm_token_type_ids"] = (ids == raw.config.image_token_id).int()
+    with torch.inference_mode():
+        out = raw(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                  pixel_values=pixel_values, image_grid_thw=grid, output_hidden_states=True, **kwargs)
+    return out.hidden_states[-1][0]
+
+
+@pytest.fixture(scope="module")
+def plain(cond, raw, tok):
+    img = image(64, 48, seed=1)  # qwen_vl_utils: 56x56, then the processor's minimum: 448x448
+    ids, pix, grid = by_hand(tok, img, "make it red", (56, 56))
+    embeds, mask = cond.encode([img], ["make it red"])
+    return dict(img=img, ids=ids, pix=pix, grid=grid, embeds=embeds, mask=mask,
+                direct=direct(raw, ids, pix, grid), direct_no_types=direct(raw, ids, pix, grid, token_types=False))
+
+
+def test_matches_direct_transformers_call(cond, plain):
+    ids, embeds, mask = plain["ids"], plain["embeds"], plain["mask"]
+    kept = ids.shape[1] - cond.prefix_drop
+    assert plain["grid"].tolist() == [[1, 32, 32]]
+    assert embeds.shape == (1, 640, 64) and embeds.dtype == torch.float32
+    assert mask.dtype == torch.long and mask[0, :kept].eq(1).all() and mask[0, kept:].eq(0).all()
+    torch.testing.assert_close(embeds[0, :kept], plain["direct"][cond.prefix_drop:], atol=ATOL, rtol=0)
+    assert embeds[0, kept:].eq(0).all()
+    assert "torchvision" not in sys.modules
+
+
+def test_dropping_mm_token_type_ids_changes_hidden_states(cond, plain):
+    # transformers 5 computes mrope positions only when mm_token_type_ids reaches the model.
+    with_types, without = plain["direct"], plain["direct_no_types"]
+    drop = cond.prefix_drop
+    first_image = int((plain["ids"][0] == cond.model.config.image_token_id).nonzero()[0])
+    torch.testing.assert_close(with_types[:first_image], without[:first_image], atol=ATOL, rtol=0)
+    assert (with_types[drop:] - without[drop:]).abs().max() > 1e-2
+
+
+def test_prepare_rebuilds_token_types_and_positions(cond, plain):
+    batch = cond.prepare([plain["img"]], ["make it red"])
+    assert torch.equal(batch.input_ids, plain["ids"])
+    assert torch.equal(batch.pixel_values, plain["pix"]) and torch.equal(batch.image_grid_thw, plain["grid"])
+    image_at = (plain["ids"][0] == cond.model.config.image_token_id).nonzero()[:, 0]
+    assert batch.mm_token_type_ids[0].nonzero()[:, 0].tolist() == image_at.tolist()
+    # Image block: t = h = w offsets from its start, 16 x 16 merged grid; text resumes at start + 16.
+    start = int(image_at[0])
+    pos = batch.position_ids[:, 0]
+    assert pos[:, :start].tolist() == [list(range(start))] * 3
+    block = pos[:, start:start + 256]
+    assert block[0].eq(start).all()
+    assert block[1].tolist() == [start + r for r in range(16) for _ in range(16)]
+    assert block[2].tolist() == [start + c for _ in range(16) for c in range(16)]
+    assert pos[:, start + 256].tolist() == [start + 16] * 3
+
+
+def test_batch_equals_singles(cond):
+    imgs = [image(64, 48, seed=2), image(96, 160, seed=3), image(64, 48, seed=4)]
+    instructions = ["make it a cat's face", 'write "Hi!" on it', ""]  # "" = a negative-prompt row
+    embeds, mask = cond.encode(imgs, instructions)
+    assert len(set(mask.sum(1).tolist())) == 3  # really different lengths (and image grids)
+    for i, (img, text) in enumerate(zip(imgs, instructions)):
+        e1, m1 = cond.encode([img], [text])
+        assert torch.equal(m1[0], mask[i])
+        torch.testing.assert_close(e1[0], embeds[i], atol=ATOL, rtol=0)
+
+
+def test_deterministic_and_truncation(cond, plain):
+    embeds2, mask2 = cond.encode([plain["img"]], ["make it red"])
+    assert torch.equal(embeds2, plain["embeds"]) and torch.equal(mask2, plain["mask"])
+    short, short_mask = cond.encode([plain["img"]], ["make it red"], max_length=100)
+    assert short.shape == (1, 100, 64) and short_mask.eq(1).all()
+    torch.testing.assert_close(short[0], plain["embeds"][0, :100], atol=ATOL, rtol=0)
+
+
+def test_masked_exclamation_reproduces_flash_attention(cond, raw, tok):
+    """Reference (flash-attention 2, 2-D mask with a zero): the id-0 token's attention output is 0 and
+    no token attends to it. So the other tokens equal a run with the `!` removed, and the `!` state is
+    the MLP-only chain on its embedding."""
+    img, text = image(64, 48, seed=5), "make it pop! now"
+    batch = cond.prepare([img], [text])
+    ids, mask = batch.input_ids, batch.attention_mask
+    zero = (ids[0] == 0).nonzero()[:, 0].tolist()
+    assert len(zero) == 1 and mask[0, zero[0]] == 0 and mask[0].sum() == ids.shape[1] - 1
+    assert batch.position_ids[:, 0, zero[0]].tolist() == [1, 1, 1]  # 4.5x fills masked positions with 1
+    hidden = cond.hidden_states(batch)[0]
+    keep = mask[0].bool()
+    compact = direct(raw, ids[:, keep], batch.pixel_values, batch.image_grid_thw)
+    torch.testing.assert_close(hidden[keep], compact, atol=ATOL, rtol=0)
+    lm = raw.model.language_model
+    with torch.inference_mode():
+        h = lm.embed_tokens.weight[0]
+        for layer in lm.layers:
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        torch.testing.assert_close(hidden[zero[0]], lm.norm(h), atol=ATOL, rtol=0)
+    embeds, out_mask = cond.encode([img], [text])
+    at = zero[0] - cond.prefix_drop
+    assert out_mask[0, at] == 1  # the reference's output mask covers the masked token too
+    torch.testing.assert_close(embeds[0, at], hidden[zero[0]], atol=ATOL, rtol=0)
+
+
+def test_masked_exclamation_sdpa_semantics(cond, raw):
+    """zero_masked_queries=False: transformers 4.5x SDPA/eager semantics. Only the masked token
+    changes; its state depends on the rope position masked tokens get (1 in 4.5x, 0 in 5.x)."""
+    img, text = image(64, 48, seed=5), "make it pop! now"
+    batch = cond.prepare([img], [text])
+    keep = batch.attention_mask[0].bool()
+    zero = int((~keep).nonzero()[0])
+    flash = cond.hidden_states(batch)[0]
+    cond.zero_masked_queries = False
+    try:
+        sdpa = cond.hidden_states(batch)[0]
+    finally:
+        cond.zero_masked_queries = True
+    torch.testing.assert_close(sdpa[keep], flash[keep], atol=ATOL, rtol=0)
+    assert (sdpa[zero] - flash[zero]).abs().max() > 1e-2
+    # transformers 5 left alone (token types + 2-D mask, positions inside): kept tokens agree,
+    # the masked token differs because 5.x puts it at position 0.
+    v5 = direct(raw, batch.input_ids, batch.pixel_values, batch.image_grid_thw, mask=batch.attention_mask)
+    torch.testing.assert_close(v5[keep], sdpa[keep], atol=ATOL, rtol=0)
+    assert (v5[zero] - sdpa[zero]).abs().max() > 1e-3
+
+
+def test_image_roundtrip_and_resize_match_reference():
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    via_torch = torch.from_numpy(x).permute(2, 0, 1).float().div(255).mul(255).byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(C.float_roundtrip_uint8(x), via_torch)
+    assert C.qwen_vl_utils_size(512, 512) == (504, 504)
+    assert C.qwen_vl_utils_size(1024, 1024) == (1036, 1036)  # up: the processor then brings it to 504
+    assert C.qwen_vl_utils_size(768, 1360) == (756, 1372)
+    assert C.reference_pil_image(image(64, 48, 0)).size == (56, 56)
+    with pytest.raises(ValueError):
+        C.reference_pil_image(np.zeros((8, 8), np.uint8))
+
+
+def test_refuses_pickle_weights(folder, tmp_path):
+    """Safetensors only: a folder whose weights are a pickle is refused, never unpickled."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    for f in folder.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    torch.save(load_file(folder / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        C.QwenConditioner.from_pretrained(tmp_path, dtype=torch.float32)
