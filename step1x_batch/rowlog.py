@@ -235,7 +235,9 @@ def done_fingerprints(output_uri: str, options: StorageOptions | None = None) ->
         return {}
     ok = pa.concat_tables(tables)
     ok = ok.filter(pc.and_(pc.is_valid(ok.column("id")), pc.is_valid(ok.column("fingerprint"))))
-    # sort ascending by finished_at with nulls first, so later records overwrite earlier ones
-    order = pc.sort_indices(ok, sort_keys=[("finished_at", "ascending")], null_placement="at_start")
+    # stable sort by finished_at (missing = oldest), so later records overwrite earlier ones
+    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), _TS)
+    finished = pc.fill_null(ok.column("finished_at"), oldest)
+    order = pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")])
     ok = ok.take(order)
     return dict(zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist()))

@@ -1,0 +1,350 @@
+"""Manifest discovery, reading and normalisation (ids, seeds, defaults, fingerprints, row errors)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import replace
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from step1x_batch import errors
+from step1x_batch.editor import EditParams
+from step1x_batch.manifest import (
+    NORMALIZED_COLUMNS,
+    NORMALIZED_SCHEMA,
+    SEED_LIMIT,
+    csv_convert_options,
+    derive_seed,
+    extra_columns,
+    fingerprint,
+    manifest_base,
+    manifest_files,
+    manifest_format,
+    normalize_batch,
+    read_manifest_table,
+    resolve_image_uri,
+)
+from step1x_batch.storage import write_bytes
+
+DEFAULTS = EditParams(num_steps=28, guidance_scale=6.0, size_level=1024, negative_prompt="")
+MANIFEST = "s3://bkt/sets/one/manifest.parquet"
+
+
+def norm(batch, **kw):
+    args = dict(manifest_uri=MANIFEST, defaults=DEFAULTS, default_seed_base=0, model_id="m1",
+                image_format="png", max_instruction_chars=100)
+    args.update(kw)
+    return normalize_batch(batch, **args)
+
+
+def rows_table(n: int = 12) -> pa.Table:
+    return pa.table({
+        "image_uri": [f"img/{i % 5}.png" for i in range(n)],
+        "instruction": [f"make it {'red' if i % 2 else 'blue'} {i % 3}" for i in range(n)],
+        "seed": [i if i % 4 == 0 else None for i in range(n)],
+        "num_steps": [None if i % 3 else 10 for i in range(n)],
+        "tag": [f"t{i}" for i in range(n)],
+    })
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def test_manifest_format():
+    assert manifest_format("a/b.parquet") == "parquet"
+    assert manifest_format("s3://b/m.PQ") == "parquet"
+    assert manifest_format("m.jsonl") == manifest_format("m.ndjson") == "json"
+    assert manifest_format("m.jsonl.gz") == "json"
+    assert manifest_format("m.csv") == manifest_format("m.csv.zst") == "csv"
+    with pytest.raises(ValueError, match="manifest format"):
+        manifest_format("m.txt")
+
+
+def test_manifest_files_local(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.parquet", "a.parquet", "sub/c.parquet", "_SUCCESS", ".hidden.parquet",
+                 "_tmp/x.parquet", "notes.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    expected = [str(folder / "a.parquet"), str(folder / "b.parquet"), str(folder / "sub/c.parquet")]
+    assert manifest_files(str(folder)) == expected
+    assert manifest_files(str(folder) + "/") == expected
+    assert manifest_files(f"file://{folder}") == expected
+    assert manifest_files(str(folder / "*.parquet")) == expected[:2]
+    assert manifest_files(str(folder / "b.parquet")) == [str(folder / "b.parquet")]
+    with pytest.raises(FileNotFoundError, match="No manifest"):
+        manifest_files(str(tmp_path / "absent.parquet"))
+    with pytest.raises(FileNotFoundError):
+        manifest_files(str(folder / "*.csv"))
+    with pytest.raises(ValueError):
+        manifest_files(str(folder / "notes.txt"))
+    (folder / "d.csv").write_text("image_uri,instruction\n")
+    with pytest.raises(ValueError, match="mixes formats"):
+        manifest_files(str(folder))
+
+
+def test_manifest_files_and_table_on_s3(s3_bucket, storage_options):
+    t1 = pa.table({"image_uri": ["a.png"], "instruction": ["x"]})
+    t2 = pa.table({"image_uri": ["b.png"], "instruction": ["y"], "seed": [3]})
+    write_bytes(f"{s3_bucket}/m/part-1.parquet", _parquet_bytes(t2), storage_options)
+    write_bytes(f"{s3_bucket}/m/part-0.parquet", _parquet_bytes(t1), storage_options)
+    write_bytes(f"{s3_bucket}/m/_SUCCESS", b"", storage_options)
+    files = manifest_files(f"{s3_bucket}/m", storage_options)
+    assert files == [f"{s3_bucket}/m/part-0.parquet", f"{s3_bucket}/m/part-1.parquet"]
+    assert manifest_files(f"{s3_bucket}/m/*.parquet", storage_options) == files
+    table = read_manifest_table(f"{s3_bucket}/m", storage_options)
+    assert table.column("image_uri").to_pylist() == ["a.png", "b.png"]
+    assert table.column("seed").to_pylist() == [None, 3]
+
+
+def test_read_jsonl_gz_and_csv_keeps_text_ids(tmp_path):
+    rows = [{"id": "0007", "image_uri": "a.png", "instruction": "null", "seed": 5},
+            {"id": "0008", "image_uri": "b.png", "instruction": "N/A", "seed": None}]
+    with gzip.open(tmp_path / "m.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = read_manifest_table(str(tmp_path / "m.jsonl.gz"))
+    assert t.column("id").to_pylist() == ["0007", "0008"]
+    csv_text = 'id,image_uri,instruction,seed\n0007,a.png,null,5\n0008,b.png,"N/A",\n'
+    (tmp_path / "m.csv").write_text(csv_text)
+    t = read_manifest_table(str(tmp_path / "m.csv"))
+    assert t.column("id").to_pylist() == ["0007", "0008"]  # not the number 7
+    assert t.column("instruction").to_pylist() == ["null", "N/A"]  # text, not nulls
+    assert t.column("seed").to_pylist() == ["5", None]  # an empty cell is "not given"
+    assert csv_convert_options(str(tmp_path / "m.csv")).column_types["seed"] == pa.string()
+    # CSV and JSON manifests of the same rows give the same work
+    a = norm(read_manifest_table(str(tmp_path / "m.csv")), manifest_uri=str(tmp_path / "m.csv"))
+    b = norm(read_manifest_table(str(tmp_path / "m.jsonl.gz")),
+             manifest_uri=str(tmp_path / "m.jsonl.gz"))
+    for col in ("id", "image_uri", "seed", "fingerprint"):
+        assert a[col].tolist() == b[col].tolist()
+
+
+# --- URIs ----------------------------------------------------------------------------------------
+
+
+def test_manifest_base_and_resolution():
+    assert manifest_base("s3://b/sets/m.parquet") == "s3://b/sets"
+    assert manifest_base("s3://b/sets/") == "s3://b/sets"
+    assert manifest_base("s3://b/sets") == "s3://b/sets"  # no suffix: a folder
+    assert manifest_base("s3://b/sets/*.jsonl") == "s3://b/sets"
+    assert manifest_base("s3://b/sets/part-*/x.csv") == "s3://b/sets"
+    assert manifest_base("/data/m.csv") == "/data"
+    assert resolve_image_uri("img/a.png", "s3://b/sets") == "s3://b/sets/img/a.png"
+    assert resolve_image_uri("./img/../a.png", "s3://b/sets") == "s3://b/sets/a.png"
+    assert resolve_image_uri("../other/a.png", "s3://b/sets") == "s3://b/other/a.png"
+    assert resolve_image_uri(" s3://x/y.png ", "s3://b/sets") == "s3://x/y.png"
+    assert resolve_image_uri("https://h/y.png", "/data") == "https://h/y.png"
+    assert resolve_image_uri("/abs/y.png", "s3://b/sets") == "/abs/y.png"
+    assert resolve_image_uri("y.png", "/data/sets") == "/data/sets/y.png"
+
+
+# --- normalisation -------------------------------------------------------------------------------
+
+
+def test_defaults_resolution_and_schema():
+    df = norm(rows_table())
+    assert list(df.columns) == list(NORMALIZED_COLUMNS) + ["tag"]
+    assert df["image_uri"].tolist()[0] == "s3://bkt/sets/one/img/0.png"
+    assert df["num_steps"].tolist() == [10 if i % 3 == 0 else 28 for i in range(12)]
+    assert set(df["guidance_scale"]) == {6.0} and set(df["size_level"]) == {1024}
+    assert set(df["negative_prompt"]) == {""}
+    assert df["seed"].tolist()[0] == 0 and df["seed"].tolist()[4] == 4
+    assert all(0 <= s < SEED_LIMIT for s in df["seed"])
+    assert df["output_key"].tolist() == [f"images/{i}.png" for i in df["id"]]
+    assert df["error_type"].isna().all() and df["fingerprint"].notna().all()
+    assert df["tag"].tolist() == [f"t{i}" for i in range(12)]
+    assert [json.loads(e) for e in df["extra"]] == [{"tag": f"t{i}"} for i in range(12)]
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    assert table.schema.field("seed").type == pa.int64()
+    arrow = norm(rows_table(), output="pyarrow")
+    assert arrow.schema.names == list(NORMALIZED_COLUMNS) + ["tag"]
+    assert arrow.select(list(NORMALIZED_COLUMNS)).schema == NORMALIZED_SCHEMA
+    assert arrow.column("id").to_pylist() == df["id"].tolist()
+
+
+def test_ids_seeds_fingerprints_independent_of_batching():
+    table = rows_table(12)
+    whole = norm(table)
+    parts = [norm(table.slice(0, 5)), norm(table.slice(5, 1)), norm(table.slice(6))]
+    joined = pd.concat(parts, ignore_index=True)
+    for col in ("id", "seed", "fingerprint", "output_key"):
+        assert joined[col].tolist() == whole[col].tolist()
+    # reversed order, pandas input: each row gets the same answer
+    rev = norm(table.to_pandas().iloc[::-1].reset_index(drop=True))
+    assert rev["id"].tolist() == whole["id"].tolist()[::-1]
+    assert rev["fingerprint"].tolist() == whole["fingerprint"].tolist()[::-1]
+    # and again in a fresh call (no hidden state)
+    assert norm(table)["id"].tolist() == whole["id"].tolist()
+
+
+def test_duplicates_share_an_id_and_variants_do_not():
+    t = pa.table({"image_uri": ["a.png", "a.png", "a.png", "a.png", "a.png"],
+                  "instruction": ["x", "x", "x", " x ", "x"],
+                  "seed": [None, None, 1, None, 2]})
+    ids = norm(t)["id"].tolist()
+    assert ids[0] == ids[1] == ids[3]  # identical rows (whitespace stripped) are the same work
+    assert len({ids[0], ids[2], ids[4]}) == 3  # a seed sweep gives distinct rows
+
+
+def test_given_ids_and_text_numbers_agree_across_types():
+    df = norm(pa.table({"id": [7, None], "image_uri": ["a.png"] * 2, "instruction": ["x"] * 2}))
+    assert df["id"].tolist()[0] == "7"
+    as_text = norm(pa.table({"image_uri": ["a.png"], "instruction": ["x"], "seed": ["7"],
+                             "num_steps": ["12"], "guidance_scale": ["3"]}))
+    as_numbers = norm(pa.table({"image_uri": ["a.png"], "instruction": ["x"], "seed": [7],
+                                "num_steps": [12], "guidance_scale": [3.0]}))
+    for col in ("id", "seed", "num_steps", "guidance_scale", "fingerprint"):
+        assert as_text[col].tolist() == as_numbers[col].tolist()
+    # a null column and an absent column are the same thing
+    absent = norm(pa.table({"image_uri": ["a.png"], "instruction": ["x"]}))
+    null = norm(pa.table({"image_uri": ["a.png"], "instruction": ["x"],
+                          "seed": pa.array([None], pa.int64())}))
+    assert absent["id"].tolist() == null["id"].tolist()
+    assert absent["fingerprint"].tolist() == null["fingerprint"].tolist()
+
+
+def test_derived_seed_depends_on_id_and_base():
+    assert derive_seed("abc", 0) == derive_seed("abc", 0)
+    assert derive_seed("abc", 0) != derive_seed("abc", 1)
+    assert derive_seed("abc", 0) != derive_seed("abd", 0)
+    a = norm(rows_table(), default_seed_base=0)
+    b = norm(rows_table(), default_seed_base=1)
+    given = [i % 4 == 0 for i in range(12)]
+    for g, sa, sb in zip(given, a["seed"], b["seed"]):
+        assert (sa == sb) == g  # given seeds stay, derived ones move
+    assert a["id"].tolist() == b["id"].tolist()
+
+
+def test_fingerprint_changes_exactly_with_pixel_changing_inputs():
+    base = norm(rows_table(4))
+    fp = base["fingerprint"].tolist()
+
+    def changed(df) -> list[bool]:
+        return [a != b for a, b in zip(fp, df["fingerprint"].tolist())]
+
+    # config defaults: every row not overriding the parameter changes; ids never do
+    for field, value in (("guidance_scale", 4.5), ("size_level", 512), ("negative_prompt", "blur")):
+        df = norm(rows_table(4), defaults=replace(DEFAULTS, **{field: value}))
+        assert changed(df) == [True] * 4, field
+        assert df["id"].tolist() == base["id"].tolist()
+    df = norm(rows_table(4), defaults=replace(DEFAULTS, num_steps=20))
+    assert changed(df) == [False, True, True, False]  # rows 0 and 3 set num_steps=10 themselves
+    assert changed(norm(rows_table(4), model_id="m2")) == [True] * 4
+    assert changed(norm(rows_table(4), image_format="webp")) == [True] * 4
+    assert changed(norm(rows_table(4), default_seed_base=5)) == [False, True, True, True]
+    assert changed(norm(rows_table(4), settings={"posterior_mean": True})) == [True] * 4
+    # quality matters for lossy formats only
+    assert changed(norm(rows_table(4), image_quality=80)) == [False] * 4
+    j90 = norm(rows_table(4), image_format="jpeg", image_quality=90)["fingerprint"].tolist()
+    j80 = norm(rows_table(4), image_format="jpeg", image_quality=80)["fingerprint"].tolist()
+    assert all(a != b for a, b in zip(j90, j80))
+    # not changed by extra columns, the batch, or the instruction's surrounding whitespace
+    t = rows_table(4)
+    t = t.set_column(t.schema.get_field_index("tag"), "tag", pa.array(["z"] * 4))
+    t = t.append_column("score", pa.array([0.5] * 4))
+    assert changed(norm(t)) == [False] * 4
+    # a row's own instruction or image changes its fingerprint (and id)
+    t = rows_table(4)
+    t = t.set_column(1, "instruction", pa.array(["other", "make it red 1", "x", "y"]))
+    assert changed(norm(t)) == [True, False, True, True]
+
+
+def test_fingerprint_function_fields():
+    kw = dict(image_uri="s3://b/a.png", image_etag=None, instruction="x", params=DEFAULTS, seed=1,
+              model_id="m", image_format="png")
+    fp = fingerprint(**kw)
+    assert len(fp) == 64 and fp == fingerprint(**kw)
+    assert fingerprint(**{**kw, "image_etag": '"abc"'}) != fp
+    assert fingerprint(**{**kw, "seed": 2}) != fp
+    assert fingerprint(**{**kw, "image_format": "PNG"}) == fp
+    assert fingerprint(**{**kw, "params": replace(DEFAULTS, num_steps=27)}) != fp
+    assert fingerprint(**{**kw, "params": replace(DEFAULTS, guidance_scale=6)}) == fp
+
+
+# --- row errors ----------------------------------------------------------------------------------
+
+
+def _errors(**columns) -> list[str | None]:
+    n = len(next(iter(columns.values())))
+    columns.setdefault("image_uri", ["a.png"] * n)
+    columns.setdefault("instruction", ["edit"] * n)
+    df = norm(pd.DataFrame(columns))
+    return [None if pd.isna(v) else v for v in df["error_type"].tolist()]
+
+
+def test_instruction_errors():
+    assert _errors(instruction=["ok", "", "   \n\t", None]) == [
+        None, errors.EMPTY_INSTRUCTION, errors.EMPTY_INSTRUCTION, errors.EMPTY_INSTRUCTION]
+    assert _errors(instruction=["x" * 100, "x" * 101, "  " + "x" * 100 + "  "]) == [
+        None, errors.INSTRUCTION_TOO_LONG, None]
+    df = norm(pa.table({"image_uri": ["a.png"], "instruction": ["x" * 101]}),
+              max_instruction_chars=0)
+    assert df["error_type"].isna().all()  # 0 disables the limit
+    assert _errors(instruction=[42, ["a"]]) == [errors.INVALID_ROW, errors.INVALID_ROW]
+
+
+def test_parameter_and_uri_errors():
+    assert _errors(seed=["abc", -1, 1.5, 2**63, True, "12"]) == [errors.INVALID_ROW] * 5 + [None]
+    assert _errors(num_steps=[0, "x", 5]) == [errors.INVALID_ROW, errors.INVALID_ROW, None]
+    assert _errors(guidance_scale=["nan", float("inf"), -1, "2.5"]) == [errors.INVALID_ROW] * 3 + [
+        None]
+    assert _errors(size_level=[0, 512]) == [errors.INVALID_ROW, None]
+    assert _errors(negative_prompt=[5, "blurry"]) == [errors.INVALID_ROW, None]
+    assert _errors(image_uri=[None, "  ", 5, "ok.png"]) == [errors.INVALID_ROW] * 3 + [None]
+    assert _errors(id=["a\x00b", "x" * 600, "fine"]) == [errors.INVALID_ROW] * 2 + [None]
+
+
+def test_unsafe_output_keys():
+    assert _errors(output_key=["../escape.png", "/abs.png", "s3://other/x.png", "a\\b.png",
+                               "ok/x.png", None]) == [errors.UNSAFE_OUTPUT_KEY] * 4 + [None] * 2
+    df = norm(pd.DataFrame({"image_uri": ["a.png"] * 2, "instruction": ["x"] * 2,
+                            "output_key": ["./out//x.png", None]}))
+    assert df["output_key"].tolist()[0] == "out/x.png"
+    # an id that would make an unsafe default key
+    assert _errors(id=["../../etc/passwd", "sub/name"]) == [errors.UNSAFE_OUTPUT_KEY, None]
+
+
+def test_error_rows_keep_every_column_and_name_the_row():
+    t = pa.table({"image_uri": ["a.png", "b.png"], "instruction": ["fine", " "],
+                  "tag": ["keep-me", "and-me"], "fingerprint": ["user", "columns"]})
+    df = norm(t)
+    assert list(df.columns) == list(NORMALIZED_COLUMNS) + ["tag"]  # the clash lives in extra only
+    bad = df.iloc[1]
+    assert bad["error_type"] == errors.EMPTY_INSTRUCTION
+    assert bad["id"] in bad["error_message"] and "s3://bkt/sets/one/b.png" in bad["error_message"]
+    assert bad["tag"] == "and-me" and pd.isna(bad["fingerprint"])
+    assert json.loads(bad["extra"]) == {"fingerprint": "columns", "tag": "and-me"}
+    assert bad["image_uri"] == "s3://bkt/sets/one/b.png" and bad["seed"] >= 0
+    assert df.iloc[0]["fingerprint"] != "user"
+
+
+def test_extra_columns_and_json_values():
+    assert extra_columns(["image_uri", "instruction", "seed", "tag", "score"]) == ["tag", "score"]
+    t = pa.table({"image_uri": ["a.png"], "instruction": ["x"],
+                  "when": pa.array([pd.Timestamp("2026-01-02T03:04:05")]),
+                  "blob": [b"\x00\x01"], "nested": [{"k": [1, 2]}], "nan": [float("nan")]})
+    extra = json.loads(norm(t)["extra"].tolist()[0])
+    assert extra == {"when": "2026-01-02T03:04:05", "blob": "AAE=", "nested": {"k": [1, 2]},
+                     "nan": None}
+    assert norm(pa.table({"image_uri": ["a.png"], "instruction": ["x"]}))["extra"].isna().all()
+
+
+def test_local_manifest_relative_paths(tmp_path):
+    m = tmp_path / "inputs" / "manifest.jsonl"
+    m.parent.mkdir()
+    m.write_text(json.dumps({"image_uri": "pics/a.png", "instruction": "x"}) + "\n")
+    df = norm(read_manifest_table(str(m)), manifest_uri=str(m))
+    assert df["image_uri"].tolist() == [os.path.join(str(tmp_path), "inputs", "pics", "a.png")]
