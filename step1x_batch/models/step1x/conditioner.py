@@ -311,6 +311,10 @@ class QwenConditioner:
     def dtype(self) -> torch.dtype:
         return self.model.model.language_model.embed_tokens.weight.dtype
 
+    def check_text(self, text: str) -> None:
+        """Raise ValueError for an instruction the template cannot carry (Qwen placeholder text)."""
+        self.prompts.input_ids(text, 1)
+
     def _mask_attention_output(self, module, args, output):
         keep = self._query_keep
         if keep is None:

@@ -49,14 +49,15 @@ def read_header(path: str | os.PathLike) -> dict:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
-                raise WeightsError(f"{path}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
-            if len(head) < 8:
-                raise WeightsError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise WeightsError(f"{path}: header claims {n} bytes but the file has {size}; truncated or not safetensors")
+            head = f.read(9)
+            (n,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
+            if len(head) < 9 or n > size - 8 or head[8:9] != b"{":
+                if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                    raise WeightsError(f"{path}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
+                if len(head) < 9:
+                    raise WeightsError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+                raise WeightsError(f"{path}: not a safetensors file, or its header is truncated")
+            f.seek(8)
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such weights file") from None

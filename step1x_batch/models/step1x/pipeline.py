@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .conditioner import QwenConditioner
 
 NON_FINITE_OUTPUT = "non_finite_output"
+INVALID_INSTRUCTION = "invalid_instruction"
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,15 @@ class EditPipeline:
         negatives = list(negative_prompts) if negative_prompts is not None else [""] * n
         if not (len(instructions) == len(seeds) == len(negatives) == n):
             raise ValueError("images, instructions, seeds and negative_prompts must have the same length")
+        results: list[EditResult | None] = [None] * n
         groups: dict[tuple[int, int], list[int]] = {}
         for i, a in enumerate(arrays):
-            groups.setdefault(model_size(a.shape[1], a.shape[0], size_level), []).append(i)
-        results: list[EditResult | None] = [None] * n
+            size = model_size(a.shape[1], a.shape[0], size_level)
+            problem = self._text_problem(instructions[i]) or self._text_problem(negatives[i])
+            if problem:
+                results[i] = EditResult(None, *size, seeds[i], 0, {}, INVALID_INSTRUCTION, problem)
+                continue
+            groups.setdefault(size, []).append(i)
         for size, rows in groups.items():
             for start in range(0, len(rows), max_batch_size):
                 chunk = rows[start : start + max_batch_size]
@@ -263,6 +269,14 @@ class EditPipeline:
                 for i, r in zip(chunk, out):
                     results[i] = r
         return results  # type: ignore[return-value]
+
+    def _text_problem(self, text: str) -> str | None:
+        check = getattr(self.conditioner, "check_text", None)
+        try:
+            check and check(text)
+        except ValueError as e:
+            return f"the instruction or negative prompt cannot be used: {e}"
+        return None
 
     def _edit_batch(
         self,
