@@ -11,7 +11,6 @@ Encoding is deterministic: same array, same bytes (no timestamps, no metadata).
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -94,15 +93,10 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) and enforce the pixel limit before any decoding."""
     sniffed = _sniff(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # e.g. TIFF "Truncated File Read"
-            # Our own limit is checked below; Pillow's global one must not warn or refuse first
-            # unless it is the stricter of the two.
-            if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0):
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-            else:
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        # Pillow refuses > 2 * Image.MAX_IMAGE_PIXELS itself (DecompressionBombError) and only
+        # warns above MAX_IMAGE_PIXELS; our own, usually stricter, limit is checked right below.
+        # (No warnings.catch_warnings here: it is not thread-safe and callers decode in threads.)
+        im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RowError(
             TOO_MANY_PIXELS,
@@ -204,14 +198,15 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode image bytes to an upright RGB uint8 array (H, W, 3) or raise RowError:
     EMPTY_OBJECT (zero bytes), TOO_MANY_PIXELS (header over ``max_pixels``, checked before
-    decoding), UNSUPPORTED_FORMAT, TRUNCATED_IMAGE, CORRUPT_IMAGE."""
+    decoding), UNSUPPORTED_FORMAT, TRUNCATED_IMAGE, CORRUPT_IMAGE. Thread-safe.
+
+    Pillow's own bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels) also
+    applies: a ``max_pixels`` above it needs Pillow's limit raised too."""
     if data is None or len(data) == 0:
         raise RowError(EMPTY_OBJECT, "The object is empty (0 bytes); re-upload the image.")
     data = bytes(data)
     im = _open(data, max_pixels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Pillow's advice on palette transparency
-        return _decode_opened(im, data)
+    return _decode_opened(im, data)
 
 
 def _decode_opened(im: Image.Image, data: bytes) -> np.ndarray:

@@ -378,6 +378,13 @@ def _parse_float(value: Any, lo: float) -> float:
     return out
 
 
+def missing_columns(table_columns: Iterable[str]) -> list[str]:
+    """The required manifest columns (``image_uri``, ``instruction``) absent from
+    ``table_columns``. A job should refuse such a manifest up front (every row would be an error)."""
+    have = {str(c) for c in table_columns}
+    return [c for c in MANIFEST_REQUIRED if c not in have]
+
+
 def extra_columns(table_columns: Iterable[str]) -> list[str]:
     """The manifest columns that are not part of the contract, in their order: carried untouched
     into the log (``extra`` JSON)."""

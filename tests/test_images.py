@@ -290,3 +290,28 @@ def test_format_names():
     assert image_extension("png") == "png" and image_extension(".webp") == "webp"
     with pytest.raises(ValueError):
         image_format("tiff")
+
+
+def test_decoding_in_threads_gives_each_row_its_own_answer(image_factory):
+    """Callers decode with a thread pool: results and error codes must not bleed across threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = image_factory.bytes("RGBA", "PNG")
+    cases = [(good, None), (image_factory.bomb_png(), errors.TOO_MANY_PIXELS),
+             (good[: len(good) // 2], errors.TRUNCATED_IMAGE), (b"", errors.EMPTY_OBJECT),
+             (image_factory.exif_rotated(6), None), (b"text", errors.UNSUPPORTED_FORMAT)] * 8
+
+    def run(case):
+        data, _ = case
+        try:
+            return decode_image(data, LIMIT)
+        except RowError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, cases))
+    for (data, expected), got in zip(cases, results):
+        if expected is None:
+            assert isinstance(got, np.ndarray) and got.shape == (H, W, 3)
+        else:
+            assert got == expected

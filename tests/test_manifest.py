@@ -22,6 +22,7 @@ from step1x_batch.manifest import (
     csv_convert_options,
     derive_seed,
     extra_columns,
+    missing_columns,
     fingerprint,
     manifest_base,
     manifest_files,
@@ -333,6 +334,8 @@ def test_error_rows_keep_every_column_and_name_the_row():
 
 def test_extra_columns_and_json_values():
     assert extra_columns(["image_uri", "instruction", "seed", "tag", "score"]) == ["tag", "score"]
+    assert missing_columns(["image_uri", "seed"]) == ["instruction"]
+    assert missing_columns(["instruction", "image_uri"]) == []
     t = pa.table({"image_uri": ["a.png"], "instruction": ["x"],
                   "when": pa.array([pd.Timestamp("2026-01-02T03:04:05")]),
                   "blob": [b"\x00\x01"], "nested": [{"k": [1, 2]}], "nan": [float("nan")]})
