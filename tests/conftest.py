@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import os
 import socketserver
 import struct
 import threading
