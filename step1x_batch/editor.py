@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -63,7 +63,10 @@ class EditorSpec:
     """How to build an editor: plain data, so it can travel to a Ray actor."""
 
     kind: str = "step1x"  # "step1x" | "null"
-    weights: str = ""  # local folder (object-storage URIs are staged to a folder by the caller)
+    weights: str = ""  # local folder or object-storage URI (staged once per node by load_editor)
+    weights_cache_dir: str | None = None  # None: $STEP1X_WEIGHTS_CACHE, else ~/.cache/step1x-batch/weights
+    weights_storage: Any = None  # storage.StorageOptions for the weights' URI; None: environment defaults
+    weights_checksums: str | None = None  # a sha256sum-format file (path or URI) to verify staged weights
     device: str = "cpu"
     dtype: str = "bfloat16"
     version: str | None = None  # "v1.0" | "v1.1"; None: detected from the weights
@@ -89,6 +92,17 @@ class NullEditor:
         return outputs
 
 
+def resolve_weights(spec: EditorSpec) -> str:
+    """A local folder holding the release: object-storage weights are staged to the node's cache."""
+    from step1x_batch.weights_cache import default_cache_dir, stage_weights
+
+    folder = stage_weights(
+        spec.weights, default_cache_dir(spec.weights_cache_dir), spec.weights_storage,
+        checksums=spec.weights_checksums,
+    )
+    return str(folder)
+
+
 def load_editor(spec: EditorSpec) -> Editor:
     """Build the editor a spec names; model code is imported only here."""
     if spec.kind == "null":
@@ -97,7 +111,7 @@ def load_editor(spec: EditorSpec) -> Editor:
         from step1x_batch.models.step1x.pipeline import EditPipeline, Step1XEditor
 
         pipe = EditPipeline.from_pretrained(
-            spec.weights, device=spec.device, dtype=spec.dtype, version=spec.version
+            resolve_weights(spec), device=spec.device, dtype=spec.dtype, version=spec.version
         )
         return Step1XEditor(
             pipe,

@@ -182,3 +182,23 @@ def test_placeholder_text_in_instruction_is_a_row_error(pipe):
     assert results[0].error_type == "invalid_instruction" and results[0].image is None
     assert "placeholder" in results[0].error_message
     assert results[1].error_type is None and results[1].image.shape == (72, 96, 3)
+
+
+def test_load_editor_stages_weights_from_object_storage(release, s3_bucket, storage_options, tmp_path):
+    from step1x_batch.editor import EditorSpec, load_editor
+    from step1x_batch.storage import filesystem
+
+    fs, root = filesystem(s3_bucket, storage_options)
+    fs.put(str(release) + "/", f"{root}/releases/tiny/", recursive=True)
+    spec = EditorSpec(
+        weights=f"{s3_bucket}/releases/tiny/", weights_cache_dir=str(tmp_path / "cache"),
+        weights_storage=storage_options, dtype="float32",
+    )
+    editor = load_editor(spec)
+    staged = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(staged) == 1 and (staged[0] / "vae.safetensors").read_bytes() == (release / "vae.safetensors").read_bytes()
+    row = EditRow(picture(1), "add a hat", 3, EditParams(num_steps=STEPS, size_level=SIZE))
+    (out,) = editor.edit_rows([row])
+    local_editor = Step1XEditor(EditPipeline.from_pretrained(release, dtype="float32"))
+    assert out.image.tobytes() == local_editor.edit_rows([row])[0].image.tobytes()
+    assert editor.model_id == local_editor.model_id  # identity of the weights, not of the cache path
