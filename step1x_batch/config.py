@@ -138,9 +138,12 @@ class ResourcesConfig(_Section):
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     reserved_cpus: float = Field(1.0, ge=0.0)  # CPU slots the actors never take (reads, writes)
-    io_cpus_per_task: float = Field(1.0, gt=0.0)  # per read / prepare / write task
+    # Per read / prepare / write task. Keep it different from cpus_per_actor on a CPU-only
+    # cluster: Ray fuses a task stage into the next actor stage when their resources match,
+    # which would move image fetching and decoding into the edit actors.
+    io_cpus_per_task: float = Field(0.5, gt=0.0)
     edit_batch_size: int = Field(4, ge=1)  # rows per actor call
-    io_batch_size: int = Field(16, ge=1)  # rows per prepare / write task call
+    io_batch_size: int = Field(32, ge=1)  # rows per block and per prepare / write task call
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # prefetch depth: the GPU never waits
 
     @model_validator(mode="after")

@@ -128,7 +128,7 @@ def make_inputs(folder: str | os.PathLike) -> Path:
         (folder / name).write_bytes(_encode(_draw(w, h, seed=i), how))
         rows.append({"id": Path(name).stem, "image_uri": name, "instruction": instruction, "source": "demo"})
     good_png = _encode(_draw(64, 64, seed=99), "png")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (folder / "corrupt.png").write_bytes(good_png[:16] + b"\xff" * 8 + good_png[24:])  # header mangled
     (folder / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
     (folder / "ok_for_bad_rows.png").write_bytes(good_png)
     rows += [

@@ -14,16 +14,13 @@ part; a row counts as done only once the part holding its record has landed.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import socket
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +30,7 @@ from step1x_batch.config import JobConfig
 from step1x_batch.editor import EditOutput, EditParams, EditRow, Editor, EditorSpec, load_editor
 from step1x_batch.errors import RowError
 from step1x_batch.images import decode_image, encode_image
-from step1x_batch.manifest import MANIFEST_OPTIONAL, MANIFEST_REQUIRED, normalize_batch
+from step1x_batch.manifest import normalize_batch
 from step1x_batch.rowlog import LOG_SCHEMA
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
 
@@ -71,12 +68,11 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 
-_NORMALISED = {
+# What normalise passes on from manifest.normalize_batch (``extra`` is the JSON of extra columns).
+_NORMALISED_COLUMNS = (
     "id", "fingerprint", "image_uri", "instruction", "seed", "num_steps", "guidance_scale",
-    "size_level", "negative_prompt", "output_key", "error_type", "error_message",
-}
-# Columns that are never "manifest extras" (ours, or ones normalize_batch may add).
-_NOT_EXTRA = _NORMALISED | set(MANIFEST_REQUIRED) | set(MANIFEST_OPTIONAL) | set(LOG_SCHEMA.names)
+    "size_level", "negative_prompt", "output_key", "error_type", "error_message", "extra",
+)
 
 
 def _now() -> float:
@@ -117,8 +113,9 @@ def id_key(row_id: str | None) -> bytes:
 class DoneIndex:
     """Sorted key arrays broadcast to every normalise task (one object-store copy per node).
 
-    ``done``: rows that must not run again: an ``ok`` record, or an ``error`` record whose type is
-    final (not in ``runtime.retry_error_types``), with the same id and fingerprint.
+    ``done``: (id, fingerprint) keys that must not run again: the fingerprint of the id's latest
+    ``ok`` record (its bytes are the ones in the output object now), and every (id, fingerprint)
+    with an ``error`` record of a final type (not in ``runtime.retry_error_types``).
     ``seen_ids`` / ``seen_counts``: how many records each id already has (for ``attempt``).
     """
 
@@ -135,65 +132,87 @@ class DoneIndex:
         return int(self.done.size)
 
     @staticmethod
-    def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if sorted_keys.size == 0 or keys.size == 0:
-            return np.zeros(keys.shape, dtype=bool)
+            return np.zeros(keys.shape, dtype=bool), np.zeros(keys.shape, dtype=np.int64)
         pos = np.searchsorted(sorted_keys, keys)
         pos[pos >= sorted_keys.size] = 0
-        return sorted_keys[pos] == keys
+        return sorted_keys[pos] == keys, pos
 
     def is_done(self, keys: np.ndarray) -> np.ndarray:
-        return self._member(self.done, keys)
+        return self._find(self.done, keys)[0]
 
     def attempts_before(self, ids: np.ndarray) -> np.ndarray:
-        if self.seen_ids.size == 0 or ids.size == 0:
+        hit, pos = self._find(self.seen_ids, ids)
+        if not hit.any():
             return np.zeros(ids.shape, dtype=np.int64)
-        pos = np.searchsorted(self.seen_ids, ids)
-        pos[pos >= self.seen_ids.size] = 0
-        hit = self.seen_ids[pos] == ids
         return np.where(hit, self.seen_counts[pos], 0)
 
 
+_NO_TIME = np.iinfo(np.int64).min
+
+
 def build_done_index(records: Iterable[pa.Table], retry_error_types: Sequence[str]) -> DoneIndex:
-    """Fold log records (tables with id, fingerprint, status, error_type) into a DoneIndex."""
+    """Fold log records (id, fingerprint, status, error_type, finished_at) into a DoneIndex."""
     retry = set(retry_error_types)
     retry_all = "*" in retry
-    done: list[bytes] = []
+    ok_ids: list[bytes] = []
+    ok_keys: list[bytes] = []
+    ok_times: list[int] = []
+    final: list[bytes] = []
     ids: list[bytes] = []
     for table in records:
-        cols = table.to_pydict()
-        for rid, fp, status, etype in zip(cols["id"], cols["fingerprint"], cols["status"], cols["error_type"]):
-            ids.append(id_key(rid))
-            if status == "ok" or (status == "error" and not retry_all and etype not in retry):
-                done.append(row_key(rid, fp))
-    done_arr = np.unique(np.array(done, dtype="S16")) if done else np.array([], dtype="S16")
+        times = table.column("finished_at").cast(pa.int64()).to_pylist()
+        cols = table.select(["id", "fingerprint", "status", "error_type"]).to_pydict()
+        for rid, fp, status, etype, t in zip(cols["id"], cols["fingerprint"], cols["status"], cols["error_type"], times):
+            ik = id_key(rid)
+            ids.append(ik)
+            if status == "ok":
+                ok_ids.append(ik)
+                ok_keys.append(row_key(rid, fp))
+                ok_times.append(_NO_TIME if t is None else t)
+            elif status == "error" and not retry_all and etype not in retry:
+                final.append(row_key(rid, fp))
+    done_parts = [np.array(final, dtype="S16")]
+    if ok_ids:
+        oid, okey, otime = np.array(ok_ids, dtype="S16"), np.array(ok_keys, dtype="S16"), np.array(ok_times)
+        order = np.lexsort((otime, oid))  # by id, then time: the last of each id is its latest
+        oid, okey = oid[order], okey[order]
+        last = np.ones(oid.size, dtype=bool)
+        last[:-1] = oid[:-1] != oid[1:]
+        done_parts.append(okey[last])
+    done = np.unique(np.concatenate(done_parts)) if any(p.size for p in done_parts) else np.array([], dtype="S16")
     if ids:
         seen, counts = np.unique(np.array(ids, dtype="S16"), return_counts=True)
     else:
         seen, counts = np.array([], dtype="S16"), np.array([], dtype=np.int64)
-    return DoneIndex(done_arr, seen, counts.astype(np.int64))
+    return DoneIndex(done.astype("S16"), seen, counts.astype(np.int64))
 
 
-def read_log_records(output_uri: str, options: StorageOptions | None) -> Iterable[pa.Table]:
-    """Yield (id, fingerprint, status, error_type) of every landed log part under ``logs/``.
+_INDEX_COLUMNS = ["id", "fingerprint", "status", "error_type", "finished_at"]
 
-    Only whole parts exist (each part is written as one object), so a part a killed driver was
-    writing is either fully here or absent.
+
+def read_log_records(output_uri: str, options: StorageOptions | None) -> Iterator[pa.Table]:
+    """Yield the resume columns of every landed log part under ``logs/``, part by part.
+
+    Parts are written as whole objects, so a part a killed driver was writing is absent, never
+    half there; a part that cannot be read is skipped with a warning (its rows get redone).
     """
-    from step1x_batch.storage import filesystem
+    import warnings
 
-    logs = join_uri(output_uri, "logs")
-    fs, root = filesystem(logs, options)
-    try:
-        paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    except FileNotFoundError:
-        return
     import pyarrow.parquet as pq
 
-    columns = ["id", "fingerprint", "status", "error_type"]
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            yield pq.read_table(f, columns=columns)
+    from step1x_batch.rowlog import log_part_uris
+    from step1x_batch.storage import filesystem
+
+    for uri in log_part_uris(output_uri, options):
+        try:
+            fs, path = filesystem(uri, options)
+            with fs.open(path, "rb") as f:
+                data = f.read()
+            yield pq.read_table(pa.BufferReader(data), columns=_INDEX_COLUMNS)
+        except Exception as e:  # a damaged part must not stop a resume
+            warnings.warn(f"skipping unreadable log part {errors.redact_uri(uri)}: {_message(e)}", RuntimeWarning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,52 +288,7 @@ class NormaliseSettings:
     model_id: str
     image_format: str
     max_instruction_chars: int
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
-def _extras_json(record: dict[str, Any], extra_cols: list[str]) -> str | None:
-    if not extra_cols:
-        return None
-    extras = {c: _jsonable(record.get(c)) for c in extra_cols}
-    return json.dumps(extras, default=str, ensure_ascii=False, sort_keys=True)
-
-
-def _opt_int(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _opt_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _opt_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+    image_quality: int | None = None
 
 
 def normalise_and_skip(
@@ -326,7 +300,7 @@ def normalise_and_skip(
     n_in = batch.num_rows
     if n_in == 0:
         return ROW_SCHEMA.empty_table()
-    df = normalize_batch(
+    table = normalize_batch(
         batch,
         manifest_uri=settings.manifest_uri,
         defaults=settings.defaults,
@@ -334,39 +308,24 @@ def normalise_and_skip(
         model_id=settings.model_id,
         image_format=settings.image_format,
         max_instruction_chars=settings.max_instruction_chars,
+        image_quality=settings.image_quality,
+        output="pyarrow",
     )
     done_index = _resolve_index(index)
-    records = df.to_dict("records")
-    keys = np.array([row_key(_opt_str(r.get("id")), _opt_str(r.get("fingerprint"))) for r in records], dtype="S16")
+    cols = table.select(list(_NORMALISED_COLUMNS)).to_pydict()
+    ids, fps = cols["id"], cols["fingerprint"]
+    keys = np.array([row_key(i, f) for i, f in zip(ids, fps)], dtype="S16")
     done = done_index.is_done(keys)
-    id_keys = np.array([id_key(_opt_str(r.get("id"))) for r in records], dtype="S16")
-    before = done_index.attempts_before(id_keys)
-    extra_cols = [c for c in df.columns if c not in _NOT_EXTRA and not str(c).startswith("_")]
+    before = done_index.attempts_before(np.array([id_key(i) for i in ids], dtype="S16"))
     now = _ts(_now())
     out = []
-    for rec, is_done, prev in zip(records, done, before):
-        if is_done:
-            continue
-        etype = _opt_str(rec.get("error_type"))
-        out.append(
-            {
-                "id": _opt_str(rec.get("id")),
-                "fingerprint": _opt_str(rec.get("fingerprint")),
-                "image_uri": _opt_str(rec.get("image_uri")),
-                "instruction": _opt_str(rec.get("instruction")),
-                "seed": _opt_int(rec.get("seed")),
-                "num_steps": _opt_int(rec.get("num_steps")),
-                "guidance_scale": _opt_float(rec.get("guidance_scale")),
-                "size_level": _opt_int(rec.get("size_level")),
-                "negative_prompt": _opt_str(rec.get("negative_prompt")),
-                "output_key": _opt_str(rec.get("output_key")),
-                "error_type": etype,
-                "error_message": _opt_str(rec.get("error_message")) if etype else None,
-                "extra": _extras_json(rec, extra_cols),
-                "attempt": int(prev) + 1,
-                "started_at": now,
-            }
-        )
+    for i in np.flatnonzero(~done):
+        rec = {name: cols[name][i] for name in _NORMALISED_COLUMNS}
+        if not rec["error_type"]:
+            rec["error_message"] = None
+        rec["attempt"] = int(before[i]) + 1
+        rec["started_at"] = now
+        out.append(rec)
     deltas = {
         "rows_read": float(n_in),
         "rows_skipped_done": float(n_in - len(out)),
@@ -433,47 +392,6 @@ def prepare(
 # Stage 3: edit on an actor pool (one editor per actor, loaded once).
 
 
-def stage_weights(uri: str, options: StorageOptions | None, cache_dir: str | None = None) -> str:
-    """Make object-storage weights a local folder, once per node (file lock + completion marker).
-
-    Local folders are returned as they are. Every actor on a node calls this; the first downloads
-    into a temporary folder and renames it into place, the others wait on the lock and reuse it.
-    """
-    if not uri or "://" not in uri or uri.startswith("file://"):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
-    from filelock import FileLock
-
-    from step1x_batch.storage import filesystem
-
-    root = Path(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "step1x-batch", "weights"))
-    root.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    dest = root / name
-    marker = dest / ".staged-complete"
-    if marker.exists():
-        return str(dest)
-    with FileLock(str(root / f"{name}.lock")):
-        if marker.exists():
-            return str(dest)
-        fs, base = filesystem(uri, options)
-        base = base.rstrip("/")
-        tmp = root / f"{name}.partial-{uuid.uuid4().hex[:8]}"
-        for remote in fs.find(base):
-            rel = remote[len(base):].lstrip("/")
-            if not rel:
-                continue
-            local = tmp / rel
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(local))
-        if dest.exists():
-            import shutil
-
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        marker.write_text(uri)
-    return str(dest)
-
-
 class EditStage:
     """Ray Data callable class: each actor builds one editor in ``__init__`` and keeps it.
 
@@ -492,7 +410,11 @@ class EditStage:
             if spec.kind != "null":
                 from dataclasses import replace
 
-                spec = replace(spec, weights=stage_weights(spec.weights, weights_storage, weights_cache_dir))
+                from step1x_batch.weights_cache import default_cache_dir, stage_weights
+
+                # Object-storage weights: downloaded once per node under a file lock, then shared.
+                folder = stage_weights(spec.weights, default_cache_dir(weights_cache_dir), weights_storage)
+                spec = replace(spec, weights=str(folder))
             editor = load_editor(spec)
         self.editor = editor
         self.worker = worker_label()
@@ -635,16 +557,20 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
     r = cfg.resources
     total_cpus = float(cluster.get("CPU", 0.0))
     total_gpus = float(cluster.get("GPU", 0.0))
-    free_cpus = total_cpus - r.reserved_cpus
+    reserved = max(r.reserved_cpus, r.io_cpus_per_task)  # at least one I/O task can always run
+    free_cpus = total_cpus - reserved
     if free_cpus <= 0:
         raise ValueError(
-            f"resources.reserved_cpus ({r.reserved_cpus}) leaves no CPU for the edit actors "
+            f"resources.reserved_cpus ({reserved:g}) leaves no CPU for the edit actors "
             f"(the Ray cluster has {total_cpus:g} CPUs)"
         )
     num_cpus = min(r.cpus_per_actor, free_cpus)
-    note = ""
+    notes = []
     if num_cpus < r.cpus_per_actor:
-        note = f"cpus_per_actor lowered to {num_cpus:g} to keep {r.reserved_cpus:g} CPU(s) free for I/O tasks"
+        notes.append(f"cpus_per_actor lowered to {num_cpus:g} to keep {reserved:g} CPU(s) free for I/O tasks")
+    if r.num_gpus_per_actor == 0 and num_cpus == r.io_cpus_per_task:
+        notes.append("io_cpus_per_task equals the actors' CPUs: Ray fuses prepare into the edit actors")
+    note = "; ".join(notes)
     by_cpu = int(math.floor(free_cpus / num_cpus + 1e-9))
     if r.num_gpus_per_actor > 0:
         if total_gpus < r.num_gpus_per_actor:
@@ -668,40 +594,28 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
 # The graph.
 
 
-def read_manifest(uri: str, options: StorageOptions | None):
-    """A Ray dataset over the manifest file(s), read with an explicit pyarrow filesystem."""
+def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | None = None):
+    """A Ray dataset over the manifest file(s), read with an explicit pyarrow filesystem.
+
+    (pyarrow's own S3 client ignores ``AWS_ENDPOINT_URL``; a bare ``s3://`` path would go to AWS.)
+    Streaming: Ray reads file by file (Parquet by row group), so the driver never holds the table.
+    """
     import ray
 
-    from step1x_batch.manifest import manifest_files
+    from step1x_batch.manifest import csv_convert_options, manifest_files, manifest_format
     from step1x_batch.storage import arrow_filesystem
 
-    files = manifest_files(uri, options)
-    if not files:
-        raise FileNotFoundError(f"no manifest files found at {errors.redact_uri(uri)}")
-    groups: dict[str, list[str]] = {}
-    fs = None
-    for f in files:
-        fs, path = arrow_filesystem(f, options)
-        lower = f.lower().split("?")[0]
-        if lower.endswith(".parquet") or lower.endswith(".pq"):
-            kind = "parquet"
-        elif lower.endswith(".csv") or lower.endswith(".tsv"):
-            kind = "csv"
-        else:
-            kind = "json"
-        groups.setdefault(kind, []).append(path)
-    parts = []
-    for kind, paths in groups.items():
-        if kind == "parquet":
-            parts.append(ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None))
-        elif kind == "csv":
-            parts.append(ray.data.read_csv(paths, filesystem=fs, partitioning=None))
-        else:
-            parts.append(ray.data.read_json(paths, filesystem=fs, lines=True, partitioning=None, file_extensions=None))
-    ds = parts[0]
-    for other in parts[1:]:
-        ds = ds.union(other)
-    return ds
+    files = manifest_files(uri, options)  # FileNotFoundError / ValueError (mixed formats)
+    fmt = manifest_format(files[0])
+    fs, _ = arrow_filesystem(files[0], options)
+    paths = [arrow_filesystem(f, options)[1] for f in files]
+    common = dict(filesystem=fs, partitioning=None, file_extensions=None, num_cpus=num_cpus)
+    if fmt == "parquet":
+        return ray.data.read_parquet(paths, **common)
+    if fmt == "csv":
+        return ray.data.read_csv(paths, convert_options=csv_convert_options(files[0], options), **common)
+    # JSON Lines through pyarrow's reader: `lines=True` (pandas) refuses an explicit filesystem.
+    return ray.data.read_json(paths, **common)
 
 
 def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorPlan, weights_cache_dir: str | None = None):
@@ -717,8 +631,9 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
         model_id=model_id,
         image_format=cfg.output.format,
         max_instruction_chars=cfg.runtime.max_instruction_chars,
+        image_quality=cfg.output.quality,
     )
-    ds = read_manifest(cfg.input.manifest, cfg.input.storage)
+    ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
     ds = ds.map_batches(
         normalise_and_skip,
         batch_format="pyarrow",
@@ -726,6 +641,10 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
         fn_kwargs={"settings": settings, "index": index_ref, "counters": counters},
         num_cpus=r.io_cpus_per_task,
     )
+    # A manifest file arrives as one block (a JSONL / CSV file, a Parquet row group): cut it into
+    # small blocks so that image fetching fans out over many tasks, pixels stream through the
+    # object store in small pieces and log records reach the driver as rows finish.
+    ds = ds.repartition(target_num_rows_per_block=r.io_batch_size)
     ds = ds.map_batches(
         prepare,
         batch_format="pyarrow",

@@ -1,0 +1,336 @@
+"""Run one dataset-editing job: plan, stream the Ray graph, write the row log part by part, summarise.
+
+Resume rules (the same for a re-run after a crash and for a nightly incremental run):
+
+* A row is *done* when some landed log part holds a record for its ``id`` with the same
+  ``fingerprint`` and status ``ok``, or status ``error`` with a final error type (anything not in
+  ``runtime.retry_error_types``; by default only ``read_failed``, ``write_failed`` and
+  ``edit_failed`` are retried). Done rows are not processed and get no new record: their one record
+  is the earlier run's, so the union of all runs' logs holds exactly one deciding record per row.
+  ``summary.json`` counts them as ``skipped``.
+* The driver writes the log itself, streaming the graph's output: a part lands every
+  ``runtime.log_part_rows`` rows or ``runtime.log_part_seconds`` seconds, as one whole object under
+  a name no other run or restart can reuse. A driver killed mid-run loses only the records still
+  in its buffer; those rows (and rows in flight) have no record, so the next run redoes them and
+  overwrites their output objects with the same bytes. A row with a landed ``ok`` record is never
+  redone, and its output object was fully written before the record existed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from step1x_batch.config import ConfigError, JobConfig, config_to_yaml, load_config
+from step1x_batch.storage import StorageOptions, join_uri, write_bytes
+
+
+@dataclass
+class RunSummary:
+    """What a run did. ``ok`` is False when the error budget was exceeded (exit status 1)."""
+
+    run_id: str
+    ok: bool
+    rows_read: int
+    rows_processed: int
+    rows_skipped: int
+    by_status: dict[str, int]
+    by_error_type: dict[str, int]
+    error_fraction: float
+    max_error_fraction: float
+    wall_s: float
+    rows_per_s: float
+    stage_ms: dict[str, float]
+    storage_retries: int
+    log_parts: int
+    output_uri: str
+    paths: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(self.by_error_type.items()))
+        text = (
+            f"run {self.run_id}: {self.rows_processed} rows processed "
+            f"({self.by_status.get('ok', 0)} ok, {self.by_status.get('error', 0)} error"
+            f"{' [' + errs + ']' if errs else ''}), {self.rows_skipped} skipped as already done, "
+            f"in {self.wall_s:.1f} s ({self.rows_per_s:.1f} rows/s)"
+        )
+        if not self.ok:
+            text += f" -- FAILED: error fraction {self.error_fraction:.3f} > max {self.max_error_fraction:.3f}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The row log writer (driver side).
+
+
+class LogWriter:
+    """Buffers log records and lands them as whole Parquet objects under ``logs/<run_id>/``.
+
+    Part names carry a per-writer token (``part-000003-1a2b3c4d.parquet``), so a restarted driver
+    reusing a run_id never overwrites a part that an earlier process wrote.
+    """
+
+    def __init__(self, output_uri: str, run_id: str, options: StorageOptions | None,
+                 part_rows: int, part_seconds: float) -> None:
+        self.output_uri = output_uri
+        self.run_id = run_id
+        self.options = options
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self.token = uuid.uuid4().hex[:8]
+        self.parts: list[str] = []
+        self.records = 0
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._buffer.append(table)
+            self._buffered += table.num_rows
+        if self._buffered >= self.part_rows or (
+            self._buffered and time.monotonic() - self._last_flush >= self.part_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        from step1x_batch.rowlog import part_uri, write_log_part
+
+        self._last_flush = time.monotonic()
+        if not self._buffered:
+            return
+        table = pa.concat_tables(self._buffer, promote_options="permissive")
+        uri = part_uri(self.output_uri, self.run_id, f"{len(self.parts):06d}-{self.token}")
+        write_log_part(table, uri, self.options)  # one whole object: landed or absent
+        self.parts.append(uri)
+        self.records += table.num_rows
+        self._buffer, self._buffered = [], 0
+
+
+class Tally:
+    """Streaming counts plus a bounded sample of records for the report (errors first)."""
+
+    def __init__(self, sample_rows: int) -> None:
+        self.by_status: collections.Counter[str] = collections.Counter()
+        self.by_error_type: collections.Counter[str] = collections.Counter()
+        self.stage_ms: collections.Counter[str] = collections.Counter()
+        self.sample_rows = sample_rows
+        self.errors: list[dict[str, Any]] = []
+        self.oks: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        cols = table.select(["status", "error_type", "preprocess_ms", "edit_ms", "write_ms"]).to_pydict()
+        self.by_status.update(cols["status"])
+        self.by_error_type.update(e for e in cols["error_type"] if e)
+        for stage in ("preprocess_ms", "edit_ms", "write_ms"):
+            self.stage_ms[stage.removesuffix("_ms")] += sum(v for v in cols[stage] if v is not None)
+        want_err = self.sample_rows - len(self.errors)
+        want_ok = self.sample_rows - len(self.oks)
+        if want_err > 0 or want_ok > 0:
+            for rec in table.to_pylist():
+                if rec["status"] == "error" and len(self.errors) < self.sample_rows:
+                    self.errors.append(rec)
+                elif rec["status"] == "ok" and len(self.oks) < self.sample_rows:
+                    self.oks.append(rec)
+
+    @property
+    def processed(self) -> int:
+        return sum(self.by_status.values())
+
+    def sample(self) -> list[dict[str, Any]]:
+        return (self.errors + self.oks)[: self.sample_rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray set-up.
+
+
+def _package_root() -> str | None:
+    """The folder holding ``step1x_batch`` when it runs from a source tree (not pip-installed)."""
+    import step1x_batch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(step1x_batch.__file__)))
+    return None if "site-packages" in root or "dist-packages" in root else root
+
+
+def init_ray(cfg: JobConfig) -> bool:
+    """Connect to a cluster (``resources.ray_address`` / ``$RAY_ADDRESS``) or start a local Ray.
+
+    Returns True when this call started or connected Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    env: dict[str, Any] = {}
+    root = _package_root()
+    if root:  # workers must import step1x_batch from the same source tree
+        path = os.environ.get("PYTHONPATH", "")
+        env["env_vars"] = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
+    ray.init(
+        num_cpus=cfg.resources.local_num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        runtime_env=env or None,
+        log_to_driver=True,
+    )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+
+
+def run_paths(cfg: JobConfig) -> dict[str, str]:
+    out, run_id = cfg.output.uri, cfg.runtime.run_id
+    run_dir = join_uri(out, f"runs/{run_id}")
+    return {
+        "outputs": join_uri(out, "images") + "/",
+        "log": join_uri(out, f"logs/{run_id}") + "/",
+        "config": join_uri(run_dir, "config.yaml"),
+        "summary": join_uri(run_dir, "summary.json"),
+        "report": join_uri(run_dir, "report.html"),
+        "ray_stats": join_uri(run_dir, "ray_stats.txt"),
+    }
+
+
+def _print(msg: str, *, err: bool = False) -> None:
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def run_job(cfg: JobConfig) -> RunSummary:
+    """Run the job a config describes; print the one-line summary and where everything is.
+
+    Returns the summary; ``summary.ok`` is False (and a loud message is printed) when the share
+    of error rows exceeded ``runtime.max_error_fraction`` -- checked after every log part landed.
+    """
+    import ray
+
+    from step1x_batch import report, stages
+
+    start = time.monotonic()
+    paths = run_paths(cfg)
+    out_opts = cfg.output_storage()
+    run_id = cfg.runtime.run_id
+    write_bytes(paths["config"], config_to_yaml(cfg).encode(), out_opts)
+
+    index = stages.build_done_index(
+        stages.read_log_records(cfg.output.uri, out_opts), cfg.runtime.retry_error_types
+    )
+    started = init_ray(cfg)
+    notes: list[str] = []
+    writer = LogWriter(cfg.output.uri, run_id, out_opts, cfg.runtime.log_part_rows,
+                       cfg.runtime.log_part_seconds)
+    tally = Tally(cfg.runtime.report_max_rows)
+    counters_snapshot: dict[str, float] = {}
+    ray_stats = ""
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = cfg.runtime.progress_bars
+        ctx.print_on_execution_start = cfg.runtime.progress_bars
+        plan = stages.plan_actors(cfg, ray.cluster_resources())
+        if plan.note:
+            notes.append(plan.note)
+            _print(f"note: {plan.note}", err=True)
+        counters = stages.make_counters()
+        index_ref = ray.put(index)
+        ds = stages.build_dataset(cfg, index_ref=index_ref, counters=counters, plan=plan)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                writer.add(batch)
+                tally.add(batch)
+        finally:
+            writer.flush()  # records of finished rows are good records, even if the graph failed
+        counters_snapshot = ray.get(counters.snapshot.remote())
+        try:
+            ray_stats = ds.stats()
+        except Exception:  # stats are diagnostics only
+            ray_stats = ""
+    finally:
+        if started:
+            ray.shutdown()
+
+    wall = time.monotonic() - start
+    processed = tally.processed
+    errors_n = tally.by_status.get("error", 0)
+    fraction = errors_n / processed if processed else 0.0
+    ok = fraction <= cfg.runtime.max_error_fraction
+    stage_ms = {"normalise": round(counters_snapshot.get("normalise_ms", 0.0), 1)}
+    stage_ms.update({k: round(v, 1) for k, v in tally.stage_ms.items()})
+    summary = RunSummary(
+        run_id=run_id,
+        ok=ok,
+        rows_read=int(counters_snapshot.get("rows_read", 0)),
+        rows_processed=processed,
+        rows_skipped=int(counters_snapshot.get("rows_skipped_done", 0)),
+        by_status=dict(tally.by_status),
+        by_error_type=dict(sorted(tally.by_error_type.items())),
+        error_fraction=round(fraction, 6),
+        max_error_fraction=cfg.runtime.max_error_fraction,
+        wall_s=round(wall, 3),
+        rows_per_s=round(processed / wall, 3) if wall > 0 else 0.0,
+        stage_ms=stage_ms,
+        storage_retries=int(counters_snapshot.get("storage_retries", 0)),
+        log_parts=len(writer.parts),
+        output_uri=cfg.output.uri,
+        paths=paths,
+        notes=notes,
+    )
+    if ray_stats:
+        write_bytes(paths["ray_stats"], ray_stats.encode(), out_opts)
+    payload = asdict(summary)
+    payload["status"] = "succeeded" if ok else "failed"
+    payload["model_id"] = cfg.model.resolved_model_id()
+    payload["manifest"] = cfg.input.manifest
+    payload["stage_ms_per_row"] = {
+        k: round(v / processed, 3) if processed else 0.0 for k, v in stage_ms.items()
+    }
+    write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
+    try:
+        report.write_report(cfg, summary, tally.sample())
+    except Exception as e:  # the report is for people; a failure there must not hide the result
+        _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)
+
+    _print(summary.line())
+    for name in ("outputs", "log", "summary", "report"):
+        _print(f"  {name + ':':9} {paths[name]}")
+    if not ok:
+        _print(
+            f"FAILED: {errors_n} of {processed} rows are errors ({fraction:.1%}), more than "
+            f"runtime.max_error_fraction={cfg.runtime.max_error_fraction:g}; see {paths['report']}",
+            err=True,
+        )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/edit_dataset.py --config X [--set k=v ...]`` -> exit status."""
+    parser = argparse.ArgumentParser(description="Edit every row of a manifest with Step1X-Edit on Ray.")
+    parser.add_argument("--config", required=True, help="YAML job config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        _print(f"error: {e}", err=True)
+        return 2
+    summary = run_job(cfg)
+    return 0 if summary.ok else 1
