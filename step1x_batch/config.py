@@ -89,7 +89,8 @@ class ModelConfig(_Section):
     max_batch_size: int = Field(4, ge=1, le=256)  # rows of one size per model forward
     model_id: str | None = None  # None: derived from kind, weights, version, dtype, posterior_mean
     storage: StorageOptions | None = None  # for object-storage weights; None: the input's
-    cache_dir: str | None = None  # per-node staging folder for object-storage weights
+    cache_dir: str | None = None  # per-node staging folder (None: $STEP1X_WEIGHTS_CACHE or ~/.cache)
+    checksums: str | None = None  # a sha256sum file (path or URI) the staged weights must match
 
     @model_validator(mode="after")
     def _weights_required(self) -> "ModelConfig":
@@ -197,11 +198,15 @@ class JobConfig(_Section):
             return self.model.device
         return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
 
-    def editor_spec(self, weights_folder: str | None = None) -> EditorSpec:
-        """The spec an actor builds its editor from (weights_folder: the staged local copy)."""
+    def editor_spec(self) -> EditorSpec:
+        """The spec each actor builds its editor from (load_editor stages object-storage weights
+        once per node into ``model.cache_dir``)."""
         return EditorSpec(
             kind=self.model.kind,
-            weights=weights_folder if weights_folder is not None else self.model.weights,
+            weights=self.model.weights,
+            weights_cache_dir=self.model.cache_dir,
+            weights_storage=self.model_storage(),
+            weights_checksums=self.model.checksums,
             device=self.device(),
             dtype=self.model.dtype,
             version=self.model.version,

@@ -399,24 +399,9 @@ class EditStage:
     by row and a row that still raises becomes an ``edit_failed`` error row.
     """
 
-    def __init__(
-        self,
-        spec: EditorSpec,
-        weights_storage: StorageOptions | None = None,
-        weights_cache_dir: str | None = None,
-        editor: Editor | None = None,
-    ) -> None:
-        if editor is None:
-            if spec.kind != "null":
-                from dataclasses import replace
-
-                from step1x_batch.weights_cache import default_cache_dir, stage_weights
-
-                # Object-storage weights: downloaded once per node under a file lock, then shared.
-                folder = stage_weights(spec.weights, default_cache_dir(weights_cache_dir), weights_storage)
-                spec = replace(spec, weights=str(folder))
-            editor = load_editor(spec)
-        self.editor = editor
+    def __init__(self, spec: EditorSpec, editor: Editor | None = None) -> None:
+        # load_editor stages object-storage weights once per node (file lock), then loads them.
+        self.editor = editor if editor is not None else load_editor(spec)
         self.worker = worker_label()
 
     def _edit(self, rows: list[EditRow]) -> list[EditOutput | BaseException]:
@@ -618,7 +603,7 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     return ray.data.read_json(paths, **common)
 
 
-def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorPlan, weights_cache_dir: str | None = None):
+def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorPlan):
     """manifest -> normalise + skip -> prepare -> edit (actor pool) -> write; yields LOG_SCHEMA blocks."""
     import ray
 
@@ -661,11 +646,7 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
             max_size=plan.max_size,
             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
         ),
-        fn_constructor_kwargs={
-            "spec": cfg.editor_spec(),
-            "weights_storage": cfg.model_storage(),
-            "weights_cache_dir": weights_cache_dir or cfg.model.cache_dir,
-        },
+        fn_constructor_kwargs={"spec": cfg.editor_spec()},
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )
