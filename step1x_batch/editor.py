@@ -62,7 +62,7 @@ class Editor(Protocol):
 class EditorSpec:
     """How to build an editor: plain data, so it can travel to a Ray actor."""
 
-    kind: str = "step1x"  # "step1x" | "null"
+    kind: str = "step1x"  # "step1x" | "null" | "package.module:Factory" (called with the spec)
     weights: str = ""  # local folder or object-storage URI (staged once per node by load_editor)
     weights_cache_dir: str | None = None  # None: $STEP1X_WEIGHTS_CACHE, else ~/.cache/step1x-batch/weights
     weights_storage: Any = None  # storage.StorageOptions for the weights' URI; None: environment defaults
@@ -119,4 +119,9 @@ def load_editor(spec: EditorSpec) -> Editor:
             posterior_mean=spec.posterior_mean,
             model_id=spec.model_id,
         )
-    raise ValueError(f"unknown editor kind {spec.kind!r}; expected 'step1x' or 'null'")
+    if ":" in spec.kind:
+        import importlib
+
+        module, _, name = spec.kind.partition(":")
+        return getattr(importlib.import_module(module), name)(spec)
+    raise ValueError(f"unknown editor kind {spec.kind!r}; expected 'step1x', 'null' or 'module:Factory'")
