@@ -137,14 +137,16 @@ class ResourcesConfig(_Section):
     min_actors: int = Field(1, ge=1)
     max_actors: int | None = Field(None, ge=1)  # None: as many as the GPUs / CPUs allow
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
-    cpus_per_actor: float = Field(1.0, gt=0.0)
+    # A scheduling token, not a thread count (torch sizes its own thread pool). Fractional on a
+    # small CPU machine: Ray Data backpressures the task stages when the actor holds whole CPUs.
+    cpus_per_actor: float = Field(0.5, gt=0.0)
     reserved_cpus: float = Field(1.0, ge=0.0)  # CPU slots the actors never take (reads, writes)
     # Per read / prepare / write task. Keep it different from cpus_per_actor on a CPU-only
     # cluster: Ray fuses a task stage into the next actor stage when their resources match,
     # which would move image fetching and decoding into the edit actors.
-    io_cpus_per_task: float = Field(0.5, gt=0.0)
-    edit_batch_size: int = Field(4, ge=1)  # rows per actor call
-    io_batch_size: int = Field(32, ge=1)  # rows per block and per prepare / write task call
+    io_cpus_per_task: float = Field(0.25, gt=0.0)
+    edit_batch_size: int = Field(16, ge=1)  # rows per actor call (the editor splits by size / max_batch_size)
+    io_batch_size: int = Field(64, ge=1)  # rows per block and per prepare / write task call
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # prefetch depth: the GPU never waits
 
     @model_validator(mode="after")

@@ -55,10 +55,10 @@ def demo_config(workdir: str) -> dict[str, Any]:
         "sampling": {"num_steps": 4, "guidance_scale": 6.0, "size_level": 128, "negative_prompt": ""},
         "resources": {
             "num_gpus_per_actor": 0,
-            "cpus_per_actor": 1,
+            "cpus_per_actor": 0.5,
             "reserved_cpus": 1,
             "min_actors": 1,
-            "max_actors": 1,
+            "max_actors": 1,  # one tiny model; torch uses every core in it
             "edit_batch_size": 2,
             "io_batch_size": 4,
         },

@@ -188,8 +188,12 @@ def _cfg(**resources) -> JobConfig:
 def test_actor_plan_keeps_cpus_for_io_tasks():
     from step1x_batch.stages import plan_actors
 
-    p = plan_actors(_cfg(), {"CPU": 2.0})
-    assert (p.min_size, p.max_size, p.num_cpus, p.num_gpus) == (1, 1, 1.0, 0.0)
+    p = plan_actors(_cfg(), {"CPU": 2.0})  # 1 CPU kept for tasks, 2 actors of 0.5 at most
+    assert (p.min_size, p.max_size, p.num_cpus, p.num_gpus) == (1, 2, 0.5, 0.0) and not p.note
+    p = plan_actors(_cfg(cpus_per_actor=1, io_cpus_per_task=1), {"CPU": 2.0})
+    assert (p.max_size, p.num_cpus) == (1, 1.0) and "fuses prepare" in p.note
+    p = plan_actors(_cfg(reserved_cpus=0, io_cpus_per_task=0.5), {"CPU": 2.0})  # one I/O task always fits
+    assert p.max_size * p.num_cpus <= 1.5
     p = plan_actors(_cfg(cpus_per_actor=4), {"CPU": 2.0})  # would take every slot: lowered
     assert p.num_cpus == 1.0 and p.max_size == 1 and "lowered" in p.note
     p = plan_actors(_cfg(cpus_per_actor=0.5, max_actors=8), {"CPU": 4.0})
