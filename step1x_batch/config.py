@@ -44,6 +44,7 @@ DEFAULT_RETRY_ERROR_TYPES = ("read_failed", "write_failed", "edit_failed")
 _CREDENTIAL_KEY = re.compile(
     r"(secret|password|passwd|token|credential|access_key|private_key|api_key|session_key)", re.I
 )
+_PLUGIN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -80,7 +81,7 @@ class OutputConfig(_Section):
 class ModelConfig(_Section):
     """Which editor the actors load. ``model_id`` enters every row's fingerprint."""
 
-    kind: Literal["step1x", "null"] = "step1x"
+    kind: str = "step1x"  # "step1x" | "null" | "package.module:Factory" (a plug-in editor, called with the spec)
     weights: str = ""  # local folder or object-storage URI in the official release layout
     version: Literal["v1.0", "v1.1"] | None = None  # None: detected from the weights
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -91,6 +92,13 @@ class ModelConfig(_Section):
     storage: StorageOptions | None = None  # for object-storage weights; None: the input's
     cache_dir: str | None = None  # per-node staging folder (None: $STEP1X_WEIGHTS_CACHE or ~/.cache)
     checksums: str | None = None  # a sha256sum file (path or URI) the staged weights must match
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value in ("step1x", "null") or _PLUGIN.match(value):
+            return value
+        raise ValueError("use 'step1x', 'null' or 'package.module:Factory'")
 
     @model_validator(mode="after")
     def _weights_required(self) -> "ModelConfig":
@@ -104,6 +112,8 @@ class ModelConfig(_Section):
             return self.model_id
         if self.kind == "null":
             return "null"
+        if self.kind != "step1x":
+            return f"{self.kind}:{self.weights.rstrip('/')}" if self.weights else self.kind
         mode = "mean" if self.posterior_mean else "sample"
         return f"step1x-edit:{self.version or 'auto'}:{self.dtype}:{mode}:{self.weights.rstrip('/')}"
 

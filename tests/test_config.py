@@ -91,6 +91,7 @@ def test_defaults_and_overrides(tmp_path):
         ("input.storage.max_attempts=0", "input.storage.max_attempts: Input should be greater than or equal to 1"),
         ("runtime.run_id=../../etc", "runtime.run_id: Value error, use letters"),
         ("bogus.key=1", "bogus: Extra inputs are not permitted"),
+        ("model.kind=step2x", "model.kind: Value error, use 'step1x', 'null' or 'package.module:Factory'"),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, override, expected):
@@ -179,6 +180,8 @@ def test_model_id_and_editor_spec(tmp_path):
     named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
     assert named.editor_spec().model_id == "mine"
     assert load_config(_write(tmp_path, MINIMAL)).model.resolved_model_id() == "null"
+    plugin = load_config(_write(tmp_path, MINIMAL), ["model.kind=my_pkg.editors:Factory"])
+    assert plugin.model.resolved_model_id() == "my_pkg.editors:Factory"
 
 
 def _cfg(**resources) -> JobConfig:

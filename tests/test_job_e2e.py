@@ -45,7 +45,8 @@ def ray_local(s3_server):
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        # tests/ too: the plug-in editor below is imported by the actors as test_job_e2e:...
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}},
     )
     try:
         yield
@@ -444,6 +445,31 @@ def test_edit_stage_turns_editor_failures_into_rows(mode):
     # the batch went in whole once; a raising batch fell back to one row at a time
     assert fake.calls[0] == 5
     assert fake.calls[1:] == [1, 1, 1, 1, 1]
+
+
+def NonFiniteEditor(spec):  # noqa: N802 - a plug-in editor factory ("test_job_e2e:NonFiniteEditor")
+    """A model stand-in whose output overflows for some rows and raises for others."""
+    return FakeEditor("per-row")
+
+
+def test_model_failures_end_as_rows_through_the_job(ray_local, tmp_path, image_factory):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_factory.bytes("RGB", "PNG"))
+    texts = ["fine 1", "nan: overflow", "fine 2", "boom: the model raises", "fine 3", "nan again"]
+    rows = [{"id": f"m{i}", "image_uri": "a.png", "instruction": t} for i, t in enumerate(texts)]
+    _write_manifest(str(folder / "m.jsonl"), rows)
+    raw = _config(str(folder / "m.jsonl"), str(tmp_path / "out"), model={"kind": "test_job_e2e:NonFiniteEditor"},
+                  resources={"edit_batch_size": 6}, runtime={"max_error_fraction": 0.5, "run_id": "nan"})
+    summary = _run(raw)
+    assert summary.ok and summary.by_error_type == {"non_finite_output": 2, "edit_failed": 1}
+    recs = {r["id"]: r for r in read_logs(str(tmp_path / "out")).to_pylist()}
+    assert recs["m1"]["error_message"] == "The model produced NaN or Inf values for this row."
+    assert recs["m1"]["output_uri"] is None and recs["m0"]["output_uri"].endswith("images/m0.png")
+    assert "this row always fails" in recs["m3"]["error_message"]
+    out = decode_image(read_bytes(recs["m0"]["output_uri"]), 10**6)
+    assert np.array_equal(out, 255 - decode_image(image_factory.bytes("RGB", "PNG"), 10**6))
+    assert recs["m0"]["model_id"] == "test_job_e2e:NonFiniteEditor"
 
 
 # --------------------------------------------------------------------------------------------
