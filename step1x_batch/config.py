@@ -145,7 +145,7 @@ class ResourcesConfig(_Section):
     local_num_cpus: int | None = Field(None, ge=1)  # CPUs of a new local Ray (None: all)
     num_actors: int | None = Field(None, ge=1)  # fixed pool size; overrides min/max
     min_actors: int = Field(1, ge=1)
-    max_actors: int | None = Field(None, ge=1)  # None: as many as the GPUs / CPUs allow
+    max_actors: int | None = Field(None, ge=1)  # None: one per GPU (a model on CPU: 1; null: CPUs allow)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     # A scheduling token, not a thread count (torch sizes its own thread pool). Fractional on a
     # small CPU machine: Ray Data backpressures the task stages when the actor holds whole CPUs.

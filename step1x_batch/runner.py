@@ -184,7 +184,8 @@ def init_ray(cfg: JobConfig) -> bool:
         path = os.environ.get("PYTHONPATH", "")
         env["env_vars"] = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
     ray.init(
-        num_cpus=cfg.resources.local_num_cpus or os.cpu_count() or 1,
+        # At least 2 CPU slots (logical, not cores): one for the edit actor, one for I/O tasks.
+        num_cpus=cfg.resources.local_num_cpus or max(2, os.cpu_count() or 1),
         include_dashboard=False,
         runtime_env=env or None,
         log_to_driver=True,

@@ -570,7 +570,10 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
     if r.num_actors is not None:
         lo = hi = min(r.num_actors, fit)
     else:
-        hi = min(r.max_actors or fit, fit)
+        cap = r.max_actors
+        if cap is None and r.num_gpus_per_actor == 0 and cfg.model.kind != "null":
+            cap = 1  # a model on CPU: one copy (torch uses every core), unless max_actors says more
+        hi = min(cap or fit, fit)
         lo = min(r.min_actors, hi)
     return ActorPlan(lo, hi, num_cpus, r.num_gpus_per_actor, note)
 

@@ -197,6 +197,10 @@ def test_actor_plan_keeps_cpus_for_io_tasks():
     assert (p.max_size, p.num_cpus) == (1, 1.0) and "fuses prepare" in p.note
     p = plan_actors(_cfg(reserved_cpus=0, io_cpus_per_task=0.5), {"CPU": 2.0})  # one I/O task always fits
     assert p.max_size * p.num_cpus <= 1.5
+    model_on_cpu = parse_config({**MINIMAL, "model": {"kind": "step1x", "weights": "/w"}})
+    assert plan_actors(model_on_cpu, {"CPU": 64.0}).max_size == 1  # one model copy unless asked
+    many = parse_config({**MINIMAL, "model": {"kind": "step1x", "weights": "/w"}, "resources": {"max_actors": 3}})
+    assert plan_actors(many, {"CPU": 64.0}).max_size == 3
     p = plan_actors(_cfg(cpus_per_actor=4), {"CPU": 2.0})  # would take every slot: lowered
     assert p.num_cpus == 1.0 and p.max_size == 1 and "lowered" in p.note
     p = plan_actors(_cfg(cpus_per_actor=0.5, max_actors=8), {"CPU": 4.0})
