@@ -7,7 +7,6 @@ v1.1 has no such parameter, which is how the two versions are told apart.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import timestep_embedding
+from .loading import count_indexed
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,13 @@ class ConnectorParams:
     def from_state_dict(cls, sd: Mapping[str, Tensor], prefix: str = "connector.") -> "ConnectorParams":
         hidden, in_channels = sd[prefix + "S.input_embedder.weight"].shape
         blocks = prefix + "S.individual_token_refiner.blocks."
-        pattern = re.compile(re.escape(blocks) + r"(\d+)\.")
-        depth = max(int(m.group(1)) for k in sd if (m := pattern.match(k))) + 1
         return cls(
             in_channels=in_channels,
             hidden_size=hidden,
             vec_dim=sd[prefix + "global_proj_out.weight"].shape[0],
             # The release has 32 heads of 128; smaller files keep 128-wide heads where possible.
             num_heads=max(hidden // 128, 1) if hidden % 128 == 0 else _small_heads(hidden),
-            depth=depth,
+            depth=count_indexed(sd, blocks),
             mlp_ratio=sd[blocks + "0.mlp.fc1.weight"].shape[0] / hidden,
             scale_factor_shape=tuple(sd[prefix + "scale_factor"].shape) if prefix + "scale_factor" in sd else None,
         )

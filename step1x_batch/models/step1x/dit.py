@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .loading import count_indexed
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
 
 
@@ -50,17 +50,11 @@ class DiTParams:
             hidden_size=hidden,
             mlp_ratio=mlp_hidden / hidden,
             num_heads=hidden // head_dim,
-            depth=_count_blocks(sd, prefix + "double_blocks."),
-            depth_single_blocks=_count_blocks(sd, prefix + "single_blocks."),
+            depth=count_indexed(sd, prefix + "double_blocks."),
+            depth_single_blocks=count_indexed(sd, prefix + "single_blocks."),
             axes_dim=axes,
             qkv_bias=(prefix + "double_blocks.0.img_attn.qkv.bias") in sd,
         )
-
-
-def _count_blocks(sd: Mapping[str, Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
-    return max(indices) + 1 if indices else 0
 
 
 class Step1XDiT(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -70,6 +71,13 @@ def read_header(path: str | os.PathLike) -> dict:
             f"{path}: expected {8 + n + end} bytes from its header, found {size}; the file is truncated or corrupt"
         )
     return tensors
+
+
+def count_indexed(keys: Iterable[str], prefix: str) -> int:
+    """How many numbered children (``prefix{i}.``) a state dict holds, e.g. blocks of a ModuleList."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
 
 
 class ShapeOnly:
