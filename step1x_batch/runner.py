@@ -222,9 +222,10 @@ def run_job(cfg: JobConfig) -> RunSummary:
     """
     import ray
 
-    from step1x_batch import report, stages
+    from step1x_batch import report, stages, storage
 
     start = time.monotonic()
+    driver_retries = storage.retry_count()  # the driver's own reads and writes (logs, snapshot)
     paths = run_paths(cfg)
     out_opts = cfg.output_storage()
     run_id = cfg.runtime.run_id
@@ -288,7 +289,7 @@ def run_job(cfg: JobConfig) -> RunSummary:
         wall_s=round(wall, 3),
         rows_per_s=round(processed / wall, 3) if wall > 0 else 0.0,
         stage_ms=stage_ms,
-        storage_retries=int(counters_snapshot.get("storage_retries", 0)),
+        storage_retries=int(counters_snapshot.get("storage_retries", 0)) + storage.retry_count() - driver_retries,
         log_parts=len(writer.parts),
         output_uri=cfg.output.uri,
         paths=paths,

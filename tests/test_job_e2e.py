@@ -321,6 +321,20 @@ def test_resume_and_parameter_change_redo(ray_local, tmp_path, image_factory):
     assert (s5.rows_processed, s5.rows_skipped) == (10, 2)
 
 
+def test_storage_retries_are_counted(ray_local, s3_bucket, flaky_s3, image_factory):
+    _put(f"{s3_bucket}/in/a.png", image_factory.bytes("RGB", "PNG"))
+    rows = [{"id": f"s{i}", "image_uri": "a.png", "instruction": "edit"} for i in range(6)]
+    _write_manifest(f"{s3_bucket}/in/m.jsonl", rows)
+    out = f"{s3_bucket}/out"
+    raw = _config(f"{s3_bucket}/in/m.jsonl", out, runtime={"run_id": "flaky"})
+    raw["output"]["storage"] = {"endpoint_url": flaky_s3.endpoint, "max_attempts": 5}
+    flaky_s3.fail(3, "503", method="PUT")  # the config snapshot, then image writes: each retried once
+    summary = _run(raw)
+    assert summary.by_status == {"ok": 6}
+    assert flaky_s3.injected == 3 and summary.storage_retries == 3
+    assert json.loads(read_bytes(summary.paths["summary"]))["storage_retries"] == 3
+
+
 def test_done_index_rules():
     from step1x_batch.stages import build_done_index, id_key, row_key
 
