@@ -157,6 +157,7 @@ class ResourcesConfig(_Section):
     io_cpus_per_task: float = Field(0.25, gt=0.0)
     edit_batch_size: int = Field(16, ge=1)  # rows per actor call (the editor splits by size / max_batch_size)
     io_batch_size: int = Field(64, ge=1)  # rows per block and per prepare / write task call
+    io_threads_per_task: int = Field(8, ge=1)  # concurrent object reads / writes inside one task
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # prefetch depth: the GPU never waits
 
     @model_validator(mode="after")

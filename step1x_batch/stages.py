@@ -637,7 +637,8 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
         prepare,
         batch_format="pyarrow",
         batch_size=r.io_batch_size,
-        fn_kwargs={"storage": cfg.input.storage, "max_pixels": cfg.runtime.max_pixels, "counters": counters},
+        fn_kwargs={"storage": cfg.input.storage, "max_pixels": cfg.runtime.max_pixels, "counters": counters,
+                   "threads": r.io_threads_per_task},
         num_cpus=r.io_cpus_per_task,
     )
     ds = ds.map_batches(
@@ -665,7 +666,7 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
         write_outputs,
         batch_format="pyarrow",
         batch_size=r.io_batch_size,
-        fn_kwargs={"settings": write_settings, "counters": counters},
+        fn_kwargs={"settings": write_settings, "counters": counters, "threads": r.io_threads_per_task},
         num_cpus=r.io_cpus_per_task,
     )
     return ds
