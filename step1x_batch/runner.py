@@ -329,10 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
     args = parser.parse_args(argv)
+    return run_config(args.config, args.set)
+
+
+def run_config(path: str, overrides: Sequence[str] = ()) -> int:
+    """Load, run, and turn the outcome into an exit status: 0 done, 1 error budget exceeded,
+    2 a config, manifest or cluster problem found before any row ran (printed without a traceback)."""
+    from step1x_batch.errors import RowError
+
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(path, overrides)
     except ConfigError as e:
         _print(f"error: {e}", err=True)
         return 2
-    summary = run_job(cfg)
+    try:
+        summary = run_job(cfg)
+    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
+        _print(f"error: {e}", err=True)
+        return 2
     return 0 if summary.ok else 1
