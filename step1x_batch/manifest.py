@@ -38,6 +38,19 @@ Fingerprint
     (resolved URI, and its ETag when known), the instruction, every pixel-changing parameter
     (:class:`EditParams`), the seed, the model id, the output format (and quality for lossy
     formats). Extra columns, the id and the output key are not in it.
+
+Change marker (``image_etag``)
+    An optional manifest column naming the *content version* of the image: an ETag, a content
+    hash, an ``updated_at`` time -- anything that changes when the picture at ``image_uri``
+    changes. It is folded into the fingerprint (not the id), so a row whose image was replaced
+    under the same URI is redone in place on the next run, while an unchanged one is skipped.
+    Values are compared as text (stripped; numbers and times in their canonical text form, so
+    ``7`` and ``"7"`` agree); empty or null means "unknown" and leaves the fingerprint as if the
+    column were absent. Without this column a changed image at an unchanged URI is *not* noticed.
+
+Instruction templates
+    :func:`fill_template` fills ``str.format`` fields (``{column}``) from a row; a field whose
+    column is missing or null makes that row an error (INVALID_ROW), never a crash.
 """
 
 from __future__ import annotations
@@ -84,6 +97,7 @@ MANIFEST_OPTIONAL = (
     "guidance_scale",
     "size_level",
     "output_key",
+    "image_etag",
 )
 MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
 
@@ -392,6 +406,73 @@ def extra_columns(table_columns: Iterable[str]) -> list[str]:
     return [str(c) for c in table_columns if str(c) not in known]
 
 
+def marker_text(value: Any) -> str | None:
+    """A change-marker value (``image_etag``) as the text the fingerprint folds in: stripped text
+    as is, other values in canonical JSON form (``7`` -> ``"7"``, times in ISO form); None for
+    null, NaN and empty text."""
+    value = _py(value)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    value = _jsonable(value)
+    return value if isinstance(value, str) else _canonical(value)
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names an instruction template reads (``"make the {object} {colour}"`` ->
+    ``["object", "colour"]``). Raises ValueError for malformed braces and for positional
+    (``{}``, ``{0}``), attribute (``{a.b}``) or index (``{a[0]}``) fields: a template may only
+    name columns."""
+    import string
+
+    fields: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"malformed template {template!r}: {exc}") from None
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            raise ValueError(
+                f"template field {{{name}}} in {template!r} is not a column name; use "
+                "{column} fields only (double the braces, {{ }}, for literal ones)"
+            )
+        if name not in fields:
+            fields.append(name)
+    return fields
+
+
+def fill_template(template: str, row: Mapping[str, Any]) -> str:
+    """``template`` with every ``{column}`` replaced by the row's value (``str.format_map``).
+    Raises RowError(INVALID_ROW) naming the column when one is missing or null."""
+    values: dict[str, Any] = {}
+    for name in template_fields(template):
+        value = _py(row.get(name)) if isinstance(row, Mapping) else None
+        if value is None:
+            what = "has no column" if name not in row else "has an empty (null) value in column"
+            raise RowError(
+                INVALID_ROW,
+                f"the instruction template needs {{{name}}} but the row {what} {name!r}; add "
+                "the value or change the template.",
+            )
+        values[name] = value
+    return template.format_map(values)
+
+
+def write_manifest(table: pa.Table | pd.DataFrame, uri: str,
+                   options: StorageOptions | None = None) -> None:
+    """Write ``table`` as one Parquet manifest object at ``uri`` (whole or not at all)."""
+    from step1x_batch.storage import write_bytes
+
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue(), options)
+
+
 def derive_seed(row_id: str, default_seed_base: int) -> int:
     """The seed of a row that gives none: stable, 0 <= seed < 2**31."""
     digest = hashlib.sha256(f"{int(default_seed_base)}\x00{row_id}".encode("utf-8")).digest()
@@ -526,6 +607,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         else:
             identity["output_key"] = output_key
     identity.update(given)
+    image_etag = marker_text(raw.get("image_etag"))  # content version: fingerprint only, not id
     # id
     raw_id = raw.get("id")
     row_id = None
@@ -578,7 +660,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
     else:
         out["fingerprint"] = fingerprint(
             image_uri=image_uri,
-            image_etag=None,
+            image_etag=image_etag,
             instruction=instruction,
             params=params,
             seed=seed,

@@ -351,3 +351,58 @@ def test_local_manifest_relative_paths(tmp_path):
     m.write_text(json.dumps({"image_uri": "pics/a.png", "instruction": "x"}) + "\n")
     df = norm(read_manifest_table(str(m)), manifest_uri=str(m))
     assert df["image_uri"].tolist() == [os.path.join(str(tmp_path), "inputs", "pics", "a.png")]
+
+
+# --- change marker and instruction templates -------------------------------------------------------
+
+
+def test_change_marker_folds_into_fingerprint_not_id():
+    from step1x_batch.manifest import marker_text
+
+    base = norm(pa.table({"image_uri": ["a.png"] * 4, "instruction": ["x", "y", "z", "w"]}))
+    marked = norm(pa.table({"image_uri": ["a.png"] * 4, "instruction": ["x", "y", "z", "w"],
+                            "image_etag": ['"e1"', None, "", "  "]}))
+    assert marked["id"].tolist() == base["id"].tolist()  # same item, same output key
+    assert marked["output_key"].tolist() == base["output_key"].tolist()
+    fp0, fp1 = base["fingerprint"].tolist(), marked["fingerprint"].tolist()
+    assert fp1[0] != fp0[0]  # a known content version changes the fingerprint
+    assert fp1[1:] == fp0[1:]  # null / empty / blank: as if the column were absent
+    assert "image_etag" not in marked.columns and marked["extra"].isna().all()  # contract column
+    # a new content version changes only that row; text and numbers compare as text
+    again = norm(pa.table({"image_uri": ["a.png"] * 2, "instruction": ["x", "y"],
+                           "image_etag": ['"e2"', "7"]}))["fingerprint"].tolist()
+    assert again[0] not in (fp0[0], fp1[0])
+    as_int = norm(pa.table({"image_uri": ["a.png"], "instruction": ["y"], "image_etag": [7]}))
+    assert as_int["fingerprint"].tolist()[0] == again[1] != fp0[1]
+    assert marker_text(pd.Timestamp("2026-01-02T03:04:05")) == "2026-01-02T03:04:05"
+    assert marker_text(float("nan")) is None and marker_text(" v1 ") == "v1"
+    # the same value given to fingerprint() directly gives the same fingerprint
+    assert fp1[0] == fingerprint(image_uri="s3://bkt/sets/one/a.png", image_etag='"e1"',
+                                 instruction="x", params=DEFAULTS,
+                                 seed=int(marked["seed"].tolist()[0]), model_id="m1",
+                                 image_format="png")
+
+
+def test_fill_template_and_fields():
+    from step1x_batch.manifest import fill_template, template_fields
+
+    assert template_fields("put the {product} on {bg}, {bg} only {{literal}}") == ["product", "bg"]
+    assert fill_template("put the {product} on {bg} ({n})", {"product": "mug", "bg": "sand", "n": 3}) == (
+        "put the mug on sand (3)")
+    assert fill_template("no fields {{x}}", {}) == "no fields {x}"
+    for missing in ({"product": "mug"}, {"product": "mug", "bg": None}, {"product": "mug", "bg": float("nan")}):
+        with pytest.raises(errors.RowError) as e:
+            fill_template("put the {product} on {bg}", missing)
+        assert e.value.code == errors.INVALID_ROW and "'bg'" in e.value.message
+    for bad in ("{}", "{0}", "{a.__class__}", "{a[0]}", "unclosed {a"):
+        with pytest.raises(ValueError):
+            template_fields(bad)
+
+
+def test_write_manifest_round_trip(tmp_path):
+    from step1x_batch.manifest import write_manifest
+
+    uri = str(tmp_path / "w" / "m.parquet")
+    write_manifest(pd.DataFrame({"image_uri": ["a.png"], "instruction": ["x"], "seed": [3]}), uri)
+    table = read_manifest_table(uri)
+    assert table.to_pylist() == [{"image_uri": "a.png", "instruction": "x", "seed": 3}]

@@ -1,0 +1,529 @@
+"""Nightly catalog re-rendering: render what changed, keep what did not, publish atomically.
+
+A catalog manifest (``input.manifest``) has one row per item: an item id, an image URI, an
+instruction (a column, or ``catalog.instruction_template`` filled from the row's columns) and a
+change marker (an ETag, a content hash, an ``updated_at``: anything that changes when the picture
+changes). Each run (``jobs/rerender_catalog.py --config configs/rerender-catalog.yaml``):
+
+1. **Plan.** Every row is normalised exactly as the edit job does it, with the marker as the
+   row's ``image_etag``, so its fingerprint changes with the image content, the instruction, the
+   model and every pixel-changing parameter. An item whose fingerprint equals the one in the
+   published ``catalog/latest.parquet`` is *unchanged* and not sent anywhere. Rows that cannot be
+   work (no item id, an id used twice, a template column missing or null, an empty marker) are
+   error records in this run's row log, never a crash.
+2. **Render.** The other rows go to the dataset job as ``catalog/manifests/<run_id>.parquet``
+   with output keys ``renders/<item_id>/<fingerprint[:16]>.<ext>``: a new render never
+   overwrites the object the published ``latest`` points at. The job's resume rules apply, so an
+   item rendered by an earlier run that was not published (error budget, crash) is not rendered
+   again.
+3. **Publish** -- only after the job returned, so after every row of the run is logged, and only
+   when the run's error share is within ``runtime.max_error_fraction``: ``latest`` maps every item
+   to its current render (new and changed items to this fingerprint's ``ok`` record; unchanged
+   and failed items keep their previous entry; items gone from the catalog are dropped). Written as
+   whole objects: ``catalog/history/<run_id>.parquet`` (for roll-back), then
+   ``catalog/latest.parquet``, then ``catalog/runs/<run_id>.json`` with the counts. A failed or
+   crashed run writes only its run json; ``latest`` is untouched.
+
+Counts per run: ``new``, ``changed``, ``unchanged``, ``failed`` (items whose current version has no
+render: they keep the previous one), ``removed``; plus ``rendered`` (edited in this run) and
+``reused`` (rendered by an earlier, unpublished run). Error budget: error records written by this
+run over rows attempted by this run (a row that failed for good earlier and has not changed is
+not attempted again: it stays ``failed`` without counting against each night's budget).
+
+Runs of one catalog must not overlap (one nightly schedule): two runs publishing at once would
+race on ``latest``. Superseded renders stay in storage; a lifecycle rule may delete objects under
+``renders/`` that no ``latest`` or history snapshot references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import sys
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from step1x_batch.config import ConfigError, JobConfig, apply_overrides, parse_config
+from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
+from step1x_batch.images import image_extension
+from step1x_batch.manifest import (
+    fill_template,
+    manifest_base,
+    marker_text,
+    normalize_batch,
+    read_manifest_table,
+    resolve_image_uri,
+    template_fields,
+    write_manifest,
+)
+from step1x_batch.rowlog import part_uri, read_logs, write_log_part
+from step1x_batch.storage import StorageOptions, join_uri, read_bytes, write_bytes
+
+__all__ = [
+    "CatalogConfig",
+    "CatalogJob",
+    "CatalogSummary",
+    "InputError",
+    "LATEST_SCHEMA",
+    "parse_catalog_config",
+    "load_catalog_config",
+    "render_key",
+    "read_latest",
+    "plan_catalog",
+    "run_catalog",
+    "main",
+]
+
+LATEST_KEY = "catalog/latest.parquet"
+_TS = pa.timestamp("us", tz="UTC")
+LATEST_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("output_uri", pa.string()),  # the render; an object that exists (an ok record wrote it)
+        ("fingerprint", pa.string()),  # of the row that made it
+        ("rendered_at", _TS),
+        ("run_id", pa.string()),  # the run that rendered it (maybe earlier than the publishing one)
+        ("image_uri", pa.string()),
+        ("instruction", pa.string()),
+        ("change_marker", pa.string()),
+    ]
+)
+# Per-row parameter columns of the catalog passed on to the edit manifest as they are.
+_PASSTHROUGH = ("seed", "num_steps", "guidance_scale", "size_level", "negative_prompt")
+
+
+class CatalogConfig(BaseModel):
+    """The ``catalog`` section: which catalog columns mean what."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    item_id_column: str = "item_id"
+    image_column: str = "image_uri"
+    instruction_column: str | None = None  # default "instruction" when no template is given
+    # str.format fields name catalog columns: "Show the {product} on a {background} background".
+    instruction_template: str | None = None
+    # Changes when the image changes (etag, content hash, updated_at). null: none -- then an image
+    # replaced under the same URI is NOT re-rendered.
+    change_marker_column: str | None = "etag"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("instruction_template") and data.get("instruction_column"):
+                raise ValueError("give either instruction_column or instruction_template, not both")
+            if not data.get("instruction_template") and not data.get("instruction_column"):
+                data = {**data, "instruction_column": "instruction"}
+        return data
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _template_names_columns(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)  # ValueError: positional / attribute fields, bad braces
+        return value
+
+
+@dataclass
+class CatalogJob:
+    job: JobConfig
+    catalog: CatalogConfig
+
+
+class InputError(ValueError):
+    """The catalog manifest cannot be used (exit status 2, nothing rendered or published)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def parse_catalog_config(raw: Any, base_dir: str | os.PathLike | None = None) -> CatalogJob:
+    """Validate a raw mapping: ``catalog`` here, every other section by :func:`parse_config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config: the top level must be a mapping")
+    raw = dict(raw)
+    section = raw.pop("catalog", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError("catalog: must be a mapping")
+    try:
+        catalog = CatalogConfig.model_validate(section)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"catalog.{loc}: {err['msg']}" if loc else f"catalog: {err['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+    job = parse_config(raw, base_dir)
+    if job.output.storage is not None and job.output.storage != job.input.storage:
+        raise ConfigError(
+            "output.storage: the work manifest is written under output.uri and read back with "
+            "input.storage; use one storage for both (leave output.storage unset)"
+        )
+    return CatalogJob(job, catalog)
+
+
+def load_catalog_config(path: str, overrides: Sequence[str] = ()) -> CatalogJob:
+    """Read a YAML config, apply ``--set`` overrides, validate."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_catalog_config(apply_overrides(raw, overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# latest
+
+
+def render_key(item_id: str, fingerprint: str, ext: str) -> str:
+    """Where an item's render for one fingerprint goes: never the object of another fingerprint."""
+    return f"renders/{item_id}/{fingerprint[:16]}.{ext}"
+
+
+def read_latest(output_uri: str, options: StorageOptions | None = None) -> dict[str, dict[str, Any]]:
+    """The published ``latest`` as item_id -> entry ({} before the first publication)."""
+    try:
+        data = read_bytes(join_uri(output_uri, LATEST_KEY), options)
+    except RowError:
+        return {}
+    table = pq.read_table(io.BytesIO(data))
+    return {r["item_id"]: r for r in table.to_pylist()}
+
+
+def _latest_bytes(entries: dict[str, dict[str, Any]]) -> bytes:
+    rows = [entries[k] for k in sorted(entries)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=LATEST_SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+
+
+def _item_id(value: Any) -> str | None:
+    if value is None or isinstance(value, (bool, bytes, list, dict)):
+        return None
+    if isinstance(value, float):
+        if value != value:
+            return None
+        return str(int(value)) if value.is_integer() else str(value)
+    text = str(value).strip()
+    return text or None
+
+
+@dataclass
+class Plan:
+    work: pa.Table  # normalised rows to send to the edit job (the job's own fingerprints)
+    items: dict[str, dict[str, Any]]  # item_id -> fingerprint, image_uri, instruction, marker (valid rows)
+    unchanged: list[str]
+    invalid: list[dict[str, Any]]  # pre-job error records (id, fingerprint, error_type, ...)
+    catalog_ids: set[str]  # every item id the catalog names, valid or not
+    rows: int
+
+
+def _normalise(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
+    """The edit job's own normalisation (same arguments as its normalise stage)."""
+    return normalize_batch(
+        table,
+        manifest_uri=manifest_uri,
+        defaults=job.sampling.edit_params(),
+        default_seed_base=job.sampling.seed_base,
+        model_id=job.model.resolved_model_id(),
+        image_format=job.output.format,
+        max_instruction_chars=job.runtime.max_instruction_chars,
+        image_quality=job.output.quality,
+        output="pyarrow",
+    )
+
+
+def _invalid(item: str | None, raw: dict[str, Any], code: str, message: str, image_uri: Any,
+             instruction: Any) -> dict[str, Any]:
+    # A stand-in fingerprint of what the row asks for (``raw``: its relevant columns only): the
+    # same bad row is logged once, not every night.
+    text = json.dumps([item, code, message, raw], sort_keys=True, default=str)
+    return {
+        "id": item,
+        "fingerprint": "catalog-invalid:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32],
+        "status": "error",
+        "error_type": code,
+        "error_message": redact(f"Catalog item {item!r}: {message}") if item else redact(message),
+        "image_uri": image_uri if isinstance(image_uri, str) else None,
+        "instruction": instruction if isinstance(instruction, str) else None,
+    }
+
+
+def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: str) -> Plan:
+    """Read the catalog and decide, item by item, what must be rendered."""
+    job, c = cj.job, cj.catalog
+    try:
+        table = read_manifest_table(job.input.manifest, job.input.storage)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
+    required = [c.item_id_column, c.image_column, c.instruction_column, c.change_marker_column]
+    missing = [name for name in required if name and name not in table.column_names]
+    if missing:
+        raise InputError(
+            f"the catalog {redact_uri(job.input.manifest)} has no column(s) {missing}; it has "
+            f"{table.column_names} (set the catalog.*_column options)"
+        )
+    rows = table.to_pylist()
+    counts = collections.Counter(_item_id(r[c.item_id_column]) for r in rows)
+    base = manifest_base(job.input.manifest)
+    passthrough = [p for p in _PASSTHROUGH if p in table.column_names]
+    relevant = [c.item_id_column, c.image_column, c.instruction_column, c.change_marker_column]
+    relevant += template_fields(c.instruction_template or "") + passthrough
+    relevant = [k for k in dict.fromkeys(relevant) if k]
+    work_rows: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
+    for raw in rows:
+        item = _item_id(raw[c.item_id_column])
+        uri = raw[c.image_column]
+        image_uri = resolve_image_uri(uri, base) if isinstance(uri, str) and uri.strip() else uri
+        try:
+            if item is None:
+                raise RowError(INVALID_ROW, f"the row has no item id (column {c.item_id_column!r})")
+            if counts[item] > 1:
+                raise RowError(INVALID_ROW, f"item id {item!r} appears {counts[item]} times in the "
+                               "catalog; each item must appear once")
+            instruction = (fill_template(c.instruction_template, raw) if c.instruction_template
+                           else raw[c.instruction_column])
+            marker = None
+            if c.change_marker_column:
+                marker = marker_text(raw[c.change_marker_column])
+                if marker is None:
+                    raise RowError(INVALID_ROW, f"the change marker (column {c.change_marker_column!r}) "
+                                   "is empty; without it a changed image cannot be noticed")
+        except RowError as e:
+            text = raw.get(c.instruction_column) if c.instruction_column else None
+            asked = {k: raw.get(k) for k in relevant}
+            invalid.append(_invalid(item, asked, e.code, e.message, image_uri, text))
+            continue
+        row = {"id": item, "image_uri": image_uri, "instruction": instruction, "image_etag": marker}
+        row.update({p: raw[p] for p in passthrough})
+        work_rows.append(row)
+    catalog_ids = {i for i in counts if i is not None}
+    if not work_rows:
+        return Plan(pa.table({}), {}, [], invalid, catalog_ids, len(rows))
+    work = pa.Table.from_pylist(work_rows)
+    first = _normalise(work, job, work_uri)  # fingerprints (output keys are not part of them)
+    ext = image_extension(job.output.format)
+    fps = first.column("fingerprint").to_pylist()
+    keys = [render_key(r["id"], fp, ext) if fp else None for r, fp in zip(work_rows, fps)]
+    work = work.append_column("output_key", pa.array(keys, pa.string()))
+    normalised = _normalise(work, job, work_uri)  # now with the render keys (an unsafe id: error row)
+    items: dict[str, dict[str, Any]] = {}
+    unchanged: list[str] = []
+    send = []
+    for i, (r, n) in enumerate(zip(work_rows, normalised.select(["fingerprint", "error_type"]).to_pylist())):
+        fp = n["fingerprint"] if not n["error_type"] else None
+        items[r["id"]] = {"fingerprint": fp, "image_uri": r["image_uri"],
+                          "instruction": r["instruction"], "change_marker": r["image_etag"]}
+        prev = latest.get(r["id"])
+        if fp and prev and prev["fingerprint"] == fp:
+            unchanged.append(r["id"])
+        else:
+            send.append(i)
+    return Plan(work.take(pa.array(send, pa.int64())), items, unchanged, invalid, catalog_ids, len(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class CatalogSummary:
+    run_id: str
+    status: str  # "published" | "failed" (not published: error budget)
+    published: bool
+    counts: dict[str, int]  # items, new, changed, unchanged, failed, removed, rendered, reused, ...
+    failed_by_error_type: dict[str, int]
+    error_fraction: float  # errors written by this run / rows attempted by this run
+    max_error_fraction: float
+    latest_uri: str
+    run_json: str
+    model_id: str
+    catalog: str
+    started_at: str
+    finished_at: str = ""
+    edit: dict[str, Any] | None = None  # the edit run's summary (None: nothing to render)
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        c = self.counts
+        text = (f"catalog run {self.run_id}: {c['new']} new, {c['changed']} changed, "
+                f"{c['unchanged']} unchanged, {c['failed']} failed, {c['removed']} removed "
+                f"({c['rendered']} rendered now, {c['reused']} from an earlier run)")
+        if self.published:
+            return text + f"; published {self.latest_uri}"
+        return text + (f" -- NOT PUBLISHED: error fraction {self.error_fraction:.3f} > max "
+                       f"{self.max_error_fraction:.3f}; {self.latest_uri} is unchanged")
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _print(msg: str, *, err: bool = False) -> None:
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _log_records(output_uri: str, options: StorageOptions | None, ids: set[str | None]) -> tuple[dict, dict, set]:
+    """Over every log part: (id, fingerprint) -> latest ok record, id -> latest error record,
+    and the (id, fingerprint) pairs that have any error record."""
+    cols = ["id", "fingerprint", "status", "error_type", "output_uri", "finished_at", "run_id"]
+    logs = read_logs(output_uri, options, columns=cols)
+    ok: dict[tuple, dict] = {}
+    err: dict[str | None, dict] = {}
+    errored: set[tuple] = set()
+    if not logs.num_rows:
+        return ok, err, errored
+    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
+    finished = pc.fill_null(logs.column("finished_at"), oldest)
+    logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
+    for rec in logs.to_pylist():
+        if rec["id"] not in ids:
+            continue
+        if rec["status"] == "ok" and rec["output_uri"]:
+            ok[(rec["id"], rec["fingerprint"])] = rec
+        elif rec["status"] == "error":
+            err[rec["id"]] = rec
+            errored.add((rec["id"], rec["fingerprint"]))
+    return ok, err, errored
+
+
+def run_catalog(cj: CatalogJob) -> CatalogSummary:
+    """Plan, render what changed, publish when the run is within its error budget."""
+    from step1x_batch.runner import run_job
+
+    job = cj.job
+    opts = job.output_storage()
+    run_id = job.runtime.run_id
+    out = job.output.uri
+    started = _now()
+    latest_uri = join_uri(out, LATEST_KEY)
+    run_json = join_uri(out, f"catalog/runs/{run_id}.json")
+    work_uri = join_uri(out, f"catalog/manifests/{run_id}.parquet")
+    latest = read_latest(out, opts)
+    plan = plan_catalog(cj, latest, work_uri)
+    summary = CatalogSummary(
+        run_id=run_id, status="failed", published=False, counts={}, failed_by_error_type={},
+        error_fraction=0.0, max_error_fraction=job.runtime.max_error_fraction,
+        latest_uri=latest_uri, run_json=run_json, model_id=job.model.resolved_model_id(),
+        catalog=redact_uri(job.input.manifest), started_at=started.isoformat(timespec="seconds"),
+    )
+    _print(f"catalog: {plan.rows} rows, {len(plan.unchanged)} unchanged, {plan.work.num_rows} to "
+           f"render or check, {len(plan.invalid)} invalid")
+
+    # Rows that cannot be work are error records of this run (once per distinct bad row).
+    ids = set(plan.items) | {r["id"] for r in plan.invalid}
+    _, _, errored_before = _log_records(out, opts, ids) if plan.invalid else ({}, {}, set())
+    new_invalid = [r for r in plan.invalid if (r["id"], r["fingerprint"]) not in errored_before]
+    if new_invalid:
+        now = _now()
+        recs = [{**r, "run_id": run_id, "attempt": 1, "started_at": now, "finished_at": now,
+                 "model_id": summary.model_id} for r in new_invalid]
+        write_log_part(pa.Table.from_pylist(recs), part_uri(out, run_id, f"catalog-{uuid.uuid4().hex[:8]}"), opts)
+
+    edit = None
+    if plan.work.num_rows:
+        write_manifest(plan.work, work_uri, opts)
+        inner = job.model_copy(deep=True)
+        inner.input.manifest = work_uri
+        try:
+            edit = run_job(inner)
+        except BaseException as e:
+            summary.status = "crashed"
+            summary.notes.append(redact(f"edit run crashed: {type(e).__name__}: {e}"))
+            _finish(summary, opts)
+            raise
+        summary.edit = asdict(edit)
+
+    # Classify every item against latest and the row log.
+    ok, err, _ = _log_records(out, opts, ids)
+    counts = collections.Counter({k: 0 for k in ("new", "changed", "unchanged", "failed", "removed",
+                                                 "rendered", "reused")})
+    failed_by: collections.Counter[str] = collections.Counter()
+    entries: dict[str, dict[str, Any]] = {}
+    for item, info in plan.items.items():
+        prev = latest.get(item)
+        if item in plan.unchanged:
+            counts["unchanged"] += 1
+            entries[item] = prev
+            continue
+        rec = ok.get((item, info["fingerprint"])) if info["fingerprint"] else None
+        if rec is None:
+            counts["failed"] += 1
+            last = err.get(item)
+            failed_by[last["error_type"] if last else "not_done"] += 1
+            if prev:
+                entries[item] = prev  # keeps its previous render
+            continue
+        counts["changed" if prev else "new"] += 1
+        counts["rendered" if rec["run_id"] == run_id else "reused"] += 1
+        entries[item] = {"item_id": item, "output_uri": rec["output_uri"],
+                         "fingerprint": info["fingerprint"], "rendered_at": rec["finished_at"],
+                         "run_id": rec["run_id"], "image_uri": info["image_uri"],
+                         "instruction": info["instruction"], "change_marker": info["change_marker"]}
+    for r in plan.invalid:
+        counts["failed"] += 1
+        failed_by[r["error_type"]] += 1
+        if r["id"] in latest and r["id"] not in entries:
+            entries[r["id"]] = latest[r["id"]]
+    counts["removed"] = sum(1 for item in latest if item not in plan.catalog_ids)
+    counts["items"] = plan.rows
+    counts["processed"] = edit.rows_processed if edit else 0
+    counts["skipped_done"] = edit.rows_skipped if edit else 0
+    attempted = counts["processed"] + len(new_invalid)
+    errors_now = (edit.by_status.get("error", 0) if edit else 0) + len(new_invalid)
+    summary.counts = dict(counts)
+    summary.failed_by_error_type = dict(sorted(failed_by.items()))
+    summary.error_fraction = round(errors_now / attempted, 6) if attempted else 0.0
+    within = summary.error_fraction <= job.runtime.max_error_fraction and (edit is None or edit.ok)
+    if within:
+        data = _latest_bytes(entries)
+        write_bytes(join_uri(out, f"catalog/history/{run_id}.parquet"), data, opts)
+        write_bytes(latest_uri, data, opts)  # the publication: one whole-object put
+        summary.status, summary.published = "published", True
+    _finish(summary, opts)
+    _print(summary.line(), err=not summary.published)
+    return summary
+
+
+def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
+    summary.finished_at = _now().isoformat(timespec="seconds")
+    write_bytes(summary.run_json, (json.dumps(asdict(summary), indent=2, default=str) + "\n").encode(), opts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/rerender_catalog.py --config X [--set k=v ...]`` -> exit status
+    (0 published, 1 not published: error budget, 2 bad config or catalog)."""
+    parser = argparse.ArgumentParser(description="Re-render the catalog items that changed and publish latest.")
+    parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'catalog'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_catalog(load_catalog_config(args.config, args.set))
+    except (ConfigError, InputError) as e:
+        _print(f"error: {e}", err=True)
+        return 2
+    return 0 if summary.published else 1

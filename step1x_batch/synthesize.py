@@ -1,0 +1,749 @@
+"""Synthetic training pairs: images x instructions x K seeds -> the edit job -> a training dataset.
+
+Flow (``jobs/synthesize_pairs.py --config configs/synthesize-pairs.yaml``):
+
+1. **Expand.** Every image of the images manifest (``input.manifest``) gets its instructions --
+   from a manifest column (text, or a list of texts) or from a templates file (the same list for
+   every image) -- optionally sampled down to ``pairs.instructions_per_image`` with a generator
+   seeded from ``pairs.sample_seed`` and the image, and each (image, instruction) gets
+   ``pairs.variants`` seeds derived from ``sampling.seed_base``, the image, the instruction and
+   the variant number (distinct within the pair, stable across runs). Row id =
+   hash(source image URI, instruction, variant); identical rows collapse to one.
+2. **Edit.** The expansion is written as an ordinary edit manifest,
+   ``pairs/manifests/<content hash>.parquet`` under ``output.uri``, with output keys
+   ``pairs/images/<id>.<ext>``, and run by the dataset job (:func:`step1x_batch.runner.run_job`)
+   with the same resume rules: a second run edits nothing; changing a pixel-changing parameter
+   redoes the rows in place.
+3. **Export** (only when the edit run stayed within its error budget). The row log is joined to the
+   expansion by (id, fingerprint): a row is exported when an ``ok`` record holds its *current*
+   fingerprint, so stale renders never leak in; rows without one are counted by error type in the
+   card. ``dataset/data/{train,validation}-NNNNN-of-MMMMM.parquet`` shards, then the stale shards
+   of an earlier export are removed, then ``dataset/dataset_info.json`` and ``dataset/README.md``
+   (a Hugging Face dataset card) last. An export whose content did not change is not rewritten
+   (the folder stays byte-identical, ``created_at`` included).
+
+Split: ``validation`` when sha256 of the source image URI, read as a fraction of 2**64, is below
+``pairs.validation_fraction``; so the split is a function of the source alone and every pair made
+from one image lands in the same split (no train/validation leakage).
+
+The expansion and the export run on the driver (pandas / pyarrow): fine for millions of pairs;
+the editing itself is the Ray job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from step1x_batch.config import ConfigError, JobConfig, apply_overrides, parse_config
+from step1x_batch.errors import RowError, redact_uri
+from step1x_batch.images import image_extension
+from step1x_batch.manifest import (
+    SEED_LIMIT,
+    manifest_base,
+    normalize_batch,
+    read_manifest_table,
+    resolve_image_uri,
+    write_manifest,
+)
+from step1x_batch.rowlog import read_logs
+from step1x_batch.storage import (
+    StorageOptions,
+    exists,
+    filesystem,
+    join_uri,
+    read_bytes,
+    write_bytes,
+)
+
+__all__ = [
+    "PairsConfig",
+    "SynthesizeJob",
+    "SynthesizeSummary",
+    "InputError",
+    "parse_synthesize_config",
+    "load_synthesize_config",
+    "read_templates",
+    "pair_id",
+    "variant_seeds",
+    "split_of",
+    "expand_pairs",
+    "prepare_work",
+    "export_dataset",
+    "run_synthesize",
+    "main",
+]
+
+DATASET_DIR = "dataset"
+DATA_DIR = "dataset/data"
+SPLITS = ("train", "validation")
+EXPORT_VERSION = 1
+# Per-row parameter columns of the images manifest passed on to the edit manifest as they are.
+_PASSTHROUGH = ("num_steps", "guidance_scale", "size_level", "negative_prompt", "image_etag")
+
+
+class PairsConfig(BaseModel):
+    """The ``pairs`` section: where instructions come from, how many pairs, what the dataset says."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    image_column: str = "image_uri"  # column of the images manifest holding the source image URI
+    # Instruction source, exactly one of: a column (text, or a list of texts per image) ...
+    instruction_column: str | None = None  # default "instruction" when no templates file is given
+    # ... or a templates file, any fsspec URI: YAML / JSON list (or {"instructions": [...]}) or
+    # plain text, one instruction per line ('#' comments and blank lines skipped).
+    templates: str | None = None
+    templates_storage: StorageOptions | None = None  # None: input.storage
+    instructions_per_image: int | None = Field(None, ge=1)  # N: sample N per image (None: all)
+    sample_seed: int = Field(0, ge=0)  # which N an image gets (with the image URI)
+    variants: int = Field(1, ge=1, le=1000)  # K: seeds per (image, instruction)
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    embed_bytes: bool = False  # image columns as {"bytes", "path"} structs instead of URIs
+    max_shard_rows: int = Field(1000, ge=1)
+    # The dataset card.
+    name: str = "step1x-edit-synthetic-pairs"
+    description: str = ""
+    license: str = "other"  # the dataset's licence (Hugging Face identifier)
+    weights_license: str = "apache-2.0"  # the editing model's weights (Step1X-Edit: Apache-2.0)
+    source_images_license: str = "unspecified"  # say what the source images allow
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("templates") and data.get("instruction_column"):
+                raise ValueError("give either instruction_column or templates, not both")
+            if not data.get("templates") and not data.get("instruction_column"):
+                data = {**data, "instruction_column": "instruction"}
+        return data
+
+
+class InputError(ValueError):
+    """The images manifest or templates cannot be used (exit status 2, nothing edited)."""
+
+
+@dataclass
+class SynthesizeJob:
+    """A parsed synthesize config: the edit job's sections plus ``pairs``."""
+
+    job: JobConfig
+    pairs: PairsConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def _section_error(name: str, err: ValidationError) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{name}.{loc}: {e['msg']}" if loc else f"{name}: {e['msg']}")
+    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def parse_synthesize_config(raw: Any, base_dir: str | os.PathLike | None = None) -> SynthesizeJob:
+    """Validate a raw mapping: ``pairs`` here, every other section by :func:`parse_config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config: the top level must be a mapping")
+    raw = dict(raw)
+    section = raw.pop("pairs", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError("pairs: must be a mapping")
+    try:
+        pairs = PairsConfig.model_validate(section)
+    except ValidationError as e:
+        raise _section_error("pairs", e) from None
+    job = parse_config(raw, base_dir)
+    if pairs.templates and "://" not in pairs.templates:
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        pairs.templates = str((base / os.path.expanduser(pairs.templates)).resolve())
+    if job.output.storage is not None and job.output.storage != job.input.storage:
+        raise ConfigError(
+            "output.storage: the work manifest is written under output.uri and read back with "
+            "input.storage; use one storage for both (leave output.storage unset)"
+        )
+    return SynthesizeJob(job, pairs)
+
+
+def load_synthesize_config(path: str, overrides: Sequence[str] = ()) -> SynthesizeJob:
+    """Read a YAML config, apply ``--set`` overrides (``pairs.variants=4`` too), validate."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_synthesize_config(apply_overrides(raw, overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion
+
+
+def _digest(*parts: Any) -> bytes:
+    text = "\x00".join("" if p is None else str(p) for p in parts)
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def read_templates(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """The instructions of a templates file: stripped, blanks dropped, duplicates once, in order.
+
+    ``*.yaml`` / ``*.yml`` / ``*.json``: a list of texts or ``{"instructions": [...]}``; anything
+    else: one instruction per line, ``#`` comment lines skipped. Raises ValueError when the file
+    holds no usable instruction or something other than texts."""
+    data = read_bytes(uri, options).decode("utf-8-sig")
+    name = posixpath.basename(uri.split("?", 1)[0]).lower()
+    if name.endswith((".yaml", ".yml", ".json")):
+        try:
+            doc = json.loads(data) if name.endswith(".json") else yaml.safe_load(data)
+        except (ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"templates file {redact_uri(uri)} is not valid: {e}") from None
+        if isinstance(doc, dict) and "instructions" in doc:
+            doc = doc["instructions"]
+        if not isinstance(doc, list) or not all(isinstance(t, str) for t in doc):
+            raise ValueError(
+                f"templates file {redact_uri(uri)} must hold a list of texts "
+                "(or a mapping with an 'instructions' list)"
+            )
+        items = doc
+    else:
+        items = [line for line in data.splitlines() if not line.lstrip().startswith("#")]
+    out = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    if not out:
+        raise ValueError(f"templates file {redact_uri(uri)} holds no instructions")
+    return out
+
+
+def pair_id(source_uri: str | None, instruction: str | None, variant: int) -> str:
+    """The row id of one pair: 20 hex digits of sha256(source URI, instruction, variant)."""
+    return hashlib.sha256(
+        json.dumps([source_uri, instruction, int(variant)], ensure_ascii=False).encode("utf-8")
+    ).hexdigest()[:20]
+
+
+def variant_seeds(seed_base: int, source_uri: str | None, instruction: str | None, k: int) -> list[int]:
+    """K distinct seeds in [0, 2**31) for one (image, instruction): hash-derived, stable, and a
+    prefix of the K+1 list (adding variants keeps the earlier ones)."""
+    seeds: list[int] = []
+    for v in range(k):
+        salt = 0
+        while True:
+            digest = _digest("variant", seed_base, source_uri, instruction, v, salt)
+            seed = int.from_bytes(digest[:8], "big") % SEED_LIMIT
+            if seed not in seeds:
+                break
+            salt += 1  # a collision within the pair (odds ~K^2 / 2**32): draw again
+        seeds.append(seed)
+    return seeds
+
+
+def split_of(source_uri: str | None, validation_fraction: float) -> str:
+    """``"validation"`` or ``"train"``, a function of the source image URI alone."""
+    u = int.from_bytes(_digest("split", source_uri)[:8], "big") / 2.0**64
+    return "validation" if u < validation_fraction else "train"
+
+
+def _instructions(value: Any) -> list[str | None]:
+    """A manifest cell as a list of instructions: text -> [text], list -> its texts, null -> []."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v.strip() if isinstance(v, str) else v for v in value if v is not None]
+    if isinstance(value, float) and math.isnan(value):
+        return []
+    return [value.strip() if isinstance(value, str) else value]
+
+
+def _sample(instructions: list, n: int | None, sample_seed: int, source: str | None) -> list:
+    if n is None or len(instructions) <= n:
+        return instructions
+    rng = random.Random(int.from_bytes(_digest("sample", sample_seed, source)[:8], "big"))
+    keep = sorted(rng.sample(range(len(instructions)), n))
+    return [instructions[i] for i in keep]
+
+
+@dataclass
+class Expansion:
+    rows: list[dict[str, Any]]
+    images: int
+    duplicates_dropped: int
+    instructions: int  # distinct instruction texts
+
+
+def expand_pairs(images: pa.Table, sj: SynthesizeJob, templates: list[str] | None = None) -> Expansion:
+    """Images manifest rows -> edit manifest rows (id, image_uri, instruction, seed, output_key,
+    variant, and any per-row parameter columns the images manifest has)."""
+    p, job = sj.pairs, sj.job
+    if p.image_column not in images.column_names:
+        raise ValueError(f"the images manifest has no column {p.image_column!r} (pairs.image_column)")
+    if templates is None and p.instruction_column not in images.column_names:
+        raise ValueError(
+            f"the images manifest has no column {p.instruction_column!r} (pairs.instruction_column)"
+        )
+    base = manifest_base(job.input.manifest)
+    ext = image_extension(job.output.format)
+    passthrough = [c for c in _PASSTHROUGH if c in images.column_names]
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    dropped = 0
+    texts: set[str] = set()
+    for raw in images.to_pylist():
+        uri = raw.get(p.image_column)
+        source = resolve_image_uri(uri, base) if isinstance(uri, str) and uri.strip() else uri
+        found = list(templates) if templates is not None else _instructions(raw.get(p.instruction_column))
+        found = list(dict.fromkeys(found))
+        chosen = _sample(found, p.instructions_per_image, p.sample_seed, source) or [None]
+        for instruction in chosen:  # [None]: no instruction -> one row the job logs as an error
+            seeds = variant_seeds(job.sampling.seed_base, source, instruction, p.variants)
+            for k, seed in enumerate(seeds if instruction is not None else seeds[:1]):
+                rid = pair_id(source, instruction, k)
+                if rid in seen:
+                    dropped += 1
+                    continue
+                seen.add(rid)
+                if isinstance(instruction, str):
+                    texts.add(instruction)
+                row = {"id": rid, "image_uri": source, "instruction": instruction, "seed": seed,
+                       "output_key": f"pairs/images/{rid}.{ext}", "variant": k}
+                row.update({c: raw.get(c) for c in passthrough})
+                rows.append(row)
+    return Expansion(rows, images.num_rows, dropped, len(texts))
+
+
+def _work_table(rows: list[dict[str, Any]]) -> pa.Table:
+    columns = ["id", "image_uri", "instruction", "seed", "output_key", "variant"]
+    columns += [c for c in _PASSTHROUGH if rows and c in rows[0]]
+    types = {"id": pa.string(), "image_uri": pa.string(), "instruction": pa.string(),
+             "seed": pa.int64(), "output_key": pa.string(), "variant": pa.int64()}
+    data = {c: [r.get(c) for r in rows] for c in columns}
+    return pa.table({c: pa.array(data[c], types.get(c)) for c in columns})
+
+
+def normalise_like_the_job(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
+    """The edit job's own normalisation of ``table`` (same arguments as the job's normalise
+    stage), so the fingerprints here are the ones the row log will hold."""
+    return normalize_batch(
+        table,
+        manifest_uri=manifest_uri,
+        defaults=job.sampling.edit_params(),
+        default_seed_base=job.sampling.seed_base,
+        model_id=job.model.resolved_model_id(),
+        image_format=job.output.format,
+        max_instruction_chars=job.runtime.max_instruction_chars,
+        image_quality=job.output.quality,
+        output="pyarrow",
+    )
+
+
+@dataclass
+class Work:
+    uri: str  # the edit manifest
+    table: pa.Table  # its normalised rows (fingerprints as the job computes them)
+    expansion: Expansion
+
+
+def prepare_work(sj: SynthesizeJob) -> Work:
+    """Read the images (and templates), expand, and write the edit manifest (content-addressed:
+    the same expansion is the same object, written once)."""
+    job = sj.job
+    templates = None
+    if sj.pairs.templates:
+        templates = read_templates(sj.pairs.templates, sj.pairs.templates_storage or job.input.storage)
+    images = read_manifest_table(job.input.manifest, job.input.storage)
+    expansion = expand_pairs(images, sj, templates)
+    if not expansion.rows:
+        raise ValueError(f"the images manifest {redact_uri(job.input.manifest)} has no rows")
+    work = _work_table(expansion.rows)
+    canonical = json.dumps(work.to_pylist(), sort_keys=True, ensure_ascii=False, default=str)
+    name = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    uri = join_uri(job.output.uri, f"pairs/manifests/{name}.parquet")
+    if not exists(uri, job.output_storage()):
+        write_manifest(work, uri, job.output_storage())
+    return Work(uri, normalise_like_the_job(work, job, uri), expansion)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _latest_records(output_uri: str, options: StorageOptions | None) -> tuple[dict, dict]:
+    """(id, fingerprint) -> latest ok record and id -> latest error record, over every log part."""
+    cols = ["id", "fingerprint", "status", "error_type", "output_uri", "model_id", "finished_at"]
+    logs = read_logs(output_uri, options, columns=cols)
+    if logs.num_rows:  # oldest first (no finish time: oldest), so later records win below
+        oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
+        finished = pc.fill_null(logs.column("finished_at"), oldest)
+        logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
+    ok: dict[tuple[str, str], dict] = {}
+    err: dict[str, dict] = {}
+    for rec in logs.to_pylist():
+        if rec["status"] == "ok" and rec["output_uri"]:
+            ok[(rec["id"], rec["fingerprint"])] = rec
+        elif rec["status"] == "error":
+            err[rec["id"]] = rec
+    return ok, err
+
+
+def _features(embed: bool) -> dict[str, Any]:
+    """Hugging Face ``datasets`` feature metadata: with it, the parquet loader types the columns
+    (embedded images as Image features) with no custom code."""
+    value = lambda dtype: {"dtype": dtype, "_type": "Value"}  # noqa: E731
+    image = {"_type": "Image"} if embed else value("string")
+    return {
+        "source_image": image, "edited_image": image, "instruction": value("string"),
+        "seed": value("int64"), "variant": value("int64"), "num_steps": value("int64"),
+        "guidance_scale": value("float64"), "size_level": value("int64"),
+        "negative_prompt": value("string"), "model_id": value("string"), "id": value("string"),
+        "split": value("string"),
+    }
+
+
+def _schema(embed: bool) -> pa.Schema:
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if embed else pa.string()
+    schema = pa.schema([
+        ("source_image", image), ("edited_image", image), ("instruction", pa.string()),
+        ("seed", pa.int64()), ("variant", pa.int64()), ("num_steps", pa.int64()),
+        ("guidance_scale", pa.float64()), ("size_level", pa.int64()),
+        ("negative_prompt", pa.string()), ("model_id", pa.string()), ("id", pa.string()),
+        ("split", pa.string()),
+    ])
+    meta = {"info": {"features": _features(embed)}}
+    return schema.with_metadata({b"huggingface": json.dumps(meta).encode()})
+
+
+def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The exportable rows (sorted, deduplicated, with ``split``) and failed rows by error type."""
+    ok, err = _latest_records(sj.job.output.uri, sj.job.output_storage())
+    rows: list[dict[str, Any]] = []
+    failed: dict[str, int] = {}
+    seen: set[tuple] = set()
+    for r in work.table.select(
+        ["id", "fingerprint", "image_uri", "instruction", "seed", "num_steps", "guidance_scale",
+         "size_level", "negative_prompt", "error_type", "variant"]
+    ).to_pylist():
+        rec = ok.get((r["id"], r["fingerprint"])) if r["fingerprint"] else None
+        if rec is None:
+            last = err.get(r["id"])
+            kind = r["error_type"] or (
+                last["error_type"] if last and last["fingerprint"] == r["fingerprint"] else "not_done"
+            )
+            failed[kind] = failed.get(kind, 0) + 1
+            continue
+        key = (r["image_uri"], r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
+               r["size_level"], r["negative_prompt"], rec["model_id"])
+        if key in seen:  # identical work once, whatever ids it came under
+            continue
+        seen.add(key)
+        rows.append({
+            "source_image": r["image_uri"], "edited_image": rec["output_uri"],
+            "instruction": r["instruction"], "seed": r["seed"], "variant": r["variant"],
+            "num_steps": r["num_steps"], "guidance_scale": r["guidance_scale"],
+            "size_level": r["size_level"], "negative_prompt": r["negative_prompt"],
+            "model_id": rec["model_id"], "id": r["id"],
+            "split": split_of(r["image_uri"], sj.pairs.validation_fraction),
+        })
+    rows.sort(key=lambda r: (r["split"], r["source_image"], r["instruction"], r["variant"], r["id"]))
+    return rows, dict(sorted(failed.items()))
+
+
+def _embed(rows: list[dict[str, Any]], sj: SynthesizeJob) -> list[dict[str, Any]]:
+    """Replace the image URIs with ``{"bytes", "path"}`` (bytes as stored: the source in its own
+    format, the edit as written)."""
+    job = sj.job
+    wanted = [(r["source_image"], job.input.storage) for r in rows]
+    wanted += [(r["edited_image"], job.output_storage()) for r in rows]
+    unique = list(dict.fromkeys(wanted))
+    with ThreadPoolExecutor(16) as pool:
+        blobs = dict(zip(unique, pool.map(lambda u: read_bytes(u[0], u[1]), unique)))
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["source_image"] = {"bytes": blobs[(r["source_image"], job.input.storage)], "path": r["source_image"]}
+        r["edited_image"] = {"bytes": blobs[(r["edited_image"], job.output_storage())], "path": r["edited_image"]}
+        out.append(r)
+    return out
+
+
+def _parquet(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "n>10M"
+
+
+@dataclass
+class ExportResult:
+    rows: int
+    by_split: dict[str, int]
+    failed: int
+    by_error_type: dict[str, int]
+    files: list[str]
+    unchanged: bool
+    info_uri: str
+    card_uri: str
+
+
+def _card(info: dict[str, Any]) -> str:
+    """The dataset card: Hugging Face YAML front matter, then what a person needs to know."""
+    splits = [s for s in SPLITS if info["counts"]["by_split"].get(s)]
+    front = {
+        "pretty_name": info["name"],
+        "license": info["license"],
+        "task_categories": ["image-to-image"],
+        "tags": ["image-editing", "synthetic", "step1x-edit"],
+        "size_categories": [_size_category(info["counts"]["rows"])],
+        "configs": [{
+            "config_name": "default",
+            "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in splits],
+        }],
+    }
+    c, p, m = info["counts"], info["parameters"], info["model"]
+    errs = ", ".join(f"{k} {v}" for k, v in c["by_error_type"].items()) or "none"
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+        f"# {info['name']}", "",
+    ]
+    if info["description"]:
+        lines += [info["description"], ""]
+    lines += [
+        "Synthetic instruction-based image-editing pairs: each source image edited with "
+        f"{'a sample of ' + str(p['instructions_per_image']) if p['instructions_per_image'] else 'every one of its'} "
+        f"instruction(s), {p['variants']} seed(s) per instruction, by {m['model_id']}.", "",
+        "## Contents", "",
+        "| split | pairs | source images | files |", "|---|---|---|---|",
+    ]
+    for s in splits:
+        lines.append(f"| {s} | {c['by_split'][s]} | {c['sources_by_split'][s]} | "
+                     f"{len(info['files'][s])} |")
+    lines += [
+        "",
+        f"{c['rows']} pairs from {c['sources']} source images and {c['instructions']} distinct "
+        f"instructions. {c['failed']} planned pairs are not included because their edit failed "
+        f"(by error type: {errs}); {c['duplicates_dropped']} duplicate rows were dropped.", "",
+        "## Columns", "",
+        "- `source_image`, `edited_image`: " + (
+            "the image bytes as `{bytes, path}` structs (typed as `Image` for `datasets`)"
+            if p["embed_bytes"] else "URIs of the source image and the edited image"),
+        "- `instruction`: the edit instruction given to the model",
+        "- `seed`, `variant`: the noise seed and which of the K variants of this (image, instruction) it is",
+        "- `num_steps`, `guidance_scale`, `size_level`, `negative_prompt`: the sampling parameters",
+        "- `model_id`: the model that made the edit; `id`: a stable hash of (source, instruction, variant)",
+        "- `split`: `train` or `validation`, by a hash of the source image (all pairs of one source share a split)",
+        "",
+        "## How it was made", "",
+        f"- model: `{m['model_id']}` (kind {m['kind']}); weights licence: {m['weights_license']}",
+        f"- sampling: {p['num_steps']} steps, guidance {p['guidance_scale']}, size level "
+        f"{p['size_level']}, negative prompt {json.dumps(p['negative_prompt'])}, seed base {p['seed_base']}",
+        f"- instructions: {p['instruction_source']}; per image: {p['instructions_per_image'] or 'all'}"
+        f" (sample seed {p['sample_seed']}); variants per instruction: {p['variants']}",
+        f"- validation fraction: {p['validation_fraction']}; output format: {p['image_format']}",
+        f"- source manifest: `{info['source_manifest']}`; made by step1x-batch (`jobs/synthesize_pairs.py`)",
+        "",
+        "## Licence", "",
+        f"- this dataset: {info['license']}",
+        f"- model weights: {m['weights_license']}",
+        f"- source images: {info['source_images_license']}",
+        "",
+        "## Loading", "",
+        "```python",
+        "from datasets import load_dataset",
+        "ds = load_dataset(\"parquet\", data_files={"
+        + ", ".join(f"\"{s}\": \"data/{s}-*.parquet\"" for s in splits) + "})",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> ExportResult:
+    """Write the dataset folder from the row log (see the module docstring for the order)."""
+    job, p = sj.job, sj.pairs
+    opts = job.output_storage()
+    rows, failed = dataset_rows(sj, work)
+    by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
+    files: dict[str, list[str]] = {}
+    for s, part in by_split.items():
+        n = math.ceil(len(part) / p.max_shard_rows)
+        files[s] = [f"data/{s}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+    params = job.sampling.edit_params()
+    info: dict[str, Any] = {
+        "name": p.name,
+        "description": p.description,
+        "license": p.license,
+        "source_images_license": p.source_images_license,
+        "counts": {
+            "rows": len(rows),
+            "by_split": {s: len(v) for s, v in by_split.items()},
+            "sources": len({r["source_image"] for r in rows}),
+            "sources_by_split": {s: len({r["source_image"] for r in v}) for s, v in by_split.items()},
+            "instructions": len({r["instruction"] for r in rows}),
+            "planned": work.table.num_rows,
+            "failed": sum(failed.values()),
+            "by_error_type": failed,
+            "duplicates_dropped": work.expansion.duplicates_dropped + work.table.num_rows
+            - len(rows) - sum(failed.values()),
+        },
+        "parameters": {
+            "num_steps": params.num_steps, "guidance_scale": params.guidance_scale,
+            "size_level": params.size_level, "negative_prompt": params.negative_prompt,
+            "seed_base": job.sampling.seed_base, "variants": p.variants,
+            "instructions_per_image": p.instructions_per_image, "sample_seed": p.sample_seed,
+            "instruction_source": (f"templates file {redact_uri(p.templates)}" if p.templates
+                                   else f"manifest column {p.instruction_column!r}"),
+            "validation_fraction": p.validation_fraction, "embed_bytes": p.embed_bytes,
+            "image_format": job.output.format, "max_shard_rows": p.max_shard_rows,
+        },
+        "model": {
+            "model_id": job.model.resolved_model_id(), "kind": job.model.kind,
+            "version": job.model.version, "weights": redact_uri(job.model.weights) if job.model.weights else None,
+            "weights_license": p.weights_license,
+        },
+        "source_manifest": redact_uri(job.input.manifest),
+        "work_manifest": redact_uri(work.uri),
+        "files": files,
+    }
+    content = json.dumps({"v": EXPORT_VERSION, "info": info, "rows": rows}, sort_keys=True, default=str)
+    info["export_fingerprint"] = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    info_uri = join_uri(job.output.uri, f"{DATASET_DIR}/dataset_info.json")
+    card_uri = join_uri(job.output.uri, f"{DATASET_DIR}/README.md")
+    all_files = [join_uri(job.output.uri, f"{DATASET_DIR}/{f}") for s in SPLITS for f in files[s]]
+    result = ExportResult(len(rows), info["counts"]["by_split"], info["counts"]["failed"], failed,
+                          all_files, True, info_uri, card_uri)
+    if _export_unchanged(info_uri, info["export_fingerprint"], all_files + [card_uri], opts):
+        return result
+    info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info["run_id"] = run_id
+    schema = _schema(p.embed_bytes)
+    for s in SPLITS:
+        part = by_split[s]
+        for i, name in enumerate(files[s]):
+            chunk = part[i * p.max_shard_rows:(i + 1) * p.max_shard_rows]
+            if p.embed_bytes:
+                chunk = _embed(chunk, sj)
+            write_bytes(join_uri(job.output.uri, f"{DATASET_DIR}/{name}"), _parquet(chunk, schema), opts)
+    _remove_stale_shards(job.output.uri, set(all_files), opts)
+    write_bytes(info_uri, (json.dumps(info, indent=2, sort_keys=False) + "\n").encode(), opts)
+    write_bytes(card_uri, _card(info).encode("utf-8"), opts)  # the card last
+    result.unchanged = False
+    return result
+
+
+def _export_unchanged(info_uri: str, fp: str, uris: list[str], opts: StorageOptions) -> bool:
+    try:
+        old = json.loads(read_bytes(info_uri, opts))
+    except Exception:  # noqa: BLE001 - no (readable) earlier export: write one
+        return False
+    return old.get("export_fingerprint") == fp and all(exists(u, opts) for u in uris)
+
+
+def _remove_stale_shards(output_uri: str, keep: set[str], opts: StorageOptions) -> None:
+    fs, root = filesystem(join_uri(output_uri, DATA_DIR), opts)
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return
+    prefix_len = len(root.rstrip("/")) + 1
+    data_uri = join_uri(output_uri, DATA_DIR)
+    for path in found:
+        uri = join_uri(data_uri, path[prefix_len:])
+        if path.endswith(".parquet") and uri not in keep:
+            fs.rm(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class SynthesizeSummary:
+    run_id: str
+    ok: bool
+    planned: int  # rows of the edit manifest
+    images: int
+    duplicates_dropped: int
+    work_manifest: str
+    edit: dict[str, Any]  # the edit run's summary (RunSummary as a dict)
+    dataset: dict[str, Any] | None = None  # ExportResult as a dict; None when not exported
+    notes: list[str] = field(default_factory=list)
+
+
+def _print(msg: str, *, err: bool = False) -> None:
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
+    """Expand, edit (resumable), export; print what happened and where the dataset is."""
+    from step1x_batch.runner import run_job
+
+    job = sj.job
+    try:
+        work = prepare_work(sj)
+    except (ValueError, FileNotFoundError, RowError) as exc:
+        raise InputError(str(exc.message if isinstance(exc, RowError) else exc)) from exc
+    e = work.expansion
+    _print(f"pairs: {e.images} images x instructions x {sj.pairs.variants} variants -> "
+           f"{work.table.num_rows} edit rows ({e.duplicates_dropped} duplicates dropped); "
+           f"manifest {work.uri}")
+    inner = job.model_copy(deep=True)
+    inner.input.manifest = work.uri
+    edit = run_job(inner)
+    summary = SynthesizeSummary(job.runtime.run_id, edit.ok, work.table.num_rows, e.images,
+                                e.duplicates_dropped, work.uri, asdict(edit))
+    if not edit.ok:
+        summary.notes.append("edit run over its error budget: dataset not exported")
+        _print("FAILED: the edit run exceeded runtime.max_error_fraction; the dataset was not "
+               "exported (the previous export, if any, is untouched)", err=True)
+    else:
+        result = export_dataset(sj, work, job.runtime.run_id)
+        summary.dataset = asdict(result)
+        state = "unchanged" if result.unchanged else "written"
+        _print(f"dataset {state}: {result.rows} pairs ({', '.join(f'{k} {v}' for k, v in result.by_split.items())}), "
+               f"{result.failed} failed -> {result.card_uri}")
+    write_bytes(join_uri(job.output.uri, f"pairs/runs/{job.runtime.run_id}.json"),
+                (json.dumps(asdict(summary), indent=2, default=str) + "\n").encode(), job.output_storage())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/synthesize_pairs.py --config X [--set k=v ...]`` -> exit status
+    (0 done, 1 error budget exceeded, 2 bad config or inputs)."""
+    parser = argparse.ArgumentParser(description="Make synthetic image-editing training pairs with Step1X-Edit on Ray.")
+    parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'pairs'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. pairs.variants=4 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        sj = load_synthesize_config(args.config, args.set)
+        summary = run_synthesize(sj)
+    except (ConfigError, InputError) as e:
+        _print(f"error: {e}", err=True)
+        return 2
+    return 0 if summary.ok else 1

@@ -1,0 +1,337 @@
+"""Synthetic training pairs: expansion, seeds, ids, splits, and the whole job on a real local Ray
+(null editor on local folders; one small run of the tiny Step1X model on the moto S3 server),
+with the exported dataset loaded by pyarrow, pandas and Hugging Face ``datasets``."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from step1x_batch.config import ConfigError
+from step1x_batch.images import decode_image
+from step1x_batch.manifest import SEED_LIMIT
+from step1x_batch.storage import arrow_filesystem, read_bytes, write_bytes
+from step1x_batch.synthesize import (
+    expand_pairs,
+    export_dataset,
+    pair_id,
+    parse_synthesize_config,
+    prepare_work,
+    read_templates,
+    run_synthesize,
+    split_of,
+    variant_seeds,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["source_image", "edited_image", "instruction", "seed", "variant", "num_steps",
+           "guidance_scale", "size_level", "negative_prompt", "model_id", "id", "split"]
+TEMPLATES = ["make it red", "add snow", "turn day into night", "add a hat"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One local Ray for the module (2 CPUs, like the CI machine); workers see the moto env."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _png(seed: int, w: int = 32, h: int = 24) -> bytes:
+    img = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _raw(manifest: str, out: str, **pairs) -> dict:
+    return {
+        "input": {"manifest": manifest},
+        "output": {"uri": out},
+        "model": {"kind": "null"},
+        "resources": {"edit_batch_size": 16, "io_batch_size": 16},
+        "runtime": {"progress_bars": False, "max_error_fraction": 0.5},
+        "pairs": pairs,
+    }
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Config, templates, expansion, splits (no Ray).
+
+
+def test_config_sections_and_errors(tmp_path):
+    raw = _raw(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), templates="t.txt", variants=2)
+    sj = parse_synthesize_config(raw, base_dir=tmp_path)
+    assert sj.pairs.templates == str(tmp_path / "t.txt") and sj.pairs.instruction_column is None
+    assert parse_synthesize_config({**raw, "pairs": {}}).pairs.instruction_column == "instruction"
+    for pairs, where in (
+        ({"variants": 0}, r"pairs\.variants"),
+        ({"validation_fraction": 1.0}, r"pairs\.validation_fraction"),
+        ({"bogus": 1}, r"pairs\.bogus"),
+        ({"templates": "t.txt", "instruction_column": "i"}, "pairs: "),
+    ):
+        with pytest.raises(ConfigError, match=where):
+            parse_synthesize_config({**raw, "pairs": pairs})
+    with pytest.raises(ConfigError, match=r"sampling\.num_step"):
+        parse_synthesize_config({**raw, "sampling": {"num_step": 3}})
+    shipped = parse_synthesize_config(yaml.safe_load((ROOT / "configs/synthesize-pairs.yaml").read_text()))
+    assert shipped.pairs.weights_license == "apache-2.0" and shipped.job.resources.num_gpus_per_actor == 1
+
+
+def test_templates_files(tmp_path, s3_bucket):
+    (tmp_path / "t.txt").write_text("# comment\nmake it red\n\n  add snow \nmake it red\n")
+    assert read_templates(str(tmp_path / "t.txt")) == ["make it red", "add snow"]
+    (tmp_path / "t.yaml").write_text("- make it red\n- add snow\n")
+    assert read_templates(str(tmp_path / "t.yaml")) == ["make it red", "add snow"]
+    write_bytes(f"{s3_bucket}/t.json", json.dumps({"instructions": ["a", "b", "a"]}).encode())
+    assert read_templates(f"{s3_bucket}/t.json") == ["a", "b"]
+    for name, text in (("bad.yaml", "a: [1, 2]\n"), ("empty.txt", "# nothing\n\n"), ("n.json", "[1]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError):
+            read_templates(str(tmp_path / name))
+
+
+def test_expansion_counts_seeds_and_ids(tmp_path):
+    images = pa.table({"image_uri": [f"img/{i}.png" for i in range(5)] + ["./img/0.png"]})
+    manifest = "s3://bkt/sets/images.jsonl"  # fixed sources: the sampling below is reproducible
+    sj = parse_synthesize_config(_raw(manifest, str(tmp_path / "out"), templates="t.txt",
+                                      instructions_per_image=2, variants=3))
+    e = expand_pairs(images, sj, TEMPLATES)
+    assert len(e.rows) == 5 * 2 * 3 and e.duplicates_dropped == 2 * 3  # ./img/0.png is img/0.png
+    assert len({r["id"] for r in e.rows}) == len(e.rows)
+    by_pair = defaultdict(list)
+    for r in e.rows:
+        assert r["image_uri"] == f"s3://bkt/sets/img/{Path(r['image_uri']).name}"
+        assert r["id"] == pair_id(r["image_uri"], r["instruction"], r["variant"])
+        assert r["output_key"] == f"pairs/images/{r['id']}.png"
+        assert 0 <= r["seed"] < SEED_LIMIT
+        by_pair[(r["image_uri"], r["instruction"])].append(r)
+    assert len(by_pair) == 10
+    for (src, text), rows in by_pair.items():
+        assert sorted(r["variant"] for r in rows) == [0, 1, 2]
+        assert len({r["seed"] for r in rows}) == 3  # distinct seeds per (image, instruction)
+        assert [r["seed"] for r in sorted(rows, key=lambda r: r["variant"])] == variant_seeds(0, src, text, 3)
+
+    def subsets(rows) -> dict:
+        out = defaultdict(set)
+        for r in rows:
+            out[r["image_uri"]].add(r["instruction"])
+        return dict(out)
+
+    chosen = subsets(e.rows)
+    assert all(len(c) == 2 and c <= set(TEMPLATES) for c in chosen.values())
+    assert len({frozenset(c) for c in chosen.values()}) > 1  # sampled per image, not one subset
+    assert expand_pairs(images, sj, TEMPLATES).rows == e.rows  # deterministic
+    other = parse_synthesize_config(_raw(manifest, str(tmp_path / "out"), templates="t.txt",
+                                         instructions_per_image=2, variants=3, sample_seed=7))
+    assert subsets(expand_pairs(images, other, TEMPLATES).rows) != chosen
+    # more variants keep the earlier seeds; another seed base draws new ones
+    assert variant_seeds(0, "s", "t", 5)[:3] == variant_seeds(0, "s", "t", 3)
+    assert set(variant_seeds(1, "s", "t", 3)).isdisjoint(variant_seeds(0, "s", "t", 3))
+    # all templates when no N; an instruction column may hold text or a list of texts
+    sj_all = parse_synthesize_config(_raw(manifest, str(tmp_path / "out"), templates="t.txt", variants=2))
+    assert len(expand_pairs(images.slice(0, 2), sj_all, TEMPLATES).rows) == 2 * 4 * 2
+    col = pa.table({"image_uri": ["a.png", "b.png", "c.png"],
+                    "instruction": [["x", "y", "x"], ["z"], None]})
+    rows = expand_pairs(col, parse_synthesize_config(_raw(manifest, str(tmp_path / "out"), variants=2)), None).rows
+    assert [(Path(r["image_uri"]).name, r["instruction"], r["variant"]) for r in rows] == [
+        ("a.png", "x", 0), ("a.png", "x", 1), ("a.png", "y", 0), ("a.png", "y", 1),
+        ("b.png", "z", 0), ("b.png", "z", 1),
+        ("c.png", None, 0)]  # no instruction: one row that the job logs as an error
+
+
+def test_split_is_a_function_of_the_source():
+    sources = [f"s3://b/images/{i:05d}.jpg" for i in range(4000)]
+    splits = [split_of(s, 0.2) for s in sources]
+    assert splits == [split_of(s, 0.2) for s in sources]
+    share = splits.count("validation") / len(splits)
+    assert 0.17 < share < 0.23, share
+    assert {split_of(s, 0.0) for s in sources[:200]} == {"train"}
+    # a larger fraction only moves sources from train to validation
+    assert all(split_of(s, 0.5) == "validation" for s, sp in zip(sources, splits) if sp == "validation")
+
+
+# --------------------------------------------------------------------------------------------
+# The job, end to end.
+
+
+def _pick_images(folder: Path, per_split: int) -> list[str]:
+    """Image names with ``per_split`` sources in each split at fraction 0.5 (the split hashes the
+    absolute path, which changes with the temporary folder)."""
+    want = {"train": per_split, "validation": per_split}
+    names = []
+    for i in range(200):
+        name = f"photo-{i}.png"
+        s = split_of(str(folder / name), 0.5)
+        if want[s]:
+            want[s] -= 1
+            names.append(name)
+        if not any(want.values()):
+            return names
+    raise AssertionError("could not find sources for both splits")
+
+
+def test_pairs_end_to_end_rerun_and_embedded_export(ray_local, tmp_path):
+    import datasets
+
+    from step1x_batch.synthesize import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = _pick_images(folder, 2)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(_png(i))
+    rows = [{"image_uri": n, "tag": "x"} for n in names] + [{"image_uri": "missing.png"},
+                                                           {"image_uri": "./" + names[0]}]  # a duplicate
+    manifest = _jsonl(folder / "images.jsonl", rows)
+    (folder / "templates.txt").write_text("\n".join(TEMPLATES[:3]) + "\n")
+    out = tmp_path / "out"
+    raw = _raw(manifest, str(out), templates=str(folder / "templates.txt"),
+               instructions_per_image=2, variants=2, validation_fraction=0.5)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(cfg), "--set", "runtime.run_id=p1", "--set", "pairs.name=unit-pairs"]) == 0
+
+    # the dataset: 4 sources x 2 instructions x 2 variants ok; the missing source's 4 rows counted
+    info = json.loads((out / "dataset/dataset_info.json").read_text())
+    assert info["counts"]["rows"] == 16 and info["counts"]["planned"] == 20
+    assert info["counts"]["failed"] == 4 and info["counts"]["by_error_type"] == {"missing_object": 4}
+    assert info["counts"]["by_split"] == {"train": 8, "validation": 8}
+    assert info["counts"]["duplicates_dropped"] == 4  # the duplicate image's 2 x 2 rows
+    assert info["model"]["weights_license"] == "apache-2.0" and info["name"] == "unit-pairs"
+    assert info["source_manifest"] == manifest and info["created_at"]
+    card = (out / "dataset/README.md").read_text()
+    front = _front_matter(card)
+    assert front["license"] == "other" and front["task_categories"] == ["image-to-image"]
+    assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"},
+                                                 {"split": "validation", "path": "data/validation-*.parquet"}]
+    assert "missing_object 4" in card and "apache-2.0" in card
+    shards = sorted((out / "dataset/data").iterdir())
+    assert [p.name for p in shards] == ["train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+
+    table = pa.concat_tables(pq.read_table(p) for p in shards)
+    assert table.column_names == COLUMNS and table.num_rows == 16
+    recs = table.to_pylist()
+    keys = [(r["source_image"], r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
+             r["size_level"], r["negative_prompt"], r["model_id"]) for r in recs]
+    assert len(set(keys)) == len(keys)  # deduplicated
+    split_by_source = defaultdict(set)
+    for r in recs:
+        split_by_source[r["source_image"]].add(r["split"])
+        assert r["split"] == split_of(r["source_image"], 0.5)
+        assert r["model_id"] == "null" and r["num_steps"] == 28
+        edited = decode_image(Path(r["edited_image"]).read_bytes(), 10**6)
+        assert np.array_equal(edited, decode_image(Path(r["source_image"]).read_bytes(), 10**6))
+    assert all(len(s) == 1 for s in split_by_source.values()) and len(split_by_source) == 4
+    seeds = defaultdict(set)
+    for r in recs:
+        seeds[(r["source_image"], r["instruction"])].add(r["seed"])
+    assert all(len(s) == 2 for s in seeds.values()) and len(seeds) == 8
+    df = pd.read_parquet(out / "dataset/data")
+    assert len(df) == 16 and list(df.columns) == COLUMNS
+    data_files = {s: str(out / f"dataset/data/{s}-*.parquet") for s in ("train", "validation")}
+    ds = datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(tmp_path / "hf"))
+    assert {k: v.num_rows for k, v in ds.items()} == {"train": 8, "validation": 8}
+    assert ds["train"].features["edited_image"] == datasets.Value("string")
+    assert sorted(ds["validation"]["id"]) == sorted(r["id"] for r in recs if r["split"] == "validation")
+
+    # a second run edits nothing and leaves the dataset byte-identical
+    before = _folder_bytes(out / "dataset")
+    sj = parse_synthesize_config({**raw, "runtime": {**raw["runtime"], "run_id": "p2"},
+                                  "pairs": {**raw["pairs"], "name": "unit-pairs"}})
+    s2 = run_synthesize(sj)
+    assert s2.ok and s2.edit["rows_processed"] == 0 and s2.edit["rows_skipped"] == 20
+    assert s2.dataset["unchanged"] and _folder_bytes(out / "dataset") == before
+    assert json.loads((out / "pairs/runs/p2.json").read_text())["edit"]["rows_processed"] == 0
+
+    # the same pairs exported with embedded bytes, 3 rows a shard: the old shards are gone
+    sj.pairs.embed_bytes, sj.pairs.max_shard_rows = True, 3
+    result = export_dataset(sj, prepare_work(sj))
+    assert not result.unchanged
+    names_now = sorted(p.name for p in (out / "dataset/data").iterdir())
+    assert names_now == [f"train-{i:05d}-of-00003.parquet" for i in range(3)] + [
+        f"validation-{i:05d}-of-00003.parquet" for i in range(3)]
+    ds = datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(tmp_path / "hf2"))
+    assert isinstance(ds["train"].features["edited_image"], datasets.Image)
+    first = ds["train"][0]
+    assert isinstance(first["edited_image"], Image.Image) and first["edited_image"].size == (32, 24)
+    raw_rows = pq.read_table(out / "dataset/data" / names_now[0]).to_pylist()
+    for r in raw_rows:
+        assert r["edited_image"]["bytes"] == Path(r["edited_image"]["path"]).read_bytes()
+        assert r["source_image"]["bytes"] == Path(r["source_image"]["path"]).read_bytes()
+    assert json.loads((out / "dataset/dataset_info.json").read_text())["parameters"]["embed_bytes"] is True
+
+
+def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
+    tiny = pytest.importorskip("step1x_batch.models.step1x.tiny")
+    weights = tmp_path / "weights"
+    tiny.make_tiny_weights(str(weights), seed=0)
+    write_bytes(f"{s3_bucket}/in/a.png", _png(0, 64, 48))
+    write_bytes(f"{s3_bucket}/in/images.jsonl",
+                (json.dumps({"image_uri": "a.png", "instruction": "make it blue"}) + "\n").encode())
+    out = f"{s3_bucket}/out"
+    raw = _raw(f"{s3_bucket}/in/images.jsonl", out, variants=2, validation_fraction=0.0)
+    raw["model"] = {"kind": "step1x", "weights": str(weights), "dtype": "float32", "device": "cpu",
+                    "max_batch_size": 2}
+    raw["sampling"] = {"num_steps": 2, "size_level": 64}
+    raw["runtime"]["run_id"] = "tiny"
+    s = run_synthesize(parse_synthesize_config(raw))
+    assert s.ok and s.edit["by_status"] == {"ok": 2} and s.dataset["rows"] == 2
+    fs, path = arrow_filesystem(f"{out}/dataset/data/train-00000-of-00001.parquet")
+    recs = pq.read_table(path, filesystem=fs).to_pylist()
+    assert [r["variant"] for r in recs] == [0, 1] and recs[0]["seed"] != recs[1]["seed"]
+    assert recs[0]["model_id"].startswith("step1x-edit:") and recs[0]["num_steps"] == 2
+    edits = [decode_image(read_bytes(r["edited_image"]), 10**6) for r in recs]
+    source = decode_image(read_bytes(recs[0]["source_image"]), 10**6)
+    assert edits[0].shape == source.shape == (48, 64, 3)
+    assert not np.array_equal(edits[0], source)  # the model changed the picture
+    assert not np.array_equal(edits[0], edits[1])  # another seed, other noise
+    card = read_bytes(f"{out}/dataset/README.md").decode()
+    assert _front_matter(card)["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"}]
+
+
+def test_job_entry_point_refuses_bad_inputs(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = _jsonl(tmp_path / "images.jsonl", [{"picture": "a.png"}])
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(_raw(manifest, str(tmp_path / "out"), variants=2)))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/synthesize_pairs.py"), "--config", str(cfg),
+                           "--set", "pairs.variants=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pairs.variants: Input should be greater than or equal to 1" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/synthesize_pairs.py"), "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no column 'image_uri' (pairs.image_column)" in proc.stderr
+    assert not (tmp_path / "out" / "dataset").exists()
