@@ -36,11 +36,9 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from step1x_batch.config import load_config
-    from step1x_batch.runner import run_job
+    from step1x_batch.runner import run_config
 
-    summary = run_job(load_config(args.config, args.set))
-    return 0 if getattr(summary, "ok", True) else 1
+    return run_config(args.config, args.set)
 
 
 def _demo(args: argparse.Namespace) -> int:
