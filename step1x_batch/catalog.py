@@ -84,6 +84,7 @@ __all__ = [
     "read_latest",
     "plan_catalog",
     "run_catalog",
+    "run_config",
     "main",
 ]
 
@@ -515,15 +516,23 @@ def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/rerender_catalog.py --config X [--set k=v ...]`` -> exit status
-    (0 published, 1 not published: error budget, 2 bad config or catalog)."""
+    (0 published, 1 not published: error budget, 2 bad config, catalog or cluster)."""
     parser = argparse.ArgumentParser(description="Re-render the catalog items that changed and publish latest.")
     parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'catalog'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
     args = parser.parse_args(argv)
+    return run_config(args.config, args.set)
+
+
+def run_config(path: str, overrides: Sequence[str] = ()) -> int:
+    """Load, run, publish, and turn the outcome into an exit status (see :func:`main`); for
+    ``step1x-batch rerender CONFIG``."""
     try:
-        summary = run_catalog(load_catalog_config(args.config, args.set))
-    except (ConfigError, InputError) as e:
+        summary = run_catalog(load_catalog_config(path, overrides))
+    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
+        # a config, input or cluster problem (ConfigError and InputError are ValueErrors), as
+        # `step1x-batch run` reports them: one line, no traceback
         _print(f"error: {e}", err=True)
         return 2
     return 0 if summary.published else 1

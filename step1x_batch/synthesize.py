@@ -89,6 +89,7 @@ __all__ = [
     "prepare_work",
     "export_dataset",
     "run_synthesize",
+    "run_config",
     "main",
 ]
 
@@ -734,16 +735,23 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/synthesize_pairs.py --config X [--set k=v ...]`` -> exit status
-    (0 done, 1 error budget exceeded, 2 bad config or inputs)."""
+    (0 done, 1 error budget exceeded: no export, 2 bad config, inputs or cluster)."""
     parser = argparse.ArgumentParser(description="Make synthetic image-editing training pairs with Step1X-Edit on Ray.")
     parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'pairs'")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. pairs.variants=4 (repeatable)")
     args = parser.parse_args(argv)
+    return run_config(args.config, args.set)
+
+
+def run_config(path: str, overrides: Sequence[str] = ()) -> int:
+    """Load, run, export, and turn the outcome into an exit status (see :func:`main`); for
+    ``step1x-batch synthesize CONFIG``."""
     try:
-        sj = load_synthesize_config(args.config, args.set)
-        summary = run_synthesize(sj)
-    except (ConfigError, InputError) as e:
+        summary = run_synthesize(load_synthesize_config(path, overrides))
+    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
+        # a config, input or cluster problem (ConfigError and InputError are ValueErrors), as
+        # `step1x-batch run` reports them: one line, no traceback
         _print(f"error: {e}", err=True)
         return 2
     return 0 if summary.ok else 1
