@@ -173,7 +173,9 @@ def test_model_id_and_editor_spec(tmp_path):
     cfg = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"))
     spec = cfg.editor_spec()
     assert spec.weights == "s3://my-models/step1x-edit-v1p1/" and spec.device == "cuda" and spec.dtype == "bfloat16"
-    assert spec.weights_cache_dir == "/tmp/step1x-batch/weights" and spec.weights_storage == cfg.input.storage
+    assert spec.weights_cache_dir is None and spec.weights_storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
+    pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
+    assert pinned.editor_spec().weights_cache_dir == "/mnt/nvme/cache"
     assert spec.model_id == cfg.model.resolved_model_id()
     other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.dtype=float16"])
     assert other.model.resolved_model_id() != cfg.model.resolved_model_id()  # dtype changes pixels
