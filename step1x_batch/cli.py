@@ -1,4 +1,5 @@
-"""The ``step1x-batch`` command: demo, run a job config, make tiny weights, edit one image."""
+"""The ``step1x-batch`` command: demo, run / synthesize / rerender a job config, make tiny weights,
+edit one image."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def _run(args: argparse.Namespace) -> int:
     return run_config(args.config, args.set)
 
 
+def _synthesize(args: argparse.Namespace) -> int:
+    from step1x_batch.synthesize import run_config
+
+    return run_config(args.config, args.set)
+
+
+def _rerender(args: argparse.Namespace) -> int:
+    from step1x_batch.catalog import run_config
+
+    return run_config(args.config, args.set)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from step1x_batch.demo import main as demo_main
 
@@ -59,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=_run)
+
+    for name, func, text in (
+        ("synthesize", _synthesize, "make synthetic training pairs (images x instructions x seeds) from a YAML config"),
+        ("rerender", _rerender, "re-render the changed items of a catalog and publish `latest` from a YAML config"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("make-tiny-weights", help="write a toy-size release folder made from a seed")
     p.add_argument("dir")

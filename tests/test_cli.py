@@ -1,0 +1,20 @@
+"""The command line: every job subcommand turns a bad config into exit status 2 and one line."""
+
+import pytest
+
+from step1x_batch.cli import main
+
+
+@pytest.mark.parametrize("command", ["run", "synthesize", "rerender"])
+def test_bad_config_is_exit_2_with_the_key_path(command, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: {manifest: m.jsonl}\noutput: {uri: out}\nmodel: {kind: null}\nsampling: {num_steps: 0}\n")
+    assert main([command, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.num_steps" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "synthesize", "rerender"])
+def test_missing_config_is_exit_2(command, tmp_path, capsys):
+    assert main([command, str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
