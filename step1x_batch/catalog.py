@@ -63,13 +63,13 @@ from step1x_batch.manifest import (
     fill_template,
     manifest_base,
     marker_text,
-    normalize_batch,
     read_manifest_table,
     resolve_image_uri,
     template_fields,
     write_manifest,
 )
 from step1x_batch.rowlog import part_uri, read_logs, write_log_part
+from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, write_bytes
 
 __all__ = [
@@ -243,17 +243,7 @@ class Plan:
 
 def _normalise(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
     """The edit job's own normalisation (same arguments as its normalise stage)."""
-    return normalize_batch(
-        table,
-        manifest_uri=manifest_uri,
-        defaults=job.sampling.edit_params(),
-        default_seed_base=job.sampling.seed_base,
-        model_id=job.model.resolved_model_id(),
-        image_format=job.output.format,
-        max_instruction_chars=job.runtime.max_instruction_chars,
-        image_quality=job.output.quality,
-        output="pyarrow",
-    )
+    return NormaliseSettings.from_config(job, manifest_uri).normalise(table)
 
 
 def _invalid(item: str | None, raw: dict[str, Any], code: str, message: str, image_uri: Any,

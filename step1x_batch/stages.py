@@ -290,6 +290,33 @@ class NormaliseSettings:
     max_instruction_chars: int
     image_quality: int | None = None
 
+    @classmethod
+    def from_config(cls, cfg: JobConfig, manifest_uri: str | None = None) -> "NormaliseSettings":
+        """The job's normalisation; jobs built on this one (pairs, catalog) use it to predict the
+        fingerprints the row log will hold."""
+        return cls(
+            manifest_uri=manifest_uri or cfg.input.manifest,
+            defaults=cfg.sampling.edit_params(),
+            seed_base=cfg.sampling.seed_base,
+            model_id=cfg.model.resolved_model_id(),
+            image_format=cfg.output.format,
+            max_instruction_chars=cfg.runtime.max_instruction_chars,
+            image_quality=cfg.output.quality,
+        )
+
+    def normalise(self, batch: pa.Table) -> pa.Table:
+        return normalize_batch(
+            batch,
+            manifest_uri=self.manifest_uri,
+            defaults=self.defaults,
+            default_seed_base=self.seed_base,
+            model_id=self.model_id,
+            image_format=self.image_format,
+            max_instruction_chars=self.max_instruction_chars,
+            image_quality=self.image_quality,
+            output="pyarrow",
+        )
+
 
 def normalise_and_skip(
     batch: pa.Table, *, settings: NormaliseSettings, index: Any = None, counters: Any = None
@@ -300,17 +327,7 @@ def normalise_and_skip(
     n_in = batch.num_rows
     if n_in == 0:
         return ROW_SCHEMA.empty_table()
-    table = normalize_batch(
-        batch,
-        manifest_uri=settings.manifest_uri,
-        defaults=settings.defaults,
-        default_seed_base=settings.seed_base,
-        model_id=settings.model_id,
-        image_format=settings.image_format,
-        max_instruction_chars=settings.max_instruction_chars,
-        image_quality=settings.image_quality,
-        output="pyarrow",
-    )
+    table = settings.normalise(batch)
     done_index = _resolve_index(index)
     cols = table.select(list(_NORMALISED_COLUMNS)).to_pydict()
     ids, fps = cols["id"], cols["fingerprint"]
@@ -612,15 +629,7 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
 
     r = cfg.resources
     model_id = cfg.model.resolved_model_id()
-    settings = NormaliseSettings(
-        manifest_uri=cfg.input.manifest,
-        defaults=cfg.sampling.edit_params(),
-        seed_base=cfg.sampling.seed_base,
-        model_id=model_id,
-        image_format=cfg.output.format,
-        max_instruction_chars=cfg.runtime.max_instruction_chars,
-        image_quality=cfg.output.quality,
-    )
+    settings = NormaliseSettings.from_config(cfg)
     ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
     ds = ds.map_batches(
         normalise_and_skip,

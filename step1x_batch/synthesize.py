@@ -59,12 +59,12 @@ from step1x_batch.images import image_extension
 from step1x_batch.manifest import (
     SEED_LIMIT,
     manifest_base,
-    normalize_batch,
     read_manifest_table,
     resolve_image_uri,
     write_manifest,
 )
 from step1x_batch.rowlog import read_logs
+from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import (
     StorageOptions,
     exists,
@@ -344,17 +344,7 @@ def _work_table(rows: list[dict[str, Any]]) -> pa.Table:
 def normalise_like_the_job(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
     """The edit job's own normalisation of ``table`` (same arguments as the job's normalise
     stage), so the fingerprints here are the ones the row log will hold."""
-    return normalize_batch(
-        table,
-        manifest_uri=manifest_uri,
-        defaults=job.sampling.edit_params(),
-        default_seed_base=job.sampling.seed_base,
-        model_id=job.model.resolved_model_id(),
-        image_format=job.output.format,
-        max_instruction_chars=job.runtime.max_instruction_chars,
-        image_quality=job.output.quality,
-        output="pyarrow",
-    )
+    return NormaliseSettings.from_config(job, manifest_uri).normalise(table)
 
 
 @dataclass
