@@ -128,3 +128,17 @@ def test_non_strict_leaves_nothing_on_meta(dit_file):
     rewrite(path, sd)
     with pytest.raises(WeightsError, match="no weights for img_in.bias"):
         load_into(meta_dit(), path, others=("connector.",), strict=False)
+
+
+def test_truncated_qwen_shard_is_named(tmp_path):
+    from step1x_batch.models.step1x.conditioner import QwenConditioner
+    from step1x_batch.models.step1x.tiny_qwen import write_tiny_qwen
+
+    folder = tmp_path / "qwen"
+    write_tiny_qwen(folder, seed=0)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(WeightsError, match="model.safetensors.*truncated"):
+        QwenConditioner.from_pretrained(folder, dtype=torch.float32)
+    with pytest.raises(WeightsError, match="no Qwen2.5-VL folder"):
+        QwenConditioner.from_pretrained(tmp_path / "absent", dtype=torch.float32)

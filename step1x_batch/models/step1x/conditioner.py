@@ -286,6 +286,13 @@ class QwenConditioner:
         """Load a local Qwen2.5-VL folder: safetensors only, no remote code, no network."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+        from .loading import WeightsError, read_header
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"{folder}: no Qwen2.5-VL folder here (expected config.json, tokenizer, safetensors)")
+        for shard in sorted(folder.glob("*.safetensors")):
+            read_header(shard)  # a truncated or corrupt shard is named here, not deep in transformers
         device = torch.device(device)
         extra = {}
         if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
