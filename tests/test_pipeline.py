@@ -202,3 +202,28 @@ def test_load_editor_stages_weights_from_object_storage(release, s3_bucket, stor
     local_editor = Step1XEditor(EditPipeline.from_pretrained(release, dtype="float32"))
     assert out.image.tobytes() == local_editor.edit_rows([row])[0].image.tobytes()
     assert editor.model_id == local_editor.model_id  # identity of the weights, not of the cache path
+
+
+def test_fp8_file_keeps_fp8_storage_with_identical_pixels(release, tmp_path):
+    """The community FP8 file: weights stay fp8 (half the memory), pixels equal upcasting at load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fp8_dir = tmp_path / "fp8"
+    shutil.copytree(release, fp8_dir)
+    dit_file = fp8_dir / "step1x-edit-v1p1-official.safetensors"
+    sd = load_file(dit_file)
+    save_file({k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in sd.items()},
+              str(fp8_dir / "step1x-edit-i1258-FP8.safetensors"))
+    dit_file.unlink()
+    kept = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16")
+    upcast = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16", fp8_storage=False)
+    w = kept.dit.double_blocks[0].img_attn.qkv.weight
+    assert w.dtype == torch.float8_e4m3fn
+    assert upcast.dit.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    assert size(kept.dit) < 0.6 * size(upcast.dit)
+    a = edit(kept, [picture(1)], ["add a hat"], seeds=[3])[0].image
+    b = edit(upcast, [picture(1)], ["add a hat"], seeds=[3])[0].image
+    assert a.tobytes() == b.tobytes()

@@ -135,20 +135,23 @@ def load_into(
     """Assign the tensors under ``prefix`` in ``path`` to a (meta-built) ``module``.
 
     Floating-point tensors are cast to ``dtype`` (fp8 storage is upcast to it: computing in fp8 is not
-    what the release does); ``strict`` refuses any key mismatch.
+    what the release does), except parameters the module itself declares in fp8 (kept in fp8 to
+    halve their memory); ``strict`` refuses any key mismatch.
     """
     header = read_header(path) if header is None else header
     shapes = {k: torch.Size(v["shape"]) for k, v in header.items()}
     if strict:
         check_keys(module, shapes, path, prefix, others)
     state = {}
-    expected = module.state_dict().keys()
+    expected = module.state_dict()
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for key in expected:
+        for key, target in expected.items():
             if prefix + key not in shapes:
                 continue
             t = f.get_tensor(prefix + key)
-            if dtype is not None and t.is_floating_point():
+            if target.dtype in FP8_DTYPES:  # a parameter that keeps fp8 storage (see layers.Fp8Linear)
+                t = t.to(target.dtype)
+            elif dtype is not None and t.is_floating_point():
                 t = t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
             state[key] = t
     module.load_state_dict(state, strict=strict, assign=True)

@@ -27,6 +27,7 @@ from step1x_batch.sampling import denoise, get_schedule
 
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
+from .layers import keep_fp8_storage
 from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, WeightsError, header_shapes, load_into, read_header
 from .vae import AutoEncoder, AutoEncoderParams
 
@@ -178,11 +179,13 @@ class EditPipeline:
         qwen_dir: str | os.PathLike | None = None,
         strict: bool = True,
         compile: bool = False,
+        fp8_storage: bool | None = None,
     ) -> "EditPipeline":
         """Load a release folder: the DiT + connector file, ``vae.safetensors`` and the Qwen folder.
 
         Sizes come from tensor shapes; the version from the keys (``connector.scale_factor``: v1.0)
-        unless ``version`` overrides it.
+        unless ``version`` overrides it. ``fp8_storage`` keeps an FP8 file's linear weights in fp8 and
+        upcasts them per call (same numbers, half the DiT memory); None: whenever the file is FP8.
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -203,6 +206,9 @@ class EditPipeline:
         with torch.device("meta"):
             dit = Step1XDiT(dit_params)
             connector = Connector(connector_params)
+        stored_fp8 = {k for k, v in header.items() if v["dtype"] == "F8_E4M3"}
+        if stored_fp8 and fp8_storage is not False:
+            keep_fp8_storage(dit, stored_fp8, torch.float8_e4m3fn)
         load_into(dit, dit_path, others=("connector.",), device=device, dtype=dtype, strict=strict, header=header)
         load_into(connector, dit_path, prefix="connector.", device=device, dtype=dtype, strict=strict, header=header)
 
