@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from step1x_batch.editor import EditParams, EditorSpec
+from step1x_batch.errors import redact
 from step1x_batch.storage import StorageOptions
 
 __all__ = [
@@ -247,15 +248,23 @@ def _absolute(uri: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _find_credentials(raw: Any, path: str = "") -> str | None:
+def _find_credentials(raw: Any, path: str = "") -> tuple[str, str] | None:
+    """(key path, what) of the first credential in a raw config: a credential-named key, or a URI
+    carrying one (``user:password@``, a signed query)."""
     if isinstance(raw, dict):
-        for key, value in raw.items():
-            here = f"{path}.{key}" if path else str(key)
-            if _CREDENTIAL_KEY.search(str(key)):
-                return here
-            found = _find_credentials(value, here)
-            if found:
-                return found
+        items = [(f"{path}.{k}" if path else str(k), k, v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        items = [(f"{path}[{i}]", None, v) for i, v in enumerate(raw)]
+    else:
+        if isinstance(raw, str) and "://" in raw and redact(raw) != raw:
+            return path, "a URI carrying credentials (user:password@ or a signed query) is"
+        return None
+    for here, key, value in items:
+        if key is not None and _CREDENTIAL_KEY.search(str(key)):
+            return here, "credentials are"
+        found = _find_credentials(value, here)
+        if found:
+            return found
     return None
 
 
@@ -300,7 +309,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> JobConf
     cred = _find_credentials(raw)
     if cred:
         raise ConfigError(
-            f"{cred}: credentials are not accepted in a config file; provide them through the "
+            f"{cred[0]}: {cred[1]} not accepted in a config file; provide them through the "
             "environment (AWS_ACCESS_KEY_ID, ...) or the cloud's credential chain"
         )
     try:

@@ -68,6 +68,8 @@ class RowError(Exception):
 _MASK = "***"
 # scheme://user:password@host  or  scheme://token@host  -> scheme://***@host
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+# user:password@host with no scheme in front (botocore quotes an invalid bucket name that way)
+_BARE_USERINFO = re.compile(r"(?<![\w.+\-/:@*])[^\s/@:'\"<>]+:[^\s/@'\"<>]+@(?=[A-Za-z0-9\[])")
 # query / header / key=value pairs whose value is a secret (presigned URLs, SAS tokens, ...)
 _SECRET_PARAMS = (
     r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|AWSAccessKeyId|Signature|"
@@ -103,6 +105,7 @@ def redact(text: str) -> str:
         if len(value) >= 12:
             text = text.replace(value, _MASK)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{_MASK}@", text)
+    text = _BARE_USERINFO.sub(f"{_MASK}@", text)
     text = _SECRET_KV.sub(lambda m: f"{m.group('key')}{m.group('sep')}{_MASK}", text)
     text = _AWS_KEY_ID.sub(_MASK, text)
     return text

@@ -518,6 +518,8 @@ def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
             output_uri=r.get("output_uri") if ok else None,
             error_type=None if ok else r["error_type"],
             error_message=None if ok else (r.get("error_message") or r["error_type"]),
+            # the log and the report are read by people: no user:password@ or signed query in them
+            image_uri=errors.redact_uri(r["image_uri"]) if r.get("image_uri") else r.get("image_uri"),
             model_id=s.model_id,
             run_id=s.run_id,
             finished_at=now,

@@ -185,15 +185,11 @@ def test_planted_secrets_not_printed_nor_in_run_files(planted_job):
     assert recs["userinfo-http"]["status"] == recs["presigned"]["status"] == "ok"  # they were usable
 
 
-@pytest.mark.xfail(strict=True, reason="errors.redact misses 'user:password@host' without a scheme, as "
-                   "botocore quotes an invalid bucket name (fix proposed to the lead)")
 def test_planted_secrets_not_in_error_messages(planted_job):
     messages = {rid: r["error_message"] or "" for rid, r in planted_job["records"].items()}
     assert not _leaks(messages), _leaks(messages)
 
 
-@pytest.mark.xfail(strict=True, reason="the row log and the report copy image_uri verbatim, credentials "
-                   "included (fix proposed to the lead: redact it in stages.to_log_records)")
 def test_planted_secrets_not_in_row_log_or_report(planted_job):
     out = planted_job["out"]
     places = {str(p.relative_to(out)): _text_of(p) for p in (out / "logs").rglob("*.parquet")}
@@ -293,8 +289,6 @@ def test_config_with_a_credential_key_is_refused(tmp_path, path):
     assert SECRET not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py accepts URIs with user:password@ or a signed query "
-                   "and copies them into runs/<id>/config.yaml (fix proposed to the lead)")
 @pytest.mark.parametrize("uri", [
     f"s3://{KEY_ID}:{URL_PASSWORD}@bucket/m.jsonl",
     f"https://alice:{URL_PASSWORD}@host.example/m.jsonl",
