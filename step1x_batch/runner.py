@@ -335,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and turn the outcome into an exit status: 0 done, 1 error budget exceeded,
     2 a config, manifest or cluster problem found before any row ran (printed without a traceback)."""
-    from step1x_batch.errors import RowError
+    from botocore.exceptions import BotoCoreError
+
+    from step1x_batch.errors import RowError, redact
 
     try:
         cfg = load_config(path, overrides)
@@ -344,7 +346,7 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
         return 2
     try:
         summary = run_job(cfg)
-    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
-        _print(f"error: {e}", err=True)
+    except (RowError, OSError, ValueError, BotoCoreError) as e:  # e.g. a bucket name S3 refuses
+        _print(f"error: {redact(f'{type(e).__name__}: {e}')}", err=True)
         return 2
     return 0 if summary.ok else 1

@@ -18,3 +18,12 @@ def test_bad_config_is_exit_2_with_the_key_path(command, tmp_path, capsys):
 def test_missing_config_is_exit_2(command, tmp_path, capsys):
     assert main([command, str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml" in capsys.readouterr().err
+
+
+def test_invalid_bucket_name_is_exit_2_without_traceback(tmp_path, capsys, s3_server):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {{manifest: 's3://Not_A_Valid..Bucket/m.jsonl'}}\noutput: {{uri: '{tmp_path}/out'}}\n"
+                   "model: {kind: 'null'}\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
