@@ -22,7 +22,7 @@ def test_missing_config_is_exit_2(command, tmp_path, capsys):
 
 def test_invalid_bucket_name_is_exit_2_without_traceback(tmp_path, capsys, s3_server):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(f"input: {{manifest: 's3://Not_A_Valid..Bucket/m.jsonl'}}\noutput: {{uri: '{tmp_path}/out'}}\n"
+    cfg.write_text(f"input: {{manifest: 's3://bad!bucket/m.jsonl'}}\noutput: {{uri: '{tmp_path}/out'}}\n"
                    "model: {kind: 'null'}\n")
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
