@@ -17,7 +17,6 @@ GCS, Ray workers) every 0.2 s.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

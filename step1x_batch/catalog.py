@@ -47,16 +47,14 @@ import os
 import sys
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from step1x_batch.config import ConfigError, JobConfig, apply_overrides, parse_config
+from step1x_batch.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
 from step1x_batch.images import image_extension
 from step1x_batch.manifest import (
@@ -179,15 +177,7 @@ def parse_catalog_config(raw: Any, base_dir: str | os.PathLike | None = None) ->
 
 def load_catalog_config(path: str, overrides: Sequence[str] = ()) -> CatalogJob:
     """Read a YAML config, apply ``--set`` overrides, validate."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return parse_catalog_config(apply_overrides(raw, overrides))
+    return parse_catalog_config(read_raw_config(path, overrides))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,12 +325,8 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> JobConf
     return cfg
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
-    """Read a YAML config, apply ``--set`` overrides, validate.
-
-    Relative local paths in the file are taken relative to the current working directory (the
-    repository root for ``ray job submit --working-dir .``), then made absolute.
-    """
+def read_raw_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config file as a mapping, ``--set`` overrides applied (not validated yet)."""
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -343,8 +339,16 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides)
-    return parse_config(raw)
+    return apply_overrides(raw, overrides)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate.
+
+    Relative local paths in the file are taken relative to the current working directory (the
+    repository root for ``ray job submit --working-dir .``), then made absolute.
+    """
+    return parse_config(read_raw_config(path, overrides))
 
 
 def config_to_yaml(cfg: JobConfig) -> str:

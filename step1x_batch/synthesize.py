@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from step1x_batch.config import ConfigError, JobConfig, apply_overrides, parse_config
+from step1x_batch.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import RowError, redact_uri
 from step1x_batch.images import image_extension
 from step1x_batch.manifest import (
@@ -187,15 +187,7 @@ def parse_synthesize_config(raw: Any, base_dir: str | os.PathLike | None = None)
 
 def load_synthesize_config(path: str, overrides: Sequence[str] = ()) -> SynthesizeJob:
     """Read a YAML config, apply ``--set`` overrides (``pairs.variants=4`` too), validate."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return parse_synthesize_config(apply_overrides(raw, overrides))
+    return parse_synthesize_config(read_raw_config(path, overrides))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from PIL import Image
 
 from step1x_batch import errors
 from step1x_batch.config import parse_config
-from step1x_batch.editor import EditOutput, EditParams
+from step1x_batch.editor import EditOutput
 from step1x_batch.images import decode_image
 from step1x_batch.rowlog import LOG_SCHEMA, read_logs
 from step1x_batch.storage import filesystem, read_bytes, write_bytes

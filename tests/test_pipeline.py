@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from step1x_batch.editor import EditParams, EditRow
-from step1x_batch.models.step1x.dit import DiTParams
 from step1x_batch.models.step1x.pipeline import (
     EditPipeline, Step1XEditor, image_ids, model_size, pack, unpack,
 )
