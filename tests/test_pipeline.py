@@ -226,3 +226,9 @@ def test_fp8_file_keeps_fp8_storage_with_identical_pixels(release, tmp_path):
     a = edit(kept, [picture(1)], ["add a hat"], seeds=[3])[0].image
     b = edit(upcast, [picture(1)], ["add a hat"], seeds=[3])[0].image
     assert a.tobytes() == b.tobytes()
+
+
+def test_too_thin_image_is_a_row_error(pipe):
+    results = edit(pipe, [picture(1, 4, 400), picture(2)], ["a", "b"], seeds=[1, 2])
+    assert results[0].error_type == "unsupported_size" and "too thin" in results[0].error_message
+    assert results[1].error_type is None

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 NON_FINITE_OUTPUT = "non_finite_output"
 INVALID_INSTRUCTION = "invalid_instruction"
+UNSUPPORTED_SIZE = "unsupported_size"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ def model_size(width: int, height: int, size_level: int) -> tuple[int, int]:
         w = math.ceil(h * r)
     w, h = w // 16 * 16, h // 16 * 16
     if w < 16 or h < 16:
-        raise ValueError(f"image {width}x{height} is too thin for size level {size_level}")
+        raise ValueError(
+            f"image {width}x{height} is too thin for size level {size_level} (a side would be under 16 "
+            "pixels); crop it or raise size_level"
+        )
     return w, h
 
 
@@ -258,7 +262,11 @@ class EditPipeline:
         results: list[EditResult | None] = [None] * n
         groups: dict[tuple[int, int], list[int]] = {}
         for i, a in enumerate(arrays):
-            size = model_size(a.shape[1], a.shape[0], size_level)
+            try:
+                size = model_size(a.shape[1], a.shape[0], size_level)
+            except ValueError as e:
+                results[i] = EditResult(None, 0, 0, seeds[i], 0, {}, UNSUPPORTED_SIZE, str(e))
+                continue
             problem = self._text_problem(instructions[i]) or self._text_problem(negatives[i])
             if problem:
                 results[i] = EditResult(None, *size, seeds[i], 0, {}, INVALID_INSTRUCTION, problem)
@@ -278,8 +286,10 @@ class EditPipeline:
 
     def _text_problem(self, text: str) -> str | None:
         check = getattr(self.conditioner, "check_text", None)
+        if check is None:
+            return None
         try:
-            check and check(text)
+            check(text)
         except ValueError as e:
             return f"the instruction or negative prompt cannot be used: {e}"
         return None
