@@ -347,6 +347,6 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     try:
         summary = run_job(cfg)
     except (RowError, OSError, ValueError, BotoCoreError) as e:  # e.g. a bucket name S3 refuses
-        _print(f"error: {redact(f'{type(e).__name__}: {e}')}", err=True)
+        _print(f"error: {redact(str(e))}", err=True)
         return 2
     return 0 if summary.ok else 1
