@@ -30,7 +30,7 @@ from step1x_batch.config import JobConfig
 from step1x_batch.editor import EditOutput, EditParams, EditRow, Editor, EditorSpec, load_editor
 from step1x_batch.errors import RowError
 from step1x_batch.images import decode_image, encode_image
-from step1x_batch.manifest import normalize_batch
+from step1x_batch.manifest import NORMALIZED_SCHEMA, normalize_batch
 from step1x_batch.rowlog import LOG_SCHEMA
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
 
@@ -39,20 +39,8 @@ _TS = pa.timestamp("us", tz="UTC")
 # The working schema between stages. ``pixels`` holds raw RGB uint8 bytes of shape (pix_h, pix_w, 3):
 # the decoded input after `prepare`, the edited output after `edit`, nothing after `write`.
 ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("fingerprint", pa.string()),
-        ("image_uri", pa.string()),
-        ("instruction", pa.string()),
-        ("seed", pa.int64()),
-        ("num_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("size_level", pa.int64()),
-        ("negative_prompt", pa.string()),
-        ("output_key", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("extra", pa.string()),
+    list(NORMALIZED_SCHEMA)  # what normalise passes on (``extra`` is the JSON of extra columns)
+    + [
         ("attempt", pa.int64()),
         ("worker", pa.string()),
         ("started_at", _TS),
@@ -67,12 +55,7 @@ ROW_SCHEMA = pa.schema(
         ("pix_w", pa.int64()),
     ]
 )
-
-# What normalise passes on from manifest.normalize_batch (``extra`` is the JSON of extra columns).
-_NORMALISED_COLUMNS = (
-    "id", "fingerprint", "image_uri", "instruction", "seed", "num_steps", "guidance_scale",
-    "size_level", "negative_prompt", "output_key", "error_type", "error_message", "extra",
-)
+_NORMALISED_COLUMNS = tuple(NORMALIZED_SCHEMA.names)
 
 
 def _now() -> float:

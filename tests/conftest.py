@@ -19,12 +19,14 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import os
 import socketserver
 import struct
 import threading
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +34,8 @@ import pytest
 from PIL import Image
 
 from step1x_batch.storage import StorageOptions
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -322,3 +326,23 @@ def free_port() -> int:
 
 
 __all__ = ["FlakyProxy", "ImageFactory", "draw_rgb", "make_bucket", "free_port"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server) -> Iterator[None]:
+    """One local Ray per test module (2 CPUs, like the CI machine). Workers inherit the moto
+    environment and import the package and tests/ plug-ins (``job_plugins:...``) by name."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(_ROOT), str(_ROOT / "tests")])}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -36,20 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "put the {product} on a {background} background"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module (2 CPUs, like the CI machine)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 def _png(seed: int) -> bytes:
     img = (np.random.default_rng(seed).random((24, 32, 3)) * 255).astype(np.uint8)

@@ -40,24 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 36
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray for the module (2 CPUs); workers import tests/job_plugins.py by name."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 def _config(manifest: str, output: str, **sections) -> dict:
     raw = {

@@ -34,25 +34,6 @@ from step1x_batch.storage import filesystem, read_bytes, write_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray for the module (2 CPUs, like the CI machine); workers see the moto env."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        # tests/ too: the plug-in editor below is imported by the actors as test_job_e2e:...
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 def _config(manifest: str, output: str, **sections) -> dict:
     raw = {

@@ -39,20 +39,6 @@ COLUMNS = ["source_image", "edited_image", "instruction", "seed", "variant", "nu
 TEMPLATES = ["make it red", "add snow", "turn day into night", "add a hat"]
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray for the module (2 CPUs, like the CI machine); workers see the moto env."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 def _png(seed: int, w: int = 32, h: int = 24) -> bytes:
     img = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
