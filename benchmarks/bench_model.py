@@ -4,10 +4,13 @@
     python benchmarks/bench_model.py --tiny --sizes 256 --batches 1 4
     # full-size DiT/VAE with random weights (meta init, random fill on the device; no weights needed)
     python benchmarks/bench_model.py --device cuda --sizes 1024 512 --batches 1 max
+    # Qwen-Image-Edit-2511, tiny folder on the CPU: seconds per edit at batch 1 vs batch 4
+    python benchmarks/bench_model.py --family qwen-image-edit --tiny --sizes 128 --batches 1 4
 
 Full size leaves out the Qwen2.5-VL forward (one ~700-token pass of a 7B model per row and branch,
 about 1e13 FLOPs, ~0.1 % of an edit): text embeddings are random tensors of the real shape. Everything
-else (connector, DiT, CFG loop, VAE encode/decode) is the production code path.
+else (connector, DiT, CFG loop, VAE encode/decode) is the production engine. The CPU prepare stage
+(resize, tokenizer, processor) runs before the timer, as it runs in CPU tasks in the job.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 
 from step1x_batch.models.step1x.connector import Connector, ConnectorParams
 from step1x_batch.models.step1x.dit import DiTParams, Step1XDiT
-from step1x_batch.models.step1x.pipeline import VERSIONS, EditPipeline, model_size
+from step1x_batch.models.base import EditParams, EditRequest, Prepared, edit_prepared
+from step1x_batch.models.step1x.pipeline import VERSIONS, EditPipeline, Step1XEngine
+from step1x_batch.models.step1x.prepare import model_size, prepare_row
 from step1x_batch.models.step1x.vae import AutoEncoder, AutoEncoderParams
 
 TEXT_TOKENS = 640
@@ -36,17 +41,15 @@ def dit_flops(p: DiTParams, seq: int) -> float:
     return blocks * (2 * per_token_weights * seq + 4 * seq * seq * d)
 
 
-class RandomText:
-    """Benchmark-only stand-in for the Qwen conditioner: random hidden states of the real shape."""
+class RandomTextEngine(Step1XEngine):
+    """Benchmark-only: the production engine with random hidden states of the real shape in
+    place of the Qwen2.5-VL forward."""
 
-    def __init__(self, hidden: int, device: torch.device, dtype: torch.dtype):
-        self.hidden, self.device, self.dtype = hidden, device, dtype
-
-    def encode(self, images, instructions, max_length: int = TEXT_TOKENS):
+    def encode_text(self, rows):
         g = torch.Generator(self.device).manual_seed(0)
-        b = len(instructions)
-        emb = torch.randn(b, max_length, self.hidden, generator=g, device=self.device, dtype=self.dtype)
-        mask = torch.zeros(b, max_length, dtype=torch.long, device=self.device)
+        b = 2 * len(rows)
+        emb = torch.randn(b, TEXT_TOKENS, 3584, generator=g, device=self.device, dtype=self.dtype)
+        mask = torch.zeros(b, TEXT_TOKENS, dtype=torch.long, device=self.device)
         mask[:, :120] = 1
         return emb, mask
 
@@ -60,14 +63,26 @@ def random_fill(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     return module.eval().requires_grad_(False)
 
 
-def full_size_pipeline(device: torch.device, dtype: torch.dtype, depth: int, single: int) -> EditPipeline:
+def full_size_engine(device: torch.device, dtype: torch.dtype, depth: int, single: int) -> Step1XEngine:
     params = DiTParams(depth=depth, depth_single_blocks=single)
     with torch.device("meta"):
         dit, connector, vae = Step1XDiT(params), Connector(ConnectorParams()), AutoEncoder(AutoEncoderParams())
     dit, connector = random_fill(dit, device, dtype), random_fill(connector, device, dtype)
     vae = random_fill(vae, device, torch.float32)
-    return EditPipeline(dit, connector, vae, RandomText(3584, device, dtype), VERSIONS["v1.1"], device, dtype,
-                        "random-full-size")
+    return RandomTextEngine(dit, connector, vae, None, VERSIONS["v1.1"], device, dtype, "random-full-size")
+
+
+def rows_for(size: int, batch: int, steps: int, prompts=None) -> list[Prepared]:
+    """Prepared rows of one batch key: through the real prepare with a tokenizer, else only the
+    reference image (the random-text engine needs no token ids)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    params = EditParams(num_steps=steps, size_level=size)
+    if prompts is not None:
+        return [prepare_row(prompts, EditRequest([im], "add a red hat", i, params)) for i, im in enumerate(images)]
+    w, h = model_size(size, size, size)
+    meta = {"num_steps": steps, "guidance_scale": params.guidance_scale, "posterior_mean": False, "prefix_drop": 0}
+    return [Prepared("bench", w, h, {"ref": im[:h, :w]}, {**meta, "seed": i}) for i, im in enumerate(images)]
 
 
 def sync(device: torch.device) -> None:
@@ -87,13 +102,13 @@ def time_it(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def largest_batch(pipe: EditPipeline, size: int, steps: int, device: torch.device) -> int:
+def largest_batch(engine: Step1XEngine, size: int, steps: int, device: torch.device, prompts=None) -> int:
     if device.type != "cuda":
         return 4
     b = 1
     while b < 64:
         try:
-            bench_edit(pipe, size, 2 * b, 1, device)
+            edit_prepared(engine, rows_for(size, 2 * b, 1, prompts), 2 * b)
             b *= 2
         except torch.OutOfMemoryError:
             break
@@ -102,16 +117,37 @@ def largest_batch(pipe: EditPipeline, size: int, steps: int, device: torch.devic
     return b
 
 
-def bench_edit(pipe: EditPipeline, size: int, batch: int, steps: int, device: torch.device):
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
-    return pipe.edit(images, ["add a red hat"] * batch, seeds=list(range(batch)), num_steps=steps,
-                     size_level=size, max_batch_size=batch)
+def bench_qwen_tiny(args, device: torch.device) -> None:
+    """The tiny Qwen-Image-Edit folder through the production prepare + engine: s/row by batch."""
+    from step1x_batch.models.qwen_image_edit.pipeline import QwenImageEditPipeline
+    from step1x_batch.models.qwen_image_edit.tiny import make_tiny_weights
+
+    folder = make_tiny_weights(tempfile.mkdtemp(prefix="qwen-tiny-"))
+    print(f"device CPU, dtype {args.dtype}, tiny Qwen-Image-Edit weights, {args.steps} steps with true CFG, "
+          f"torch {torch.__version__}")
+    print("| size | refs | batch | edit s/row (engine) | rows/s | rows/s ratio to batch 1 |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        pipe = QwenImageEditPipeline.from_pretrained(folder, device=device, dtype=args.dtype,
+                                                     reference_area=size * size, vl_area=min(size, 256) ** 2)
+        for refs in (1, 2):
+            base = None
+            for batch in (int(b) for b in args.batches):
+                rng = np.random.default_rng(0)
+                params = EditParams(num_steps=args.steps, guidance_scale=4.0, size_level=size, negative_prompt=" ")
+                rows = [pipe.preparer(EditRequest([rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                                                   for _ in range(refs)], f"edit number {i}", i, params))
+                        for i in range(batch)]
+                seconds = time_it(lambda: edit_prepared(pipe.engine, rows, batch), device, args.repeat)
+                rate = batch / seconds
+                base = base or rate
+                print(f"| {size}x{size} | {refs} | {batch} | {seconds / batch:.3f} | {rate:.2f} | {rate / base:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny release folder made from a seed (CPU)")
+    ap.add_argument("--family", choices=["step1x", "qwen-image-edit"], default="step1x")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
@@ -122,15 +158,21 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=38, help="single blocks")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.family == "qwen-image-edit":
+        if not args.tiny:
+            raise SystemExit("--family qwen-image-edit: only --tiny for now (full size: the GPU script)")
+        bench_qwen_tiny(args, device)
+        return
 
     if args.tiny:
         from step1x_batch.models.step1x.tiny import make_tiny_weights
 
         folder = make_tiny_weights(tempfile.mkdtemp(prefix="step1x-tiny-"))
         pipe = EditPipeline.from_pretrained(folder, device=device, dtype=dtype)
+        engine, prompts = pipe.engine, pipe.prompts
     else:
-        pipe = full_size_pipeline(device, dtype, args.depth, args.single)
-    p = pipe.dit.params
+        engine, prompts = full_size_engine(device, dtype, args.depth, args.single), None
+    p = engine.dit.params
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, dtype {args.dtype}, {'tiny' if args.tiny else f'full-width random ({p.depth}+{p.depth_single_blocks} blocks)'} weights, "
           f"{args.steps} steps with CFG, torch {torch.__version__}")
@@ -141,7 +183,7 @@ def main() -> None:
         n_img = (w // 16) * (h // 16)
         seq = TEXT_TOKENS + 2 * n_img
         for batch_arg in args.batches:
-            batch = largest_batch(pipe, size, args.steps, device) if batch_arg == "max" else int(batch_arg)
+            batch = largest_batch(engine, size, args.steps, device, prompts) if batch_arg == "max" else int(batch_arg)
             x = torch.randn(2 * batch, 2 * n_img, p.in_channels, device=device, dtype=dtype)
             ids = torch.zeros(2 * batch, 2 * n_img, 3, device=device)
             txt = torch.randn(2 * batch, TEXT_TOKENS, p.context_in_dim, device=device, dtype=dtype)
@@ -150,12 +192,13 @@ def main() -> None:
             y = torch.randn(2 * batch, p.vec_in_dim, device=device, dtype=dtype)
 
             def forward():
-                with torch.inference_mode(), pipe._autocast():
-                    pipe.dit(x, ids, txt, txt_ids, t, y)
+                with torch.inference_mode(), engine._autocast():
+                    engine.dit(x, ids, txt, txt_ids, t, y)
 
             fwd_s = time_it(forward, device, args.repeat)
             fwd_flops = 2 * batch * dit_flops(p, seq)
-            edit_s = time_it(lambda: bench_edit(pipe, size, batch, args.steps, device), device, 1)
+            rows = rows_for(size, batch, args.steps, prompts)  # CPU prepare: not timed (a CPU stage in the job)
+            edit_s = time_it(lambda: edit_prepared(engine, rows, batch), device, 1)
             edit_flops = args.steps * 2 * dit_flops(p, seq)  # per row: steps x (cond + uncond)
             print(f"| {w}x{h} | {batch} | {seq} | {fwd_s:.4f} | {fwd_flops / fwd_s / 1e12:.2f} | "
                   f"{edit_s / batch:.3f} | {edit_flops:.3g} | {edit_flops * batch / edit_s / 1e12:.2f} |")

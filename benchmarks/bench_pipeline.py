@@ -5,7 +5,7 @@
     python benchmarks/bench_pipeline.py all
 
 Both sides do the same per-row work with the same functions: normalise (ids, fingerprints),
-read the object, decode, ``NullEditor.edit_rows``, encode PNG, write the object, write the row log
+read the object, decode, the null family's prepare + engine + finish, encode PNG, write the object, write the row log
 in parts. Inputs and outputs live on tmpfs (``/dev/shm``) so the figures are the pipeline's own
 cost, not the disk's fsync. The plain loop runs in one process (one core); the Ray job uses a
 local Ray with every core of the machine (``ray.init(num_cpus=os.cpu_count())``, started before the
@@ -56,7 +56,7 @@ def job_config(manifest: Path, out: Path, io_batch: int, edit_batch: int, run_id
     return {
         "input": {"manifest": str(manifest)},
         "output": {"uri": str(out)},
-        "model": {"kind": "null"},
+        "model": {"family": "null"},
         "resources": {"io_batch_size": io_batch, "edit_batch_size": edit_batch},
         "runtime": {"run_id": run_id, "progress_bars": False, "log_part_rows": 1000,
                     "report_max_rows": 12},
@@ -70,37 +70,41 @@ def plain_loop(manifest: Path, out: Path, log_part_rows: int = 1000) -> tuple[in
     """The same work in one process, no Ray: returns (rows, seconds)."""
     import pyarrow.json as pajson
 
-    from step1x_batch.editor import EditParams, EditRow, NullEditor
     from step1x_batch.images import decode_image, encode_image
     from step1x_batch.manifest import normalize_batch
+    from step1x_batch.models import load_family
+    from step1x_batch.models.base import EditParams, EditRequest, ModelSpec
     from step1x_batch.rowlog import part_uri, write_log_part
     from step1x_batch.storage import join_uri, read_bytes, write_bytes
 
     start = time.perf_counter()
-    editor = NullEditor()
+    family = load_family(ModelSpec("null"))
+    prepare, engine = family.preparer(None), family.load(None, "cpu")
     table = pajson.read_json(str(manifest))
     done, records, part = 0, [], 0
     for offset in range(0, table.num_rows, log_part_rows):
         chunk = normalize_batch(
             table.slice(offset, log_part_rows), manifest_uri=str(manifest), defaults=EditParams(),
             default_seed_base=0, model_id="null", image_format="png", max_instruction_chars=1000,
-            image_quality=95, output="pyarrow",
+            image_quality=95,
         )
         for row in chunk.to_pylist():
             t0 = time.perf_counter()
             image = decode_image(read_bytes(row["image_uri"]), 40_000_000)
             t1 = time.perf_counter()
             params = EditParams(row["num_steps"], row["guidance_scale"], row["size_level"], row["negative_prompt"])
-            (result,) = editor.edit_rows([EditRow(image, row["instruction"], row["seed"], params)])
+            prepared = prepare(EditRequest([image], row["instruction"], row["seed"], params))
+            (result,) = engine.edit([prepared])
             t2 = time.perf_counter()
             uri = join_uri(str(out), row["output_key"])
-            write_bytes(uri, encode_image(result.image, "png"))
+            h, w = image.shape[:2]
+            write_bytes(uri, encode_image(family.finish(result.image, [(w, h)]), "png"))
             t3 = time.perf_counter()
             h, w = image.shape[:2]
             records.append({**{k: row[k] for k in ("id", "fingerprint", "image_uri", "instruction", "seed",
                                                    "num_steps", "guidance_scale", "size_level", "extra")},
                             "status": "ok", "output_uri": uri, "input_width": w, "input_height": h,
-                            "width": result.width, "height": result.height, "model_id": "null",
+                            "width": prepared.width, "height": prepared.height, "model_id": "null",
                             "run_id": "plain", "attempt": 1, "preprocess_ms": (t1 - t0) * 1e3,
                             "edit_ms": (t2 - t1) * 1e3, "write_ms": (t3 - t2) * 1e3})
             done += 1

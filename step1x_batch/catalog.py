@@ -37,7 +37,6 @@ race on ``latest``. Superseded renders stay in storage; a lifecycle rule may del
 
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime as _dt
 import hashlib
@@ -50,7 +49,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -59,14 +57,15 @@ from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
 from step1x_batch.images import image_extension
 from step1x_batch.manifest import (
     fill_template,
+    image_columns,
+    image_sources,
     manifest_base,
     marker_text,
     read_manifest_table,
-    resolve_image_uri,
     template_fields,
     write_manifest,
 )
-from step1x_batch.rowlog import part_uri, read_logs, write_log_part
+from step1x_batch.rowlog import latest_records, part_uri, write_log_part
 from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, write_bytes
 
@@ -95,7 +94,8 @@ LATEST_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),  # of the row that made it
         ("rendered_at", _TS),
         ("run_id", pa.string()),  # the run that rendered it (maybe earlier than the publishing one)
-        ("image_uri", pa.string()),
+        ("image_uri", pa.string()),  # the first input
+        ("image_uris", pa.list_(pa.string())),  # every input, in order
         ("instruction", pa.string()),
         ("change_marker", pa.string()),
     ]
@@ -277,8 +277,7 @@ def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: st
     invalid: list[dict[str, Any]] = []
     for raw in rows:
         item = _item_id(raw[c.item_id_column])
-        uri = raw[c.image_column]
-        image_uri = resolve_image_uri(uri, base) if isinstance(uri, str) and uri.strip() else uri
+        source = image_sources(raw[c.image_column], base)  # one URI, or a list of them
         try:
             if item is None:
                 raise RowError(INVALID_ROW, f"the row has no item id (column {c.item_id_column!r})")
@@ -296,9 +295,11 @@ def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: st
         except RowError as e:
             text = raw.get(c.instruction_column) if c.instruction_column else None
             asked = {k: raw.get(k) for k in relevant}
-            invalid.append(_invalid(item, asked, e.code, e.message, image_uri, text))
+            first = source[0] if isinstance(source, list) else source
+            invalid.append(_invalid(item, asked, e.code, e.message, first, text))
             continue
-        row = {"id": item, "image_uri": image_uri, "instruction": instruction, "image_etag": marker}
+        row = {"id": item, **image_columns(source), "instruction": instruction, "image_etag": marker,
+               "image_etags": [marker] * len(source) if isinstance(source, list) else None}
         row.update({p: raw[p] for p in passthrough})
         work_rows.append(row)
     catalog_ids = {i for i in counts if i is not None}
@@ -316,7 +317,8 @@ def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: st
     send = []
     for i, (r, n) in enumerate(zip(work_rows, normalised.select(["fingerprint", "error_type"]).to_pylist())):
         fp = n["fingerprint"] if not n["error_type"] else None
-        items[r["id"]] = {"fingerprint": fp, "image_uri": r["image_uri"],
+        uris = r["image_uris"] or [r["image_uri"]]
+        items[r["id"]] = {"fingerprint": fp, "image_uri": uris[0], "image_uris": uris,
                           "instruction": r["instruction"], "change_marker": r["image_etag"]}
         prev = latest.get(r["id"])
         if fp and prev and prev["fingerprint"] == fp:
@@ -367,30 +369,6 @@ def _print(msg: str, *, err: bool = False) -> None:
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _log_records(output_uri: str, options: StorageOptions | None, ids: set[str | None]) -> tuple[dict, dict, set]:
-    """Over every log part: (id, fingerprint) -> latest ok record, id -> latest error record,
-    and the (id, fingerprint) pairs that have any error record."""
-    cols = ["id", "fingerprint", "status", "error_type", "output_uri", "finished_at", "run_id"]
-    logs = read_logs(output_uri, options, columns=cols)
-    ok: dict[tuple, dict] = {}
-    err: dict[str | None, dict] = {}
-    errored: set[tuple] = set()
-    if not logs.num_rows:
-        return ok, err, errored
-    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
-    finished = pc.fill_null(logs.column("finished_at"), oldest)
-    logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
-    for rec in logs.to_pylist():
-        if rec["id"] not in ids:
-            continue
-        if rec["status"] == "ok" and rec["output_uri"]:
-            ok[(rec["id"], rec["fingerprint"])] = rec
-        elif rec["status"] == "error":
-            err[rec["id"]] = rec
-            errored.add((rec["id"], rec["fingerprint"]))
-    return ok, err, errored
-
-
 def run_catalog(cj: CatalogJob) -> CatalogSummary:
     """Plan, render what changed, publish when the run is within its error budget."""
     from step1x_batch.runner import run_job
@@ -416,7 +394,7 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
 
     # Rows that cannot be work are error records of this run (once per distinct bad row).
     ids = set(plan.items) | {r["id"] for r in plan.invalid}
-    _, _, errored_before = _log_records(out, opts, ids) if plan.invalid else ({}, {}, set())
+    errored_before = latest_records(out, opts, ids).errored if plan.invalid else set()
     new_invalid = [r for r in plan.invalid if (r["id"], r["fingerprint"]) not in errored_before]
     if new_invalid:
         now = _now()
@@ -439,7 +417,8 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
         summary.edit = asdict(edit)
 
     # Classify every item against latest and the row log.
-    ok, err, _ = _log_records(out, opts, ids)
+    latest_log = latest_records(out, opts, ids)
+    ok, err = latest_log.ok, latest_log.error
     counts = collections.Counter({k: 0 for k in ("new", "changed", "unchanged", "failed", "removed",
                                                  "rendered", "reused")})
     failed_by: collections.Counter[str] = collections.Counter()
@@ -463,7 +442,8 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
         entries[item] = {"item_id": item, "output_uri": rec["output_uri"],
                          "fingerprint": info["fingerprint"], "rendered_at": rec["finished_at"],
                          "run_id": rec["run_id"], "image_uri": info["image_uri"],
-                         "instruction": info["instruction"], "change_marker": info["change_marker"]}
+                         "image_uris": info["image_uris"], "instruction": info["instruction"],
+                         "change_marker": info["change_marker"]}
     for r in plan.invalid:
         counts["failed"] += 1
         failed_by[r["error_type"]] += 1
@@ -494,25 +474,16 @@ def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
     write_bytes(summary.run_json, (json.dumps(asdict(summary), indent=2, default=str) + "\n").encode(), opts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/rerender_catalog.py --config X [--set k=v ...]`` -> exit status
-    (0 published, 1 not published: error budget, 2 bad config, catalog or cluster)."""
-    parser = argparse.ArgumentParser(description="Re-render the catalog items that changed and publish latest.")
-    parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'catalog'")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
-    args = parser.parse_args(argv)
-    return run_config(args.config, args.set)
-
-
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
-    """Load, run, publish, and turn the outcome into an exit status (see :func:`main`); for
-    ``step1x-batch rerender CONFIG``."""
-    try:
-        summary = run_catalog(load_catalog_config(path, overrides))
-    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
-        # a config, input or cluster problem (ConfigError and InputError are ValueErrors), as
-        # `step1x-batch run` reports them: one line, no traceback
-        _print(f"error: {e}", err=True)
-        return 2
-    return 0 if summary.published else 1
+    """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing published,
+    2 a config, input or cluster problem); for ``step1x-batch rerender CONFIG``."""
+    from step1x_batch.entrypoint import exit_status
+
+    return exit_status(lambda: run_catalog(load_catalog_config(path, overrides)).published)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/rerender_catalog.py --config X [--set k=v ...]``."""
+    from step1x_batch.entrypoint import job_main
+
+    return job_main("Re-render the catalog items that changed and publish latest.", run_config, argv)

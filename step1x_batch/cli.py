@@ -7,8 +7,16 @@ import argparse
 import sys
 from typing import Sequence
 
+from step1x_batch.entrypoint import add_config_arguments
+
 
 def _make_tiny_weights(args: argparse.Namespace) -> int:
+    if args.family == "qwen-image-edit":
+        from step1x_batch.models.qwen_image_edit.tiny import make_tiny_weights
+
+        folder = make_tiny_weights(args.dir, seed=args.seed)
+        print(f"tiny Qwen-Image-Edit-2511 weights (diffusers layout, seed {args.seed}) written to {folder}")
+        return 0
     from step1x_batch.models.step1x.tiny import make_tiny_weights
 
     folder = make_tiny_weights(args.dir, seed=args.seed, version=args.version)
@@ -57,7 +65,7 @@ def _rerender(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from step1x_batch.demo import main as demo_main
 
-    return demo_main(args.dir)
+    return demo_main(args.dir, args.family)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole job on local Ray with a tiny model and sample images")
     p.add_argument("--dir", default=None, help="working folder (default: ./step1x-demo)")
+    p.add_argument("--family", choices=["step1x", "qwen-image-edit"], default="step1x")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("run", help="run a dataset editing job from a YAML config")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    add_config_arguments(p)
     p.set_defaults(func=_run)
 
     for name, func, text in (
@@ -78,14 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("rerender", _rerender, "re-render the changed items of a catalog and publish `latest` from a YAML config"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("config")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+        add_config_arguments(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("make-tiny-weights", help="write a toy-size release folder made from a seed")
     p.add_argument("dir")
+    p.add_argument("--family", choices=["step1x", "qwen-image-edit"], default="step1x")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--version", choices=["v1.0", "v1.1"], default="v1.1")
+    p.add_argument("--version", choices=["v1.0", "v1.1"], default="v1.1", help="step1x only")
     p.set_defaults(func=_make_tiny_weights)
 
     p = sub.add_parser("edit", help="edit one image in this process (no Ray)")

@@ -9,6 +9,7 @@ they come from the environment or the cloud's own chain, never from a file that 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import re
@@ -18,9 +19,11 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from step1x_batch.editor import EditParams, EditorSpec
 from step1x_batch.errors import redact
+from step1x_batch.models import family_class
+from step1x_batch.models.base import EditParams, ModelFamily, ModelSpec
 from step1x_batch.storage import StorageOptions
+from step1x_batch.weights_cache import WeightsSource
 
 __all__ = [
     "ConfigError",
@@ -45,7 +48,6 @@ DEFAULT_RETRY_ERROR_TYPES = ("read_failed", "write_failed", "edit_failed")
 _CREDENTIAL_KEY = re.compile(
     r"(secret|password|passwd|token|credential|access_key|private_key|api_key|session_key)", re.I
 )
-_PLUGIN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -79,64 +81,70 @@ class OutputConfig(_Section):
     quality: int = Field(95, ge=1, le=100)  # webp / jpeg only
 
 
-class ModelConfig(_Section):
-    """Which editor the actors load. ``model_id`` enters every row's fingerprint."""
+# Keys an older config may still carry, and where they live now.
+_MOVED_MODEL_KEYS = {
+    "kind": "model.family",
+    "version": "model.options.version",
+    "posterior_mean": "model.options.posterior_mean",
+}
 
-    kind: str = "step1x"  # "step1x" | "null" | "package.module:Factory" (a plug-in editor, called with the spec)
-    weights: str = ""  # local folder or object-storage URI in the official release layout
-    version: Literal["v1.0", "v1.1"] | None = None  # None: detected from the weights
+
+class ModelConfig(_Section):
+    """Which model family the actors load, from which weights. ``model_id`` enters every row's
+    fingerprint; the family's ``options`` are validated by the family's own typed schema."""
+
+    family: str = "step1x"  # a registry name (step1x, qwen-image-edit, null) or "package.module:Class"
+    weights: str = ""  # local folder or object-storage URI in the family's published layout
+    options: dict[str, Any] = Field(default_factory=dict)  # the family's own settings (model.options.*)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"  # "auto": cuda when resources.num_gpus_per_actor > 0, else cpu
-    posterior_mean: bool = False
-    max_batch_size: int = Field(4, ge=1, le=256)  # rows of one size per model forward
-    model_id: str | None = None  # None: derived from kind, weights, version, dtype, posterior_mean
+    max_batch_size: int = Field(4, ge=1, le=256)  # rows of one batch key per model forward
+    model_id: str | None = None  # None: derived by the family from everything that changes pixels
     storage: StorageOptions | None = None  # for object-storage weights; None: the input's
     cache_dir: str | None = None  # per-node staging folder (None: $STEP1X_WEIGHTS_CACHE or ~/.cache)
     checksums: str | None = None  # a sha256sum file (path or URI) the staged weights must match
 
-    @field_validator("kind")
+    @model_validator(mode="before")
     @classmethod
-    def _known_kind(cls, value: str) -> str:
-        if value in ("step1x", "null") or _PLUGIN.match(value):
-            return value
-        raise ValueError("use 'step1x', 'null' or 'package.module:Factory'")
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in _MOVED_MODEL_KEYS.items():
+                if old in data:
+                    raise ValueError(f"model.{old} is now {new}")
+        return data
 
-    @model_validator(mode="after")
-    def _weights_required(self) -> "ModelConfig":
-        if self.kind == "step1x" and not self.weights:
-            raise ValueError("weights: required when kind is 'step1x' (a folder or object-storage URI)")
-        return self
+    def family_class(self) -> type[ModelFamily]:
+        return family_class(self.family)
+
+    def spec(self, device: str = "cpu") -> ModelSpec:
+        """The plain-data spec each task and actor builds its family from."""
+        return ModelSpec(
+            family=self.family, options=dict(self.options), weights=self.weights, dtype=self.dtype,
+            device=device, max_batch_size=self.max_batch_size, model_id=self.model_id,
+        )
 
     def resolved_model_id(self) -> str:
-        """The model identity written into fingerprints: every model setting that changes pixels."""
-        if self.model_id:
-            return self.model_id
-        if self.kind == "null":
-            return "null"
-        if self.kind != "step1x":
-            return f"{self.kind}:{self.weights.rstrip('/')}" if self.weights else self.kind
-        mode = "mean" if self.posterior_mean else "sample"
-        return f"step1x-edit:{self.version or 'auto'}:{self.dtype}:{mode}:{self.weights.rstrip('/')}"
+        """The model identity written into fingerprints (the family derives it)."""
+        return self.family_class()(self.spec()).model_id()
 
 
 class SamplingConfig(_Section):
-    """Per-row defaults; a manifest column of the same name overrides them row by row."""
+    """Per-row defaults; a manifest column of the same name overrides them row by row. Unset
+    values are the model family's own recipe (Step1X-Edit: 28 steps, guidance 6; Qwen-Image-Edit:
+    40 steps, true CFG 4, negative prompt " ")."""
 
-    num_steps: int = Field(28, gt=0, le=1000)
-    guidance_scale: float = Field(6.0, ge=0.0, le=100.0)
-    size_level: int = Field(1024, ge=64, le=4096)
-    negative_prompt: str = ""
+    num_steps: int | None = Field(None, gt=0, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    size_level: int | None = Field(None, ge=64, le=4096)
+    negative_prompt: str | None = None
     # Seed policy: a row's `seed` column wins; otherwise seed = hash(id, seed_base). Changing
     # seed_base draws new noise for every seedless row (and so redoes them).
     seed_base: int = Field(0, ge=0, lt=2**31)
 
-    def edit_params(self) -> EditParams:
-        return EditParams(
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            size_level=self.size_level,
-            negative_prompt=self.negative_prompt,
-        )
+    def edit_params(self, family_defaults: EditParams) -> EditParams:
+        """The per-row defaults: these settings where given, else the family's."""
+        given = {k: v for k, v in self.model_dump(exclude={"seed_base"}).items() if v is not None}
+        return dataclasses.replace(family_defaults, **given)
 
 
 class ResourcesConfig(_Section):
@@ -156,7 +164,7 @@ class ResourcesConfig(_Section):
     # cluster: Ray fuses a task stage into the next actor stage when their resources match,
     # which would move image fetching and decoding into the edit actors.
     io_cpus_per_task: float = Field(0.25, gt=0.0)
-    edit_batch_size: int = Field(16, ge=1)  # rows per actor call (the editor splits by size / max_batch_size)
+    edit_batch_size: int = Field(16, ge=1)  # rows per actor call (split by batch key / model.max_batch_size)
     io_batch_size: int = Field(64, ge=1)  # rows per block and per prepare / write task call
     io_threads_per_task: int = Field(8, ge=1)  # concurrent object reads / writes inside one task
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # prefetch depth: the GPU never waits
@@ -212,21 +220,18 @@ class JobConfig(_Section):
             return self.model.device
         return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
 
-    def editor_spec(self) -> EditorSpec:
-        """The spec each actor builds its editor from (load_editor stages object-storage weights
-        once per node into ``model.cache_dir``)."""
-        return EditorSpec(
-            kind=self.model.kind,
-            weights=self.model.weights,
-            weights_cache_dir=self.model.cache_dir,
-            weights_storage=self.model_storage(),
-            weights_checksums=self.model.checksums,
-            device=self.device(),
-            dtype=self.model.dtype,
-            version=self.model.version,
-            max_batch_size=self.model.max_batch_size,
-            posterior_mean=self.model.posterior_mean,
-            model_id=self.model.resolved_model_id(),
+    def model_spec(self) -> ModelSpec:
+        return self.model.spec(self.device())
+
+    def edit_defaults(self) -> EditParams:
+        """Per-row defaults: ``sampling.*`` where set, else the model family's recipe."""
+        return self.sampling.edit_params(self.model.family_class().defaults)
+
+    def weights_source(self) -> WeightsSource:
+        """Where the weights are and how to stage them on a node (object storage -> local cache)."""
+        return WeightsSource(
+            uri=self.model.weights, storage=self.model_storage(), cache_dir=self.model.cache_dir,
+            checksums=self.model.checksums,
         )
 
 
@@ -268,12 +273,31 @@ def _find_credentials(raw: Any, path: str = "") -> tuple[str, str] | None:
     return None
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{loc}: {e['msg']}")
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(msg if msg.startswith(loc) else f"{loc}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _validate_family(model: ModelConfig) -> None:
+    """``model.family`` names an importable family; ``model.options`` fit its schema (stored back
+    with defaults filled, so the run's config snapshot shows every option)."""
+    try:
+        cls = model.family_class()
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  model.family: {e}") from None
+    try:
+        options = cls.Options.model_validate(model.options)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "model.options")) from None
+    model.options = options.model_dump(mode="json")
+    if cls.needs_weights and not model.weights:
+        raise ConfigError(
+            f"invalid config:\n  model.weights: required for family {model.family!r} (a folder or object-storage URI)"
+        )
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -316,6 +340,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> JobConf
         cfg = JobConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+    _validate_family(cfg.model)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     cfg.input.manifest = _absolute(cfg.input.manifest, base)
     cfg.output.uri = _absolute(cfg.output.uri, base)

@@ -1,12 +1,15 @@
-"""``step1x-batch demo``: the whole job on a laptop CPU in about a minute.
+"""``step1x-batch demo [--family step1x|qwen-image-edit]``: the whole job on a laptop CPU in
+about a minute.
 
-Makes a tiny Step1X-Edit release folder from a seed (cached in the working folder), draws sample
-pictures, writes a manifest with a few deliberately bad rows (so the report shows errors too),
-writes the job config and runs it on a local Ray, exactly as a cluster run would go.
+Makes a tiny release folder of the family from a seed (cached in the working folder), draws sample
+pictures, writes a manifest with a few deliberately bad rows (so the report shows errors too; the
+Qwen-Image-Edit manifest adds rows with several input images), writes the job config and runs it
+on a local Ray, exactly as a cluster run would go.
 
 Working folder: ``--dir`` if given, else ``./step1x-demo`` in the current directory.
-Layout: ``weights/`` (tiny model), ``inputs/`` (pictures + ``manifest.jsonl``), ``demo.yaml``
-(the config), ``output/`` (``images/``, ``logs/<run_id>/``, ``runs/<run_id>/report.html``).
+Layout for Step1X-Edit: ``weights/`` (tiny model), ``inputs/`` (pictures + ``manifest.jsonl``),
+``demo.yaml`` (the config), ``output/`` (``images/``, ``logs/<run_id>/``,
+``runs/<run_id>/report.html``); Qwen-Image-Edit: the same names with ``-qwen-image-edit``.
 Running it again reuses the weights and inputs and skips rows already done (resume).
 """
 
@@ -23,6 +26,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 DEFAULT_WORKDIR = "step1x-demo"
+FAMILIES = ("step1x", "qwen-image-edit")
 
 # Good rows: (file name, width, height, instruction, how it is stored).
 _GOOD = [
@@ -38,19 +42,25 @@ _GOOD = [
 ]
 
 
-def demo_config(workdir: str) -> dict[str, Any]:
+def _suffix(family: str) -> str:
+    return "" if family == "step1x" else f"-{family}"
+
+
+def demo_config(workdir: str, family: str = "step1x") -> dict[str, Any]:
     """The demo's job config (``configs/demo.yaml`` is this with workdir ``step1x-demo``)."""
     w = workdir.rstrip("/")
+    if family == "qwen-image-edit":
+        return _qwen_demo_config(w)
     return {
         "input": {"manifest": f"{w}/inputs/manifest.jsonl"},
         "output": {"uri": f"{w}/output", "format": "png"},
         "model": {
-            "kind": "step1x",
+            "family": "step1x",
             "weights": f"{w}/weights",
-            "version": "v1.1",
             "dtype": "float32",
             "device": "cpu",
             "max_batch_size": 2,
+            "options": {"version": "v1.1"},
         },
         "sampling": {"num_steps": 4, "guidance_scale": 6.0, "size_level": 128, "negative_prompt": ""},
         "resources": {
@@ -67,6 +77,29 @@ def demo_config(workdir: str) -> dict[str, Any]:
             "log_part_rows": 8,
             "progress_bars": True,
         },
+    }
+
+
+def _qwen_demo_config(w: str) -> dict[str, Any]:
+    """Qwen-Image-Edit at toy size: small reference and VL areas so the CPU keeps up."""
+    s = _suffix("qwen-image-edit")
+    return {
+        "input": {"manifest": f"{w}/inputs/manifest{s}.jsonl"},
+        "output": {"uri": f"{w}/output{s}", "format": "png"},
+        "model": {
+            "family": "qwen-image-edit",
+            "weights": f"{w}/weights{s}",
+            "dtype": "float32",
+            "device": "cpu",
+            "max_batch_size": 2,
+            "options": {"reference_area": 96 * 96, "vl_area": 64 * 64},
+        },
+        "sampling": {"num_steps": 4, "size_level": 96},
+        "resources": {
+            "num_gpus_per_actor": 0, "cpus_per_actor": 0.5, "reserved_cpus": 1, "min_actors": 1,
+            "max_actors": 1, "edit_batch_size": 2, "io_batch_size": 4,
+        },
+        "runtime": {"max_error_fraction": 0.5, "log_part_rows": 8, "progress_bars": True},
     }
 
 
@@ -119,8 +152,9 @@ def _encode(image: np.ndarray, how: str) -> bytes:
     return buf.getvalue()
 
 
-def make_inputs(folder: str | os.PathLike) -> Path:
-    """Draw the sample pictures and write ``manifest.jsonl`` (relative image paths) into ``folder``."""
+def make_inputs(folder: str | os.PathLike, family: str = "step1x") -> Path:
+    """Draw the sample pictures and write the family's manifest (relative image paths) into
+    ``folder``; Qwen-Image-Edit's also has rows with several input images."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -139,44 +173,61 @@ def make_inputs(folder: str | os.PathLike) -> Path:
         {"id": "escaping-key", "image_uri": "ok_for_bad_rows.png", "instruction": "add a moon",
          "output_key": "../../outside.png", "source": "demo"},
     ]
-    with open(folder / "manifest.jsonl", "w") as f:
+    if family == "qwen-image-edit":
+        rows += [
+            {"id": "two-pictures", "image_uris": ["sunset.png", "circles.png"],
+             "instruction": "put the circles into the sunset", "source": "demo"},
+            {"id": "three-pictures", "image_uris": ["stripes.jpg", "grey.png", "alpha.png"],
+             "instruction": "combine the three pictures into one poster", "source": "demo"},
+            {"id": "missing-reference", "image_uris": ["sunset.png", "no_such_picture.png"],
+             "instruction": "add the missing picture", "source": "demo"},
+        ]
+    manifest = folder / f"manifest{_suffix(family)}.jsonl"
+    with open(manifest, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    return folder / "manifest.jsonl"
+    return manifest
 
 
-def make_weights(folder: str | os.PathLike) -> Path:
+def make_weights(folder: str | os.PathLike, family: str = "step1x") -> Path:
     """The tiny release folder, made once from seed 0 and reused (a marker file says it is whole)."""
     folder = Path(folder)
     marker = folder / ".demo-weights-complete"
     if marker.exists():
         return folder
-    from step1x_batch.models.step1x.tiny import make_tiny_weights
+    if family == "qwen-image-edit":
+        from step1x_batch.models.qwen_image_edit.tiny import make_tiny_weights
+    else:
+        from step1x_batch.models.step1x.tiny import make_tiny_weights
 
     make_tiny_weights(str(folder), seed=0)
     marker.write_text("seed 0\n")
     return folder
 
 
-def main(workdir: str | None = None) -> int:
+def main(workdir: str | None = None, family: str = "step1x") -> int:
     """Prepare everything under ``workdir`` and run the job; returns the exit status."""
     from step1x_batch.config import parse_config
     from step1x_batch.runner import run_job
 
+    if family not in FAMILIES:
+        raise ValueError(f"the demo runs one of {', '.join(FAMILIES)}, not {family!r}")
+    s = _suffix(family)
     work = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"step1x-batch demo in {work}")
+    print(f"step1x-batch demo ({family}) in {work}")
     print("  tiny weights ...", end=" ", flush=True)
-    make_weights(work / "weights")
-    print(f"{work / 'weights'}")
-    if not (work / "inputs" / "manifest.jsonl").exists():
-        make_inputs(work / "inputs")
-    print(f"  manifest:      {work / 'inputs' / 'manifest.jsonl'}")
-    raw = demo_config(str(work))
-    (work / "demo.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    print(f"  config:        {work / 'demo.yaml'}")
+    make_weights(work / f"weights{s}", family)
+    print(f"{work / f'weights{s}'}")
+    manifest = work / "inputs" / f"manifest{s}.jsonl"
+    if not manifest.exists():
+        make_inputs(work / "inputs", family)
+    print(f"  manifest:      {manifest}")
+    raw = demo_config(str(work), family)
+    (work / f"demo{s}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    print(f"  config:        {work / f'demo{s}.yaml'}")
     summary = run_job(parse_config(raw))
     print(f"open the report: {summary.paths['report']}")
     if summary.rows_processed == 0 and summary.rows_skipped:
-        print(f"(every row was already done by an earlier run; delete {work / 'output'} to redo them)")
+        print(f"(every row was already done by an earlier run; delete {work / f'output{s}'} to redo them)")
     return 0 if summary.ok else 1

@@ -11,6 +11,14 @@ from __future__ import annotations
 import os
 import re
 
+from step1x_batch.models.base import (  # noqa: F401 - the model-side codes, re-exported here
+    INVALID_INSTRUCTION,
+    MODEL_ERROR_CODES,
+    NON_FINITE_OUTPUT,
+    TOO_MANY_IMAGES,
+    UNSUPPORTED_SIZE,
+)
+
 MISSING_OBJECT = "missing_object"
 EMPTY_OBJECT = "empty_object"
 CORRUPT_IMAGE = "corrupt_image"
@@ -19,9 +27,9 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 TOO_MANY_PIXELS = "too_many_pixels"
 EMPTY_INSTRUCTION = "empty_instruction"
 INSTRUCTION_TOO_LONG = "instruction_too_long"
-NON_FINITE_OUTPUT = "non_finite_output"
 UNSAFE_OUTPUT_KEY = "unsafe_output_key"
 INVALID_ROW = "invalid_row"
+PREPARE_FAILED = "prepare_failed"
 READ_FAILED = "read_failed"
 WRITE_FAILED = "write_failed"
 EDIT_FAILED = "edit_failed"
@@ -36,14 +44,16 @@ CODES = frozenset(
         TOO_MANY_PIXELS,
         EMPTY_INSTRUCTION,
         INSTRUCTION_TOO_LONG,
-        NON_FINITE_OUTPUT,
         UNSAFE_OUTPUT_KEY,
         INVALID_ROW,
+        PREPARE_FAILED,
         READ_FAILED,
         WRITE_FAILED,
         EDIT_FAILED,
     }
+    | MODEL_ERROR_CODES  # reported by model families (non_finite_output, too_many_images, ...)
 )
+
 
 
 class RowError(Exception):

@@ -39,6 +39,14 @@ Fingerprint
     (:class:`EditParams`), the seed, the model id, the output format (and quality for lossy
     formats). Extra columns, the id and the output key are not in it.
 
+Several input images (``image_uris``)
+    A row gives ``image_uri`` (one image) or ``image_uris`` (an ordered list; in CSV and JSON
+    Lines a JSON list such as ``["a.png", "b.png"]``), and optionally ``image_etag`` or
+    ``image_etags`` (a list aligned with the URIs). How many a row may have is the model family's
+    (``max_images``): more is a TOO_MANY_IMAGES row. The id and the fingerprint cover the ordered
+    list; a one-image row hashes exactly as an ``image_uri`` row, so both spellings are the same
+    work.
+
 Change marker (``image_etag``)
     An optional manifest column naming the *content version* of the image: an ETag, a content
     hash, an ``updated_at`` time -- anything that changes when the picture at ``image_uri``
@@ -70,26 +78,29 @@ from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from step1x_batch.editor import EditParams
 from step1x_batch.errors import (
     EMPTY_INSTRUCTION,
     INSTRUCTION_TOO_LONG,
     INVALID_ROW,
+    TOO_MANY_IMAGES,
     RowError,
     redact,
     redact_uri,
 )
+from step1x_batch.models.base import EditParams
 from step1x_batch.images import image_extension, image_format as canonical_format
 from step1x_batch.storage import StorageOptions, filesystem, parent_uri, safe_output_key
 
-MANIFEST_REQUIRED = ("image_uri", "instruction")
+MANIFEST_REQUIRED = ("instruction",)  # and one of IMAGE_COLUMNS
+IMAGE_COLUMNS = ("image_uri", "image_uris")
 MANIFEST_OPTIONAL = (
+    "image_uri",
+    "image_uris",
     "id",
     "seed",
     "negative_prompt",
@@ -98,6 +109,7 @@ MANIFEST_OPTIONAL = (
     "size_level",
     "output_key",
     "image_etag",
+    "image_etags",
 )
 MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
 
@@ -105,7 +117,8 @@ MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
 NORMALIZED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("image_uri", pa.string()),
+        ("image_uri", pa.string()),  # the first input (the only one for most rows)
+        ("image_uris", pa.list_(pa.string())),  # every input, in order
         ("instruction", pa.string()),
         ("seed", pa.int64()),
         ("num_steps", pa.int64()),
@@ -292,12 +305,37 @@ def resolve_image_uri(image_uri: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
+def image_sources(value: Any, base: str) -> Any:
+    """A row's input image(s) for the jobs built on this one (pairs, catalog): one URI, a list of
+    URIs or a JSON list in text, each resolved against ``base``; one image as its URI (so it hashes
+    as the ``image_uri`` spelling), several as a list. Anything else is returned as it is: the
+    job's normalisation turns it into an error row."""
+    items = value
+    if isinstance(value, str) and value.strip().startswith("["):
+        items, problem = _as_list(value)
+        if problem:
+            return value
+    if isinstance(items, str):
+        return resolve_image_uri(items, base) if items.strip() else items
+    if isinstance(items, (list, tuple)) and items and all(isinstance(u, str) and u.strip() for u in items):
+        resolved = [resolve_image_uri(u, base) for u in items]
+        return resolved[0] if len(resolved) == 1 else resolved
+    return value
+
+
+def image_columns(source: Any) -> dict[str, Any]:
+    """``{"image_uri": ..., "image_uris": ...}`` for a work row: the spelling of ``source``."""
+    if isinstance(source, list):
+        return {"image_uri": None, "image_uris": source}
+    return {"image_uri": source, "image_uris": None}
+
+
 # --- values --------------------------------------------------------------------------------------
 
 
 def _py(value: Any) -> Any:
-    """A plain Python value with every kind of missing (None, NaN, NA, NaT) as None."""
-    if value is None or value is pd.NA or value is pd.NaT:
+    """A plain Python value with every kind of missing (None, NaN) as None."""
+    if value is None:
         return None
     if isinstance(value, np.generic):
         value = value.item()
@@ -306,31 +344,15 @@ def _py(value: Any) -> Any:
     return value
 
 
-def _columns(batch: Any) -> tuple[list[str], dict[str, list], int]:
-    if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        names = list(batch.schema.names)
-        cols = {n: batch.column(n).to_pylist() for n in names}
-        return names, cols, batch.num_rows
-    if isinstance(batch, pd.DataFrame):
-        names = [str(c) for c in batch.columns]
-        cols = {str(c): [_py(v) for v in batch[c].tolist()] for c in batch.columns}
-        return names, cols, len(batch)
-    if isinstance(batch, Mapping):  # Ray's "numpy" batch format: column -> array
-        names = [str(k) for k in batch]
-        cols = {str(k): [_py(v) for v in list(batch[k])] for k in batch}
-        return names, cols, len(next(iter(cols.values()), []))
-    raise TypeError(f"expected a pyarrow Table or pandas DataFrame, got {type(batch).__name__}")
-
-
 def _jsonable(value: Any) -> Any:
     value = _py(value)
     if isinstance(value, float) and math.isinf(value):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time, pd.Timestamp)):
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return value.isoformat()
-    if isinstance(value, (_dt.timedelta, pd.Timedelta)):
+    if isinstance(value, _dt.timedelta):
         return value.total_seconds()
     if isinstance(value, decimal.Decimal):
         return str(value)
@@ -390,13 +412,6 @@ def _parse_float(value: Any, lo: float) -> float:
     if not math.isfinite(out) or out < lo:
         raise ValueError(f"must be a finite number >= {lo}")
     return out
-
-
-def missing_columns(table_columns: Iterable[str]) -> list[str]:
-    """The required manifest columns (``image_uri``, ``instruction``) absent from
-    ``table_columns``. A job should refuse such a manifest up front (every row would be an error)."""
-    have = {str(c) for c in table_columns}
-    return [c for c in MANIFEST_REQUIRED if c not in have]
 
 
 def extra_columns(table_columns: Iterable[str]) -> list[str]:
@@ -461,13 +476,10 @@ def fill_template(template: str, row: Mapping[str, Any]) -> str:
     return template.format_map(values)
 
 
-def write_manifest(table: pa.Table | pd.DataFrame, uri: str,
-                   options: StorageOptions | None = None) -> None:
+def write_manifest(table: pa.Table, uri: str, options: StorageOptions | None = None) -> None:
     """Write ``table`` as one Parquet manifest object at ``uri`` (whole or not at all)."""
     from step1x_batch.storage import write_bytes
 
-    if isinstance(table, pd.DataFrame):
-        table = pa.Table.from_pandas(table, preserve_index=False)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue(), options)
@@ -479,26 +491,31 @@ def derive_seed(row_id: str, default_seed_base: int) -> int:
     return int.from_bytes(digest[:8], "big") % SEED_LIMIT
 
 
+def _images_doc(image_uris: list[str], image_etags: list[str | None]) -> dict[str, Any]:
+    """How the inputs enter ids and fingerprints; one image hashes as the ``image_uri`` spelling."""
+    if len(image_uris) == 1:
+        return {"image_uri": image_uris[0], "image_etag": image_etags[0]}
+    return {"image_uris": list(image_uris), "image_etags": list(image_etags)}
+
+
 def fingerprint(
     *,
-    image_uri: str,
-    image_etag: str | None,
+    image_uris: list[str],
+    image_etags: list[str | None],
     instruction: str,
     params: EditParams,
     seed: int,
     model_id: str,
     image_format: str,
     image_quality: int | None = None,
-    settings: Mapping[str, Any] | None = None,
 ) -> str:
-    """sha256 (hex) of everything that changes a row's output bytes. ``image_quality`` counts
-    only for lossy formats (jpeg, webp). ``settings``: further pixel-changing job settings not
-    captured by ``model_id`` (e.g. ``{"posterior_mean": True}``); omit when there are none."""
+    """sha256 (hex) of everything that changes a row's output bytes: the ordered inputs and their
+    change markers, the instruction, every parameter, the model id and the output encoding
+    (``image_quality`` counts only for lossy formats: jpeg, webp)."""
     fmt = canonical_format(image_format)
     doc: dict[str, Any] = {
         "v": FINGERPRINT_VERSION,
-        "image_uri": image_uri,
-        "image_etag": image_etag,
+        **_images_doc(image_uris, image_etags),
         "instruction": instruction,
         "num_steps": int(params.num_steps),
         "guidance_scale": float(params.guidance_scale),
@@ -510,8 +527,6 @@ def fingerprint(
     }
     if image_quality is not None and fmt in ("jpeg", "webp"):
         doc["image_quality"] = int(image_quality)
-    if settings:
-        doc["settings"] = _jsonable(dict(settings))
     return _sha256(_canonical(doc))
 
 
@@ -520,7 +535,7 @@ def fingerprint(
 
 class _Context:
     def __init__(self, base: str, defaults: EditParams, default_seed_base: int, model_id: str,
-                 fmt: str, quality: int | None, settings, max_chars: int) -> None:
+                 fmt: str, quality: int | None, max_chars: int, max_images: int) -> None:
         self.base = base
         self.defaults = defaults
         self.default_seed_base = default_seed_base
@@ -528,8 +543,67 @@ class _Context:
         self.fmt = fmt
         self.ext = image_extension(fmt)
         self.quality = quality
-        self.settings = settings
         self.max_chars = max_chars
+        self.max_images = max_images
+
+
+def _as_list(value: Any) -> tuple[list[Any] | None, str | None]:
+    """A list cell (or a JSON list in text, as CSV and JSON Lines carry it) -> (items, problem)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return None, "is not a list (in CSV or JSON Lines write a JSON list: [\"a.png\", \"b.png\"])"
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return None, f"is not a valid JSON list ({exc})"
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return None, f"is not a list ({type(value).__name__})"
+    return list(value), None
+
+
+def _image_inputs(raw: Mapping[str, Any], ctx: _Context, fail) -> tuple[list[str] | None, list[str | None], Any]:
+    """(resolved URIs or None, change markers aligned with them, the identity value)."""
+    single, many = raw.get("image_uri"), raw.get("image_uris")
+    if many is not None and single is not None:
+        fail(INVALID_ROW, "the row gives both image_uri and image_uris; give one of them.")
+        return None, [], [repr(single), repr(many)]
+    if many is None:
+        if isinstance(single, str) and single.strip():
+            uris: list[Any] = [single]
+        else:
+            fail(INVALID_ROW, "image_uri is {}; give the image's URI or a path relative to the "
+                 "manifest.".format("missing" if single is None or single == "" else
+                                    f"not a usable text value ({redact(repr(single))[:80]})"))
+            return None, [], None if single is None else repr(single)
+        etags = [marker_text(raw.get("image_etag"))]
+    else:
+        uris, problem = _as_list(many)
+        if problem or not uris:
+            fail(INVALID_ROW, f"image_uris {problem or 'is an empty list'}; give the input images' URIs in order.")
+            return None, [], repr(many)
+        raw_etags = raw.get("image_etags")
+        etags = [None] * len(uris)
+        if raw_etags is not None:
+            items, problem = _as_list(raw_etags)
+            if problem or len(items) != len(uris):
+                fail(INVALID_ROW, f"image_etags {problem or f'has {len(items)} entries for {len(uris)} images'}; "
+                     "give one change marker per image (null for unknown).")
+            else:
+                etags = [marker_text(v) for v in items]
+    resolved: list[str] = []
+    for i, uri in enumerate(uris, 1):
+        if not isinstance(uri, str) or not uri.strip():
+            fail(INVALID_ROW, f"image {i} of {len(uris)} in image_uris is not a usable URI "
+                 f"({redact(repr(uri))[:80]}).")
+            return None, [], repr(uris)
+        resolved.append(resolve_image_uri(uri, ctx.base))
+    if len(resolved) > ctx.max_images:
+        fail(TOO_MANY_IMAGES, f"the row has {len(resolved)} input images; this model takes at most "
+             f"{ctx.max_images} per row.")
+    return resolved, etags, (resolved[0] if len(resolved) == 1 else resolved)
 
 
 def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> dict[str, Any]:
@@ -540,17 +614,8 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             error.append((code, message))
 
     identity: dict[str, Any] = {}
-    # image_uri
-    raw_uri = raw.get("image_uri")
-    image_uri = None
-    if isinstance(raw_uri, str) and raw_uri.strip():
-        image_uri = resolve_image_uri(raw_uri, ctx.base)
-        identity["image_uri"] = image_uri
-    else:
-        identity["image_uri"] = None if raw_uri is None else repr(raw_uri)
-        fail(INVALID_ROW, "image_uri is {}; give the image's URI or a path relative to the "
-             "manifest.".format("missing" if raw_uri is None or raw_uri == "" else
-                                f"not a usable text value ({redact(repr(raw_uri))[:80]})"))
+    image_uris, image_etags, shown = _image_inputs(raw, ctx, fail)
+    identity["image_uri" if not isinstance(shown, list) else "image_uris"] = shown
     # instruction
     raw_instruction = raw.get("instruction")
     instruction = None
@@ -607,7 +672,6 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         else:
             identity["output_key"] = output_key
     identity.update(given)
-    image_etag = marker_text(raw.get("image_etag"))  # content version: fingerprint only, not id
     # id
     raw_id = raw.get("id")
     row_id = None
@@ -639,10 +703,11 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         except RowError as exc:
             fail(exc.code, f"the default output key from id {redact(repr(row_id))[:80]} is "
                  f"unsafe ({exc.message}); give a plain id or an output_key.")
+    raw_uri = raw.get("image_uri")
     out: dict[str, Any] = {
         "id": row_id,
-        "image_uri": image_uri if image_uri is not None else (
-            raw_uri if isinstance(raw_uri, str) else None),
+        "image_uri": image_uris[0] if image_uris else (raw_uri if isinstance(raw_uri, str) else None),
+        "image_uris": image_uris,
         "instruction": instruction if instruction is not None else (
             raw_instruction if isinstance(raw_instruction, str) else None),
         "seed": seed,
@@ -654,20 +719,23 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
     }
     if error:
         code, message = error[0]
-        where = f" (image_uri {redact_uri(out['image_uri'])})" if out["image_uri"] else ""
+        where = ""
+        if image_uris and len(image_uris) > 1:
+            where = f" (image_uris {', '.join(redact_uri(u) for u in image_uris)})"
+        elif out["image_uri"]:
+            where = f" (image_uri {redact_uri(out['image_uri'])})"
         out["error_type"] = code
         out["error_message"] = redact(f"Row {row_id}{where}: {message}")
     else:
         out["fingerprint"] = fingerprint(
-            image_uri=image_uri,
-            image_etag=image_etag,
+            image_uris=image_uris,
+            image_etags=image_etags,
             instruction=instruction,
             params=params,
             seed=seed,
             model_id=ctx.model_id,
             image_format=ctx.fmt,
             image_quality=ctx.quality,
-            settings=ctx.settings,
         )
     out["extra"] = (
         _canonical({name: _jsonable(raw.get(name)) for name in extras}) if extras else None
@@ -682,7 +750,7 @@ def _reserved_names() -> set[str]:
 
 
 def normalize_batch(
-    batch: pa.Table | pd.DataFrame,
+    batch: pa.Table,
     *,
     manifest_uri: str,
     defaults: EditParams,
@@ -691,67 +759,37 @@ def normalize_batch(
     image_format: str,
     max_instruction_chars: int,
     image_quality: int | None = None,
-    settings: Mapping[str, Any] | None = None,
-    output: str = "pandas",
-) -> pd.DataFrame | pa.Table:
+    max_images: int = 1,
+) -> pa.Table:
     """Validate one batch of raw manifest rows and turn it into work (see the module docstring
-    for the id, seed, duplicate and instruction policies).
+    for the id, seed, duplicate, image and instruction policies).
 
     Returns one row per input row, in order: the :data:`NORMALIZED_SCHEMA` columns (``id``,
-    resolved ``image_uri``, stripped ``instruction``, ``seed``, every :class:`EditParams` field
-    filled, safe ``output_key``, ``fingerprint``, ``error_type`` / ``error_message`` and ``extra``
-    (JSON of the extra columns)), then the extra columns as they came, except any whose name
-    clashes with a normalised or log column (those are only in ``extra``). A row that is invalid
-    here keeps every column, has ``error_type``/``error_message`` set and ``fingerprint`` null.
+    resolved ``image_uri`` and ``image_uris``, stripped ``instruction``, ``seed``, every
+    :class:`EditParams` field filled, safe ``output_key``, ``fingerprint``, ``error_type`` /
+    ``error_message`` and ``extra`` (JSON of the extra columns)), then the extra columns as they
+    came, except any whose name clashes with a normalised or log column (those are only in
+    ``extra``). A row that is invalid here keeps every column, has ``error_type`` /
+    ``error_message`` set and ``fingerprint`` null.
 
     ``manifest_uri`` should be absolute (see :func:`step1x_batch.storage.absolute_uri`): relative
-    image paths are resolved against :func:`manifest_base` of it. ``image_quality`` and
-    ``settings`` are folded into the fingerprint (see :func:`fingerprint`). ``output="pyarrow"``
-    returns a pyarrow Table instead of a DataFrame (string columns are pandas ``string`` dtype and
-    integers ``Int64`` in the DataFrame, so missing values are ``pd.NA``: test with ``pd.isna``).
+    image paths are resolved against :func:`manifest_base` of it. ``image_quality`` is folded into
+    the fingerprint (see :func:`fingerprint`); ``max_images`` is the model family's limit.
     """
+    if isinstance(batch, pa.RecordBatch):
+        batch = pa.Table.from_batches([batch])
     fmt = canonical_format(image_format)
     ctx = _Context(manifest_base(manifest_uri), defaults, int(default_seed_base), model_id, fmt,
-                   image_quality, settings, int(max_instruction_chars or 0))
-    names, cols, n = _columns(batch)
+                   image_quality, int(max_instruction_chars or 0), int(max_images))
+    names = list(batch.schema.names)
+    cols = {n: batch.column(n).to_pylist() for n in names}
     extras = extra_columns(names)
-    rows = []
-    for i in range(n):
-        raw = {name: cols[name][i] for name in names}
-        rows.append(_normalize_row(raw, extras, ctx))
+    rows = [_normalize_row({name: cols[name][i] for name in names}, extras, ctx)
+            for i in range(batch.num_rows)]
     reserved = _reserved_names()
-    carried = [c for c in extras if c not in reserved]
-    core = {name: [r[name] for r in rows] for name in NORMALIZED_COLUMNS}
-    if output == "pyarrow":
-        table = pa.Table.from_pydict(core, schema=NORMALIZED_SCHEMA)
-        for name in carried:
-            col = batch.column(name) if isinstance(batch, (pa.Table, pa.RecordBatch)) else (
-                pa.array(cols[name], from_pandas=True))
-            table = table.append_column(name, col)
-        return table
-    if output != "pandas":
-        raise ValueError(f"output must be 'pandas' or 'pyarrow', got {output!r}")
-    df = pd.DataFrame(
-        {
-            name: pd.Series(
-                core[name],
-                dtype=(
-                    "Int64"
-                    if pa.types.is_integer(NORMALIZED_SCHEMA.field(name).type)
-                    else "float64"
-                    if pa.types.is_floating(NORMALIZED_SCHEMA.field(name).type)
-                    else pd.StringDtype()
-                ),
-            )
-            for name in NORMALIZED_COLUMNS
-        }
-    )
-    if carried:
-        if isinstance(batch, pd.DataFrame):
-            extra_df = batch[carried].reset_index(drop=True)
-        elif isinstance(batch, (pa.Table, pa.RecordBatch)):
-            extra_df = batch.select(carried).to_pandas()
-        else:
-            extra_df = pd.DataFrame({c: cols[c] for c in carried})
-        df = pd.concat([df, extra_df], axis=1)
-    return df
+    table = pa.Table.from_pydict({name: [r[name] for r in rows] for name in NORMALIZED_COLUMNS},
+                                 schema=NORMALIZED_SCHEMA)
+    for name in extras:
+        if name not in reserved:
+            table = table.append_column(name, batch.column(name))
+    return table

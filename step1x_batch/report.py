@@ -12,16 +12,12 @@ import base64
 import html
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from step1x_batch.storage import StorageOptions, read_bytes, write_bytes
-
-if TYPE_CHECKING:
-    from step1x_batch.config import JobConfig
-    from step1x_batch.runner import RunSummary
 
 THUMB = 160  # pixels on the longer side
 
@@ -63,6 +59,8 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em} .sum{margin:.5em 0 1em;line-height:1.5}
 table{border-collapse:collapse;width:100%} td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}
 td.img{width:170px} img{max-width:160px;max-height:160px;display:block}
+.inputs{display:flex;flex-wrap:wrap;gap:4px;max-width:340px} .inputs img{max-width:80px;max-height:80px}
+.inputs .ph{width:80px;height:60px}
 .ph{width:160px;height:90px;background:#f3f3f3;color:#888;display:flex;align-items:center;justify-content:center;font-size:.8em}
 .error{background:#fff4f4} .code{font-family:monospace;color:#b00020;font-weight:bold}
 .meta{color:#666;font-size:.85em} .instr{white-space:pre-wrap;word-break:break-word;max-width:40em}
@@ -75,12 +73,20 @@ def _img(src: str | None, alt: str) -> str:
     return f'<img src="{src}" alt="{_e(alt)}">'
 
 
+def _inputs(srcs: Sequence[str | None]) -> str:
+    """One thumbnail per input image (a multi-reference row shows all of them, in order)."""
+    if len(srcs) <= 1:
+        return _img(srcs[0] if srcs else None, "no input image")
+    cells = "".join(_img(src, f"input {i} unreadable") for i, src in enumerate(srcs, 1))
+    return f'<div class="inputs">{cells}</div>'
+
+
 def render_report(
     summary: dict[str, Any],
     rows: Sequence[dict[str, Any]],
-    thumbs: Sequence[tuple[str | None, str | None]],
+    thumbs: Sequence[tuple[Sequence[str | None], str | None]],
 ) -> str:
-    """The HTML page: summary on top, then one table row per record (input, output, text)."""
+    """The HTML page: summary on top, then one table row per record (inputs, output, text)."""
     by_type = summary.get("by_error_type") or {}
     errs = ", ".join(f"{_e(k)}: {int(v)}" for k, v in sorted(by_type.items())) or "none"
     status = "FAILED" if not summary.get("ok", True) else "succeeded"
@@ -96,7 +102,7 @@ def render_report(
         f"Showing {len(rows)} rows, errors first.</div>"
     )
     body = ["<table><tr><th>input</th><th>output</th><th>row</th></tr>"]
-    for rec, (tin, tout) in zip(rows, thumbs):
+    for rec, (tins, tout) in zip(rows, thumbs):
         err = rec.get("status") == "error"
         text = [f'<div class="instr">{_e(rec.get("instruction"))}</div>']
         if err:
@@ -110,10 +116,11 @@ def render_report(
         )
         if rec.get("input_width"):
             meta += f" &middot; input {_e(rec.get('input_width'))}x{_e(rec.get('input_height'))}"
-        text.append(f'<div class="meta">{meta}<br>{_e(rec.get("image_uri"))}</div>')
+        uris = rec.get("image_uris") or [rec.get("image_uri")]
+        text.append(f'<div class="meta">{meta}<br>{"<br>".join(_e(u) for u in uris)}</div>')
         body.append(
             f'<tr class="{"error" if err else "ok"}">'
-            f'<td class="img">{_img(tin, "no input image")}</td>'
+            f'<td class="img">{_inputs(tins)}</td>'
             f'<td class="img">{_img(tout, "no output" if err else "output unreadable")}</td>'
             f"<td>{''.join(text)}</td></tr>"
         )
@@ -125,20 +132,24 @@ def render_report(
     )
 
 
-def write_report(cfg: "JobConfig", summary: "RunSummary", rows: Sequence[dict[str, Any]]) -> str:
-    """Fetch thumbnails for ``rows`` (inputs and outputs, in parallel) and write the report."""
-    from dataclasses import asdict
+def write_report(
+    summary: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    uri: str,
+    *,
+    input_storage: StorageOptions | None,
+    output_storage: StorageOptions | None,
+    max_pixels: int,
+) -> str:
+    """Fetch thumbnails for ``rows`` (every input and the output, in parallel) and write the
+    report to ``uri``; ``summary`` is the run's summary as written to ``summary.json``."""
 
-    rows = list(rows)[: cfg.runtime.report_max_rows]
-    in_opts, out_opts = cfg.input.storage, cfg.output_storage()
-    max_px = cfg.runtime.max_pixels
-
-    def both(rec: dict[str, Any]) -> tuple[str | None, str | None]:
-        return _fetch(rec.get("image_uri"), in_opts, max_px), _fetch(rec.get("output_uri"), out_opts, max_px)
+    def thumbs(rec: dict[str, Any]) -> tuple[list[str | None], str | None]:
+        uris = rec.get("image_uris") or [rec.get("image_uri")]
+        inputs = [_fetch(u, input_storage, max_pixels) for u in uris]
+        return inputs, _fetch(rec.get("output_uri"), output_storage, max_pixels)
 
     with ThreadPoolExecutor(8) as pool:
-        thumbs = list(pool.map(both, rows))
-    page = render_report(asdict(summary), rows, thumbs)
-    uri = summary.paths["report"]
-    write_bytes(uri, page.encode("utf-8"), out_opts)
+        pictures = list(pool.map(thumbs, rows))
+    write_bytes(uri, render_report(summary, rows, pictures).encode("utf-8"), output_storage)
     return uri

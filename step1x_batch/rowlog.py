@@ -2,11 +2,11 @@
 
 Layout: ``<output_uri>/logs/<run_id>/part-*.parquet``. A part is written whole or not at all
 (:func:`write_log_part`), so a killed job leaves only complete parts (plus, at worst, a part some
-other writer left half-written, which :func:`done_fingerprints` skips with a warning).
+other writer left half-written, which :func:`read_logs` skips with a warning).
 
 Resume rule (DESIGN.md): a row is done when some ``ok`` record has its ``id`` and the same
 ``fingerprint``; when several ``ok`` records share an id, the one that finished last wins, since
-its bytes are the ones in the output object now.
+its bytes are the ones in the output object now (:func:`latest_records` picks it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import logging
 import posixpath
 import re
 import warnings
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Mapping
 
 import pandas as pd
@@ -30,20 +32,16 @@ from step1x_batch.storage import StorageOptions, filesystem, join_uri, write_byt
 
 logger = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-STATUS_SKIPPED = "skipped"
-STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_SKIPPED)
-
 _TS = pa.timestamp("us", tz="UTC")
 LOG_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("fingerprint", pa.string()),
-        ("status", pa.string()),  # ok | error | skipped
+        ("status", pa.string()),  # ok | error
         ("error_type", pa.string()),  # a stable code from step1x_batch.errors, null when ok
         ("error_message", pa.string()),
-        ("image_uri", pa.string()),
+        ("image_uri", pa.string()),  # the first input
+        ("image_uris", pa.list_(pa.string())),  # every input, in order
         ("instruction", pa.string()),
         ("output_uri", pa.string()),  # set only when the object was fully written
         ("input_width", pa.int64()),
@@ -220,24 +218,37 @@ def read_logs(output_uri: str, options: StorageOptions | None = None,
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def done_fingerprints(output_uri: str, options: StorageOptions | None = None) -> dict[str, str]:
-    """id -> fingerprint of its latest ``ok`` record (by ``finished_at``; records without one count
-    as oldest), over every readable log part under ``output_uri``."""
-    wanted = ["id", "fingerprint", "status", "finished_at"]
-    tables = []
-    for uri in log_part_uris(output_uri, options):
-        part = _read_part(uri, options, None)
-        if part is None:
+@dataclass
+class LatestRecords:
+    """The deciding records of a log: for each (id, fingerprint) its latest ``ok`` record that
+    names an output, for each id its latest ``error`` record, and every (id, fingerprint) that
+    has an error. "Latest" is by ``finished_at`` (a record without one counts as oldest)."""
+
+    ok: dict[tuple[str, str], dict[str, Any]] = dc_field(default_factory=dict)
+    error: dict[str, dict[str, Any]] = dc_field(default_factory=dict)
+    errored: set[tuple[str, str]] = dc_field(default_factory=set)
+
+
+_LATEST_COLUMNS = ["id", "fingerprint", "status", "error_type", "output_uri", "model_id", "finished_at", "run_id"]
+
+
+def latest_records(output_uri: str, options: StorageOptions | None = None,
+                   ids: set[str | None] | None = None) -> LatestRecords:
+    """:class:`LatestRecords` over every readable log part under ``output_uri`` (only ``ids``
+    when given)."""
+    logs = read_logs(output_uri, options, columns=_LATEST_COLUMNS)
+    out = LatestRecords()
+    if not logs.num_rows:
+        return out
+    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
+    finished = pc.fill_null(logs.column("finished_at"), oldest)
+    logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
+    for rec in logs.to_pylist():  # oldest first: later records overwrite earlier ones
+        if ids is not None and rec["id"] not in ids:
             continue
-        part = part.select(wanted)
-        tables.append(part.filter(pc.equal(part.column("status"), STATUS_OK)))
-    if not tables:
-        return {}
-    ok = pa.concat_tables(tables)
-    ok = ok.filter(pc.and_(pc.is_valid(ok.column("id")), pc.is_valid(ok.column("fingerprint"))))
-    # stable sort by finished_at (missing = oldest), so later records overwrite earlier ones
-    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), _TS)
-    finished = pc.fill_null(ok.column("finished_at"), oldest)
-    order = pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")])
-    ok = ok.take(order)
-    return dict(zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist()))
+        if rec["status"] == "ok" and rec["output_uri"]:
+            out.ok[(rec["id"], rec["fingerprint"])] = rec
+        elif rec["status"] == "error":
+            out.error[rec["id"]] = rec
+            out.errored.add((rec["id"], rec["fingerprint"]))
+    return out

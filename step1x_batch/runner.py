@@ -18,7 +18,6 @@ Resume rules (the same for a re-run after a crash and for a nightly incremental 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from step1x_batch.config import ConfigError, JobConfig, config_to_yaml, load_config
+from step1x_batch.config import JobConfig, config_to_yaml, load_config
 from step1x_batch.storage import StorageOptions, join_uri, write_bytes
 
 
@@ -299,14 +298,17 @@ def run_job(cfg: JobConfig) -> RunSummary:
         write_bytes(paths["ray_stats"], ray_stats.encode(), out_opts)
     payload = asdict(summary)
     payload["status"] = "succeeded" if ok else "failed"
-    payload["model_id"] = cfg.model.resolved_model_id()
+    payload["model_id"] = stages.family_for(cfg.model_spec()).model_id()
     payload["manifest"] = cfg.input.manifest
     payload["stage_ms_per_row"] = {
         k: round(v / processed, 3) if processed else 0.0 for k, v in stage_ms.items()
     }
     write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
     try:
-        report.write_report(cfg, summary, tally.sample())
+        report.write_report(
+            payload, tally.sample()[: cfg.runtime.report_max_rows], paths["report"],
+            input_storage=cfg.input.storage, output_storage=out_opts, max_pixels=cfg.runtime.max_pixels,
+        )
     except Exception as e:  # the report is for people; a failure there must not hide the result
         _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)
 
@@ -322,31 +324,15 @@ def run_job(cfg: JobConfig) -> RunSummary:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/edit_dataset.py --config X [--set k=v ...]`` -> exit status."""
-    parser = argparse.ArgumentParser(description="Edit every row of a manifest with Step1X-Edit on Ray.")
-    parser.add_argument("--config", required=True, help="YAML job config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
-    args = parser.parse_args(argv)
-    return run_config(args.config, args.set)
-
-
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
-    """Load, run, and turn the outcome into an exit status: 0 done, 1 error budget exceeded,
-    2 a config, manifest or cluster problem found before any row ran (printed without a traceback)."""
-    from botocore.exceptions import BotoCoreError
+    """Load a config, run the job, and return its exit status (see :mod:`step1x_batch.entrypoint`)."""
+    from step1x_batch.entrypoint import exit_status
 
-    from step1x_batch.errors import RowError, redact
+    return exit_status(lambda: run_job(load_config(path, overrides)).ok)
 
-    try:
-        cfg = load_config(path, overrides)
-    except ConfigError as e:
-        _print(f"error: {e}", err=True)
-        return 2
-    try:
-        summary = run_job(cfg)
-    except (RowError, OSError, ValueError, BotoCoreError) as e:  # e.g. a bucket name S3 refuses
-        _print(f"error: {redact(str(e))}", err=True)
-        return 2
-    return 0 if summary.ok else 1
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/edit_dataset.py --config X [--set k=v ...]``."""
+    from step1x_batch.entrypoint import job_main
+
+    return job_main("Edit every row of a manifest on Ray.", run_config, argv)

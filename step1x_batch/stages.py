@@ -1,11 +1,17 @@
 """The Ray Data graph: manifest -> normalise + skip done -> prepare (CPU) -> edit (actors) -> write.
 
+Each stage owns its resources, as in ``ray.data.llm``'s processors: reading, decoding and the model
+family's CPU ``prepare`` (resizing, the VLM image processor, tokenisation, rope positions) run in
+CPU tasks; the GPU actors receive ready arrays and only run the model; the family's ``finish``
+(resize back), encoding and writing run in CPU tasks again. The job knows a model only through
+:mod:`step1x_batch.models.base` and the family registry.
+
 Each stage takes and returns a ``pyarrow.Table`` with a fixed schema (:data:`ROW_SCHEMA`, then
 :data:`rowlog.LOG_SCHEMA` after the write stage), so blocks from different tasks always concatenate
-and no column's type depends on which rows a batch happened to hold. Images cross stages as raw
-RGB bytes plus their shape, never as PIL objects (Ray cannot size those). A row that fails anywhere
-keeps flowing with ``error_type`` set; later stages pass it through untouched, and the driver
-turns every row that reaches it into exactly one log record.
+and no column's type depends on which rows a batch happened to hold. Prepared rows cross stages as
+safetensors bytes, edited images as raw RGB bytes plus their shape, never as PIL objects. A row
+that fails anywhere keeps flowing with ``error_type`` set; later stages pass it through untouched,
+and the driver turns every row that reaches it into exactly one log record.
 
 The driver (``runner.py``) streams the last stage's output and writes the row log itself, part by
 part; a row counts as done only once the part holding its record has landed.
@@ -27,29 +33,47 @@ import pyarrow as pa
 
 from step1x_batch import errors
 from step1x_batch.config import JobConfig
-from step1x_batch.editor import EditOutput, EditParams, EditRow, Editor, EditorSpec, load_editor
 from step1x_batch.errors import RowError
 from step1x_batch.images import decode_image, encode_image
 from step1x_batch.manifest import NORMALIZED_SCHEMA, normalize_batch
+from step1x_batch.models import load_family
+from step1x_batch.models.base import (
+    EditOutput,
+    EditParams,
+    EditRequest,
+    Engine,
+    ModelFamily,
+    ModelSpec,
+    Prepared,
+    Preparer,
+    RowFailure,
+    edit_prepared,
+)
 from step1x_batch.rowlog import LOG_SCHEMA
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
+from step1x_batch.weights_cache import WeightsSource
 
 _TS = pa.timestamp("us", tz="UTC")
 
-# The working schema between stages. ``pixels`` holds raw RGB uint8 bytes of shape (pix_h, pix_w, 3):
-# the decoded input after `prepare`, the edited output after `edit`, nothing after `write`.
+# The working schema between stages. ``prepared`` holds the family's prepared row (safetensors
+# bytes, see models.base.Prepared) from `prepare` to `edit`; ``pixels`` raw RGB uint8 bytes of shape
+# (pix_h, pix_w, 3) from `edit` to `write`.
 ROW_SCHEMA = pa.schema(
     list(NORMALIZED_SCHEMA)  # what normalise passes on (``extra`` is the JSON of extra columns)
     + [
         ("attempt", pa.int64()),
         ("worker", pa.string()),
         ("started_at", _TS),
-        ("input_width", pa.int64()),
+        ("input_width", pa.int64()),  # of the first input image
         ("input_height", pa.int64()),
-        ("width", pa.int64()),
+        ("input_widths", pa.list_(pa.int64())),  # of every input image, in order
+        ("input_heights", pa.list_(pa.int64())),
+        ("width", pa.int64()),  # the size the model runs at
         ("height", pa.int64()),
         ("preprocess_ms", pa.float64()),
         ("edit_ms", pa.float64()),
+        ("batch_key", pa.string()),
+        ("prepared", pa.large_binary()),
         ("pixels", pa.large_binary()),
         ("pix_h", pa.int64()),
         ("pix_w", pa.int64()),
@@ -260,6 +284,30 @@ def _resolve_index(index: Any) -> DoneIndex:
 
 
 # ---------------------------------------------------------------------------------------------
+# One family (and one preparer) per worker process, built on first use.
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_PREPARERS: dict[str, Preparer] = {}
+
+
+def family_for(spec: ModelSpec) -> ModelFamily:
+    key = repr(spec)
+    if key not in _FAMILIES:
+        _FAMILIES[key] = load_family(spec)
+    return _FAMILIES[key]
+
+
+def preparer_for(spec: ModelSpec, weights: WeightsSource) -> Preparer:
+    """The family's CPU prepare, with only its ``prepare_files`` staged on this node."""
+    key = repr((spec, weights))
+    if key not in _PREPARERS:
+        family = family_for(spec)
+        folder = weights.local_folder(family.prepare_files) if family.prepare_files else None
+        _PREPARERS[key] = family.preparer(folder)
+    return _PREPARERS[key]
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage 1: normalise + skip done (Ray tasks, fused with the read).
 
 
@@ -272,19 +320,22 @@ class NormaliseSettings:
     image_format: str
     max_instruction_chars: int
     image_quality: int | None = None
+    max_images: int = 1
 
     @classmethod
     def from_config(cls, cfg: JobConfig, manifest_uri: str | None = None) -> "NormaliseSettings":
         """The job's normalisation; jobs built on this one (pairs, catalog) use it to predict the
         fingerprints the row log will hold."""
+        family = family_for(cfg.model_spec())
         return cls(
             manifest_uri=manifest_uri or cfg.input.manifest,
-            defaults=cfg.sampling.edit_params(),
+            defaults=cfg.edit_defaults(),
             seed_base=cfg.sampling.seed_base,
-            model_id=cfg.model.resolved_model_id(),
+            model_id=family.model_id(),
             image_format=cfg.output.format,
             max_instruction_chars=cfg.runtime.max_instruction_chars,
             image_quality=cfg.output.quality,
+            max_images=family.max_images,
         )
 
     def normalise(self, batch: pa.Table) -> pa.Table:
@@ -297,7 +348,7 @@ class NormaliseSettings:
             image_format=self.image_format,
             max_instruction_chars=self.max_instruction_chars,
             image_quality=self.image_quality,
-            output="pyarrow",
+            max_images=self.max_images,
         )
 
 
@@ -337,87 +388,128 @@ def normalise_and_skip(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 2: load + prepare on CPU tasks (fetch bytes, decode to RGB).
+# Stage 2: load + prepare on CPU tasks (fetch bytes, decode to RGB, the family's CPU prepare).
 
 
-def _prepare_one(row: dict[str, Any], storage: StorageOptions | None, max_pixels: int) -> dict[str, Any]:
-    if row["error_type"]:
-        return row
-    start = time.perf_counter()
-    row["started_at"] = _ts(_now())
-    try:
-        if not row["image_uri"]:
-            raise RowError(errors.INVALID_ROW, "the row has no image_uri")
-        data = read_bytes(row["image_uri"], storage)
-        image = decode_image(data, max_pixels)
+@dataclass(frozen=True)
+class PrepareSettings:
+    storage: StorageOptions | None
+    max_pixels: int
+    model: ModelSpec
+    weights: WeightsSource
+    threads: int = 8
+
+
+def _load_images(row: dict[str, Any], s: PrepareSettings) -> list[np.ndarray]:
+    """Fetch and decode every input of a row; a failure names the input (position and URI)."""
+    uris = row["image_uris"] or ([row["image_uri"]] if row["image_uri"] else [])
+    if not uris:
+        raise RowError(errors.INVALID_ROW, "the row has no input image")
+    images = []
+    for i, uri in enumerate(uris, 1):
+        where = f"image {i} of {len(uris)} ({errors.redact_uri(uri)}): " if len(uris) > 1 else ""
+        try:
+            image = decode_image(read_bytes(uri, s.storage), s.max_pixels)
+        except RowError as e:
+            raise RowError(e.code, where + e.message) from None
+        except Exception as e:  # an unexpected failure is still one row, never a crashed job
+            raise RowError(errors.READ_FAILED, f"{where}could not load {errors.redact_uri(uri)}: {_message(e)}") from None
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise RowError(errors.CORRUPT_IMAGE, f"decoded to an unexpected array {image.dtype} {image.shape}")
-        h, w = image.shape[:2]
-        row.update(
-            input_width=w, input_height=h, pix_h=h, pix_w=w,
-            pixels=np.ascontiguousarray(image).tobytes(),
-        )
-    except RowError as e:
-        row.update(error_type=e.code, error_message=e.message)
-    except Exception as e:  # an unexpected failure is still one row, never a crashed job
-        row.update(
-            error_type=errors.READ_FAILED,
-            error_message=f"could not load {errors.redact_uri(row['image_uri'] or '')}: {_message(e)}",
-        )
-    row["preprocess_ms"] = (time.perf_counter() - start) * 1e3
-    return row
+            raise RowError(errors.CORRUPT_IMAGE, f"{where}decoded to an unexpected array {image.dtype} {image.shape}")
+        images.append(np.ascontiguousarray(image))
+    return images
 
 
-def prepare(
-    batch: pa.Table, *, storage: StorageOptions | None, max_pixels: int, threads: int = 8, counters: Any = None
-) -> pa.Table:
-    """Fetch and decode each row's image (I/O-bound, so a few threads per task)."""
+def _request(row: dict[str, Any], images: list[np.ndarray]) -> EditRequest:
+    params = EditParams(
+        num_steps=int(row["num_steps"]),
+        guidance_scale=float(row["guidance_scale"]),
+        size_level=int(row["size_level"]),
+        negative_prompt=row["negative_prompt"] or "",
+    )
+    return EditRequest(images=images, instruction=row["instruction"], seed=int(row["seed"]), params=params)
+
+
+def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None) -> pa.Table:
+    """Fetch and decode each row's images (I/O-bound: a few threads per task), then run the
+    model family's CPU prepare on each (CPU-bound: in this task's own thread, one row at a time)."""
     rows = batch.to_pylist()
     if not rows:
         return ROW_SCHEMA.empty_table()
     retries_before = _storage_retries()
     worker = worker_label()
-    for row in rows:
-        row["worker"] = worker
-    if len(rows) == 1 or threads <= 1:
-        out = [_prepare_one(r, storage, max_pixels) for r in rows]
+    todo = [r for r in rows if not r["error_type"]]
+    start = time.perf_counter()
+
+    def load(row: dict[str, Any]) -> list[np.ndarray] | RowError:
+        t0 = time.perf_counter()
+        row["started_at"] = _ts(_now())
+        try:
+            return _load_images(row, settings)
+        except RowError as e:
+            return e
+        finally:
+            row["preprocess_ms"] = (time.perf_counter() - t0) * 1e3
+
+    if len(todo) <= 1 or settings.threads <= 1:
+        loaded = [load(r) for r in todo]
     else:
-        with ThreadPoolExecutor(min(threads, len(rows))) as pool:
-            out = list(pool.map(lambda r: _prepare_one(r, storage, max_pixels), rows))
-    _add_counters(counters, _retry_delta(retries_before))
-    return _table(out, ROW_SCHEMA)
+        with ThreadPoolExecutor(min(settings.threads, len(todo))) as pool:
+            loaded = list(pool.map(load, todo))
+    preparer = preparer_for(settings.model, settings.weights) if todo else None
+    for row, images in zip(todo, loaded):
+        row["worker"] = worker
+        if isinstance(images, RowError):
+            row.update(error_type=images.code, error_message=images.message)
+            continue
+        row.update(
+            input_width=images[0].shape[1], input_height=images[0].shape[0],
+            input_widths=[im.shape[1] for im in images], input_heights=[im.shape[0] for im in images],
+        )
+        t0 = time.perf_counter()
+        try:
+            ready = preparer(_request(row, images))
+            row.update(prepared=ready.to_bytes(), batch_key=ready.key, width=ready.width, height=ready.height)
+        except RowFailure as e:
+            row.update(error_type=e.code, error_message=errors.redact(e.message))
+        except Exception as e:  # a bug or an input the family cannot handle: one row, not the job
+            row.update(error_type=errors.PREPARE_FAILED, error_message=f"the model's prepare raised {_message(e)}")
+        row["preprocess_ms"] = (row["preprocess_ms"] or 0.0) + (time.perf_counter() - t0) * 1e3
+    deltas = _retry_delta(retries_before)
+    deltas["prepare_task_ms"] = (time.perf_counter() - start) * 1e3
+    _add_counters(counters, deltas)
+    return _table(rows, ROW_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 3: edit on an actor pool (one editor per actor, loaded once).
+# Stage 3: edit on an actor pool (one engine per actor, loaded once).
 
 
 class EditStage:
-    """Ray Data callable class: each actor builds one editor in ``__init__`` and keeps it.
+    """Ray Data callable class: each actor loads the family's engine in ``__init__`` and keeps it.
 
-    An exception from the editor for a whole batch does not kill the job: the batch is retried row
-    by row and a row that still raises becomes an ``edit_failed`` error row.
+    The actor only runs the model on prepared arrays. An exception from the engine for a whole
+    batch does not kill the job: the batch is retried row by row and a row that still raises
+    becomes an ``edit_failed`` error row.
     """
 
-    def __init__(self, spec: EditorSpec, editor: Editor | None = None) -> None:
-        # load_editor stages object-storage weights once per node (file lock), then loads them.
-        self.editor = editor if editor is not None else load_editor(spec)
+    def __init__(self, spec: ModelSpec, weights: WeightsSource, engine: Engine | None = None) -> None:
+        self.family = family_for(spec)
+        self.max_batch_size = spec.max_batch_size
+        # local_folder stages object-storage weights once per node (file lock), then they load.
+        self.engine = engine if engine is not None else self.family.load(weights.local_folder(), spec.device)
         self.worker = worker_label()
 
-    def _edit(self, rows: list[EditRow]) -> list[EditOutput | BaseException]:
+    def _edit(self, rows: list[Prepared]) -> list[EditOutput | BaseException]:
         try:
-            outputs = list(self.editor.edit_rows(rows))
-            if len(outputs) != len(rows):
-                raise RuntimeError(f"editor returned {len(outputs)} outputs for {len(rows)} rows")
-            return outputs
+            return list(edit_prepared(self.engine, rows, self.max_batch_size))
         except Exception as batch_error:
             if len(rows) == 1:
                 return [batch_error]
         results: list[EditOutput | BaseException] = []
         for row in rows:  # fall back to one row at a time: only the rows that fail, fail
             try:
-                out = list(self.editor.edit_rows([row]))
-                results.append(out[0] if len(out) == 1 else RuntimeError(f"editor returned {len(out)} outputs for 1 row"))
+                results.append(edit_prepared(self.engine, [row], 1)[0])
             except Exception as e:
                 results.append(e)
         return results
@@ -425,38 +517,28 @@ class EditStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if not r["error_type"]]
-        edit_rows = []
-        for r in todo:
-            image = np.frombuffer(r["pixels"], dtype=np.uint8).reshape(r["pix_h"], r["pix_w"], 3)
-            params = EditParams(
-                num_steps=int(r["num_steps"]),
-                guidance_scale=float(r["guidance_scale"]),
-                size_level=int(r["size_level"]),
-                negative_prompt=r["negative_prompt"] or "",
-            )
-            edit_rows.append(EditRow(image=image, instruction=r["instruction"], seed=int(r["seed"]), params=params))
-        results = self._edit(edit_rows) if edit_rows else []
+        results = self._edit([Prepared.from_bytes(r["prepared"]) for r in todo]) if todo else []
         for r, result in zip(todo, results):
             r["worker"] = self.worker
-            r["pixels"] = None
+            r["prepared"] = None
             if isinstance(result, BaseException):
-                r.update(error_type=errors.EDIT_FAILED, error_message=f"the editor raised {_message(result)}")
+                r.update(error_type=errors.EDIT_FAILED, error_message=f"the model raised {_message(result)}")
                 continue
-            r.update(edit_ms=float(result.edit_ms), width=int(result.width), height=int(result.height))
+            r["edit_ms"] = float(result.edit_ms)
             if result.error_type:
-                r.update(error_type=result.error_type, error_message=result.error_message or result.error_type)
+                r.update(error_type=result.error_type, error_message=errors.redact(result.error_message or result.error_type))
                 continue
             img = result.image
             if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 desc = f"{getattr(img, 'dtype', type(img).__name__)} {getattr(img, 'shape', '')}"
-                r.update(error_type=errors.EDIT_FAILED, error_message=f"the editor returned {desc}, not an RGB uint8 image")
+                r.update(error_type=errors.EDIT_FAILED, error_message=f"the model returned {desc}, not an RGB uint8 image")
                 continue
             r.update(pixels=np.ascontiguousarray(img).tobytes(), pix_h=img.shape[0], pix_w=img.shape[1])
         return _table(rows, ROW_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 4: encode + write (CPU tasks) -> log records.
+# Stage 4: finish + encode + write (CPU tasks) -> log records.
 
 
 @dataclass(frozen=True)
@@ -467,14 +549,16 @@ class WriteSettings:
     quality: int
     model_id: str
     run_id: str
+    model: ModelSpec
 
 
-def _write_one(row: dict[str, Any], s: WriteSettings) -> dict[str, Any]:
+def _write_one(row: dict[str, Any], s: WriteSettings, family: ModelFamily) -> dict[str, Any]:
     if row["error_type"]:
         return row
     start = time.perf_counter()
     try:
         image = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["pix_h"], row["pix_w"], 3)
+        image = family.finish(image, list(zip(row["input_widths"], row["input_heights"])))
         data = encode_image(image, s.image_format, s.quality)
         uri = join_uri(s.output_uri, safe_output_key(row["output_key"] or ""))
         write_bytes(uri, data, s.storage)
@@ -503,6 +587,7 @@ def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
             error_message=None if ok else (r.get("error_message") or r["error_type"]),
             # the log and the report are read by people: no user:password@ or signed query in them
             image_uri=errors.redact_uri(r["image_uri"]) if r.get("image_uri") else r.get("image_uri"),
+            image_uris=[errors.redact_uri(u) for u in r["image_uris"]] if r.get("image_uris") else None,
             model_id=s.model_id,
             run_id=s.run_id,
             finished_at=now,
@@ -512,16 +597,18 @@ def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
 
 
 def write_outputs(batch: pa.Table, *, settings: WriteSettings, threads: int = 8, counters: Any = None) -> pa.Table:
-    """Encode and write each edited image to its deterministic key; return LOG_SCHEMA records."""
+    """Finish (the family's resize back), encode and write each edited image to its
+    deterministic key; return LOG_SCHEMA records."""
     rows = batch.to_pylist()
     if not rows:
         return LOG_SCHEMA.empty_table()
     retries_before = _storage_retries()
+    family = family_for(settings.model)
     if len(rows) == 1 or threads <= 1:
-        out = [_write_one(r, settings) for r in rows]
+        out = [_write_one(r, settings, family) for r in rows]
     else:
         with ThreadPoolExecutor(min(threads, len(rows))) as pool:
-            out = list(pool.map(lambda r: _write_one(r, settings), rows))
+            out = list(pool.map(lambda r: _write_one(r, settings, family), rows))
     _add_counters(counters, _retry_delta(retries_before))
     return to_log_records(out, settings)
 
@@ -573,7 +660,7 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
         lo = hi = min(r.num_actors, fit)
     else:
         cap = r.max_actors
-        if cap is None and r.num_gpus_per_actor == 0 and cfg.model.kind != "null":
+        if cap is None and r.num_gpus_per_actor == 0 and not cfg.model.family_class().lightweight:
             cap = 1  # a model on CPU: one copy (torch uses every core), unless max_actors says more
         hi = min(cap or fit, fit)
         lo = min(r.min_actors, hi)
@@ -613,8 +700,8 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
     import ray
 
     r = cfg.resources
-    model_id = cfg.model.resolved_model_id()
     settings = NormaliseSettings.from_config(cfg)
+    spec, weights = cfg.model_spec(), cfg.weights_source()
     ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
     ds = ds.map_batches(
         normalise_and_skip,
@@ -627,12 +714,15 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
     # small blocks so that image fetching fans out over many tasks, pixels stream through the
     # object store in small pieces and log records reach the driver as rows finish.
     ds = ds.repartition(target_num_rows_per_block=r.io_batch_size)
+    prepare_settings = PrepareSettings(
+        storage=cfg.input.storage, max_pixels=cfg.runtime.max_pixels, model=spec, weights=weights,
+        threads=r.io_threads_per_task,
+    )
     ds = ds.map_batches(
         prepare,
         batch_format="pyarrow",
         batch_size=r.io_batch_size,
-        fn_kwargs={"storage": cfg.input.storage, "max_pixels": cfg.runtime.max_pixels, "counters": counters,
-                   "threads": r.io_threads_per_task},
+        fn_kwargs={"settings": prepare_settings, "counters": counters},
         num_cpus=r.io_cpus_per_task,
     )
     ds = ds.map_batches(
@@ -644,7 +734,7 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
             max_size=plan.max_size,
             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
         ),
-        fn_constructor_kwargs={"spec": cfg.editor_spec()},
+        fn_constructor_kwargs={"spec": spec, "weights": weights},
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )
@@ -653,8 +743,9 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
         storage=cfg.output_storage(),
         image_format=cfg.output.format,
         quality=cfg.output.quality,
-        model_id=model_id,
+        model_id=settings.model_id,
         run_id=cfg.runtime.run_id,
+        model=spec,
     )
     ds = ds.map_batches(
         write_outputs,

@@ -32,7 +32,6 @@ the editing itself is the Ray job.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import io
@@ -48,7 +47,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,12 +56,13 @@ from step1x_batch.errors import RowError, redact_uri
 from step1x_batch.images import image_extension
 from step1x_batch.manifest import (
     SEED_LIMIT,
+    image_columns,
+    image_sources,
     manifest_base,
     read_manifest_table,
-    resolve_image_uri,
     write_manifest,
 )
-from step1x_batch.rowlog import read_logs
+from step1x_batch.rowlog import latest_records
 from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import (
     StorageOptions,
@@ -98,7 +97,7 @@ DATA_DIR = "dataset/data"
 SPLITS = ("train", "validation")
 EXPORT_VERSION = 1
 # Per-row parameter columns of the images manifest passed on to the edit manifest as they are.
-_PASSTHROUGH = ("num_steps", "guidance_scale", "size_level", "negative_prompt", "image_etag")
+_PASSTHROUGH = ("num_steps", "guidance_scale", "size_level", "negative_prompt", "image_etag", "image_etags")
 
 
 class PairsConfig(BaseModel):
@@ -106,7 +105,9 @@ class PairsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    image_column: str = "image_uri"  # column of the images manifest holding the source image URI
+    # column of the images manifest holding the source image URI, or a list of them (a
+    # multi-reference source: every pair made from it reads all of them, in order)
+    image_column: str = "image_uri"
     # Instruction source, exactly one of: a column (text, or a list of texts per image) ...
     instruction_column: str | None = None  # default "instruction" when no templates file is given
     # ... or a templates file, any fsspec URI: YAML / JSON list (or {"instructions": [...]}) or
@@ -251,8 +252,9 @@ def variant_seeds(seed_base: int, source_uri: str | None, instruction: str | Non
     return seeds
 
 
-def split_of(source_uri: str | None, validation_fraction: float) -> str:
-    """``"validation"`` or ``"train"``, a function of the source image URI alone."""
+def split_of(source_uri: Any, validation_fraction: float) -> str:
+    """``"validation"`` or ``"train"``, a function of the source (its image URI, or the list of
+    them for a multi-reference source) alone."""
     u = int.from_bytes(_digest("split", source_uri)[:8], "big") / 2.0**64
     return "validation" if u < validation_fraction else "train"
 
@@ -302,8 +304,7 @@ def expand_pairs(images: pa.Table, sj: SynthesizeJob, templates: list[str] | Non
     dropped = 0
     texts: set[str] = set()
     for raw in images.to_pylist():
-        uri = raw.get(p.image_column)
-        source = resolve_image_uri(uri, base) if isinstance(uri, str) and uri.strip() else uri
+        source = image_sources(raw.get(p.image_column), base)
         found = list(templates) if templates is not None else _instructions(raw.get(p.instruction_column))
         found = list(dict.fromkeys(found))
         chosen = _sample(found, p.instructions_per_image, p.sample_seed, source) or [None]
@@ -317,7 +318,7 @@ def expand_pairs(images: pa.Table, sj: SynthesizeJob, templates: list[str] | Non
                 seen.add(rid)
                 if isinstance(instruction, str):
                     texts.add(instruction)
-                row = {"id": rid, "image_uri": source, "instruction": instruction, "seed": seed,
+                row = {"id": rid, **image_columns(source), "instruction": instruction, "seed": seed,
                        "output_key": f"pairs/images/{rid}.{ext}", "variant": k}
                 row.update({c: raw.get(c) for c in passthrough})
                 rows.append(row)
@@ -325,10 +326,10 @@ def expand_pairs(images: pa.Table, sj: SynthesizeJob, templates: list[str] | Non
 
 
 def _work_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = ["id", "image_uri", "instruction", "seed", "output_key", "variant"]
+    columns = ["id", "image_uri", "image_uris", "instruction", "seed", "output_key", "variant"]
     columns += [c for c in _PASSTHROUGH if rows and c in rows[0]]
-    types = {"id": pa.string(), "image_uri": pa.string(), "instruction": pa.string(),
-             "seed": pa.int64(), "output_key": pa.string(), "variant": pa.int64()}
+    types = {"id": pa.string(), "image_uri": pa.string(), "image_uris": pa.list_(pa.string()),
+             "instruction": pa.string(), "seed": pa.int64(), "output_key": pa.string(), "variant": pa.int64()}
     data = {c: [r.get(c) for r in rows] for c in columns}
     return pa.table({c: pa.array(data[c], types.get(c)) for c in columns})
 
@@ -370,31 +371,14 @@ def prepare_work(sj: SynthesizeJob) -> Work:
 # Export
 
 
-def _latest_records(output_uri: str, options: StorageOptions | None) -> tuple[dict, dict]:
-    """(id, fingerprint) -> latest ok record and id -> latest error record, over every log part."""
-    cols = ["id", "fingerprint", "status", "error_type", "output_uri", "model_id", "finished_at"]
-    logs = read_logs(output_uri, options, columns=cols)
-    if logs.num_rows:  # oldest first (no finish time: oldest), so later records win below
-        oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
-        finished = pc.fill_null(logs.column("finished_at"), oldest)
-        logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
-    ok: dict[tuple[str, str], dict] = {}
-    err: dict[str, dict] = {}
-    for rec in logs.to_pylist():
-        if rec["status"] == "ok" and rec["output_uri"]:
-            ok[(rec["id"], rec["fingerprint"])] = rec
-        elif rec["status"] == "error":
-            err[rec["id"]] = rec
-    return ok, err
-
-
 def _features(embed: bool) -> dict[str, Any]:
     """Hugging Face ``datasets`` feature metadata: with it, the parquet loader types the columns
     (embedded images as Image features) with no custom code."""
     value = lambda dtype: {"dtype": dtype, "_type": "Value"}  # noqa: E731
     image = {"_type": "Image"} if embed else value("string")
     return {
-        "source_image": image, "edited_image": image, "instruction": value("string"),
+        "source_image": image, "source_images": {"feature": value("string"), "_type": "List"},
+        "edited_image": image, "instruction": value("string"),
         "seed": value("int64"), "variant": value("int64"), "num_steps": value("int64"),
         "guidance_scale": value("float64"), "size_level": value("int64"),
         "negative_prompt": value("string"), "model_id": value("string"), "id": value("string"),
@@ -405,7 +389,8 @@ def _features(embed: bool) -> dict[str, Any]:
 def _schema(embed: bool) -> pa.Schema:
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if embed else pa.string()
     schema = pa.schema([
-        ("source_image", image), ("edited_image", image), ("instruction", pa.string()),
+        ("source_image", image), ("source_images", pa.list_(pa.string())), ("edited_image", image),
+        ("instruction", pa.string()),
         ("seed", pa.int64()), ("variant", pa.int64()), ("num_steps", pa.int64()),
         ("guidance_scale", pa.float64()), ("size_level", pa.int64()),
         ("negative_prompt", pa.string()), ("model_id", pa.string()), ("id", pa.string()),
@@ -417,12 +402,13 @@ def _schema(embed: bool) -> pa.Schema:
 
 def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The exportable rows (sorted, deduplicated, with ``split``) and failed rows by error type."""
-    ok, err = _latest_records(sj.job.output.uri, sj.job.output_storage())
+    latest = latest_records(sj.job.output.uri, sj.job.output_storage())
+    ok, err = latest.ok, latest.error
     rows: list[dict[str, Any]] = []
     failed: dict[str, int] = {}
     seen: set[tuple] = set()
     for r in work.table.select(
-        ["id", "fingerprint", "image_uri", "instruction", "seed", "num_steps", "guidance_scale",
+        ["id", "fingerprint", "image_uri", "image_uris", "instruction", "seed", "num_steps", "guidance_scale",
          "size_level", "negative_prompt", "error_type", "variant"]
     ).to_pylist():
         rec = ok.get((r["id"], r["fingerprint"])) if r["fingerprint"] else None
@@ -433,18 +419,20 @@ def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], d
             )
             failed[kind] = failed.get(kind, 0) + 1
             continue
-        key = (r["image_uri"], r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
+        uris = r["image_uris"] or [r["image_uri"]]
+        source = uris[0] if len(uris) == 1 else uris  # as expand_pairs named it
+        key = (tuple(uris), r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
                r["size_level"], r["negative_prompt"], rec["model_id"])
         if key in seen:  # identical work once, whatever ids it came under
             continue
         seen.add(key)
         rows.append({
-            "source_image": r["image_uri"], "edited_image": rec["output_uri"],
+            "source_image": uris[0], "source_images": uris, "edited_image": rec["output_uri"],
             "instruction": r["instruction"], "seed": r["seed"], "variant": r["variant"],
             "num_steps": r["num_steps"], "guidance_scale": r["guidance_scale"],
             "size_level": r["size_level"], "negative_prompt": r["negative_prompt"],
             "model_id": rec["model_id"], "id": r["id"],
-            "split": split_of(r["image_uri"], sj.pairs.validation_fraction),
+            "split": split_of(source, sj.pairs.validation_fraction),
         })
     rows.sort(key=lambda r: (r["split"], r["source_image"], r["instruction"], r["variant"], r["id"]))
     return rows, dict(sorted(failed.items()))
@@ -535,6 +523,8 @@ def _card(info: dict[str, Any]) -> str:
         "- `source_image`, `edited_image`: " + (
             "the image bytes as `{bytes, path}` structs (typed as `Image` for `datasets`)"
             if p["embed_bytes"] else "URIs of the source image and the edited image"),
+        "- `source_images`: the URIs of every input image the edit read, in order (one for a "
+        "single-image source; `source_image` is the first)",
         "- `instruction`: the edit instruction given to the model",
         "- `seed`, `variant`: the noise seed and which of the K variants of this (image, instruction) it is",
         "- `num_steps`, `guidance_scale`, `size_level`, `negative_prompt`: the sampling parameters",
@@ -542,7 +532,7 @@ def _card(info: dict[str, Any]) -> str:
         "- `split`: `train` or `validation`, by a hash of the source image (all pairs of one source share a split)",
         "",
         "## How it was made", "",
-        f"- model: `{m['model_id']}` (kind {m['kind']}); weights licence: {m['weights_license']}",
+        f"- model: `{m['model_id']}` (family {m['family']}); weights licence: {m['weights_license']}",
         f"- sampling: {p['num_steps']} steps, guidance {p['guidance_scale']}, size level "
         f"{p['size_level']}, negative prompt {json.dumps(p['negative_prompt'])}, seed base {p['seed_base']}",
         f"- instructions: {p['instruction_source']}; per image: {p['instructions_per_image'] or 'all'}"
@@ -576,7 +566,7 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
     for s, part in by_split.items():
         n = math.ceil(len(part) / p.max_shard_rows)
         files[s] = [f"data/{s}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
-    params = job.sampling.edit_params()
+    params = job.edit_defaults()
     info: dict[str, Any] = {
         "name": p.name,
         "description": p.description,
@@ -605,8 +595,8 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
             "image_format": job.output.format, "max_shard_rows": p.max_shard_rows,
         },
         "model": {
-            "model_id": job.model.resolved_model_id(), "kind": job.model.kind,
-            "version": job.model.version, "weights": redact_uri(job.model.weights) if job.model.weights else None,
+            "model_id": job.model.resolved_model_id(), "family": job.model.family,
+            "options": job.model.options, "weights": redact_uri(job.model.weights) if job.model.weights else None,
             "weights_license": p.weights_license,
         },
         "source_manifest": redact_uri(job.input.manifest),
@@ -715,25 +705,16 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/synthesize_pairs.py --config X [--set k=v ...]`` -> exit status
-    (0 done, 1 error budget exceeded: no export, 2 bad config, inputs or cluster)."""
-    parser = argparse.ArgumentParser(description="Make synthetic image-editing training pairs with Step1X-Edit on Ray.")
-    parser.add_argument("--config", required=True, help="YAML config: the edit job's sections plus 'pairs'")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. pairs.variants=4 (repeatable)")
-    args = parser.parse_args(argv)
-    return run_config(args.config, args.set)
-
-
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
-    """Load, run, export, and turn the outcome into an exit status (see :func:`main`); for
-    ``step1x-batch synthesize CONFIG``."""
-    try:
-        summary = run_synthesize(load_synthesize_config(path, overrides))
-    except (RowError, FileNotFoundError, PermissionError, ValueError) as e:
-        # a config, input or cluster problem (ConfigError and InputError are ValueErrors), as
-        # `step1x-batch run` reports them: one line, no traceback
-        _print(f"error: {e}", err=True)
-        return 2
-    return 0 if summary.ok else 1
+    """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing exported,
+    2 a config, input or cluster problem); for ``step1x-batch synthesize CONFIG``."""
+    from step1x_batch.entrypoint import exit_status
+
+    return exit_status(lambda: run_synthesize(load_synthesize_config(path, overrides)).ok)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/synthesize_pairs.py --config X [--set k=v ...]``."""
+    from step1x_batch.entrypoint import job_main
+
+    return job_main("Make synthetic image-editing training pairs on Ray.", run_config, argv)

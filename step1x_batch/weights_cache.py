@@ -15,12 +15,17 @@ crashed stager never blocks the node.
 The cached copy is trusted by its marker: a later call does not contact the object store at all.
 Publish a changed release under a new prefix (the cache folder is named by the URI's hash).
 
+``include`` stages only the files matching some glob patterns (a CPU node's prepare stage needs
+the tokenizer and processor files, not 40 GB of weights); such a subset has a cache folder of its
+own.
+
 No Ray here: this runs in a Ray actor, a plain script, or a test process alike.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,7 +36,8 @@ import shutil
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -45,6 +51,7 @@ from step1x_batch.storage import (
 )
 
 __all__ = [
+    "WeightsSource",
     "CACHE_ENV_VAR",
     "MARKER_NAME",
     "ChecksumMismatchError",
@@ -97,10 +104,11 @@ def _normalized(uri: str) -> str:
     return uri.strip().rstrip("/")
 
 
-def cache_key(uri: str) -> str:
+def cache_key(uri: str, include: Sequence[str] | None = None) -> str:
     """The cache folder name for ``uri``: the first 16 hex digits of sha256 of the URI (trailing
-    ``/`` ignored, so ``s3://b/p`` and ``s3://b/p/`` share one copy)."""
-    return hashlib.sha256(_normalized(uri).encode("utf-8")).hexdigest()[:16]
+    ``/`` ignored, so ``s3://b/p`` and ``s3://b/p/`` share one copy), and of ``include``."""
+    text = _normalized(uri) if include is None else _normalized(uri) + "\x00" + "\x00".join(sorted(include))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _local_path(uri: str) -> pathlib.Path:
@@ -282,8 +290,13 @@ def _write_marker(dest: pathlib.Path, uri: str, files: list[dict], seconds: floa
 # --- download ------------------------------------------------------------------------------------
 
 
-def _list_objects(fs, base: str, shown: str) -> dict[str, int]:
-    """``{relpath: size}`` of every object under ``base`` (recursively)."""
+def _included(rel: str, include: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in include)
+
+
+def _list_objects(fs, base: str, shown: str, include: Sequence[str] | None = None) -> dict[str, int]:
+    """``{relpath: size}`` of every object under ``base`` (recursively; only those matching one of
+    the ``include`` globs when given)."""
     try:
         found = fs.find(base, detail=True)
     except FileNotFoundError:
@@ -307,6 +320,8 @@ def _list_objects(fs, base: str, shown: str) -> dict[str, int]:
             continue
         rel = path[len(base) + 1 :]
         if rel.endswith("/") or not rel:  # folder placeholder objects
+            continue
+        if include is not None and not _included(rel, include):
             continue
         objects[_safe_relpath(rel, shown)] = int(info.get("size") or 0)
     if not objects:
@@ -388,9 +403,10 @@ def _stage(
     checksums: dict[str, str] | None,
     chunk_bytes: int,
     concurrency: int,
+    include: Sequence[str] | None = None,
 ) -> None:
     shown = redact_uri(uri)
-    objects = _list_objects(fs, base, shown)
+    objects = _list_objects(fs, base, shown, include)
     if checksums:
         missing = sorted(set(checksums) - set(objects))
         if missing:
@@ -470,6 +486,7 @@ def stage_weights(
     lock_timeout_s: float = 3600,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_concurrency: int = DEFAULT_CONCURRENCY,
+    include: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """A local folder holding the weights at ``uri``.
 
@@ -479,7 +496,7 @@ def stage_weights(
     file lock, every other process on the node waits for the lock (at most ``lock_timeout_s``),
     then finds the completed copy. ``checksums`` is ``{relpath: sha256 hex}`` or the path / URI
     of a ``sha256sum`` file; listed files are verified, every file is checked against the
-    listing's size.
+    listing's size. ``include``: only the objects matching one of these globs (relative paths).
 
     Raises FileNotFoundError (no such folder / empty prefix), ChecksumMismatchError,
     StagingError (listing, download, disk space), TimeoutError (lock wait).
@@ -500,9 +517,11 @@ def stage_weights(
     options = options or StorageOptions()
     shown = redact_uri(uri)
     wanted = read_checksums(checksums, options)
+    if wanted and include is not None:
+        wanted = {k: v for k, v in wanted.items() if _included(k, include)}
     root = pathlib.Path(os.path.expanduser(os.fspath(cache_dir)))
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(uri)
+    key = cache_key(uri, include)
     dest = root / key
     lock = FileLock(str(root / f"{key}.lock"), timeout=lock_timeout_s)
     waited = time.perf_counter()
@@ -530,7 +549,7 @@ def stage_weights(
             shutil.rmtree(dest)
         fs, base = filesystem(uri, options)
         try:
-            _stage(fs, base.rstrip("/"), uri, dest, options, wanted, chunk_bytes, max_concurrency)
+            _stage(fs, base.rstrip("/"), uri, dest, options, wanted, chunk_bytes, max_concurrency, include)
         except BaseException:
             # Free the disk now; a copy without a marker would be redone on the next call anyway.
             shutil.rmtree(dest, ignore_errors=True)
@@ -538,3 +557,21 @@ def stage_weights(
         return dest
     finally:
         lock.release()
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's weights are and how to stage them on a node (plain data, for Ray)."""
+
+    uri: str = ""
+    storage: Any = None  # storage.StorageOptions for the URI; None: environment defaults
+    cache_dir: str | None = None  # None: $STEP1X_WEIGHTS_CACHE, else ~/.cache/step1x-batch/weights
+    checksums: str | None = None  # a sha256sum-format file (path or URI) the staged files must match
+
+    def local_folder(self, include: Sequence[str] | None = None) -> pathlib.Path | None:
+        """The weights as a local folder (staged once per node when in object storage; only the
+        ``include`` globs when given); None when there are no weights."""
+        if not self.uri:
+            return None
+        return stage_weights(self.uri, default_cache_dir(self.cache_dir), self.storage,
+                             checksums=self.checksums, include=include)

@@ -1,20 +1,35 @@
 """Module boundaries that deployment depends on.
 
-GPU machines may lack Ray, so the model package must import without it; the Ray stages may know
-only the editor interface, never model internals.
+GPU machines may lack Ray, so the model packages must import without it; model packages import
+nothing from the job side; the Ray stages know models only through the family interface; and no
+module of the package imports itself back through others (a test walks every import statement).
 """
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "step1x_batch"
 
 MODEL_MODULES = [
-    "step1x_batch.editor",
-    "step1x_batch.sampling",
+    "step1x_batch.models",
+    "step1x_batch.models.base",
+    "step1x_batch.models.loading",
+    "step1x_batch.models.null",
+    "step1x_batch.models.qwen_vl.encoder",
+    "step1x_batch.models.qwen_vl.processor",
+    "step1x_batch.models.qwen_vl.rope",
+    "step1x_batch.models.qwen_vl.tiny",
+    "step1x_batch.models.step1x",
+    "step1x_batch.models.step1x.family",
     "step1x_batch.models.step1x.pipeline",
+    "step1x_batch.models.step1x.prepare",
+    "step1x_batch.models.step1x.sampling",
     "step1x_batch.models.step1x.tiny",
     "step1x_batch.models.step1x.conditioner",
-    "step1x_batch.models.step1x.tiny_qwen",
+    "step1x_batch.models.qwen_image_edit",
 ]
 
 
@@ -22,26 +37,108 @@ def run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
 
 
-def test_model_package_imports_without_ray():
+def test_model_packages_import_without_ray_and_nothing_from_the_job_side():
     proc = run(f"""
         import sys
         sys.modules["ray"] = None  # any "import ray" now raises ImportError
-        import importlib
-        for name in {MODEL_MODULES!r}:
+        import importlib, pkgutil
+        import step1x_batch.models as models
+        names = {MODEL_MODULES!r}
+        names += [m.name for m in pkgutil.walk_packages(models.__path__, "step1x_batch.models.")]
+        for name in names:
             importlib.import_module(name)
-        print("ok")
+        job_side = sorted(m for m in sys.modules if m.startswith("step1x_batch.")
+                          and not m.startswith("step1x_batch.models"))
+        print("job side:", ",".join(job_side))
     """)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    assert proc.stdout.strip() == "job side:"
 
 
 def test_ray_side_imports_no_model_internals():
     proc = run("""
         import sys, importlib
-        for name in ["step1x_batch.stages", "step1x_batch.runner", "step1x_batch.config"]:
+        for name in ["step1x_batch.stages", "step1x_batch.runner", "step1x_batch.config",
+                     "step1x_batch.manifest", "step1x_batch.synthesize", "step1x_batch.catalog"]:
             importlib.import_module(name)
-        leaked = sorted(m for m in sys.modules if m.startswith("step1x_batch.models"))
+        leaked = sorted(m for m in sys.modules if m.startswith("step1x_batch.models")
+                        and m not in ("step1x_batch.models", "step1x_batch.models.base"))
         print(",".join(leaked))
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every ``import`` / ``from ... import`` statement in the package (at any depth, type-checking
+    ones included), as edges between the package's own modules."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import sub` imports the submodule; `from mod import name` the module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    graph = import_graph()
+    assert "step1x_batch.models.base" in graph["step1x_batch.stages"]  # edges are really read
+    assert "step1x_batch.models.step1x.conditioner" in graph["step1x_batch.models.step1x.prepare"]
+
+
+def test_no_import_cycles_in_the_package():
+    assert cycles(import_graph()) == []

@@ -61,7 +61,7 @@ def _raw(manifest: str, out: str, run_id: str, **runtime) -> dict:
     return {
         "input": {"manifest": manifest},
         "output": {"uri": out},
-        "model": {"kind": "null"},
+        "model": {"family": "null"},
         "resources": {"edit_batch_size": 16, "io_batch_size": 16},
         "runtime": {"progress_bars": False, "run_id": run_id, "max_error_fraction": 0.5, **runtime},
         "catalog": {"instruction_template": TEMPLATE, "change_marker_column": "etag"},
@@ -281,3 +281,26 @@ def test_job_entry_point_refuses_a_bad_config(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/rerender_catalog.py"), "--config", str(cfg)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "catalog.change_marker: Extra inputs are not permitted" in proc.stderr
+
+
+def test_catalog_items_with_several_images(ray_local, tmp_path):
+    """An item shown by several pictures (the catalog's image column holds a list): rendered from
+    all of them, published with every input; a change of its marker re-renders it."""
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png(i))
+    items = [_item(0, image_uri=["img/0.png", "img/1.png"]), _item(1, image_uri=["img/2.png"])]
+    out = str(tmp_path / "out")
+    raw = _raw(_catalog(tmp_path, items), out, "multi-1")
+    raw["model"] = {"family": "job_plugins:MeanOfInputs", "options": {"max_images": 2}}
+    summary = run_catalog(parse_catalog_config(raw))
+    assert summary.published and summary.counts["new"] == 2 and summary.counts["failed"] == 0
+    latest = _check_latest_objects_exist(out)
+    assert latest["sku-0"]["image_uris"] == [str(tmp_path / "img/0.png"), str(tmp_path / "img/1.png")]
+    assert latest["sku-1"]["image_uris"] == [str(tmp_path / "img/2.png")]
+    render = decode_image(open(latest["sku-0"]["output_uri"], "rb").read(), 10**6)
+    mean = np.stack([decode_image(_png(0), 10**6), decode_image(_png(1), 10**6)]).mean(0).round().astype(np.uint8)
+    assert np.array_equal(render, mean)
+    items[0]["etag"] = "v2-0"
+    again = run_catalog(parse_catalog_config({**_raw(_catalog(tmp_path, items), out, "multi-2"), "model": raw["model"]}))
+    assert again.published and again.counts["changed"] == 1 and again.counts["unchanged"] == 1

@@ -8,7 +8,7 @@ from step1x_batch.cli import main
 @pytest.mark.parametrize("command", ["run", "synthesize", "rerender"])
 def test_bad_config_is_exit_2_with_the_key_path(command, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("input: {manifest: m.jsonl}\noutput: {uri: out}\nmodel: {kind: null}\nsampling: {num_steps: 0}\n")
+    bad.write_text("input: {manifest: m.jsonl}\noutput: {uri: out}\nmodel: {family: 'null'}\nsampling: {num_steps: 0}\n")
     assert main([command, str(bad)]) == 2
     err = capsys.readouterr().err
     assert "sampling.num_steps" in err and "Traceback" not in err
@@ -23,7 +23,7 @@ def test_missing_config_is_exit_2(command, tmp_path, capsys):
 def test_invalid_bucket_name_is_exit_2_without_traceback(tmp_path, capsys, s3_server):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: {{manifest: 's3://bad!bucket/m.jsonl'}}\noutput: {{uri: '{tmp_path}/out'}}\n"
-                   "model: {kind: 'null'}\n")
+                   "model: {family: 'null'}\n")
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err

@@ -16,6 +16,7 @@ from step1x_batch.config import (
     load_config,
     parse_config,
 )
+from step1x_batch.models.base import EditParams
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,7 +24,7 @@ CONFIGS = ROOT / "configs"
 MINIMAL = {
     "input": {"manifest": "s3://b/manifest.parquet"},
     "output": {"uri": "s3://b/out"},
-    "model": {"kind": "null"},
+    "model": {"family": "null"},
 }
 
 
@@ -33,16 +34,27 @@ def _write(tmp_path: Path, raw: dict) -> str:
     return str(path)
 
 
+def test_qwen_image_edit_config_is_the_official_recipe():
+    cfg = load_config(str(CONFIGS / "qwen-image-edit-2511.yaml"))
+    assert cfg.model.family == "qwen-image-edit" and cfg.device() == "cuda" and cfg.model.dtype == "bfloat16"
+    assert cfg.edit_defaults() == EditParams(num_steps=40, guidance_scale=4.0, size_level=1024, negative_prompt=" ")
+    assert cfg.model.options["max_images"] == 10 and cfg.model.options["reference_areas"] == "fixed"
+    from step1x_batch.demo import demo_config
+
+    demo = parse_config(demo_config("/tmp/demo", "qwen-image-edit"))
+    assert demo.model.family == "qwen-image-edit" and demo.device() == "cpu"
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "step1x-edit-v1p1.yaml", "step1x-edit-v1p0.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(str(CONFIGS / name))
-    assert cfg.model.kind == "step1x"
+    assert cfg.model.family == "step1x"
     if name != "demo.yaml":
         assert cfg.resources.num_gpus_per_actor == 1
         assert cfg.model.dtype == "bfloat16"
         assert cfg.model.weights.startswith("s3://")
         assert cfg.device() == "cuda"
-        assert cfg.model.version == ("v1.1" if "v1p1" in name else "v1.0")
+        assert cfg.model.options["version"] == ("v1.1" if "v1p1" in name else "v1.0")
     else:
         assert cfg.resources.num_gpus_per_actor == 0 and cfg.device() == "cpu"
 
@@ -61,7 +73,9 @@ def test_defaults_and_overrides(tmp_path):
             "sampling.num_steps=20",
             "sampling.guidance_scale=4.5",
             "runtime.progress_bars=false",
-            "model.version=null",
+            "model.family=step1x",
+            "model.weights=/w",
+            "model.options.version=null",
             "output.format=webp",
             "runtime.retry_error_types=[read_failed]",
             "input.storage.endpoint_url=http://127.0.0.1:9000",
@@ -70,13 +84,13 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.sampling.num_steps == 20 and isinstance(cfg.sampling.num_steps, int)
     assert cfg.sampling.guidance_scale == 4.5
     assert cfg.runtime.progress_bars is False
-    assert cfg.model.version is None
+    assert cfg.model.options["version"] is None
     assert cfg.output.format == "webp"
     assert cfg.runtime.retry_error_types == ["read_failed"]
     assert cfg.input.storage.endpoint_url == "http://127.0.0.1:9000"
     # untouched defaults
-    assert cfg.sampling.size_level == 1024 and cfg.output.quality == 95
-    assert cfg.sampling.edit_params().num_steps == 20
+    assert cfg.sampling.size_level is None and cfg.output.quality == 95  # the family's default
+    assert cfg.edit_defaults() == EditParams(20, 4.5, 1024, "")
 
 
 @pytest.mark.parametrize(
@@ -89,9 +103,12 @@ def test_defaults_and_overrides(tmp_path):
         ("runtime.max_error_fraction=1.5", "runtime.max_error_fraction: Input should be less than or equal to 1"),
         ("resources.num_gpus_per_actor=-1", "resources.num_gpus_per_actor: Input should be greater than or equal to 0"),
         ("input.storage.max_attempts=0", "input.storage.max_attempts: Input should be greater than or equal to 1"),
-        ("runtime.run_id=../../etc", "runtime.run_id: Value error, use letters"),
+        ("runtime.run_id=../../etc", "runtime.run_id: use letters"),
         ("bogus.key=1", "bogus: Extra inputs are not permitted"),
-        ("model.kind=step2x", "model.kind: Value error, use 'step1x', 'null' or 'package.module:Factory'"),
+        ("model.family=step2x", "model.family: unknown model family 'step2x'"),
+        ("model.family=no_such_pkg.mod:Cls", "model.family: cannot import model family"),
+        ("model.kind=step1x", "model.kind is now model.family"),
+        ("model.version=v1.0", "model.version is now model.options.version"),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, override, expected):
@@ -108,15 +125,38 @@ def test_unknown_key_in_file_is_refused(tmp_path):
 
 def test_missing_sections_are_named(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, {"model": {"kind": "null"}}))
+        load_config(_write(tmp_path, {"model": {"family": "null"}}))
     assert "input: Field required" in str(e.value)
     assert "output: Field required" in str(e.value)
 
 
 def test_step1x_needs_weights(tmp_path):
-    raw = {**MINIMAL, "model": {"kind": "step1x"}}
-    with pytest.raises(ConfigError, match="model: Value error, weights: required"):
+    raw = {**MINIMAL, "model": {"family": "step1x"}}
+    with pytest.raises(ConfigError, match="model.weights: required for family 'step1x'"):
         load_config(_write(tmp_path, raw))
+
+
+def test_family_options_are_validated_by_the_family(tmp_path):
+    base = {**MINIMAL, "model": {"family": "step1x", "weights": "/w"}}
+    with pytest.raises(ConfigError, match=r"model\.options\.version: Input should be 'v1.0' or 'v1.1'"):
+        load_config(_write(tmp_path, base), ["model.options.version=v3"])
+    with pytest.raises(ConfigError, match=r"model\.options\.posterior_men: Extra inputs are not permitted"):
+        load_config(_write(tmp_path, base), ["model.options.posterior_men=true"])
+    cfg = load_config(_write(tmp_path, base), ["model.options.version=v1.0"])
+    assert cfg.model.options == {"version": "v1.0", "posterior_mean": False}  # defaults filled in
+    # a plug-in family brings its own options schema
+    plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs", "model.options.max_images=5"])
+    assert plugin.model.options == {"max_images": 5}
+    with pytest.raises(ConfigError, match=r"model\.options\.max_images: Input should be a valid integer"):
+        load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs", "model.options.max_images=x"])
+
+
+def test_sampling_defaults_come_from_the_family(tmp_path):
+    step1x = load_config(_write(tmp_path, {**MINIMAL, "model": {"family": "step1x", "weights": "/w"}}))
+    assert step1x.edit_defaults() == EditParams(28, 6.0, 1024, "")
+    tuned = load_config(_write(tmp_path, {**MINIMAL, "model": {"family": "step1x", "weights": "/w"}}),
+                        ["sampling.num_steps=20", "sampling.negative_prompt=blurry"])
+    assert tuned.edit_defaults() == EditParams(20, 6.0, 1024, "blurry")
 
 
 def test_credentials_are_refused_without_echoing_them(tmp_path):
@@ -145,7 +185,7 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     raw = {
         "input": {"manifest": "data/m.jsonl"},
         "output": {"uri": "out"},
-        "model": {"kind": "step1x", "weights": "~/w"},
+        "model": {"family": "step1x", "weights": "~/w"},
     }
     cfg = load_config(_write(tmp_path, raw))
     assert cfg.input.manifest == str(tmp_path / "data" / "m.jsonl")
@@ -169,21 +209,23 @@ def test_snapshot_round_trips(tmp_path):
     assert "run_id: r1" in text
 
 
-def test_model_id_and_editor_spec(tmp_path):
+def test_model_id_model_spec_and_weights_source(tmp_path):
     cfg = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"))
-    spec = cfg.editor_spec()
+    spec, weights = cfg.model_spec(), cfg.weights_source()
     assert spec.weights == "s3://my-models/step1x-edit-v1p1/" and spec.device == "cuda" and spec.dtype == "bfloat16"
-    assert spec.weights_cache_dir is None and spec.weights_storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
+    assert spec.family == "step1x" and spec.options == {"version": "v1.1", "posterior_mean": False}
+    assert weights.cache_dir is None and weights.storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
-    assert pinned.editor_spec().weights_cache_dir == "/mnt/nvme/cache"
-    assert spec.model_id == cfg.model.resolved_model_id()
-    other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.dtype=float16"])
-    assert other.model.resolved_model_id() != cfg.model.resolved_model_id()  # dtype changes pixels
+    assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
+    assert cfg.model.resolved_model_id() == "step1x-edit:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
+    for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0"):
+        other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
+        assert other.model.resolved_model_id() != cfg.model.resolved_model_id(), override  # changes pixels
     named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
-    assert named.editor_spec().model_id == "mine"
+    assert named.model_spec().model_id == "mine" and named.model.resolved_model_id() == "mine"
     assert load_config(_write(tmp_path, MINIMAL)).model.resolved_model_id() == "null"
-    plugin = load_config(_write(tmp_path, MINIMAL), ["model.kind=my_pkg.editors:Factory"])
-    assert plugin.model.resolved_model_id() == "my_pkg.editors:Factory"
+    plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs"])
+    assert plugin.model.resolved_model_id().startswith("mean-of-inputs:")
 
 
 def _cfg(**resources) -> JobConfig:
@@ -199,9 +241,9 @@ def test_actor_plan_keeps_cpus_for_io_tasks():
     assert (p.max_size, p.num_cpus) == (1, 1.0) and "fuses prepare" in p.note
     p = plan_actors(_cfg(reserved_cpus=0, io_cpus_per_task=0.5), {"CPU": 2.0})  # one I/O task always fits
     assert p.max_size * p.num_cpus <= 1.5
-    model_on_cpu = parse_config({**MINIMAL, "model": {"kind": "step1x", "weights": "/w"}})
+    model_on_cpu = parse_config({**MINIMAL, "model": {"family": "step1x", "weights": "/w"}})
     assert plan_actors(model_on_cpu, {"CPU": 64.0}).max_size == 1  # one model copy unless asked
-    many = parse_config({**MINIMAL, "model": {"kind": "step1x", "weights": "/w"}, "resources": {"max_actors": 3}})
+    many = parse_config({**MINIMAL, "model": {"family": "step1x", "weights": "/w"}, "resources": {"max_actors": 3}})
     assert plan_actors(many, {"CPU": 64.0}).max_size == 3
     p = plan_actors(_cfg(cpus_per_actor=4), {"CPU": 2.0})  # would take every slot: lowered
     assert p.num_cpus == 1.0 and p.max_size == 1 and "lowered" in p.note

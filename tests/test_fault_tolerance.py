@@ -45,7 +45,7 @@ def _config(manifest: str, output: str, **sections) -> dict:
     raw = {
         "input": {"manifest": manifest},
         "output": {"uri": output},
-        "model": {"kind": "job_plugins:Seeded", "model_id": "seeded"},
+        "model": {"family": "job_plugins:Seeded", "model_id": "seeded"},
         "resources": {"edit_batch_size": 6, "io_batch_size": 6},
         "runtime": {"progress_bars": False, "log_part_rows": 12, "max_error_fraction": 0.0},
     }
@@ -118,7 +118,7 @@ def test_edit_actor_killed_mid_batch(ray_local, dataset, undisturbed, tmp_path):
     kill_dir = tmp_path / "kill"
     kill_dir.mkdir()
     raw = _config(_local_copy(tmp_path / "in", dataset), str(tmp_path / "out"),
-                  model={"kind": "job_plugins:KillOnce", "weights": str(kill_dir), "model_id": "seeded"},
+                  model={"family": "job_plugins:KillOnce", "weights": str(kill_dir), "model_id": "seeded"},
                   runtime={"run_id": "killed-actor"})
     summary = _run(raw)
 
@@ -315,6 +315,7 @@ def test_output_not_writable_is_a_clear_error_and_nothing_false_is_ok(
 def test_local_output_that_cannot_be_written(tmp_path):
     """A local output root whose ``images`` is a regular file (root ignores chmod, so this is the
     portable 'cannot write here'): write_failed rows that name the object and the cause, no ok."""
+    from step1x_batch.models.base import ModelSpec
     from step1x_batch.stages import ROW_SCHEMA, WriteSettings, write_outputs
 
     out = tmp_path / "out"
@@ -323,10 +324,11 @@ def test_local_output_that_cannot_be_written(tmp_path):
     img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     rows = [{"id": f"w{i}", "fingerprint": f"f{i}", "image_uri": "x.png", "instruction": "edit", "seed": i,
              "num_steps": 1, "guidance_scale": 1.0, "size_level": 64, "negative_prompt": "",
-             "output_key": f"images/w{i}.png", "pixels": img.tobytes(), "pix_h": 4, "pix_w": 5, "attempt": 1}
+             "output_key": f"images/w{i}.png", "pixels": img.tobytes(), "pix_h": 4, "pix_w": 5, "attempt": 1,
+             "input_widths": [5], "input_heights": [4]}
             for i in range(3)]
     rows.append({**rows[0], "id": "elsewhere", "output_key": "fine/elsewhere.png"})
-    settings = WriteSettings(str(out), None, "png", 95, "seeded", "local")
+    settings = WriteSettings(str(out), None, "png", 95, "seeded", "local", ModelSpec("null"))
     recs = write_outputs(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), settings=settings).to_pylist()
     for r in recs[:3]:
         assert (r["status"], r["error_type"], r["output_uri"]) == ("error", errors.WRITE_FAILED, None)

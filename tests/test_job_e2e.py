@@ -26,7 +26,7 @@ from PIL import Image
 
 from step1x_batch import errors
 from step1x_batch.config import parse_config
-from step1x_batch.editor import EditOutput
+from step1x_batch.models.base import EditOutput, EditRequest, ModelFamily, Prepared
 from step1x_batch.images import decode_image
 from step1x_batch.rowlog import LOG_SCHEMA, read_logs
 from step1x_batch.storage import filesystem, read_bytes, write_bytes
@@ -39,7 +39,7 @@ def _config(manifest: str, output: str, **sections) -> dict:
     raw = {
         "input": {"manifest": manifest},
         "output": {"uri": output},
-        "model": {"kind": "null"},
+        "model": {"family": "null"},
         "resources": {"edit_batch_size": 16, "io_batch_size": 50},
         "runtime": {"progress_bars": False, "log_part_rows": 200, "max_error_fraction": 0.2},
     }
@@ -193,9 +193,9 @@ def _s3_dataset(bucket: str, image_factory) -> tuple[str, dict[str, str]]:
 def test_thousand_rows_on_s3_then_nothing_left(ray_local, s3_bucket, image_factory):
     manifest, special = _s3_dataset(s3_bucket, image_factory)
     out = f"{s3_bucket}/out"
-    # The model stand-in (a plug-in editor, loaded by load_editor in each actor like the real one)
-    # returns 255 - input, and reports non_finite_output for "nan" rows as the Step1X editor does.
-    raw = _config(manifest, out, model={"kind": "test_job_e2e:NonFiniteEditor"},
+    # The model stand-in (a plug-in family, prepared in CPU tasks and loaded in each actor like the
+    # real ones) returns 255 - input, and reports non_finite_output for "nan" rows as Step1X does.
+    raw = _config(manifest, out, model={"family": "test_job_e2e:NonFiniteEditor", "model_id": "fake"},
                   runtime={"max_instruction_chars": 200, "run_id": "first", "log_part_rows": 300})
     summary = _run(raw)
     assert summary.ok
@@ -216,7 +216,7 @@ def test_thousand_rows_on_s3_then_nothing_left(ray_local, s3_bucket, image_facto
             assert r["output_uri"] is None and len(r["error_message"]) > 20
         else:
             assert r["output_uri"] == f"{out}/images/{r['id']}.png"
-            assert r["run_id"] == "first" and r["attempt"] == 1 and r["model_id"] == "test_job_e2e:NonFiniteEditor"
+            assert r["run_id"] == "first" and r["attempt"] == 1 and r["model_id"] == "fake"
             assert json.loads(r["extra"])["shard"] in range(7)
     fs, root = filesystem(f"{out}/images")
     assert len(fs.find(root)) == 900
@@ -384,30 +384,49 @@ def test_error_budget_fails_loudly_after_logging(ray_local, tmp_path, image_fact
 # The edit stage: editor failures become rows, never a dead job (no Ray needed).
 
 
-class FakeEditor:
-    model_id = "fake"
-
+class FakeEngine:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.calls: list[int] = []
 
-    def edit_rows(self, rows):
+    def edit(self, rows):
         self.calls.append(len(rows))
         outs = []
         for row in rows:
+            text = row.meta["instruction"]
             if self.mode == "batch-raises" and len(rows) > 1:
                 raise RuntimeError("CUDA out of memory (pretend)")
-            if "boom" in row.instruction:
+            if "boom" in text:
                 raise ValueError("this row always fails")
-            if "nan" in row.instruction:
-                outs.append(EditOutput(None, 16, 16, row.seed, 1.0, errors.NON_FINITE_OUTPUT,
+            if "nan" in text:
+                outs.append(EditOutput(None, 1.0, errors.NON_FINITE_OUTPUT,
                                        "The model produced NaN or Inf values for this row."))
                 continue
-            if "shape" in row.instruction:
-                outs.append(EditOutput(np.zeros((4, 4), np.float32), 16, 16, row.seed, 1.0))
+            if "shape" in text:
+                outs.append(EditOutput(np.zeros((4, 4), np.float32), 1.0))
                 continue
-            outs.append(EditOutput(255 - row.image, 16, 16, row.seed, 2.0))
+            outs.append(EditOutput(255 - row.arrays["image"], 2.0))
         return outs
+
+
+def _prepare_fake(request: EditRequest) -> Prepared:
+    image = request.images[0]
+    return Prepared("one", 16, 16, {"image": image}, {"instruction": request.instruction})
+
+
+class NonFiniteEditor(ModelFamily):
+    """A plug-in family ("test_job_e2e:NonFiniteEditor") whose engine overflows for some rows and
+    raises for others."""
+
+    name = "non-finite"
+    needs_weights = False
+    lightweight = True
+
+    def preparer(self, folder):
+        return _prepare_fake
+
+    def load(self, folder, device):
+        return FakeEngine("per-row")
 
 
 def _stage_batch(instructions: list[str], error_first: bool = True) -> pa.Table:
@@ -416,23 +435,26 @@ def _stage_batch(instructions: list[str], error_first: bool = True) -> pa.Table:
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     rows = []
     for i, text in enumerate(instructions):
+        prepared = _prepare_fake(EditRequest([img], text, i))
         rows.append({
             "id": f"r{i}", "fingerprint": f"f{i}", "image_uri": "x.png", "instruction": text, "seed": i,
             "num_steps": 2, "guidance_scale": 1.0, "size_level": 64, "negative_prompt": "",
-            "output_key": f"images/r{i}.png", "pixels": img.tobytes(), "pix_h": 2, "pix_w": 3,
+            "output_key": f"images/r{i}.png", "prepared": prepared.to_bytes(), "batch_key": prepared.key,
+            "width": 16, "height": 16,
         })
     if error_first:
-        rows[0].update(error_type="corrupt_image", error_message="bad", pixels=None, pix_h=None, pix_w=None)
+        rows[0].update(error_type="corrupt_image", error_message="bad", prepared=None)
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
 @pytest.mark.parametrize("mode", ["per-row", "batch-raises"])
-def test_edit_stage_turns_editor_failures_into_rows(mode):
-    from step1x_batch.editor import EditorSpec
+def test_edit_stage_turns_engine_failures_into_rows(mode):
+    from step1x_batch.models.base import ModelSpec
     from step1x_batch.stages import EditStage
+    from step1x_batch.weights_cache import WeightsSource
 
-    fake = FakeEditor(mode)
-    stage = EditStage(EditorSpec(kind="null"), editor=fake)
+    fake = FakeEngine(mode)
+    stage = EditStage(ModelSpec("null", max_batch_size=8), WeightsSource(), engine=fake)
     batch = _stage_batch(["already bad", "fine", "nan please", "boom", "shape", "fine too"])
     out = stage(batch).to_pylist()
     assert [r["id"] for r in out] == [f"r{i}" for i in range(6)]
@@ -445,14 +467,10 @@ def test_edit_stage_turns_editor_failures_into_rows(mode):
     assert (edited == 255 - np.arange(18, dtype=np.uint8).reshape(2, 3, 3)).all()
     assert out[1]["width"] == 16 and out[1]["edit_ms"] == 2.0
     assert all(r["pixels"] is None for r in out if r["error_type"])
+    assert all(r["prepared"] is None for r in out[1:])  # consumed: it does not travel on to the write stage
     # the batch went in whole once; a raising batch fell back to one row at a time
     assert fake.calls[0] == 5
     assert fake.calls[1:] == [1, 1, 1, 1, 1]
-
-
-def NonFiniteEditor(spec):  # noqa: N802 - a plug-in editor factory ("test_job_e2e:NonFiniteEditor")
-    """A model stand-in whose output overflows for some rows and raises for others."""
-    return FakeEditor("per-row")
 
 
 def test_model_failures_end_as_rows_through_the_job(ray_local, tmp_path, image_factory):
@@ -462,7 +480,8 @@ def test_model_failures_end_as_rows_through_the_job(ray_local, tmp_path, image_f
     texts = ["fine 1", "nan: overflow", "fine 2", "boom: the model raises", "fine 3", "nan again"]
     rows = [{"id": f"m{i}", "image_uri": "a.png", "instruction": t} for i, t in enumerate(texts)]
     _write_manifest(str(folder / "m.jsonl"), rows)
-    raw = _config(str(folder / "m.jsonl"), str(tmp_path / "out"), model={"kind": "test_job_e2e:NonFiniteEditor"},
+    raw = _config(str(folder / "m.jsonl"), str(tmp_path / "out"),
+                  model={"family": "test_job_e2e:NonFiniteEditor", "model_id": "fake"},
                   resources={"edit_batch_size": 6}, runtime={"max_error_fraction": 0.5, "run_id": "nan"})
     summary = _run(raw)
     assert summary.ok and summary.by_error_type == {"non_finite_output": 2, "edit_failed": 1}
@@ -472,7 +491,7 @@ def test_model_failures_end_as_rows_through_the_job(ray_local, tmp_path, image_f
     assert "this row always fails" in recs["m3"]["error_message"]
     out = decode_image(read_bytes(recs["m0"]["output_uri"]), 10**6)
     assert np.array_equal(out, 255 - decode_image(image_factory.bytes("RGB", "PNG"), 10**6))
-    assert recs["m0"]["model_id"] == "test_job_e2e:NonFiniteEditor"
+    assert recs["m0"]["model_id"] == "fake"
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +586,7 @@ def test_driver_sigkill_then_rerun(ray_local, tmp_path, image_factory):
 
 @pytest.mark.slow
 def test_tiny_step1x_s3_to_s3(ray_local, s3_bucket, image_factory, tmp_path):
-    tiny = pytest.importorskip("step1x_batch.models.step1x.tiny")
+    from step1x_batch.models.step1x import tiny
     weights = tmp_path / "weights"
     tiny.make_tiny_weights(str(weights), seed=0)
     for path in weights.rglob("*"):
@@ -588,7 +607,7 @@ def test_tiny_step1x_s3_to_s3(ray_local, s3_bucket, image_factory, tmp_path):
     out = f"{s3_bucket}/out"
     raw = _config(
         f"{s3_bucket}/in/rows.jsonl", out,
-        model={"kind": "step1x", "weights": f"{s3_bucket}/weights", "dtype": "float32", "device": "cpu",
+        model={"family": "step1x", "weights": f"{s3_bucket}/weights", "dtype": "float32", "device": "cpu",
                "max_batch_size": 2, "cache_dir": str(tmp_path / "cache")},
         sampling={"num_steps": 2, "size_level": 64},
         resources={"edit_batch_size": 4, "io_batch_size": 6},

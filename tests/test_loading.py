@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from step1x_batch.models.step1x.connector import Connector, ConnectorParams
 from step1x_batch.models.step1x.dit import DiTParams, Step1XDiT
-from step1x_batch.models.step1x.loading import WeightsError, header_shapes, load_into, read_header
+from step1x_batch.models.loading import WeightsError, header_shapes, load_into, read_header
 from step1x_batch.models.step1x.tiny import TINY_DIT, tiny_dit_state_dict
 
 
@@ -131,14 +131,14 @@ def test_non_strict_leaves_nothing_on_meta(dit_file):
 
 
 def test_truncated_qwen_shard_is_named(tmp_path):
-    from step1x_batch.models.step1x.conditioner import QwenConditioner
-    from step1x_batch.models.step1x.tiny_qwen import write_tiny_qwen
+    from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
+    from step1x_batch.models.qwen_vl.tiny import write_tiny_qwen
 
     folder = tmp_path / "qwen"
     write_tiny_qwen(folder, seed=0)
     shard = folder / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-64])
     with pytest.raises(WeightsError, match="model.safetensors.*truncated"):
-        QwenConditioner.from_pretrained(folder, dtype=torch.float32)
+        QwenVLEncoder.from_pretrained(folder, dtype=torch.float32)
     with pytest.raises(WeightsError, match="no Qwen2.5-VL folder"):
-        QwenConditioner.from_pretrained(tmp_path / "absent", dtype=torch.float32)
+        QwenVLEncoder.from_pretrained(tmp_path / "absent", dtype=torch.float32)

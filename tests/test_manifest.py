@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from step1x_batch import errors
-from step1x_batch.editor import EditParams
 from step1x_batch.manifest import (
     NORMALIZED_COLUMNS,
     NORMALIZED_SCHEMA,
@@ -22,7 +21,6 @@ from step1x_batch.manifest import (
     csv_convert_options,
     derive_seed,
     extra_columns,
-    missing_columns,
     fingerprint,
     manifest_base,
     manifest_files,
@@ -31,17 +29,25 @@ from step1x_batch.manifest import (
     read_manifest_table,
     resolve_image_uri,
 )
+from step1x_batch.models.base import EditParams
 from step1x_batch.storage import write_bytes
 
 DEFAULTS = EditParams(num_steps=28, guidance_scale=6.0, size_level=1024, negative_prompt="")
 MANIFEST = "s3://bkt/sets/one/manifest.parquet"
 
 
-def norm(batch, **kw):
+def norm_arrow(batch, **kw) -> pa.Table:
     args = dict(manifest_uri=MANIFEST, defaults=DEFAULTS, default_seed_base=0, model_id="m1",
                 image_format="png", max_instruction_chars=100)
     args.update(kw)
+    if isinstance(batch, pd.DataFrame):
+        batch = pa.Table.from_pandas(batch, preserve_index=False)
     return normalize_batch(batch, **args)
+
+
+def norm(batch, **kw) -> pd.DataFrame:
+    """normalize_batch's Arrow result as a DataFrame, for reading in tests."""
+    return norm_arrow(batch, **kw).to_pandas()
 
 
 def rows_table(n: int = 12) -> pa.Table:
@@ -168,9 +174,8 @@ def test_defaults_resolution_and_schema():
     assert df["error_type"].isna().all() and df["fingerprint"].notna().all()
     assert df["tag"].tolist() == [f"t{i}" for i in range(12)]
     assert [json.loads(e) for e in df["extra"]] == [{"tag": f"t{i}"} for i in range(12)]
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    assert table.schema.field("seed").type == pa.int64()
-    arrow = norm(rows_table(), output="pyarrow")
+    arrow = norm_arrow(rows_table())
+    assert arrow.schema.field("seed").type == pa.int64()
     assert arrow.schema.names == list(NORMALIZED_COLUMNS) + ["tag"]
     assert arrow.select(list(NORMALIZED_COLUMNS)).schema == NORMALIZED_SCHEMA
     assert arrow.column("id").to_pylist() == df["id"].tolist()
@@ -183,8 +188,8 @@ def test_ids_seeds_fingerprints_independent_of_batching():
     joined = pd.concat(parts, ignore_index=True)
     for col in ("id", "seed", "fingerprint", "output_key"):
         assert joined[col].tolist() == whole[col].tolist()
-    # reversed order, pandas input: each row gets the same answer
-    rev = norm(table.to_pandas().iloc[::-1].reset_index(drop=True))
+    # reversed order: each row gets the same answer
+    rev = norm(table.take(list(range(11, -1, -1))))
     assert rev["id"].tolist() == whole["id"].tolist()[::-1]
     assert rev["fingerprint"].tolist() == whole["fingerprint"].tolist()[::-1]
     # and again in a fresh call (no hidden state)
@@ -246,7 +251,6 @@ def test_fingerprint_changes_exactly_with_pixel_changing_inputs():
     assert changed(norm(rows_table(4), model_id="m2")) == [True] * 4
     assert changed(norm(rows_table(4), image_format="webp")) == [True] * 4
     assert changed(norm(rows_table(4), default_seed_base=5)) == [False, True, True, True]
-    assert changed(norm(rows_table(4), settings={"posterior_mean": True})) == [True] * 4
     # quality matters for lossy formats only
     assert changed(norm(rows_table(4), image_quality=80)) == [False] * 4
     j90 = norm(rows_table(4), image_format="jpeg", image_quality=90)["fingerprint"].tolist()
@@ -264,11 +268,14 @@ def test_fingerprint_changes_exactly_with_pixel_changing_inputs():
 
 
 def test_fingerprint_function_fields():
-    kw = dict(image_uri="s3://b/a.png", image_etag=None, instruction="x", params=DEFAULTS, seed=1,
+    kw = dict(image_uris=["s3://b/a.png"], image_etags=[None], instruction="x", params=DEFAULTS, seed=1,
               model_id="m", image_format="png")
     fp = fingerprint(**kw)
     assert len(fp) == 64 and fp == fingerprint(**kw)
-    assert fingerprint(**{**kw, "image_etag": '"abc"'}) != fp
+    assert fingerprint(**{**kw, "image_etags": ['"abc"']}) != fp
+    two = fingerprint(**{**kw, "image_uris": ["s3://b/a.png", "s3://b/b.png"], "image_etags": [None, None]})
+    swapped = fingerprint(**{**kw, "image_uris": ["s3://b/b.png", "s3://b/a.png"], "image_etags": [None, None]})
+    assert len({fp, two, swapped}) == 3  # the ordered list counts
     assert fingerprint(**{**kw, "seed": 2}) != fp
     assert fingerprint(**{**kw, "image_format": "PNG"}) == fp
     assert fingerprint(**{**kw, "params": replace(DEFAULTS, num_steps=27)}) != fp
@@ -279,11 +286,18 @@ def test_fingerprint_function_fields():
 
 
 def _errors(**columns) -> list[str | None]:
+    """The error type of each row; every value goes in a one-row table of its own, so a column
+    may hold values of different types (as different manifest files would)."""
     n = len(next(iter(columns.values())))
     columns.setdefault("image_uri", ["a.png"] * n)
     columns.setdefault("instruction", ["edit"] * n)
-    df = norm(pd.DataFrame(columns))
-    return [None if pd.isna(v) else v for v in df["error_type"].tolist()]
+    out = []
+    for i in range(n):
+        row = pa.table({k: pa.nulls(1, pa.string()) if v[i] is None
+                        else pa.array([v[i]], pa.uint64() if isinstance(v[i], int) and v[i] >= 2**63 else None)
+                        for k, v in columns.items()})
+        out.append(norm_arrow(row).column("error_type")[0].as_py())
+    return out
 
 
 def test_instruction_errors():
@@ -334,8 +348,7 @@ def test_error_rows_keep_every_column_and_name_the_row():
 
 def test_extra_columns_and_json_values():
     assert extra_columns(["image_uri", "instruction", "seed", "tag", "score"]) == ["tag", "score"]
-    assert missing_columns(["image_uri", "seed"]) == ["instruction"]
-    assert missing_columns(["instruction", "image_uri"]) == []
+    assert extra_columns(["image_uris", "image_etags", "instruction", "x"]) == ["x"]
     t = pa.table({"image_uri": ["a.png"], "instruction": ["x"],
                   "when": pa.array([pd.Timestamp("2026-01-02T03:04:05")]),
                   "blob": [b"\x00\x01"], "nested": [{"k": [1, 2]}], "nan": [float("nan")]})
@@ -377,7 +390,7 @@ def test_change_marker_folds_into_fingerprint_not_id():
     assert marker_text(pd.Timestamp("2026-01-02T03:04:05")) == "2026-01-02T03:04:05"
     assert marker_text(float("nan")) is None and marker_text(" v1 ") == "v1"
     # the same value given to fingerprint() directly gives the same fingerprint
-    assert fp1[0] == fingerprint(image_uri="s3://bkt/sets/one/a.png", image_etag='"e1"',
+    assert fp1[0] == fingerprint(image_uris=["s3://bkt/sets/one/a.png"], image_etags=['"e1"'],
                                  instruction="x", params=DEFAULTS,
                                  seed=int(marked["seed"].tolist()[0]), model_id="m1",
                                  image_format="png")
@@ -403,6 +416,57 @@ def test_write_manifest_round_trip(tmp_path):
     from step1x_batch.manifest import write_manifest
 
     uri = str(tmp_path / "w" / "m.parquet")
-    write_manifest(pd.DataFrame({"image_uri": ["a.png"], "instruction": ["x"], "seed": [3]}), uri)
+    write_manifest(pa.table({"image_uri": ["a.png"], "instruction": ["x"], "seed": [3]}), uri)
     table = read_manifest_table(uri)
     assert table.to_pylist() == [{"image_uri": "a.png", "instruction": "x", "seed": 3}]
+
+
+# --- several input images ------------------------------------------------------------------------
+
+
+def test_image_uris_lists_resolve_in_order_and_hash_the_ordered_list():
+    t = pa.table({"image_uris": [["a.png", "s3://other/b.png"], ["b.png", "a.png"], ["a.png"], None],
+                  "image_uri": [None, None, None, "a.png"],
+                  "instruction": ["x"] * 4})
+    df = norm(t, max_images=3)
+    assert df["error_type"].isna().all()
+    assert list(df["image_uris"][0]) == ["s3://bkt/sets/one/a.png", "s3://other/b.png"]
+    assert df["image_uri"][0] == "s3://bkt/sets/one/a.png"  # the first input
+    assert list(df["image_uris"][3]) == ["s3://bkt/sets/one/a.png"]  # image_uri: a list of one
+    assert df["fingerprint"][0] != df["fingerprint"][1] and df["id"][0] != df["id"][1]
+    # one image in a list is the same work as the image_uri spelling: same id, same fingerprint
+    assert df["id"][2] == df["id"][3] and df["fingerprint"][2] == df["fingerprint"][3]
+
+
+def test_image_uris_as_json_text_and_etags():
+    """CSV and JSON Lines carry lists as JSON text; change markers align with the images."""
+    text = norm(pa.table({"image_uris": ['["a.png", "b.png"]'], "instruction": ["x"]}), max_images=2)
+    native = norm(pa.table({"image_uris": [["a.png", "b.png"]], "instruction": ["x"]}), max_images=2)
+    assert text["fingerprint"][0] == native["fingerprint"][0] and text["id"][0] == native["id"][0]
+    tagged = norm(pa.table({"image_uris": [["a.png", "b.png"]] * 2, "image_etags": [["e1", None], ["e1", "e2"]],
+                            "instruction": ["x"] * 2}), max_images=2)
+    assert tagged["id"][0] == tagged["id"][1] == native["id"][0]  # markers: fingerprint only
+    assert len({native["fingerprint"][0], tagged["fingerprint"][0], tagged["fingerprint"][1]}) == 3
+
+
+def test_image_list_errors_name_the_problem():
+    def one(**cols):
+        df = norm(pa.table({"instruction": ["x"], **cols}), max_images=3)
+        return df["error_type"][0], df["error_message"][0]
+
+    code, msg = one(image_uris=[["a.png", "b.png", "c.png", "d.png"]])
+    assert code == errors.TOO_MANY_IMAGES and "4 input images" in msg and "at most 3" in msg
+    assert "s3://bkt/sets/one/d.png" in msg  # the row's inputs are named
+    code, msg = one(image_uris=[[]])
+    assert code == errors.INVALID_ROW and "empty" in msg
+    code, msg = one(image_uris=['["a.png", 7]'])
+    assert code == errors.INVALID_ROW and "image 2 of 2" in msg
+    code, msg = one(image_uris=["a.png"])
+    assert code == errors.INVALID_ROW and "JSON list" in msg
+    code, msg = one(image_uris=[["a.png"]], image_uri=["b.png"])
+    assert code == errors.INVALID_ROW and "both image_uri and image_uris" in msg
+    code, msg = one(image_uris=[["a.png", "b.png"]], image_etags=[["e1"]])
+    assert code == errors.INVALID_ROW and "1 entries for 2 images" in msg
+    # the default family limit is one image
+    df = norm(pa.table({"image_uris": [["a.png", "b.png"]], "instruction": ["x"]}))
+    assert df["error_type"][0] == errors.TOO_MANY_IMAGES

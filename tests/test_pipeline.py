@@ -1,13 +1,14 @@
-"""EditPipeline on the tiny release: loading, determinism, batching, versions, errors as rows."""
+"""Step1X-Edit on the tiny release: loading, determinism, batching, versions, errors as rows, and
+the family's split into CPU prepare, GPU engine and finish."""
 
 import numpy as np
 import pytest
 import torch
 
-from step1x_batch.editor import EditParams, EditRow
-from step1x_batch.models.step1x.pipeline import (
-    EditPipeline, Step1XEditor, image_ids, model_size, pack, unpack,
-)
+from step1x_batch.models.base import EditParams, EditRequest, ModelSpec, Prepared, edit_prepared
+from step1x_batch.models.step1x.family import Step1XFamily
+from step1x_batch.models.step1x.pipeline import EditPipeline, image_ids, pack, unpack
+from step1x_batch.models.step1x.prepare import model_size
 from step1x_batch.models.step1x.tiny import TINY_DIT, make_tiny_weights
 
 STEPS, SIZE = 3, 64  # a 64x64 model size keeps every edit well under a second
@@ -61,14 +62,14 @@ def test_pack_unpack_roundtrip_and_ids():
 
 
 def test_loads_release_and_detects_version(release, release_v10, pipe):
-    assert pipe.version.name == "v1.1" and pipe.version.ref_axis0 == 1
-    assert pipe.dit.params == TINY_DIT
-    assert pipe.model_id.startswith("step1x-edit-v1.1/step1x-edit-v1p1-official.safetensors@")
+    assert pipe.engine.version.name == "v1.1" and pipe.engine.version.ref_axis0 == 1
+    assert pipe.engine.dit.params == TINY_DIT
+    assert pipe.engine.model_id.startswith("step1x-edit-v1.1/step1x-edit-v1p1-official.safetensors@")
     v10 = EditPipeline.from_pretrained(release_v10, dtype="float32")
-    assert v10.version.name == "v1.0" and v10.version.cfg_truncation_t == 1.0
-    assert hasattr(v10.connector, "scale_factor")
+    assert v10.engine.version.name == "v1.0" and v10.engine.version.cfg_truncation_t == 1.0
+    assert hasattr(v10.engine.connector, "scale_factor")
     forced = EditPipeline.from_pretrained(release, dtype="float32", version="v1.0")
-    assert forced.version.name == "v1.0"
+    assert forced.engine.version.name == "v1.0"
 
 
 def test_output_at_input_size_with_metadata(pipe):
@@ -131,7 +132,7 @@ def test_noise_is_drawn_as_the_reference(pipe):
     (r,) = edit(pipe, [img], ["x"], seeds=[42], num_steps=0)
     noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(42), dtype=torch.float32)
     with torch.inference_mode():
-        expected = pipe.vae.decode(noise).clamp(-1, 1).mul(0.5).add(0.5).mul(255).to(torch.uint8)
+        expected = pipe.engine.vae.decode(noise).clamp(-1, 1).mul(0.5).add(0.5).mul(255).to(torch.uint8)
     assert np.array_equal(r.image, expected[0].permute(1, 2, 0).numpy())
 
 
@@ -145,22 +146,64 @@ def test_v10_and_v11_differ_on_same_weights(release, pipe):
 def test_non_finite_output_is_a_row_error(release):
     broken = EditPipeline.from_pretrained(release, dtype="float32")
     with torch.no_grad():
-        broken.dit.final_layer.linear.bias.fill_(float("nan"))
+        broken.engine.dit.final_layer.linear.bias.fill_(float("nan"))
     results = edit(broken, [picture(5), picture(6)], ["a", "b"], seeds=[1, 2])
     assert [r.error_type for r in results] == ["non_finite_output"] * 2
     assert all(r.image is None and "seed" in r.error_message for r in results)
 
 
-def test_editor_groups_rows_by_parameters(pipe):
-    editor = Step1XEditor(pipe, max_batch_size=4)
+def family(release, **options) -> Step1XFamily:
+    return Step1XFamily(ModelSpec("step1x", options, str(release), dtype="float32"))
+
+
+def test_family_prepares_on_cpu_and_the_engine_only_runs_the_model(release, pipe, monkeypatch):
+    """The split the job runs: prepare (resize, processor, tokens, positions) -> Prepared bytes ->
+    engine -> finish (resize back). The engine call resizes nothing, tokenizes nothing, and runs
+    the vision tower once per row (not once per prompt)."""
+    from PIL import Image
+
+    fam = family(release)
+    prepare = fam.preparer(release)
     p1 = EditParams(num_steps=STEPS, size_level=SIZE)
     p2 = EditParams(num_steps=STEPS, size_level=SIZE, guidance_scale=3.0)
-    rows = [EditRow(picture(7), "a", 1, p1), EditRow(picture(8), "b", 2, p2), EditRow(picture(9), "c", 3, p1)]
-    outs = editor.edit_rows(rows)
-    assert [o.seed for o in outs] == [1, 2, 3] and all(o.error_type is None for o in outs)
+    requests = [EditRequest([picture(7)], "a", 1, p1), EditRequest([picture(8)], "b", 2, p2),
+                EditRequest([picture(9)], "c", 3, p1)]
+    rows = [Prepared.from_bytes(prepare(r).to_bytes()) for r in requests]  # as they cross stages
+    assert rows[0].key == rows[2].key != rows[1].key  # guidance splits the batch
+    assert (rows[0].width, rows[0].height) == model_size(96, 72, SIZE)
+    assert rows[0].arrays["ref"].shape == (rows[0].height, rows[0].width, 3)
+
+    calls = {"resize": 0, "tokenize": 0, "vision_images": 0}
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: (calls.__setitem__("resize", calls["resize"] + 1), real_resize(*a, **k))[1])
+    tok_cls = type(pipe.prompts.prompts.tokenizer)
+    real_call = tok_cls.__call__
+    monkeypatch.setattr(tok_cls, "__call__", lambda *a, **k: (calls.__setitem__("tokenize", calls["tokenize"] + 1), real_call(*a, **k))[1])
+    visual = pipe.engine.encoder.model.model.visual
+    hook = visual.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.__setitem__("vision_images", calls["vision_images"] + len(kwargs.get("grid_thw", args[1] if len(args) > 1 else []))),
+        with_kwargs=True,
+    )
+    try:
+        outs = edit_prepared(pipe.engine, rows, max_batch_size=4)
+    finally:
+        hook.remove()
+    assert calls == {"resize": 0, "tokenize": 0, "vision_images": 3}, calls
+    assert [o.batch_size for o in outs] == [2, 1, 2] and all(o.error_type is None for o in outs)
+    monkeypatch.undo()
+    finished = fam.finish(outs[1].image, [(96, 72)])
     direct = edit(pipe, [picture(8)], ["b"], seeds=[2], guidance_scale=3.0)[0]
-    assert np.abs(outs[1].image.astype(int) - direct.image.astype(int)).max() <= 1
-    assert editor.model_id == pipe.model_id
+    assert finished.shape == (72, 96, 3)
+    assert np.abs(finished.astype(int) - direct.image.astype(int)).max() <= 1
+
+
+def test_family_options_and_model_id(release):
+    base = family(release)
+    assert base.max_images == 1 and base.defaults == EditParams(28, 6.0, 1024, "")
+    assert base.model_id() == f"step1x-edit:auto:float32:sample:{release}"
+    assert family(release, version="v1.0", posterior_mean=True).model_id() == f"step1x-edit:v1.0:float32:mean:{release}"
+    with pytest.raises(Exception, match="version"):
+        family(release, version="v2")
 
 
 def test_cli_make_tiny_weights_and_edit(tmp_path):
@@ -183,24 +226,24 @@ def test_placeholder_text_in_instruction_is_a_row_error(pipe):
     assert results[1].error_type is None and results[1].image.shape == (72, 96, 3)
 
 
-def test_load_editor_stages_weights_from_object_storage(release, s3_bucket, storage_options, tmp_path):
-    from step1x_batch.editor import EditorSpec, load_editor
+def test_weights_staged_from_object_storage(release, pipe, s3_bucket, storage_options, tmp_path):
+    """What the job's stages do on a node: only the prepare files for CPU prepare, the whole
+    release for the engine; the edit equals the local release's."""
     from step1x_batch.storage import filesystem
+    from step1x_batch.weights_cache import WeightsSource
 
     fs, root = filesystem(s3_bucket, storage_options)
     fs.put(str(release) + "/", f"{root}/releases/tiny/", recursive=True)
-    spec = EditorSpec(
-        weights=f"{s3_bucket}/releases/tiny/", weights_cache_dir=str(tmp_path / "cache"),
-        weights_storage=storage_options, dtype="float32",
-    )
-    editor = load_editor(spec)
-    staged = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert len(staged) == 1 and (staged[0] / "vae.safetensors").read_bytes() == (release / "vae.safetensors").read_bytes()
-    row = EditRow(picture(1), "add a hat", 3, EditParams(num_steps=STEPS, size_level=SIZE))
-    (out,) = editor.edit_rows([row])
-    local_editor = Step1XEditor(EditPipeline.from_pretrained(release, dtype="float32"))
-    assert out.image.tobytes() == local_editor.edit_rows([row])[0].image.tobytes()
-    assert editor.model_id == local_editor.model_id  # identity of the weights, not of the cache path
+    source = WeightsSource(f"{s3_bucket}/releases/tiny/", storage_options, str(tmp_path / "cache"))
+    fam = family(f"{s3_bucket}/releases/tiny/")
+    small = source.local_folder(fam.prepare_files)
+    assert not list(small.rglob("*.safetensors")) and (small / "Qwen2.5-VL-7B-Instruct" / "tokenizer.json").is_file()
+    full = source.local_folder()
+    assert full != small and (full / "vae.safetensors").read_bytes() == (release / "vae.safetensors").read_bytes()
+    request = EditRequest([picture(1)], "add a hat", 3, EditParams(num_steps=STEPS, size_level=SIZE))
+    (out,) = edit_prepared(fam.load(full, "cpu"), [fam.preparer(small)(request)], 4)
+    local = edit(pipe, [picture(1)], ["add a hat"], seeds=[3])[0]
+    assert fam.finish(out.image, [(96, 72)]).tobytes() == local.image.tobytes()
 
 
 def test_fp8_file_keeps_fp8_storage_with_identical_pixels(release, tmp_path):
@@ -218,11 +261,11 @@ def test_fp8_file_keeps_fp8_storage_with_identical_pixels(release, tmp_path):
     dit_file.unlink()
     kept = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16")
     upcast = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16", fp8_storage=False)
-    w = kept.dit.double_blocks[0].img_attn.qkv.weight
+    w = kept.engine.dit.double_blocks[0].img_attn.qkv.weight
     assert w.dtype == torch.float8_e4m3fn
-    assert upcast.dit.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
+    assert upcast.engine.dit.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    assert size(kept.dit) < 0.6 * size(upcast.dit)
+    assert size(kept.engine.dit) < 0.6 * size(upcast.engine.dit)
     a = edit(kept, [picture(1)], ["add a hat"], seeds=[3])[0].image
     b = edit(upcast, [picture(1)], ["add a hat"], seeds=[3])[0].image
     assert a.tobytes() == b.tobytes()

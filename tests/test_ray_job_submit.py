@@ -128,7 +128,7 @@ def test_ray_job_submit_edits_a_manifest(ray_head, tmp_path, image_factory):
     cfg.write_text(yaml.safe_dump({
         "input": {"manifest": str(folder / "m.jsonl")},
         "output": {"uri": str(out)},
-        "model": {"kind": "null"},
+        "model": {"family": "null"},
         "resources": {"io_batch_size": 4, "edit_batch_size": 4},
         "runtime": {"run_id": "submitted", "progress_bars": False, "max_error_fraction": 0.2},
     }))

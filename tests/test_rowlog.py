@@ -1,4 +1,4 @@
-"""The row log: schema, conform, atomic parts, and the resume index (done_fingerprints)."""
+"""The row log: schema, conform, atomic parts, and its deciding records (latest_records)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from step1x_batch import rowlog
 from step1x_batch.rowlog import (
     LOG_SCHEMA,
     conform,
-    done_fingerprints,
+    latest_records,
     log_dir,
     log_part_uris,
     part_uri,
@@ -25,7 +25,7 @@ from step1x_batch.rowlog import (
 from step1x_batch.storage import write_bytes
 
 DESIGN_COLUMNS = (
-    "id, fingerprint, status, error_type, error_message, image_uri, instruction, output_uri, "
+    "id, fingerprint, status, error_type, error_message, image_uri, image_uris, instruction, output_uri, "
     "input_width, input_height, width, height, seed, num_steps, guidance_scale, size_level, "
     "model_id, run_id, attempt, worker, started_at, finished_at, preprocess_ms, edit_ms, write_ms"
 ).split(", ")
@@ -36,6 +36,8 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 def rec(id_, fp, status="ok", minutes=0, **kw):
     out = {"id": id_, "fingerprint": fp, "status": status,
            "finished_at": None if minutes is None else T0 + dt.timedelta(minutes=minutes)}
+    if status == "ok":
+        out["output_uri"] = f"out/images/{id_}.png"
     out.update(kw)
     return out
 
@@ -108,11 +110,22 @@ def test_write_read_round_trip(where, tmp_path, s3_bucket, storage_options):
         assert pq.read_schema(part_uri(root, "r1", 0)) == LOG_SCHEMA
 
 
+def _ok(latest) -> dict[str, str]:
+    """id -> fingerprint of its latest ok record (what the output object holds now)."""
+    by_id: dict[str, dict] = {}
+    for (rid, _), rec in latest.ok.items():
+        t = rec["finished_at"] or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        if rid not in by_id or t >= (by_id[rid]["finished_at"] or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)):
+            by_id[rid] = rec
+    return {rid: rec["fingerprint"] for rid, rec in by_id.items()}
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_done_fingerprints(where, tmp_path, s3_bucket, storage_options):
+def test_latest_records(where, tmp_path, s3_bucket, storage_options):
     root = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
     opts = None if where == "local" else storage_options
-    assert done_fingerprints(root, opts) == {}  # nothing written yet
+    empty = latest_records(root, opts)  # nothing written yet
+    assert (empty.ok, empty.error, empty.errored) == ({}, {}, set())
     write_log_part(pd.DataFrame([
         rec("a", "fa1", minutes=1),
         rec("b", "fb1", minutes=1),
@@ -127,17 +140,23 @@ def test_done_fingerprints(where, tmp_path, s3_bucket, storage_options):
         rec("f", "ff1", minutes=3),
     ]), part_uri(root, "run-2", 0), opts)
     write_log_part(pd.DataFrame([rec("a", "fa0", minutes=0)]), part_uri(root, "run-2", 1), opts)
-    assert done_fingerprints(root, opts) == {"a": "fa2", "b": "fb1", "e": "fe-new", "f": "ff1"}
+    latest = latest_records(root, opts)
+    assert _ok(latest) == {"a": "fa2", "b": "fb1", "e": "fe-new", "f": "ff1"}
+    assert set(latest.ok) == {("a", "fa0"), ("a", "fa1"), ("a", "fa2"), ("b", "fb1"), ("e", "fe-old"),
+                              ("e", "fe-new"), ("f", "ff1")}  # "skipped" is not a deciding status
+    assert {k: v["error_type"] for k, v in latest.error.items()} == {"b": "write_failed", "c": "corrupt_image"}
+    assert latest.errored == {("b", "fb2"), ("c", "fc1")}
+    assert set(latest_records(root, opts, ids={"a"}).ok) == {("a", "fa0"), ("a", "fa1"), ("a", "fa2")}
 
 
-def test_done_fingerprints_skips_damaged_parts(tmp_path, s3_bucket, storage_options):
+def test_latest_records_skips_damaged_parts(tmp_path, s3_bucket, storage_options):
     root = f"{s3_bucket}/out"
     write_log_part(pd.DataFrame([rec("a", "fa")]), part_uri(root, "r1", 0), storage_options)
     good = rowlog.log_part_bytes(pd.DataFrame([rec("b", "fb")]))
     write_bytes(part_uri(root, "r1", 1), good[: len(good) // 2], storage_options)  # half a part
     write_bytes(part_uri(root, "r2", 0), b"", storage_options)  # an empty object
     with pytest.warns(RuntimeWarning, match="unreadable log part"):
-        done = done_fingerprints(root, storage_options)
+        done = _ok(latest_records(root, storage_options))
     assert done == {"a": "fa"}
 
 
@@ -149,7 +168,7 @@ def test_parts_outside_the_layout_are_ignored(tmp_path):
     (tmp_path / "logs" / "r1" / "notes.parquet").write_bytes(b"junk")
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "part-9.parquet").write_bytes(b"junk")
-    assert done_fingerprints(root) == {"a": "fa"}
+    assert _ok(latest_records(root)) == {"a": "fa"}
 
 
 def test_read_logs_of_one_run(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from step1x_batch.sampling import cfg_combine, denoise, get_schedule
+from step1x_batch.models.step1x.sampling import cfg_combine, denoise, get_schedule
 
 
 def diffusers_sigmas(num_steps: int, seq_len: int) -> np.ndarray:

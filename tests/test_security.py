@@ -121,7 +121,7 @@ def planted_job(s3_server, tmp_path_factory, image_factory):
     cfg.write_text(yaml.safe_dump({
         "input": {"manifest": str(inputs / "m.jsonl"), "storage": {"max_attempts": 2}},
         "output": {"uri": str(out)},
-        "model": {"kind": "job_plugins:Leaky"},
+        "model": {"family": "job_plugins:Leaky"},
         "resources": {"edit_batch_size": 8, "io_batch_size": 8},
         "runtime": {"run_id": "planted", "progress_bars": False, "max_error_fraction": 1.0},
     }))
@@ -257,9 +257,10 @@ def test_report_escapes_every_field():
                                    "seed", "num_steps", "guidance_scale", "size_level", "input_width",
                                    "input_height")}
     row["status"] = "error"
-    page = render_report(summary, [row, {**row, "status": "ok"}], [(None, None), (None, None)])
+    multi = {**row, "status": "ok", "image_uris": [evil, evil + "2"]}
+    page = render_report(summary, [row, {**row, "status": "ok"}, multi], [([None], None), ([None], None), ([None, None], None)])
     parser = _assert_inert(page)
-    assert "".join(parser.text).count(evil) >= 12
+    assert "".join(parser.text).count(evil) >= 12 + 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def test_report_escapes_every_field():
     "credentials",
 ])
 def test_config_with_a_credential_key_is_refused(tmp_path, path):
-    raw: dict = {"input": {"manifest": "m.jsonl"}, "output": {"uri": "out"}, "model": {"kind": "null"}}
+    raw: dict = {"input": {"manifest": "m.jsonl"}, "output": {"uri": "out"}, "model": {"family": "null"}}
     node = raw
     *parents, leaf = path.split(".")
     for part in parents:
@@ -295,7 +296,7 @@ def test_config_with_a_credential_key_is_refused(tmp_path, path):
     f"https://host.example/m.jsonl?X-Amz-Credential={KEY_ID}&X-Amz-Signature={SIGNATURE}",
 ])
 def test_config_with_credentials_in_a_uri_is_refused(tmp_path, uri):
-    raw = {"input": {"manifest": uri}, "output": {"uri": "out"}, "model": {"kind": "null"}}
+    raw = {"input": {"manifest": uri}, "output": {"uri": "out"}, "model": {"family": "null"}}
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as info:
@@ -310,7 +311,7 @@ def test_config_with_credentials_in_a_uri_is_refused(tmp_path, uri):
 
 @pytest.fixture(scope="module")
 def tiny_release(tmp_path_factory) -> Path:
-    tiny = pytest.importorskip("step1x_batch.models.step1x.tiny")
+    from step1x_batch.models.step1x import tiny
     return tiny.make_tiny_weights(tmp_path_factory.mktemp("release") / "rel", seed=0)
 
 
@@ -350,7 +351,8 @@ def test_release_loader_refuses_every_pickle(tiny_release, tmp_path, no_unpickli
     import torch
     from safetensors.torch import load_file
 
-    from step1x_batch.models.step1x.loading import DIT_FILES, QWEN_DIR, VAE_FILE, WeightsError
+    from step1x_batch.models.loading import WeightsError
+    from step1x_batch.models.step1x.release import DIT_FILES, QWEN_DIR, VAE_FILE
     from step1x_batch.models.step1x.pipeline import EditPipeline
 
     dit_name = next(n for n in DIT_FILES if (tiny_release / n).exists())
@@ -378,7 +380,7 @@ def test_release_loader_refuses_every_pickle(tiny_release, tmp_path, no_unpickli
     qwen = rel / QWEN_DIR
     (qwen / "pytorch_model.bin").write_bytes(_pickle_bytes(load_file(qwen / "model.safetensors")))
     (qwen / "model.safetensors").unlink()
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(WeightsError, match="no .safetensors weights.*refusing"):
         EditPipeline.from_pretrained(rel, dtype=torch.float32)
 
     assert no_unpickling == []  # refused before anything was unpickled
@@ -389,8 +391,9 @@ def test_qwen_is_loaded_with_safetensors_local_files_and_no_remote_code(tiny_rel
     import torch
     import transformers
 
-    from step1x_batch.models.step1x.conditioner import QwenConditioner
-    from step1x_batch.models.step1x.loading import QWEN_DIR
+    from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
+    from step1x_batch.models.qwen_vl.processor import load_tokenizer
+    from step1x_batch.models.step1x.release import QWEN_DIR
 
     seen: dict[str, dict] = {}
 
@@ -405,8 +408,9 @@ def test_qwen_is_loaded_with_safetensors_local_files_and_no_remote_code(tiny_rel
 
     spy(transformers.Qwen2_5_VLForConditionalGeneration, "model")
     spy(transformers.AutoTokenizer, "tokenizer")
-    cond = QwenConditioner.from_pretrained(tiny_release / QWEN_DIR, dtype=torch.float32)
-    assert cond.hidden_size > 0
+    encoder = QwenVLEncoder.from_pretrained(tiny_release / QWEN_DIR, dtype=torch.float32)
+    load_tokenizer(tiny_release / QWEN_DIR)  # the prepare stage's half
+    assert encoder.hidden_size > 0
     assert seen["model"].get("use_safetensors") is True
     for name in ("model", "tokenizer"):
         assert seen[name].get("local_files_only") is True, name

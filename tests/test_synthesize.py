@@ -34,7 +34,7 @@ from step1x_batch.synthesize import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["source_image", "edited_image", "instruction", "seed", "variant", "num_steps",
+COLUMNS = ["source_image", "source_images", "edited_image", "instruction", "seed", "variant", "num_steps",
            "guidance_scale", "size_level", "negative_prompt", "model_id", "id", "split"]
 TEMPLATES = ["make it red", "add snow", "turn day into night", "add a hat"]
 
@@ -51,7 +51,7 @@ def _raw(manifest: str, out: str, **pairs) -> dict:
     return {
         "input": {"manifest": manifest},
         "output": {"uri": out},
-        "model": {"kind": "null"},
+        "model": {"family": "null"},
         "resources": {"edit_batch_size": 16, "io_batch_size": 16},
         "runtime": {"progress_bars": False, "max_error_fraction": 0.5},
         "pairs": pairs,
@@ -155,6 +155,36 @@ def test_expansion_counts_seeds_and_ids(tmp_path):
         ("a.png", "x", 0), ("a.png", "x", 1), ("a.png", "y", 0), ("a.png", "y", 1),
         ("b.png", "z", 0), ("b.png", "z", 1),
         ("c.png", None, 0)]  # no instruction: one row that the job logs as an error
+
+
+def test_multi_reference_sources_expand_and_export(ray_local, tmp_path):
+    """A source of several images (a list, or a JSON list in text): every pair made from it reads
+    all of them in order, through the job and into the exported dataset's ``source_images``."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.png").write_bytes(_png(i))
+    manifest = _jsonl(folder / "images.jsonl", [
+        {"image_uris": '["p0.png", "p1.png"]', "instruction": "combine them"},
+        {"image_uris": '["p2.png"]', "instruction": "make it red"},
+    ])
+    raw = _raw(manifest, str(tmp_path / "out"), image_column="image_uris", variants=2)
+    raw["model"] = {"family": "job_plugins:MeanOfInputs", "options": {"max_images": 2}}
+    sj = parse_synthesize_config(raw)
+    rows = expand_pairs(pa.table({"image_uris": ['["p0.png", "p1.png"]', '["p2.png"]']}), sj, ["x"])
+    assert rows.rows[0]["image_uris"] == [str(folder / "p0.png"), str(folder / "p1.png")]
+    assert rows.rows[2]["image_uri"] == str(folder / "p2.png") and rows.rows[2]["image_uris"] is None
+    summary = run_synthesize(sj)
+    assert summary.ok and summary.edit["by_status"] == {"ok": 4}
+    table = pq.read_table(str(tmp_path / "out" / "dataset" / "data"))
+    got = {(tuple(r["source_images"]), r["variant"]) for r in table.to_pylist()}
+    assert got == {((str(folder / "p0.png"), str(folder / "p1.png")), 0), ((str(folder / "p0.png"), str(folder / "p1.png")), 1),
+                   ((str(folder / "p2.png"),), 0), ((str(folder / "p2.png"),), 1)}
+    pair = next(r for r in table.to_pylist() if len(r["source_images"]) == 2)
+    assert pair["source_image"] == str(folder / "p0.png")
+    edited = decode_image(read_bytes(pair["edited_image"]), 10**6)
+    mean = np.stack([decode_image(_png(0), 10**6), decode_image(_png(1), 10**6)]).mean(0).round().astype(np.uint8)
+    assert np.array_equal(edited, mean)  # both references reached the model, in order
 
 
 def test_split_is_a_function_of_the_source():
@@ -280,7 +310,7 @@ def test_pairs_end_to_end_rerun_and_embedded_export(ray_local, tmp_path):
 
 
 def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
-    tiny = pytest.importorskip("step1x_batch.models.step1x.tiny")
+    from step1x_batch.models.step1x import tiny
     weights = tmp_path / "weights"
     tiny.make_tiny_weights(str(weights), seed=0)
     write_bytes(f"{s3_bucket}/in/a.png", _png(0, 64, 48))
@@ -288,7 +318,7 @@ def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
                 (json.dumps({"image_uri": "a.png", "instruction": "make it blue"}) + "\n").encode())
     out = f"{s3_bucket}/out"
     raw = _raw(f"{s3_bucket}/in/images.jsonl", out, variants=2, validation_fraction=0.0)
-    raw["model"] = {"kind": "step1x", "weights": str(weights), "dtype": "float32", "device": "cpu",
+    raw["model"] = {"family": "step1x", "weights": str(weights), "dtype": "float32", "device": "cpu",
                     "max_batch_size": 2}
     raw["sampling"] = {"num_steps": 2, "size_level": 64}
     raw["runtime"]["run_id"] = "tiny"

@@ -41,6 +41,12 @@ def tok():
     return tokenizer
 
 
+def build_input_ids(tok, instruction: str, n_image: int) -> tuple[list[int], list[int]]:
+    """The production ids for one prompt and the reference's mask (``ids > 0``)."""
+    ids = C.PromptTokenizer(tok).input_ids(instruction, n_image)
+    return ids, [int(i > 0) for i in ids]
+
+
 def enc(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -94,10 +100,8 @@ def test_prefix_is_shipped_byte_for_byte():
     assert len(prefix) == 1058 and not prefix.endswith("\n")
     assert prefix.startswith('Given a user prompt, generate an "Enhanced prompt" that provides detailed visual')
     assert prefix.endswith("User Prompt:")
+    # the sha256 of the reference's bytes (shared/reference/step1x-edit-prefix.txt)
     assert hashlib.sha256(prefix.encode("utf-8")).hexdigest() == PREFIX_SHA256
-    shared = Path(__file__).resolve().parents[2] / "shared" / "reference" / "step1x-edit-prefix.txt"
-    if shared.exists():
-        assert shared.read_bytes() == prefix.encode("utf-8")
 
 
 def test_render_prompt_is_the_reference_text():
@@ -113,14 +117,14 @@ def test_derived_ids_and_prefix_drop(tok):
     assert (pt.vision_start_id, pt.vision_end_id, pt.image_pad_id, pt.video_pad_id) == (
         VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
     assert pt.prefix_drop == 217
-    ids, _ = C.build_input_ids(tok, "make it red", N_IMAGE)
+    ids, _ = build_input_ids(tok, "make it red", N_IMAGE)
     assert tok.convert_ids_to_tokens(ids[217]) == ":"
     assert ids[218] == VISION_START
     assert ids[219:219 + N_IMAGE] == [IMAGE_PAD] * N_IMAGE and ids[219 + N_IMAGE] == VISION_END
 
 
 def test_plain_instruction_equals_plain_tokenization(tok):
-    ids, mask = C.build_input_ids(tok, "make it red", N_IMAGE)
+    ids, mask = build_input_ids(tok, "make it red", N_IMAGE)
     assert ids == expected_ids(tok, enc(tok, "make it red") + closing_ids(tok))
     # Without quotes the re-tokenization changes nothing: same as tokenizing the expanded text.
     expanded = C.render_prompt("make it red").replace("<|image_pad|>", "<|image_pad|>" * N_IMAGE)
@@ -129,7 +133,7 @@ def test_plain_instruction_equals_plain_tokenization(tok):
 
 
 def test_apostrophe_tokenizes_the_rest_char_by_char(tok):
-    ids, mask = C.build_input_ids(tok, "make it a cat's face", N_IMAGE)
+    ids, mask = build_input_ids(tok, "make it a cat's face", N_IMAGE)
     rest = "s face<|im_end|>\n<|im_start|>assistant\n"  # special-token text included
     tail = enc(tok, 'make it a cat"') + char_ids(tok, rest)
     assert ids == expected_ids(tok, tail)
@@ -141,7 +145,7 @@ def test_apostrophe_tokenizes_the_rest_char_by_char(tok):
 
 
 def test_double_quotes_tokenize_inside_char_by_char(tok):
-    ids, _ = C.build_input_ids(tok, 'write "Hello World" on the sign', N_IMAGE)
+    ids, _ = build_input_ids(tok, 'write "Hello World" on the sign', N_IMAGE)
     tail = enc(tok, 'write "') + char_ids(tok, "Hello World") + enc(tok, '" on the sign') + closing_ids(tok)
     assert ids == expected_ids(tok, tail)
     # Differs from plain tokenization ("Hello" and " World" would be single tokens there).
@@ -150,8 +154,8 @@ def test_double_quotes_tokenize_inside_char_by_char(tok):
 
 
 def test_curly_quotes_behave_as_straight_quotes(tok):
-    curly, _ = C.build_input_ids(tok, "add the text “Sale” to it", N_IMAGE)
-    straight, _ = C.build_input_ids(tok, 'add the text "Sale" to it', N_IMAGE)
+    curly, _ = build_input_ids(tok, "add the text “Sale” to it", N_IMAGE)
+    straight, _ = build_input_ids(tok, 'add the text "Sale" to it', N_IMAGE)
     assert curly == straight
     tail = enc(tok, 'add the text "') + char_ids(tok, "Sale") + enc(tok, '" to it') + closing_ids(tok)
     assert curly == expected_ids(tok, tail)
@@ -159,21 +163,21 @@ def test_curly_quotes_behave_as_straight_quotes(tok):
 
 
 def test_exclamation_is_id_zero_and_masked(tok):
-    ids, mask = C.build_input_ids(tok, "make it pop! now", N_IMAGE)
+    ids, mask = build_input_ids(tok, "make it pop! now", N_IMAGE)
     assert ids == expected_ids(tok, enc(tok, "make it pop") + [0] + enc(tok, " now") + closing_ids(tok))
     zero = ids.index(0)
     assert ids.count(0) == 1 and mask[zero] == 0 and sum(mask) == len(ids) - 1
     # Quoted, "!" is not id 0: `“!”` encodes as `“` + `!”` (2073, 17839), nothing is stripped.
-    ids_q, mask_q = C.build_input_ids(tok, 'say "hi!"', N_IMAGE)
+    ids_q, mask_q = build_input_ids(tok, 'say "hi!"', N_IMAGE)
     assert ids_q == expected_ids(tok, enc(tok, 'say "') + char_ids(tok, "hi") + [2073, 17839]
                                  + enc(tok, '"') + closing_ids(tok))
     assert 0 not in ids_q and all(mask_q)
 
 
 def test_chinese_text(tok):
-    ids, mask = C.build_input_ids(tok, "把天空变成红色", N_IMAGE)
+    ids, mask = build_input_ids(tok, "把天空变成红色", N_IMAGE)
     assert ids == expected_ids(tok, enc(tok, "把天空变成红色") + closing_ids(tok))
-    ids_q, _ = C.build_input_ids(tok, "把文字改成“你好”", N_IMAGE)
+    ids_q, _ = build_input_ids(tok, "把文字改成“你好”", N_IMAGE)
     tail = enc(tok, '把文字改成"') + char_ids(tok, "你好") + enc(tok, '"') + closing_ids(tok)
     assert ids_q == expected_ids(tok, tail)
     assert all(mask)
@@ -193,7 +197,7 @@ def test_quote_index_threshold_and_prefix_quotes():
 
 def test_placeholder_text_in_instruction_is_refused(tok):
     with pytest.raises(ValueError, match="placeholder"):
-        C.build_input_ids(tok, "add <|image_pad|> here", N_IMAGE)
+        build_input_ids(tok, "add <|image_pad|> here", N_IMAGE)
 
 
 def test_tiny_tokenizer_mirrors_qwen(tmp_path):
@@ -201,9 +205,9 @@ def test_tiny_tokenizer_mirrors_qwen(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from step1x_batch.models.step1x.tiny_qwen import write_tiny_qwen
+    from step1x_batch.models.qwen_vl.tiny import write_tiny_qwen
 
-    write_tiny_qwen(tmp_path)
+    write_tiny_qwen(tmp_path, corpus=[C.load_prefix()])
     tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert tok.convert_ids_to_tokens([0, 198, 220]) == ["!", "Ċ", "Ġ"]  # as in Qwen's vocabulary
@@ -224,4 +228,4 @@ def test_tiny_tokenizer_mirrors_qwen(tmp_path):
     assert "Picture 1: <|vision_start|>" in with_id
     pt = C.PromptTokenizer(tok)
     assert pt.prefix_drop == len(enc(tok, HEAD_TEXT + C.load_prefix())) - 1
-    assert tok.convert_ids_to_tokens(C.build_input_ids(tok, "x", 3)[0][pt.prefix_drop]) == ":"
+    assert tok.convert_ids_to_tokens(build_input_ids(tok, "x", 3)[0][pt.prefix_drop]) == ":"

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from step1x_batch.models.step1x.vae import AutoEncoder, AutoEncoderParams
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 PARAMS = AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=2, z_channels=16)
 H, W = 64, 96  # non-square on purpose

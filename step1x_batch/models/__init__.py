@@ -1,0 +1,47 @@
+"""Model families and their registry.
+
+A family is one folder (or module) here with one :class:`~step1x_batch.models.base.ModelFamily`
+subclass; ``model.family`` in a job config names it by its registry name, or as
+``package.module:Class`` for a family that lives outside this package. Families are imported only
+when named, so reading a config never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+from step1x_batch.models.base import ModelFamily, ModelSpec
+
+FAMILIES: dict[str, str] = {
+    "step1x": "step1x_batch.models.step1x.family:Step1XFamily",
+    "qwen-image-edit": "step1x_batch.models.qwen_image_edit.family:QwenImageEditFamily",
+    "null": "step1x_batch.models.null:NullFamily",
+}
+
+_PLUGIN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    """The family class ``name`` refers to (a registry name or ``package.module:Class``)."""
+    target = FAMILIES.get(name)
+    if target is None:
+        if not _PLUGIN.match(name):
+            raise ValueError(f"unknown model family {name!r}; use one of {sorted(FAMILIES)} or 'package.module:Class'")
+        target = name
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model family {name!r} ({type(e).__name__}: {e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, ModelFamily)):
+        raise ValueError(f"{name!r} is not a ModelFamily subclass")
+    return cls
+
+
+def load_family(spec: ModelSpec) -> ModelFamily:
+    """The family a spec names, with its options validated (cheap: no weights are read)."""
+    return family_class(spec.family)(spec)
+
+
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_class", "load_family"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import timestep_embedding
-from .loading import count_indexed
+from step1x_batch.models.loading import count_indexed
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
-from .loading import QWEN_DIR, VAE_FILE
+from .release import QWEN_DIR, VAE_FILE
 from .vae import AutoEncoder, AutoEncoderParams
 
 TINY_QWEN_HIDDEN = 64
@@ -72,11 +72,13 @@ def make_tiny_weights(folder: str | os.PathLike, seed: int = 0, version: str = "
     """Write the release layout into ``folder`` (created if needed) and return it."""
     if version not in DIT_FILE_BY_VERSION:
         raise ValueError(f"unknown version {version!r}; expected one of {sorted(DIT_FILE_BY_VERSION)}")
-    from .tiny_qwen import write_tiny_qwen
+    from step1x_batch.models.qwen_vl.tiny import write_tiny_qwen
+
+    from .conditioner import load_prefix
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tiny_dit_state_dict(seed, version), str(folder / DIT_FILE_BY_VERSION[version]))
     save_file(tiny_vae_state_dict(seed), str(folder / VAE_FILE))
-    write_tiny_qwen(folder / QWEN_DIR, seed=seed + 3, hidden_size=TINY_QWEN_HIDDEN)
+    write_tiny_qwen(folder / QWEN_DIR, seed=seed + 3, hidden_size=TINY_QWEN_HIDDEN, corpus=[load_prefix()])
     return folder

@@ -1,7 +1,7 @@
 """A tiny, offline Qwen2.5-VL folder in the official release layout, made from a seed.
 
-Tests and the tiny release need a Qwen2.5-VL that loads through exactly the code path of the real
-`Qwen2.5-VL-7B-Instruct/` folder (transformers `from_pretrained`, old-style flat config.json,
+Both families condition on Qwen2.5-VL, so their tiny releases need one that loads through exactly
+the code path of the real `Qwen2.5-VL-7B-Instruct/` folder (transformers `from_pretrained`, old-style flat config.json,
 old-style checkpoint key names, tokenizer files, preprocessor config) without any download. The
 tokenizer is a byte-level BPE built in code that keeps the properties the conditioner relies on:
 GPT-2 byte order (so id 0 is `!`, the token the reference masks), Qwen's pre-tokenizer regex and NFC
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -66,7 +67,7 @@ QWEN25_VL_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Words every tiny vocabulary learns as single tokens (besides the Step1X prefix and chat template).
+# Words every tiny vocabulary learns as single tokens (besides the caller's corpus).
 _EXTRA_CORPUS = """
 system user assistant You are a helpful assistant.
 make it a cat's face turn the sky red blue green yellow black white orange purple pink brown gray
@@ -110,19 +111,15 @@ def _corpus_words(texts: list[str]) -> list[str]:
     return words + ["“", "”"]
 
 
-def build_tiny_tokenizer(corpus: list[str] | None = None) -> Tokenizer:
+def build_tiny_tokenizer(corpus: Sequence[str] = ()) -> Tokenizer:
     """Byte-level BPE with Qwen's normalizer, pre-tokenizer and added tokens.
 
     Ids 0..255 are the 256 byte characters in GPT-2 order (id 0 == `!`, 198 == `\\n`, 220 == ` `,
     as in Qwen's vocabulary); merged tokens follow in merge order; the Qwen added tokens come last.
-    Every pre-tokenized word of the corpus (default: the Step1X prefix, the chat template text and
-    a few common edit words) ends up a single token.
+    Every pre-tokenized word of ``corpus`` (a family's prompt template, say), of the chat template
+    text and of a few common edit words ends up a single token.
     """
-    if corpus is None:
-        from importlib.resources import files
-
-        prefix = files("step1x_batch.models.step1x").joinpath("prefix.txt").read_bytes().decode("utf-8")
-        corpus = [prefix, _EXTRA_CORPUS]
+    corpus = [*corpus, _EXTRA_CORPUS]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -283,12 +280,14 @@ def random_qwen_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tenso
     return out
 
 
-def write_tiny_qwen(folder: str | os.PathLike, seed: int = 0, hidden_size: int = 64) -> None:
+def write_tiny_qwen(
+    folder: str | os.PathLike, seed: int = 0, hidden_size: int = 64, corpus: Sequence[str] = ()
+) -> None:
     """Write a complete offline Qwen2.5-VL transformers folder (config, safetensors, tokenizer,
-    preprocessor config) that `QwenConditioner.from_pretrained` loads like the real one."""
+    preprocessor config) that loads like the real one; ``corpus`` texts tokenize to few tokens."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(corpus)
     config = tiny_qwen_config(tok, hidden_size=hidden_size)
     weights = random_qwen_state_dict(config, seed=seed)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -18,20 +18,22 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-# The release folder's layout (what ``model.weights`` points at).
-DIT_FILES = (
-    "step1x-edit-v1p1-official.safetensors",
-    "step1x-edit-i1258.safetensors",
-    "step1x-edit-i1258-FP8.safetensors",
-)
-VAE_FILE = "vae.safetensors"
-QWEN_DIR = "Qwen2.5-VL-7B-Instruct"
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FP8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, name)
 )
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``"bf16"`` / ``"float32"`` / ... (or a torch dtype) as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+    return names[dtype]
 
 
 class WeightsError(ValueError):
@@ -158,4 +160,57 @@ def load_into(
     left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
     if left:
         raise WeightsError(f"{path}: no weights for {', '.join(left)}")
+    return module
+
+
+def load_files_into(
+    module: nn.Module,
+    paths: Iterable[str | os.PathLike],
+    *,
+    name: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """:func:`load_into` over several safetensors files (the shards of one sharded checkpoint).
+
+    Every file's header is validated first and the union of their keys is checked at once, so a
+    bad checkpoint is refused with one message (under ``name``, the folder, say) before any
+    tensor is read. A key stored in two shards is refused too.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise WeightsError(f"{name or 'weights'}: no safetensors files to load")
+    name = name if name is not None else (paths[0] if len(paths) == 1 else paths[0].parent)
+    headers = {p: read_header(p) for p in paths}
+    owner: dict[str, Path] = {}
+    duplicated = []
+    for p, header in headers.items():
+        for k in header:
+            if k in owner:
+                duplicated.append(f"{k} ({owner[k].name}, {p.name})")
+            owner.setdefault(k, p)
+    if duplicated:
+        raise WeightsError(f"{name}: keys stored in more than one shard: {', '.join(sorted(duplicated))}")
+    shapes = {k: torch.Size(h[k]["shape"]) for p, h in headers.items() for k in h}
+    if strict:
+        check_keys(module, shapes, name)
+    expected = module.state_dict()
+    state = {}
+    for p in paths:
+        wanted = [k for k in expected if owner.get(k) == p]
+        if not wanted:
+            continue
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            for key in wanted:
+                t, target = f.get_tensor(key), expected[key]
+                if target.dtype in FP8_DTYPES:
+                    t = t.to(target.dtype)
+                elif dtype is not None and t.is_floating_point():
+                    t = t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
+                state[key] = t
+    module.load_state_dict(state, strict=strict, assign=True)
+    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
+    if left:
+        raise WeightsError(f"{name}: no weights for {', '.join(left)}")
     return module

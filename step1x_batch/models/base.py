@@ -1,0 +1,251 @@
+"""The model-family interface: everything the Ray job knows about a model.
+
+A family is one folder under ``step1x_batch/models/`` holding one :class:`ModelFamily` subclass,
+plus one entry in the registry (``step1x_batch.models.FAMILIES``). The job reaches a family only
+through this module, split by where the work runs:
+
+* ``prepare`` (CPU tasks, beside the image reads): one row's decoded images -> :class:`Prepared`,
+  the ready arrays (images at the model size, VLM pixel values, token ids, rope positions) and a
+  batch key. All resizing and tokenisation happens here, so the GPU never waits for it.
+* ``load`` (once per GPU actor): the weights -> an :class:`Engine`, whose ``edit`` takes rows that
+  share one batch key and returns model-size pixels.
+* ``finish`` (CPU write tasks): model-size pixels -> the pixels to encode (resized back to the
+  input's size for families whose reference does that).
+
+Nothing here imports Ray, torch or any job module: model packages run on GPU machines that have
+only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+# Row error codes a model reports (the job's registry, step1x_batch.errors, includes them).
+NON_FINITE_OUTPUT = "non_finite_output"
+INVALID_INSTRUCTION = "invalid_instruction"
+UNSUPPORTED_SIZE = "unsupported_size"
+TOO_MANY_IMAGES = "too_many_images"
+MODEL_ERROR_CODES = frozenset({NON_FINITE_OUTPUT, INVALID_INSTRUCTION, UNSUPPORTED_SIZE, TOO_MANY_IMAGES})
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Every per-row parameter that changes pixels (so each one is in the row fingerprint)."""
+
+    num_steps: int = 28
+    guidance_scale: float = 6.0
+    size_level: int = 1024
+    negative_prompt: str = ""
+
+
+@dataclass
+class EditRequest:
+    """One row as the family's ``prepare`` sees it: decoded RGB uint8 (H, W, 3) images, in order."""
+
+    images: list[np.ndarray]
+    instruction: str
+    seed: int
+    params: EditParams = field(default_factory=EditParams)
+
+
+class RowFailure(Exception):
+    """A failure of one row (never of its batch): becomes an ``error`` record with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message))
+
+
+_META_KEY = "step1x_batch.prepared"
+
+
+@dataclass
+class Prepared:
+    """One row ready for the GPU: arrays plus small JSON values, and the batch key.
+
+    Rows with equal ``key`` can run in one forward pass. ``width`` x ``height`` is the size the
+    engine returns pixels at. Serialised as safetensors (arrays only, no pickle) to cross stages.
+    """
+
+    key: str
+    width: int
+    height: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        head = json.dumps({"key": self.key, "width": self.width, "height": self.height, "meta": self.meta})
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
+        return save(arrays, metadata={_META_KEY: head})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Prepared":
+        from safetensors.numpy import load
+
+        n = int.from_bytes(data[:8], "little")  # safetensors framing: header length, JSON header
+        head = json.loads(json.loads(data[8 : 8 + n])["__metadata__"][_META_KEY])
+        return cls(head["key"], int(head["width"]), int(head["height"]), dict(load(data)), head["meta"])
+
+
+@dataclass
+class EditOutput:
+    """One row's result: RGB uint8 (height, width, 3) at the model size, or an error."""
+
+    image: np.ndarray | None
+    edit_ms: float = 0.0  # this row's share of its batch's time
+    error_type: str | None = None
+    error_message: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)  # the batch's phases, if the engine says
+    batch_size: int = 0  # rows in the forward pass that made it
+
+
+class Engine(Protocol):
+    """What a GPU actor holds: loaded once, called with rows that share one batch key."""
+
+    def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
+        """One output per row, in order; a per-row problem is an output with ``error_type``."""
+        ...
+
+
+class NoOptions(BaseModel):
+    """A family without options of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a family: plain data, so it can travel to Ray tasks and actors."""
+
+    family: str  # a registry name or "package.module:Class"
+    options: Mapping[str, Any] = field(default_factory=dict)  # validated by the family's Options
+    weights: str = ""  # the weights' URI as configured (it names the model; the job stages it)
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    max_batch_size: int = 4
+    model_id: str | None = None  # an explicit identity; None: the family derives one
+
+
+Preparer = Callable[[EditRequest], Prepared]
+
+
+class ModelFamily(abc.ABC):
+    """One model family. Instances are cheap (no weights): the job makes one in every process."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    defaults: ClassVar[EditParams] = EditParams()
+    # Files the CPU ``prepare`` needs from the weights (glob patterns relative to the weights
+    # folder: tokenizer, processor config); the job stages only these on CPU nodes.
+    prepare_files: ClassVar[tuple[str, ...]] = ()
+    needs_weights: ClassVar[bool] = True  # False: ``model.weights`` may be empty
+    # True: the engine is cheap to hold many times (on CPU-only clusters the job then runs a copy
+    # per free CPU slot instead of one copy that uses every core).
+    lightweight: ClassVar[bool] = False
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.options = self.Options.model_validate(dict(spec.options))
+
+    @property
+    def max_images(self) -> int:
+        """How many input images a row may have."""
+        return 1
+
+    def model_id(self) -> str:
+        """The model identity folded into every row's fingerprint: every setting that changes
+        pixels (weights, dtype, options), so changing one redoes the rows it affects."""
+        if self.spec.model_id:
+            return self.spec.model_id
+        options = json.dumps(self.options.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        weights = self.spec.weights.rstrip("/")
+        return f"{self.name}:{self.spec.dtype}:{options}:{weights}"
+
+    @abc.abstractmethod
+    def preparer(self, folder: Path | None) -> Preparer:
+        """Build the CPU ``prepare`` (once per worker process); ``folder`` holds ``prepare_files``."""
+
+    @abc.abstractmethod
+    def load(self, folder: Path | None, device: str) -> Engine:
+        """Load the weights from a local ``folder`` onto ``device`` (once per actor)."""
+
+    def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Model-size pixels -> the pixels to write; ``input_sizes`` are the inputs' (width, height)."""
+        return image
+
+
+def edit_prepared(engine: Engine, rows: Sequence[Prepared], max_batch_size: int) -> list[EditOutput]:
+    """Run rows through an engine in batches of one key and at most ``max_batch_size`` rows.
+
+    Rows keep their order in the result. Grouping is by key only (a stable partition), so the same
+    rows give the same batches whatever order they came in within a key.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.key, []).append(i)
+    out: list[EditOutput | None] = [None] * len(rows)
+    for idx in groups.values():
+        for start in range(0, len(idx), max_batch_size):
+            chunk = idx[start : start + max_batch_size]
+            t0 = time.perf_counter()
+            results = list(engine.edit([rows[i] for i in chunk]))
+            if len(results) != len(chunk):
+                raise RuntimeError(f"engine returned {len(results)} outputs for {len(chunk)} rows")
+            per_row = (time.perf_counter() - t0) * 1e3 / len(chunk)
+            for i, r in zip(chunk, results):
+                r.edit_ms = r.edit_ms or per_row
+                r.batch_size = len(chunk)
+                out[i] = r
+    return out  # type: ignore[return-value]
+
+
+
+
+# --- in-process use (the families' Python pipelines) ---------------------------------------------
+
+
+@dataclass
+class EditResult:
+    """One row edited in-process: ``image`` (H, W, 3) uint8 (the family's finished pixels), or
+    None with an error; ``width`` x ``height`` is the size the model ran at."""
+
+    image: np.ndarray | None
+    width: int
+    height: int
+    seed: int
+    batch_size: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error_type: str | None = None
+    error_message: str | None = None
+
+    def to_pil(self) -> Image.Image:
+        if self.image is None:
+            raise ValueError(f"no image: {self.error_type}: {self.error_message}")
+        return Image.fromarray(self.image)
+
+
+def as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """A PIL image or an RGB uint8 array as an (H, W, 3) uint8 array."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {image.dtype} {image.shape}")
+    return image

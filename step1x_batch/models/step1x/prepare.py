@@ -1,0 +1,90 @@
+"""Step1X-Edit's CPU work for one row: model size, resize, VLM inputs, token ids, rope positions.
+
+Runs in the job's prepare stage (and in :class:`~.pipeline.EditPipeline` for in-process use), so
+the GPU actor gets ready arrays. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from step1x_batch.models.base import (
+    INVALID_INSTRUCTION,
+    UNSUPPORTED_SIZE,
+    EditRequest,
+    Prepared,
+    RowFailure,
+)
+
+from .conditioner import PromptInputs, Step1XPrompts
+from step1x_batch.models.qwen_vl.processor import TextInput
+
+
+def model_size(width: int, height: int, size_level: int) -> tuple[int, int]:
+    """Keep the aspect ratio at an area of about ``size_level**2``, both sides floored to x16."""
+    r = width / height
+    if width > height:
+        w = math.ceil(math.sqrt(size_level**2 * r))
+        h = math.ceil(w / r)
+    else:
+        h = math.ceil(math.sqrt(size_level**2 / r))
+        w = math.ceil(h * r)
+    w, h = w // 16 * 16, h // 16 * 16
+    if w < 16 or h < 16:
+        raise RowFailure(
+            UNSUPPORTED_SIZE,
+            f"image {width}x{height} is too thin for size level {size_level} (a side would be under 16 "
+            "pixels); crop it or raise size_level",
+        )
+    return w, h
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at ``size`` (width, height), LANCZOS as the reference (v1.1); unchanged if equal."""
+    if (image.shape[1], image.shape[0]) == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+
+
+def _text(inputs: TextInput, prefix: str) -> dict[str, np.ndarray]:
+    return {f"{prefix}_ids": inputs.ids, f"{prefix}_pos": inputs.positions, f"{prefix}_mask": inputs.mask}
+
+
+def prepare_row(prompts: Step1XPrompts, request: EditRequest, *, posterior_mean: bool = False) -> Prepared:
+    """One row -> the reference image at the model size, its Qwen vision inputs, and the token
+    ids, masks and positions of the instruction and negative prompts."""
+    (image,) = request.images
+    p = request.params
+    w, h = model_size(image.shape[1], image.shape[0], p.size_level)
+    for text in (request.instruction, p.negative_prompt):
+        try:
+            prompts.check_text(text)
+        except ValueError as e:
+            raise RowFailure(INVALID_INSTRUCTION, f"the instruction or negative prompt cannot be used: {e}") from None
+    ref = resize(image, (w, h))
+    inputs = prompts.prepare(ref, request.instruction, p.negative_prompt)
+    arrays = {"ref": ref, "pixel_values": inputs.pixel_values, "grid": inputs.grid}
+    arrays.update(_text(inputs.cond, "cond"))
+    arrays.update(_text(inputs.uncond, "uncond"))
+    meta = {
+        "seed": int(request.seed),
+        "num_steps": int(p.num_steps),
+        "guidance_scale": float(p.guidance_scale),
+        "posterior_mean": bool(posterior_mean),
+        "prefix_drop": int(prompts.prefix_drop),
+    }
+    key = f"step1x|{w}x{h}|steps={p.num_steps}|cfg={float(p.guidance_scale)!r}|mean={bool(posterior_mean)}"
+    return Prepared(key, w, h, arrays, meta)
+
+
+def prompt_inputs(row: Prepared) -> PromptInputs:
+    """The conditioning inputs of a prepared row (inverse of :func:`prepare_row`'s arrays)."""
+    a = row.arrays
+
+    def text(prefix: str) -> TextInput:
+        return TextInput(a[f"{prefix}_ids"], a[f"{prefix}_pos"], a[f"{prefix}_mask"])
+
+    return PromptInputs(a["pixel_values"], a["grid"], text("cond"), text("uncond"))
