@@ -1,0 +1,55 @@
+"""Qwen-Image-Edit-2511 (and fine-tunes in its layout: MACRO, ...) as a model family of the job:
+1 to ``max_images`` images per row, the output at the last image's aspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from step1x_batch.models.base import EditParams, Engine, ModelFamily, Preparer
+
+from .options import QwenImageEditOptions
+
+
+class QwenImageEditFamily(ModelFamily):
+    name = "qwen-image-edit"
+    Options = QwenImageEditOptions
+    defaults = EditParams(num_steps=40, guidance_scale=4.0, size_level=1024, negative_prompt=" ")
+    prepare_files = (
+        "model_index.json",
+        "processor/*",
+        "tokenizer/*",
+        "text_encoder/config.json",
+        "vae/config.json",
+    )
+
+    @property
+    def max_images(self) -> int:
+        return self.options.max_images
+
+    def model_id(self) -> str:
+        """Every option that changes pixels (not ``max_images``: it only refuses rows)."""
+        if self.spec.model_id:
+            return self.spec.model_id
+        o = self.options
+        refs = "macro" if o.reference_areas == "macro" else f"fixed{o.reference_area}"
+        return (
+            f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:"
+            f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:"
+            f"{self.spec.weights.rstrip('/')}"
+        )
+
+    def preparer(self, folder: Path | None) -> Preparer:
+        from functools import partial
+
+        from .prepare import QwenEditPrompts, prepare_row
+
+        if folder is None:
+            raise ValueError("the qwen-image-edit family needs its weights folder (processor, tokenizer, configs)")
+        return partial(prepare_row, QwenEditPrompts.from_folder(folder), self.options)
+
+    def load(self, folder: Path | None, device: str) -> Engine:
+        from .pipeline import QwenImageEditEngine
+
+        if folder is None:
+            raise ValueError("the qwen-image-edit family needs a weights folder")
+        return QwenImageEditEngine.from_pretrained(folder, device=device, dtype=self.spec.dtype)

@@ -1,0 +1,27 @@
+"""The family's options (``model.options``): plain pydantic, so the job reads them without torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+VL_AREA = 384 * 384
+REFERENCE_AREA = 1024 * 1024
+
+
+class QwenImageEditOptions(BaseModel):
+    """``model.options`` for ``family: qwen-image-edit``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_images: int = Field(10, ge=1)  # more in a row: a too_many_images row error
+    # Each reference's VAE area: "fixed" = reference_area for every reference (diffusers);
+    # "macro" = by reference count, 1..10: 1024², 1024², 768² x3, 512² x5 (MACRO's training).
+    reference_areas: Literal["fixed", "macro"] = "fixed"
+    reference_area: int = Field(REFERENCE_AREA, ge=32 * 32)
+    vl_area: int = Field(VL_AREA, ge=32 * 32)  # each image's area for the Qwen2.5-VL encoder
+    cfg_norm_rescale: bool = True  # False: plain CFG, as DiffSynth-Studio runs it
+    # Text-encoder rope: "mrope" = 3-D positions, as the weights were trained (transformers 4.5x);
+    # "1d" = what stock diffusers 0.42 gets on transformers 5 (no mm_token_type_ids reach the model).
+    text_positions: Literal["mrope", "1d"] = "mrope"
