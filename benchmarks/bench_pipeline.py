@@ -1,4 +1,4 @@
-"""Pipeline overhead and memory of the dataset job, with the null editor (returns its input).
+"""Pipeline overhead and memory of the dataset job, with the null family (returns its input).
 
     python benchmarks/bench_pipeline.py overhead [--rows 4000]     # Ray Data job vs a plain loop
     python benchmarks/bench_pipeline.py memory [--rows 10000 100000]  # peak RSS vs manifest size

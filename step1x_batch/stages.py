@@ -438,8 +438,9 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         return ROW_SCHEMA.empty_table()
     retries_before = _storage_retries()
     worker = worker_label()
+    for row in rows:
+        row["worker"] = worker
     todo = [r for r in rows if not r["error_type"]]
-    start = time.perf_counter()
 
     def load(row: dict[str, Any]) -> list[np.ndarray] | RowError:
         t0 = time.perf_counter()
@@ -458,7 +459,6 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
             loaded = list(pool.map(load, todo))
     preparer = preparer_for(settings.model, settings.weights) if todo else None
     for row, images in zip(todo, loaded):
-        row["worker"] = worker
         if isinstance(images, RowError):
             row.update(error_type=images.code, error_message=images.message)
             continue
@@ -475,9 +475,7 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         except Exception as e:  # a bug or an input the family cannot handle: one row, not the job
             row.update(error_type=errors.PREPARE_FAILED, error_message=f"the model's prepare raised {_message(e)}")
         row["preprocess_ms"] = (row["preprocess_ms"] or 0.0) + (time.perf_counter() - t0) * 1e3
-    deltas = _retry_delta(retries_before)
-    deltas["prepare_task_ms"] = (time.perf_counter() - start) * 1e3
-    _add_counters(counters, deltas)
+    _add_counters(counters, _retry_delta(retries_before))
     return _table(rows, ROW_SCHEMA)
 
 

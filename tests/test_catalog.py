@@ -1,4 +1,4 @@
-"""Nightly catalog re-rendering on real parts: a local Ray, local folders, the null editor.
+"""Nightly catalog re-rendering on real parts: a local Ray, local folders, the null family.
 
 One catalog lives through a sequence of nights (first render, a no-op night, a night of changes,
 a failing item, a run over its error budget, a crash), checking the counts, what was rendered,
@@ -218,7 +218,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
         assert latest3[changed]["run_id"] == "n3"
     assert Path(latest1["sku-1"]["output_uri"]).read_bytes() == old1  # the old render untouched
     new1 = decode_image(Path(latest3["sku-1"]["output_uri"]).read_bytes(), 10**6)
-    assert np.array_equal(new1, decode_image(_png(101), 10**6))  # null editor: the new picture
+    assert np.array_equal(new1, decode_image(_png(101), 10**6))  # null family: the new picture
     assert latest3["sku-2"]["instruction"].endswith("black background")
     # Night 4: over the error budget (sku-0 broken too) -> not published; sku-2's new instruction
     # was rendered in that run, though.

@@ -101,7 +101,7 @@ def _assert_each_row_logged_once_ok(output_uri: str, options: StorageOptions | N
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_local, dataset, tmp_path_factory) -> dict[str, bytes]:
-    """The reference: the same rows through the same editor with nothing going wrong."""
+    """The reference: the same rows through the same model stand-in with nothing going wrong."""
     base = tmp_path_factory.mktemp("undisturbed")
     summary = _run(_config(_local_copy(base / "in", dataset), str(base / "out"), runtime={"run_id": "ref"}))
     assert summary.ok and summary.by_status == {"ok": N_ROWS}

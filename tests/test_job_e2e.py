@@ -2,7 +2,7 @@
 
 Covers the issue's done-when (1,000 rows on S3 with 100 bad rows of every kind -> exactly 1,000
 records, then a second run processes nothing), the convertible inputs, resume and parameter-change
-redo, a driver SIGKILLed mid-run and re-run, the error budget, the edit stage's handling of editor
+redo, a driver SIGKILLed mid-run and re-run, the error budget, the edit stage's handling of engine
 failures, and the tiny Step1X model from an S3 manifest to S3 outputs.
 """
 
@@ -381,7 +381,7 @@ def test_error_budget_fails_loudly_after_logging(ray_local, tmp_path, image_fact
 
 
 # --------------------------------------------------------------------------------------------
-# The edit stage: editor failures become rows, never a dead job (no Ray needed).
+# The edit stage: engine failures become rows, never a dead job (no Ray needed).
 
 
 class FakeEngine:

@@ -1,5 +1,5 @@
 """Synthetic training pairs: expansion, seeds, ids, splits, and the whole job on a real local Ray
-(null editor on local folders; one small run of the tiny Step1X model on the moto S3 server),
+(null family on local folders; one small run of the tiny Step1X model on the moto S3 server),
 with the exported dataset loaded by pyarrow, pandas and Hugging Face ``datasets``."""
 
 from __future__ import annotations

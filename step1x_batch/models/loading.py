@@ -150,16 +150,25 @@ def load_into(
         for key, target in expected.items():
             if prefix + key not in shapes:
                 continue
-            t = f.get_tensor(prefix + key)
-            if target.dtype in FP8_DTYPES:  # a parameter that keeps fp8 storage (see layers.Fp8Linear)
-                t = t.to(target.dtype)
-            elif dtype is not None and t.is_floating_point():
-                t = t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
-            state[key] = t
+            state[key] = _as_stored(f.get_tensor(prefix + key), target, dtype)
+    return _assign(module, state, strict, path)
+
+
+def _as_stored(t: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A file tensor in the dtype its parameter keeps: fp8 where the module declares fp8 storage
+    (see layers.Fp8Linear), else floating point in ``dtype`` (fp8 files upcast through float32)."""
+    if target.dtype in FP8_DTYPES:
+        return t.to(target.dtype)
+    if dtype is not None and t.is_floating_point():
+        return t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
+    return t
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], strict: bool, name) -> nn.Module:
     module.load_state_dict(state, strict=strict, assign=True)
     left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
     if left:
-        raise WeightsError(f"{path}: no weights for {', '.join(left)}")
+        raise WeightsError(f"{name}: no weights for {', '.join(left)}")
     return module
 
 
@@ -203,14 +212,5 @@ def load_files_into(
             continue
         with safe_open(str(p), framework="pt", device=str(device)) as f:
             for key in wanted:
-                t, target = f.get_tensor(key), expected[key]
-                if target.dtype in FP8_DTYPES:
-                    t = t.to(target.dtype)
-                elif dtype is not None and t.is_floating_point():
-                    t = t.to(dtype) if t.dtype not in FP8_DTYPES else t.to(torch.float32).to(dtype)
-                state[key] = t
-    module.load_state_dict(state, strict=strict, assign=True)
-    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
-    if left:
-        raise WeightsError(f"{name}: no weights for {', '.join(left)}")
-    return module
+                state[key] = _as_stored(f.get_tensor(key), expected[key], dtype)
+    return _assign(module, state, strict, name)
