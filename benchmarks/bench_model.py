@@ -6,6 +6,8 @@
     python benchmarks/bench_model.py --device cuda --sizes 1024 512 --batches 1 max
     # Qwen-Image-Edit-2511, tiny folder on the CPU: seconds per edit at batch 1 vs batch 4
     python benchmarks/bench_model.py --family qwen-image-edit --tiny --sizes 128 --batches 1 4
+    # the cost of batch invariance, switch on vs off in one run (both families, tiny, CPU)
+    python benchmarks/bench_model.py --invariance --rows 16 6
 
 Full size leaves out the Qwen2.5-VL forward (one ~700-token pass of a 7B model per row and branch,
 about 1e13 FLOPs, ~0.1 % of an edit): text embeddings are random tensors of the real shape. Everything
@@ -144,10 +146,50 @@ def bench_qwen_tiny(args, device: torch.device) -> None:
                 print(f"| {size}x{size} | {refs} | {batch} | {seconds / batch:.3f} | {rate:.2f} | {rate / base:.2f} |")
 
 
+def bench_invariance(args, device: torch.device) -> None:
+    """rows/s with ``batch_invariant`` on vs off, the same rows in one run (tiny weights): the
+    price of one-prompt-at-a-time encoding and of padding short batches to the fixed shape."""
+    from step1x_batch.models.qwen_image_edit.family import QwenImageEditFamily
+    from step1x_batch.models.qwen_image_edit.tiny import make_tiny_weights as tiny_qwen
+    from step1x_batch.models.base import ModelSpec
+    from step1x_batch.models.step1x.family import Step1XFamily
+    from step1x_batch.models.step1x.tiny import make_tiny_weights as tiny_step1x
+
+    size, steps = args.sizes[0], args.steps
+    families = {
+        "step1x": (Step1XFamily, tiny_step1x(tempfile.mkdtemp(prefix="step1x-tiny-")), {}),
+        "qwen-image-edit": (QwenImageEditFamily, tiny_qwen(tempfile.mkdtemp(prefix="qwen-tiny-")),
+                            {"reference_area": size * size, "vl_area": min(size, 256) ** 2}),
+    }
+    texts = ["add a hat", "make it night and add a big yellow moon over the hills", "snow",
+             "turn the sky red and add a small house with a tree next to the river"]
+    print(f"device CPU, dtype {args.dtype}, tiny weights, {size}x{size}, {steps} steps with CFG, max_batch_size 4, "
+          f"torch {torch.__version__}")
+    print("| family | rows | rows/s invariant | rows/s variant | ratio (invariant / variant) |")
+    print("|---|---|---|---|---|")
+    for name, (cls, folder, options) in families.items():
+        for n in args.rows:
+            rates = {}
+            for invariant in (True, False):
+                fam = cls(ModelSpec(name, options, str(folder), args.dtype, max_batch_size=4, batch_invariant=invariant))
+                prepare, engine = fam.preparer(folder), fam.load(folder, device.type)
+                rng = np.random.default_rng(0)
+                params = EditParams(num_steps=steps, guidance_scale=4.0, size_level=size, negative_prompt=" ")
+                rows = [prepare(EditRequest([rng.integers(0, 256, (size, size, 3), dtype=np.uint8)],
+                                            texts[i % len(texts)], i, params)) for i in range(n)]
+                groups = {r.key for r in rows}
+                seconds = time_it(lambda: edit_prepared(engine, rows, 4), device, args.repeat)
+                rates[invariant] = (n / seconds, len(groups))
+            (on, keys_on), (off, keys_off) = rates[True], rates[False]
+            print(f"| {name} | {n} ({keys_on} / {keys_off} batch keys) | {on:.2f} | {off:.2f} | {on / off:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny release folder made from a seed (CPU)")
     ap.add_argument("--family", choices=["step1x", "qwen-image-edit"], default="step1x")
+    ap.add_argument("--invariance", action="store_true", help="batch invariance on vs off (tiny, CPU)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[16, 6], help="rows per --invariance run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
@@ -158,6 +200,9 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=38, help="single blocks")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.invariance:
+        bench_invariance(args, device)
+        return
     if args.family == "qwen-image-edit":
         if not args.tiny:
             raise SystemExit("--family qwen-image-edit: only --tiny for now (full size: the GPU script)")

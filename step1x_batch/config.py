@@ -99,6 +99,15 @@ class ModelConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"  # "auto": cuda when resources.num_gpus_per_actor > 0, else cpu
     max_batch_size: int = Field(4, ge=1, le=256)  # rows of one batch key per model forward
+    # Same row, same weights, same hardware: same bytes, whatever shares its batch (the text
+    # encoder and VAE take one row at a time, the denoiser a fixed batch shape). Off: faster on
+    # short batches, but a row's last bits may move with its batch companions.
+    batch_invariant: bool = True
+    # GPU throughput: regional torch.compile of the denoiser's blocks (the first batch of each
+    # shape pays the compile), and the attention kernel (auto: the fastest that runs on the
+    # device, by a fixed rule so every actor on the same hardware picks the same one).
+    compile: bool = False
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     model_id: str | None = None  # None: derived by the family from everything that changes pixels
     storage: StorageOptions | None = None  # for object-storage weights; None: the input's
     cache_dir: str | None = None  # per-node staging folder (None: $STEP1X_WEIGHTS_CACHE or ~/.cache)
@@ -121,6 +130,7 @@ class ModelConfig(_Section):
         return ModelSpec(
             family=self.family, options=dict(self.options), weights=self.weights, dtype=self.dtype,
             device=device, max_batch_size=self.max_batch_size, model_id=self.model_id,
+            batch_invariant=self.batch_invariant, compile=self.compile, attention=self.attention,
         )
 
     def resolved_model_id(self) -> str:

@@ -218,9 +218,16 @@ def test_model_id_model_spec_and_weights_source(tmp_path):
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
     assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
     assert cfg.model.resolved_model_id() == "step1x-edit:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
-    for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0"):
+    for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0",
+                     "model.batch_invariant=false"):
         other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
         assert other.model.resolved_model_id() != cfg.model.resolved_model_id(), override  # changes pixels
+    for override in ("model.compile=true", "model.attention=math"):  # rounding only, like the GPU model
+        same = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
+        assert same.model.resolved_model_id() == cfg.model.resolved_model_id(), override
+        assert (same.model_spec().compile, same.model_spec().attention) != (False, "auto")
+    with pytest.raises(ConfigError, match="model.attention"):
+        load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.attention=fastest"])
     named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
     assert named.model_spec().model_id == "mine" and named.model.resolved_model_id() == "mine"
     assert load_config(_write(tmp_path, MINIMAL)).model.resolved_model_id() == "null"

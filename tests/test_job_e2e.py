@@ -580,6 +580,64 @@ def test_driver_sigkill_then_rerun(ray_local, tmp_path, image_factory):
         assert decode_image(read_bytes(r["output_uri"]), 10**6).shape[0] == 16
 
 
+@pytest.mark.slow
+def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, tmp_path, image_factory):
+    """Same row, same weights, same hardware: same bytes. A clean bf16 run of the tiny Step1X
+    model, and a run whose driver is SIGKILLed mid-way then re-run with other batch sizes (so
+    rows meet other companions), write byte-identical outputs."""
+    import yaml
+
+    from step1x_batch.models.step1x import tiny
+
+    weights = tiny.make_tiny_weights(tmp_path / "weights", seed=0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, (w, h) in enumerate([(48, 32), (32, 48), (48, 32)]):
+        (folder / f"p{k}.png").write_bytes(_png(image_factory.rgb(w, h)))
+    texts = ["add a hat", "make it night and add a big yellow moon over the hills", "snow", "it's \"red\""]
+    rows = [{"id": f"b{i:02d}", "image_uri": f"p{i % 3}.png", "instruction": texts[i % 4], "seed": i,
+             **({"negative_prompt": "blurry, low quality"} if i % 5 == 0 else {})} for i in range(12)]
+    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def job(out: Path, run_id: str, edit_batch: int, io_batch: int) -> dict:
+        return _config(str(folder / "m.jsonl"), str(out),
+                       model={"family": "step1x", "weights": str(weights), "dtype": "bfloat16", "device": "cpu",
+                              "max_batch_size": 4},
+                       sampling={"num_steps": 2, "size_level": 64},
+                       resources={"edit_batch_size": edit_batch, "io_batch_size": io_batch, "local_num_cpus": 2},
+                       runtime={"log_part_rows": 4, "log_part_seconds": 0.2, "run_id": run_id})
+
+    clean = tmp_path / "clean"
+    assert _run(job(clean, "clean", 8, 8)).by_status == {"ok": 12}
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(job(out, "killed", 2, 2)))  # small calls: parts land one by one
+    marker = f"rayk-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": f"/tmp/{marker}", "RAY_AUTH_MODE": "disabled",
+           "STEP1X_TEST_MARKER": marker}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/edit_dataset.py"), "--config", str(cfg)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    logs = out / "logs" / "killed"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if logs.exists() and list(logs.glob("part-*.parquet")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _kill_tree(proc, marker)
+    killed = read_logs(str(out), run_id="killed").num_rows
+    assert 0 < killed < 12, "the kill landed mid-run"
+    resumed = _run(job(out, "resumed", 3, 5))
+    assert resumed.ok and resumed.rows_skipped == killed and resumed.rows_processed == 12 - killed
+    for r in rows:
+        key = f"images/{r['id']}.png"
+        assert (out / key).read_bytes() == (clean / key).read_bytes(), r["id"]
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny Step1X model: S3 manifest -> S3 outputs, weights staged from S3.
 

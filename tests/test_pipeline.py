@@ -275,3 +275,59 @@ def test_too_thin_image_is_a_row_error(pipe):
     results = edit(pipe, [picture(1, 4, 400), picture(2)], ["a", "b"], seeds=[1, 2])
     assert results[0].error_type == "unsupported_size" and "too thin" in results[0].error_message
     assert results[1].error_type is None
+
+
+BF16_ROWS = [  # different prompt lengths, one with a negative prompt
+    ("add a hat", ""),
+    ("make it night and add a big yellow moon over the hills", ""),
+    ("it's raining \"hard\"", "blurry, low quality"),
+    ("变成冬天", ""),
+]
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_bf16_row_alone_equals_row_in_a_batch_of_four(release, invariant):
+    """Batch invariance in the production dtype: each of 4 rows edited alone and inside a batch of
+    4 gives the same bytes (switch on). Off, the batch is one padded text batch and the DiT runs
+    the rows given: recorded, not asserted, to show what the switch buys."""
+    pipe = EditPipeline.from_pretrained(release, dtype="bfloat16", batch_invariant=invariant, max_batch_size=4)
+    images = [picture(30 + i) for i in range(4)]
+    texts, negatives = [t for t, _ in BF16_ROWS], [n for _, n in BF16_ROWS]
+    seeds = [21, 22, 23, 24]
+    batched = edit(pipe, images, texts, seeds=seeds, negative_prompts=negatives)
+    assert all(r.batch_size == 4 for r in batched)
+    diffs = []
+    for i in range(4):
+        alone = edit(pipe, [images[i]], [texts[i]], seeds=[seeds[i]], negative_prompts=[negatives[i]])[0]
+        assert alone.batch_size == 1
+        diffs.append(int(np.abs(alone.image.astype(int) - batched[i].image.astype(int)).max()))
+        if invariant:
+            assert alone.image.tobytes() == batched[i].image.tobytes(), f"row {i}"
+    print(f"bf16, batch_invariant={invariant}: max |alone - in batch of 4| per row {diffs}")
+
+
+def test_bf16_prompt_embeddings_are_those_of_the_prompt_alone(pipe_bf16):
+    """Each prompt's embeddings inside a batch are bit-identical to encoding that prompt alone
+    (batch 1), as the released code encodes (cond and uncond separately)."""
+    from step1x_batch.models.step1x.conditioner import encode_prompts
+
+    prompts = pipe_bf16.prompts
+    rows = [prompts.prepare(picture(40 + i, 64, 64), text, neg) for i, (text, neg) in enumerate(BF16_ROWS)]
+    embeds, mask = encode_prompts(pipe_bf16.engine.encoder, rows, prompts.prefix_drop)
+    for i, row in enumerate(rows):
+        one, one_mask = encode_prompts(pipe_bf16.engine.encoder, [row], prompts.prefix_drop)
+        assert torch.equal(one[0], embeds[i]) and torch.equal(one[1], embeds[len(rows) + i]), i
+        assert torch.equal(one_mask[0], mask[i])
+    # and a padded batch (the switch off) is not: the reason for the switch
+    pipe_bf16.engine.encoder.batch_invariant = False
+    try:
+        padded, _ = encode_prompts(pipe_bf16.engine.encoder, rows, prompts.prefix_drop)
+    finally:
+        pipe_bf16.engine.encoder.batch_invariant = True
+    moved = max(float((padded[i] - embeds[i]).abs().max()) for i in range(len(rows)))
+    print(f"bf16 prompt embeddings in a padded batch move by up to {moved:.3g}")
+
+
+@pytest.fixture(scope="module")
+def pipe_bf16(release):
+    return EditPipeline.from_pretrained(release, dtype="bfloat16")

@@ -359,7 +359,8 @@ def test_ten_reference_row_runs(prepare, engine):
     ids = row.arrays["cond_ids"]
     vision_start = prepare.args[0].vision.vision_start_token_id
     assert int((ids == vision_start).sum()) == 10
-    assert len(row.meta["vae_sizes"]) == 10 and row.key.count("x") == 11
+    refs = row.key.split("|refs=")[1].split("|")[0].split(",")
+    assert len(row.meta["vae_sizes"]) == 10 and len(refs) == 10  # every reference's size is in the key
     (out,) = engine.edit([row])
     assert out.error_type is None and out.image.shape == (row.height, row.width, 3)
 
@@ -652,3 +653,32 @@ def test_model_package_imports_no_ray_and_no_job_modules():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True", "[]"]
+
+
+# --- batch invariance in bfloat16 ----------------------------------------------------------------
+
+BF16_ROWS = [  # one batch key: same sizes; different prompt lengths, one with a negative prompt
+    ([picture(21, *LANDSCAPE)], "make it a cat", 31, " "),
+    ([picture(22, *LANDSCAPE)], "turn the sky red and add a small house with a tree next to the river", 32, " "),
+    ([picture(23, *LANDSCAPE)], "night", 33, "blurry, low quality, watermark, text"),
+    ([picture(24, *LANDSCAPE)], "change the background into a beach", 34, " "),
+]
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_bf16_row_alone_equals_row_in_a_batch_of_four(tiny, invariant):
+    fam = QwenImageEditFamily(ModelSpec("qwen-image-edit", OPTIONS, "tiny", "bfloat16", max_batch_size=4,
+                                        batch_invariant=invariant))
+    prepare, engine = fam.preparer(tiny), fam.load(tiny, "cpu")
+    rows = [prepare(request(imgs, text, seed, neg)) for imgs, text, seed, neg in BF16_ROWS]
+    if invariant:  # the rows' own text lengths name their batch: one key here
+        assert len({r.key for r in rows}) == 1 and "text=" in rows[0].key
+    batched = edit_prepared(engine, rows, max_batch_size=4)
+    assert [o.batch_size for o in batched] == [4] * 4
+    diffs = []
+    for i, row in enumerate(rows):
+        (alone,) = edit_prepared(engine, [row], max_batch_size=4)
+        diffs.append(int(np.abs(alone.image.astype(int) - batched[i].image.astype(int)).max()))
+        if invariant:
+            assert alone.image.tobytes() == batched[i].image.tobytes(), f"row {i}"
+    print(f"qwen bf16, batch_invariant={invariant}: max |alone - in batch of 4| per row {diffs}")

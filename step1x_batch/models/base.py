@@ -140,8 +140,13 @@ class ModelSpec:
     weights: str = ""  # the weights' URI as configured (it names the model; the job stages it)
     dtype: str = "bfloat16"
     device: str = "cpu"
-    max_batch_size: int = 4
+    max_batch_size: int = 4  # rows per forward (the fixed forward batch when batch invariant)
     model_id: str | None = None  # an explicit identity; None: the family derives one
+    # A row's pixels do not depend on which rows share its batch (at some cost in padding); off,
+    # outputs may differ in the last bits with the batching, so it is part of the model id.
+    batch_invariant: bool = True
+    compile: bool = False  # regional torch.compile of the denoiser's blocks
+    attention: str = "auto"  # the SDPA kernel: auto | cudnn | flash | efficient | math
 
 
 Preparer = Callable[[EditRequest], Prepared]
@@ -177,7 +182,8 @@ class ModelFamily(abc.ABC):
             return self.spec.model_id
         options = json.dumps(self.options.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         weights = self.spec.weights.rstrip("/")
-        return f"{self.name}:{self.spec.dtype}:{options}:{weights}"
+        variant = "" if self.spec.batch_invariant else ":batch-variant"
+        return f"{self.name}:{self.spec.dtype}:{options}{variant}:{weights}"
 
     @abc.abstractmethod
     def preparer(self, folder: Path | None) -> Preparer:

@@ -35,7 +35,7 @@ class QwenImageEditFamily(ModelFamily):
         return (
             f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:"
             f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:"
-            f"{self.spec.weights.rstrip('/')}"
+            f"{'' if self.spec.batch_invariant else 'batch-variant:'}{self.spec.weights.rstrip('/')}"
         )
 
     def preparer(self, folder: Path | None) -> Preparer:
@@ -45,11 +45,15 @@ class QwenImageEditFamily(ModelFamily):
 
         if folder is None:
             raise ValueError("the qwen-image-edit family needs its weights folder (processor, tokenizer, configs)")
-        return partial(prepare_row, QwenEditPrompts.from_folder(folder), self.options)
+        return partial(prepare_row, QwenEditPrompts.from_folder(folder), self.options,
+                       batch_invariant=self.spec.batch_invariant)
 
     def load(self, folder: Path | None, device: str) -> Engine:
         from .pipeline import QwenImageEditEngine
 
         if folder is None:
             raise ValueError("the qwen-image-edit family needs a weights folder")
-        return QwenImageEditEngine.from_pretrained(folder, device=device, dtype=self.spec.dtype)
+        return QwenImageEditEngine.from_pretrained(
+            folder, device=device, dtype=self.spec.dtype, batch_invariant=self.spec.batch_invariant,
+            max_batch_size=self.spec.max_batch_size, compile=self.spec.compile, attention=self.spec.attention,
+        )

@@ -41,6 +41,7 @@ from step1x_batch.models.base import (
     as_rgb_array,
     edit_prepared,
 )
+from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import PICKLE_SUFFIXES, WeightsError, load_files_into, torch_dtype
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
@@ -272,8 +273,12 @@ class QwenImageEditEngine:
     """The loaded folder (transformer, VAE, Qwen2.5-VL): edits prepared rows of one batch key."""
 
     def __init__(self, transformer, vae, encoder: QwenVLEncoder, scheduler_config: Mapping[str, Any],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, batch_invariant: bool = True,
+                 max_batch_size: int = 4, attention: str = "auto") -> None:
         self.transformer, self.vae, self.encoder = transformer, vae, encoder
+        self.batch_invariant, self.max_batch_size = batch_invariant, max_batch_size
+        head_dim = transformer.config.attention_head_dim
+        self.attention = choose_attention(attention, device, dtype, head_dim, masked=True)  # text padding
         self.scheduler_config = dict(scheduler_config)
         self.device, self.dtype = device, dtype
         self.vae_scale_factor = 2 ** len(vae.config.temperal_downsample)
@@ -285,9 +290,14 @@ class QwenImageEditEngine:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
-        *, strict: bool = True,
+        *, strict: bool = True, batch_invariant: bool = True, max_batch_size: int = 4, compile: bool = False,
+        attention: str = "auto",
     ) -> "QwenImageEditEngine":
-        """Load a local diffusers Qwen-Image-Edit(-Plus) folder: safetensors only, no remote code."""
+        """Load a local diffusers Qwen-Image-Edit(-Plus) folder: safetensors only, no remote code.
+        ``batch_invariant``: a row's pixels do not depend on its companions (see :meth:`generate`);
+        ``max_batch_size`` rows per forward (the fixed batch shape when batch invariant);
+        ``compile``: regional ``torch.compile`` of every transformer block; ``attention``: the SDPA
+        kernel (:mod:`step1x_batch.models.kernels`)."""
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
         from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
@@ -315,8 +325,13 @@ class QwenImageEditEngine:
         # Its rope tables are plain tensors made in __init__ (not buffers): on meta they are empty.
         transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(cfg.axes_dims_rope), scale_rope=True)
         vae = load_component(AutoencoderKLQwenImage, folder / "vae", device, dtype, strict)
-        encoder = QwenVLEncoder.from_pretrained(folder / "text_encoder", device=device, dtype=dtype)
-        return cls(transformer, vae, encoder, scheduler, device, dtype)
+        encoder = QwenVLEncoder.from_pretrained(
+            folder / "text_encoder", device=device, dtype=dtype, batch_invariant=batch_invariant
+        )
+        if compile:
+            compile_blocks(transformer.transformer_blocks)
+        return cls(transformer, vae, encoder, scheduler, device, dtype, batch_invariant=batch_invariant,
+                   max_batch_size=max_batch_size, attention=attention)
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -338,9 +353,12 @@ class QwenImageEditEngine:
         ]
         return pack(torch.cat(draws).flatten(1, 2))  # (B, 1, C, h, w) -> (B, C, h, w)
 
-    def encode_prompts(self, inputs: Sequence[RowInputs], drop: int) -> tuple[Tensor, Tensor | None]:
+    def encode_prompts(self, inputs: Sequence[RowInputs], drop: int, length: int | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
         """(embeds (n, L, D), mask (n, L) bool or None): the B instructions, then (with CFG) the
-        B negative prompts, their first ``drop`` positions removed, right padded."""
+        B negative prompts, their first ``drop`` positions removed, right padded to ``length``
+        (the batch key's text length when batch invariant; else the longest, and no mask when
+        nothing is padded, as diffusers passes it)."""
         pixels = [p for r in inputs for p in r.pixels]
         grids = [g for r in inputs for g in r.grids]
         flat = self.encoder.image_features(pixels, grids)
@@ -353,14 +371,16 @@ class QwenImageEditEngine:
             prompts += [r.uncond for r in inputs]
             features = features * 2
         hidden = [h[drop:] for h in self.encoder.hidden_states(prompts, features)]
-        length = max(h.shape[0] for h in hidden)
+        longest = max(h.shape[0] for h in hidden)
+        if length is None or length < longest:
+            length = longest
         embeds = hidden[0].new_zeros((len(hidden), length, hidden[0].shape[-1]))
         mask = torch.zeros((len(hidden), length), dtype=torch.bool, device=embeds.device)
         for i, h in enumerate(hidden):
             embeds[i, : h.shape[0]] = h
             mask[i, : h.shape[0]] = True
-        same = all(h.shape[0] == length for h in hidden)
-        return embeds.to(self.dtype), None if same else mask
+        unpadded = not self.batch_invariant and all(h.shape[0] == length for h in hidden)
+        return embeds.to(self.dtype), None if unpadded else mask
 
     def encode_references(self, inputs: Sequence[RowInputs]) -> Tensor:
         """(B, N_ref, C*4): every reference's VAE latents, normalised and packed, in order."""
@@ -368,16 +388,22 @@ class QwenImageEditEngine:
         for j in range(len(inputs[0].vae_images)):
             images = torch.from_numpy(np.stack([r.vae_images[j] for r in inputs])).to(self.device)
             x = images_to_model_input(images).unsqueeze(2).to(self.dtype)
-            z = self.vae.encode(x).latent_dist.mode()
+            z = self._each(lambda v: self.vae.encode(v).latent_dist.mode(), x)
             tokens.append(pack(((z - self._latents_mean) / self._latents_std)[:, :, 0]))
         return torch.cat(tokens, dim=1)
+
+    def _each(self, fn, x: Tensor) -> Tensor:
+        """``fn`` over the rows of ``x``: one row at a time when batch invariant."""
+        if not self.batch_invariant or x.shape[0] == 1:
+            return fn(x)
+        return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
 
     def decode(self, latents: Tensor, width: int, height: int) -> Tensor:
         """(B, H, W, 3) uint8 pixels on the device, converted as diffusers' postprocess does."""
         h, w = 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
         z = unpack(latents, h, w).to(self.vae.dtype)
         z = z / (1.0 / self._latents_std.to(z.dtype)) + self._latents_mean.to(z.dtype)
-        image = self.vae.decode(z, return_dict=False)[0][:, :, 0]
+        image = self._each(lambda v: self.vae.decode(v, return_dict=False)[0], z)[:, :, 0]
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -385,10 +411,24 @@ class QwenImageEditEngine:
 
     @torch.inference_mode()
     def generate(self, rows: Sequence[Prepared]) -> Generation:
-        """Sample B rows of one batch key to their final latents."""
+        """Sample B rows of one batch key to their final latents.
+
+        Batch invariant (the default): the text encoder and the VAE see one prompt / row at a time,
+        prompts are padded to the text length the batch key names (a function of the row), and the
+        transformer always runs ``max_batch_size`` rows (a short batch padded with copies of its
+        first row): every kernel sees the same shapes whatever the companions, so a row's bytes
+        depend on the row alone. Off: one batch of exactly the rows given, text padded to its
+        longest prompt.
+        """
+        rows = list(rows)
         first = rows[0]
         if any(r.key != first.key for r in rows):
             raise ValueError("rows of one engine call must share a batch key")
+        if self.batch_invariant and len(rows) > self.max_batch_size:
+            n = self.max_batch_size
+            parts = [self.generate(rows[i : i + n]) for i in range(0, len(rows), n)]
+            return Generation(torch.cat([p.latents for p in parts]), torch.cat([p.noise for p in parts]),
+                              parts[0].timings_ms)
         timings: dict[str, float] = {}
         clock = [time.perf_counter()]
 
@@ -401,10 +441,18 @@ class QwenImageEditEngine:
 
         meta = first.meta
         inputs = [row_inputs(r) for r in rows]
-        embeds, mask = self.encode_prompts(inputs, int(meta["drop"]))
+        embeds, mask = self.encode_prompts(inputs, int(meta["drop"]), meta.get("text_length"))
         lap("encode_text_ms")
         refs = self.encode_references(inputs)
         lap("encode_image_ms")
+        noise = self.noise(rows)
+        b = len(rows)
+        if self.batch_invariant and b < self.max_batch_size:  # the fixed forward shape
+            n = self.max_batch_size
+            halves = 2 if bool(meta["cfg"]) else 1
+            embeds = torch.cat([_pad_rows(e, n) for e in embeds.chunk(halves)])
+            mask = torch.cat([_pad_rows(m, n) for m in mask.chunk(halves)])
+            refs, noise = _pad_rows(refs, n), _pad_rows(noise, n)
 
         ds = self.vae_scale_factor * 2
         img_shapes = [(1, first.height // ds, first.width // ds)]
@@ -412,16 +460,16 @@ class QwenImageEditEngine:
         cfg = bool(meta["cfg"])
         cond = conditioning(self.transformer, embeds, mask, torch.cat([refs, refs]) if cfg else refs, img_shapes)
         sigmas = torch.from_numpy(self.sigmas(int(meta["num_steps"]), first.width, first.height)).to(self.device)
-        noise = self.noise(rows)
-        latents = denoise(
-            lambda x, t: velocity(self.transformer, x, cond, t),
-            noise,
-            sigmas,
-            float(meta["guidance_scale"]) if cfg else None,
-            bool(meta.get("cfg_norm_rescale", True)),
-        )
+        with using_attention(self.attention):
+            latents = denoise(
+                lambda x, t: velocity(self.transformer, x, cond, t),
+                noise,
+                sigmas,
+                float(meta["guidance_scale"]) if cfg else None,
+                bool(meta.get("cfg_norm_rescale", True)),
+            )
         lap("denoise_ms")
-        return Generation(latents, noise, timings)
+        return Generation(latents[:b], noise[:b], timings)
 
     @torch.inference_mode()
     def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
@@ -446,6 +494,11 @@ class QwenImageEditEngine:
         return outputs
 
 
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    """``x`` with copies of its first row appended up to ``n`` rows."""
+    return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])]) if x.shape[0] < n else x
+
+
 def images_to_model_input(images: Tensor) -> Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], bit for bit as diffusers'
     VaeImageProcessor.preprocess (``x / 255`` then ``2x - 1`` in float32)."""
@@ -465,13 +518,15 @@ class QwenImageEditPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
-        **options: Any,
+        *, batch_invariant: bool = True, max_batch_size: int = 4, **options: Any,
     ) -> "QwenImageEditPipeline":
         """Load a folder; ``options`` are the family's (``reference_areas="macro"``, ...)."""
         from functools import partial
 
-        preparer = partial(prepare_row, QwenEditPrompts.from_folder(path), QwenImageEditOptions(**options))
-        engine = QwenImageEditEngine.from_pretrained(path, device=device, dtype=dtype)
+        preparer = partial(prepare_row, QwenEditPrompts.from_folder(path), QwenImageEditOptions(**options),
+                           batch_invariant=batch_invariant)
+        engine = QwenImageEditEngine.from_pretrained(path, device=device, dtype=dtype, batch_invariant=batch_invariant,
+                                                     max_batch_size=max_batch_size)
         return cls(engine, preparer)
 
     def edit(
@@ -484,7 +539,7 @@ class QwenImageEditPipeline:
         guidance_scale: float = 4.0,
         size_level: int = 1024,
         *,
-        max_batch_size: int = 4,
+        max_batch_size: int | None = None,
     ) -> list[EditResult]:
         """Edit each row (one image or a list of images) by its instruction; results in order."""
         rows = [[as_rgb_array(im) for im in (r if isinstance(r, (list, tuple)) else [r])] for r in images]
@@ -502,7 +557,7 @@ class QwenImageEditPipeline:
                 where.append(i)
             except RowFailure as e:
                 results[i] = EditResult(None, 0, 0, seeds[i], 0, {}, e.code, e.message)
-        outputs = edit_prepared(self.engine, prepared, max_batch_size)
+        outputs = edit_prepared(self.engine, prepared, max_batch_size or self.engine.max_batch_size)
         for i, row, out in zip(where, prepared, outputs):
             results[i] = EditResult(out.image, row.width, row.height, seeds[i], out.batch_size, out.timings_ms,
                                     out.error_type, out.error_message)

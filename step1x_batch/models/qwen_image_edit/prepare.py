@@ -157,7 +157,14 @@ def output_size(image: np.ndarray, size_level: int, multiple: int) -> tuple[int,
     return cw // multiple * multiple, ch // multiple * multiple
 
 
-def prepare_row(prompts: QwenEditPrompts, options: QwenImageEditOptions, request: EditRequest) -> Prepared:
+# Batch invariant: a row's prompts are padded to its own length rounded up to this, and the batch
+# key carries it, so a row's transformer sees the same text shape whatever its companions.
+TEXT_BUCKET = 64
+
+
+def prepare_row(
+    prompts: QwenEditPrompts, options: QwenImageEditOptions, request: EditRequest, *, batch_invariant: bool = True
+) -> Prepared:
     """One row -> every reference at its VL and VAE sizes, the VL inputs, the instruction's and
     the negative prompt's ids and positions, and a batch key."""
     images = list(request.images)
@@ -229,6 +236,10 @@ def prepare_row(prompts: QwenEditPrompts, options: QwenImageEditOptions, request
     refs = ",".join(f"{a}x{b}" for a, b in vae_sizes)
     guidance = f"{float(p.guidance_scale)!r}|norm={bool(options.cfg_norm_rescale)}" if cfg else "off"
     key = f"qwen-image-edit|{w}x{h}|refs={refs}|steps={p.num_steps}|cfg={guidance}"
+    if batch_invariant:
+        longest = max(t.ids.size for t in texts.values()) - prompts.drop
+        meta["text_length"] = -(-longest // TEXT_BUCKET) * TEXT_BUCKET
+        key += f"|text={meta['text_length']}"
     return Prepared(key, w, h, arrays, meta)
 
 

@@ -3,6 +3,12 @@
 The vision tower runs once per input image, however many prompts (instruction, negative prompt)
 read that image: its features are scattered into each prompt's embeddings, and the text model
 runs on the prompts with the rope positions the CPU prepare stage computed.
+
+``batch_invariant`` (the default): every image goes through the vision tower alone and every
+prompt through the text model alone, at its own length, so a prompt's hidden states are bit for
+bit those of encoding it alone, whatever shares its batch (in a padded batch a bf16 prompt's
+states move by ~0.03 with its companions' lengths). It is also how the released code encodes
+(one prompt per call). The encoder is ~0.1 % of an edit's FLOPs, so exactness costs little.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ class QwenVLEncoder:
     way; its mask has zeros inside a prompt, not only as padding). Padding is unaffected either way.
     """
 
-    def __init__(self, model, *, zero_masked_queries: bool = False) -> None:
+    def __init__(self, model, *, zero_masked_queries: bool = False, batch_invariant: bool = True) -> None:
         self.model = model
         self.zero_masked_queries = zero_masked_queries
+        self.batch_invariant = batch_invariant
         self.hidden_size: int = model.config.text_config.hidden_size
         self.image_token_id: int = model.config.image_token_id
         self._query_keep: Tensor | None = None
@@ -46,6 +53,7 @@ class QwenVLEncoder:
         *,
         attn_implementation: str = "sdpa",
         zero_masked_queries: bool = False,
+        batch_invariant: bool = True,
     ) -> "QwenVLEncoder":
         """Load a local Qwen2.5-VL folder: safetensors only, no remote code, no network. A
         checkpoint whose keys do not match the config is refused with one message naming every
@@ -93,7 +101,7 @@ class QwenVLEncoder:
         model = model.to(device)
         model.lm_head = torch.nn.Identity()  # never used: hidden states only (saves ~1 GB for 7B)
         model.eval().requires_grad_(False)
-        return cls(model, zero_masked_queries=zero_masked_queries)
+        return cls(model, zero_masked_queries=zero_masked_queries, batch_invariant=batch_invariant)
 
     @property
     def device(self) -> torch.device:
@@ -120,9 +128,15 @@ class QwenVLEncoder:
 
     @torch.inference_mode()
     def image_features(self, pixel_values: Sequence[np.ndarray], grids: Sequence[np.ndarray]) -> list[Tensor]:
-        """Vision-tower features of each image, (tokens_i, hidden): one tower call for all of them."""
+        """Vision-tower features of each image, (tokens_i, hidden): one tower call per image when
+        batch invariant, else one call for all of them."""
         if not pixel_values:
             return []
+        if self.batch_invariant and len(pixel_values) > 1:
+            return [self._image_features([p], [g])[0] for p, g in zip(pixel_values, grids)]
+        return self._image_features(pixel_values, grids)
+
+    def _image_features(self, pixel_values: Sequence[np.ndarray], grids: Sequence[np.ndarray]) -> list[Tensor]:
         dev = self.device
         pixels = torch.from_numpy(np.concatenate(pixel_values)).to(dev)
         grid = torch.from_numpy(np.stack([np.asarray(g, dtype=np.int64) for g in grids])).to(dev)
@@ -133,9 +147,15 @@ class QwenVLEncoder:
     def hidden_states(self, prompts: Sequence[TextInput], features: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         """Last hidden layer (after the final norm) of each prompt, (L_i, hidden).
 
-        ``features[i]`` are the image features of prompt i's image blocks, in order. Prompts are
-        right padded into one batch (the text model is causal: real tokens are unaffected).
+        ``features[i]`` are the image features of prompt i's image blocks, in order. Batch
+        invariant: one prompt per call, unpadded; otherwise right padded into one batch (the text
+        model is causal, so real tokens see the same values, up to floating-point reordering).
         """
+        if self.batch_invariant and len(prompts) > 1:
+            return [self._hidden_states([p], [f])[0] for p, f in zip(prompts, features)]
+        return self._hidden_states(prompts, features)
+
+    def _hidden_states(self, prompts: Sequence[TextInput], features: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         dev = self.device
         lengths = [int(p.ids.size) for p in prompts]
         width = max(lengths)

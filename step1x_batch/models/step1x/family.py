@@ -33,7 +33,8 @@ class Step1XFamily(ModelFamily):
             return self.spec.model_id
         o = self.options
         mode = "mean" if o.posterior_mean else "sample"
-        return f"step1x-edit:{o.version or 'auto'}:{self.spec.dtype}:{mode}:{self.spec.weights.rstrip('/')}"
+        variant = "" if self.spec.batch_invariant else ":batch-variant"
+        return f"step1x-edit:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}:{self.spec.weights.rstrip('/')}"
 
     def preparer(self, folder: Path | None) -> Preparer:
         from functools import partial
@@ -51,7 +52,11 @@ class Step1XFamily(ModelFamily):
 
         if folder is None:
             raise ValueError("the step1x family needs a weights folder")
-        return Step1XEngine.from_pretrained(folder, device=device, dtype=self.spec.dtype, version=self.options.version)
+        return Step1XEngine.from_pretrained(
+            folder, device=device, dtype=self.spec.dtype, version=self.options.version,
+            batch_invariant=self.spec.batch_invariant, max_batch_size=self.spec.max_batch_size,
+            compile=self.spec.compile, attention=self.spec.attention,
+        )
 
     def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """Back to the input's size, as the reference returns it."""

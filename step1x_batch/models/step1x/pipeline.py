@@ -32,6 +32,7 @@ from step1x_batch.models.base import (
     as_rgb_array,
     edit_prepared,
 )
+from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import WeightsError, header_shapes, load_into, read_header, torch_dtype
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
@@ -114,9 +115,16 @@ class Step1XEngine:
         device: torch.device,
         dtype: torch.dtype,
         model_id: str,
+        *,
+        batch_invariant: bool = True,
+        max_batch_size: int = 4,
+        attention: str = "auto",
     ):
         self.dit, self.connector, self.vae, self.encoder = dit, connector, vae, encoder
         self.version, self.device, self.dtype, self.model_id = version, device, dtype, model_id
+        self.batch_invariant, self.max_batch_size = batch_invariant, max_batch_size
+        head_dim = dit.params.hidden_size // dit.params.num_heads
+        self.attention = choose_attention(attention, device, dtype, head_dim, masked=False)
 
     @classmethod
     def from_pretrained(
@@ -131,12 +139,20 @@ class Step1XEngine:
         strict: bool = True,
         compile: bool = False,
         fp8_storage: bool | None = None,
+        batch_invariant: bool = True,
+        max_batch_size: int = 4,
+        attention: str = "auto",
     ) -> "Step1XEngine":
         """Load a release folder: the DiT + connector file, ``vae.safetensors`` and the Qwen folder.
 
         Sizes come from tensor shapes; the version from the keys (``connector.scale_factor``: v1.0)
         unless ``version`` overrides it. ``fp8_storage`` keeps an FP8 file's linear weights in fp8 and
         upcasts them per call (same numbers, half the DiT memory); None: whenever the file is FP8.
+        ``batch_invariant``: a row's pixels do not depend on its batch companions (see :meth:`edit`);
+        ``max_batch_size`` rows per forward (the fixed batch shape when batch invariant).
+        ``compile``: regional ``torch.compile`` of every DiT block (one graph per block kind; the
+        fixed shapes of batch invariance mean no recompiles); ``attention``: the SDPA kernel
+        (:mod:`step1x_batch.models.attention`; ``auto``: the fastest that runs here).
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -170,15 +186,17 @@ class Step1XEngine:
         load_into(vae, vae_path, device=device, dtype=torch.float32, strict=strict, header=vae_header)
 
         encoder = QwenVLEncoder.from_pretrained(
-            qwen_dir or folder / QWEN_DIR, device=device, dtype=dtype, zero_masked_queries=True
+            qwen_dir or folder / QWEN_DIR, device=device, dtype=dtype, zero_masked_queries=True,
+            batch_invariant=batch_invariant,
         )
         for module in (dit, connector, vae):
             module.eval().requires_grad_(False)
         if compile:
-            dit = torch.compile(dit)
+            compile_blocks(dit.double_blocks, dit.single_blocks)
         fingerprint = hashlib.sha256(repr(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
         model_id = f"step1x-edit-{spec.name}/{dit_path.name}@{fingerprint.hexdigest()[:12]}"
-        return cls(dit, connector, vae, encoder, spec, device, dtype, model_id)
+        return cls(dit, connector, vae, encoder, spec, device, dtype, model_id,
+                   batch_invariant=batch_invariant, max_batch_size=max_batch_size, attention=attention)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -189,9 +207,25 @@ class Step1XEngine:
         """(embeds (2B, 640, hidden), mask): the B instructions, then the B negative prompts."""
         return encode_prompts(self.encoder, [prompt_inputs(r) for r in rows], int(rows[0].meta["prefix_drop"]))
 
+    def _each(self, fn, x: Tensor) -> Tensor:
+        """``fn`` over the rows of ``x``: one row at a time when batch invariant."""
+        if not self.batch_invariant or x.shape[0] == 1:
+            return fn(x)
+        return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+
     @torch.inference_mode()
     def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
-        """Edit B prepared rows of one batch key; pixels at the model size, one output per row."""
+        """Edit B prepared rows of one batch key; pixels at the model size, one output per row.
+
+        Batch invariant (the default): the text encoder and the VAE see one row (one prompt) at a
+        time, and the DiT always runs ``max_batch_size`` rows (a short batch is padded with copies
+        of its first row), so every kernel sees the same shapes whatever the companions: a row's
+        bytes depend on the row alone. Off: one batch of exactly the rows given.
+        """
+        rows = list(rows)
+        if self.batch_invariant and len(rows) > self.max_batch_size:
+            n = self.max_batch_size
+            return [out for i in range(0, len(rows), n) for out in self.edit(rows[i : i + n])]
         first = rows[0]
         (w, h), b, dev = (first.width, first.height), len(rows), self.device
         num_steps, guidance = int(first.meta["num_steps"]), float(first.meta["guidance_scale"])
@@ -213,7 +247,7 @@ class Step1XEngine:
         refs = np.stack([r.arrays["ref"] for r in rows])
         ref = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
         with self._autocast():
-            mean, logvar = self.vae.encode_moments(ref)
+            mean, logvar = self._each(self.vae.encoder, ref).chunk(2, dim=1)
         noise = None
         if not first.meta["posterior_mean"]:
             noise = torch.cat([
@@ -231,12 +265,17 @@ class Step1XEngine:
         ])
         x = pack(x)
         n_img = x.shape[1]
-        ids = torch.cat(
-            (image_ids(2 * b, h, w, 0, dev), image_ids(2 * b, h, w, self.version.ref_axis0, dev)), dim=1
-        )
-        txt_ids = torch.zeros(2 * b, embeds.shape[1], 3, device=dev)
-        ref2 = torch.cat((ref_tokens, ref_tokens))
         llm = embeds.to(self.dtype)
+        if self.batch_invariant and b < self.max_batch_size:  # the fixed forward shape
+            x, ref_tokens = _pad_rows(x, self.max_batch_size), _pad_rows(ref_tokens, self.max_batch_size)
+            llm = torch.cat([_pad_rows(half, self.max_batch_size) for half in llm.chunk(2)])
+            mask = torch.cat([_pad_rows(half, self.max_batch_size) for half in mask.chunk(2)])
+        n = x.shape[0]
+        ids = torch.cat(
+            (image_ids(2 * n, h, w, 0, dev), image_ids(2 * n, h, w, self.version.ref_axis0, dev)), dim=1
+        )
+        txt_ids = torch.zeros(2 * n, llm.shape[1], 3, device=dev)
+        ref2 = torch.cat((ref_tokens, ref_tokens))
 
         def velocity(x2: Tensor, t: Tensor) -> Tensor:
             txt, y = self.connector(llm, t, mask)
@@ -244,12 +283,12 @@ class Step1XEngine:
             return pred[:, :n_img]
 
         timesteps = get_schedule(num_steps, n_img, shift=True)
-        with self._autocast():
-            x = denoise(velocity, x, timesteps, guidance, self.version.cfg_truncation_t)
+        with self._autocast(), using_attention(self.attention):
+            x = denoise(velocity, x, timesteps, guidance, self.version.cfg_truncation_t)[:b]
         lap("denoise_ms")
 
         finite = torch.isfinite(x.float()).flatten(1).all(dim=1).tolist()
-        decoded = self.vae.decode(unpack(x.float(), h, w))
+        decoded = self._each(self.vae.decode, unpack(x.float(), h, w))
         pixels = decoded.clamp(-1, 1).mul(0.5).add(0.5).mul(255).to(torch.uint8)  # truncation, as to_pil_image
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         lap("decode_ms")
@@ -266,6 +305,11 @@ class Step1XEngine:
             else:
                 outputs.append(EditOutput(pixels[i], timings_ms=dict(timings)))
         return outputs
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    """``x`` with copies of its first row appended up to ``n`` rows."""
+    return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])]) if x.shape[0] < n else x
 
 
 class EditPipeline:
@@ -299,7 +343,7 @@ class EditPipeline:
         size_level: int = 1024,
         *,
         posterior_mean: bool = False,
-        max_batch_size: int = 8,
+        max_batch_size: int | None = None,
     ) -> list[EditResult]:
         """Edit each image by its instruction; one result per row, in order."""
         arrays = [as_rgb_array(im) for im in images]
@@ -319,7 +363,7 @@ class EditPipeline:
                 where.append(i)
             except RowFailure as e:
                 results[i] = EditResult(None, 0, 0, seeds[i], 0, {}, e.code, e.message)
-        outputs = edit_prepared(self.engine, prepared, max_batch_size)
+        outputs = edit_prepared(self.engine, prepared, max_batch_size or self.engine.max_batch_size)
         for i, row, out in zip(where, prepared, outputs):
             image = None
             if out.image is not None:
