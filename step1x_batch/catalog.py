@@ -386,7 +386,7 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
     summary = CatalogSummary(
         run_id=run_id, status="failed", published=False, counts={}, failed_by_error_type={},
         error_fraction=0.0, max_error_fraction=job.runtime.max_error_fraction,
-        latest_uri=latest_uri, run_json=run_json, model_id=job.model.resolved_model_id(),
+        latest_uri=latest_uri, run_json=run_json, model_id=job.resolved_model_id(),
         catalog=redact_uri(job.input.manifest), started_at=started.isoformat(timespec="seconds"),
     )
     _print(f"catalog: {plan.rows} rows, {len(plan.unchanged)} unchanged, {plan.work.num_rows} to "

@@ -19,8 +19,9 @@ def _make_tiny_weights(args: argparse.Namespace) -> int:
         return 0
     from step1x_batch.models.step1x.tiny import make_tiny_weights
 
-    folder = make_tiny_weights(args.dir, seed=args.seed, version=args.version)
-    print(f"tiny Step1X-Edit {args.version} weights (seed {args.seed}) written to {folder}")
+    folder = make_tiny_weights(args.dir, seed=args.seed, version=args.version, layout=args.layout)
+    what = "RealRestorer bundle" if args.layout == "realrestorer" else "release"
+    print(f"tiny Step1X-Edit {args.version} {what} (seed {args.seed}) written to {folder}")
     return 0
 
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=["step1x", "qwen-image-edit"], default="step1x")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", choices=["v1.0", "v1.1"], default="v1.1", help="step1x only")
+    p.add_argument("--layout", choices=["release", "realrestorer"], default="release",
+                   help="step1x only: the official release folder or a RealRestorer bundle")
     p.set_defaults(func=_make_tiny_weights)
 
     p = sub.add_parser("edit", help="edit one image in this process (no Ray)")

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from step1x_batch.errors import redact
 from step1x_batch.models import family_class
-from step1x_batch.models.base import EditParams, ModelFamily, ModelSpec
+from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
 from step1x_batch.storage import StorageOptions
 from step1x_batch.weights_cache import WeightsSource
 
@@ -81,6 +81,17 @@ class OutputConfig(_Section):
     quality: int = Field(95, ge=1, le=100)  # webp / jpeg only
 
 
+class AdapterConfig(_Section):
+    """One LoRA adapter merged into the denoiser at load (``model.adapters``, in order)."""
+
+    uri: str  # a .safetensors file: local path or object-storage URI (staged per node like the weights)
+    # W <- W + scale * (alpha / rank) * up @ down; without alpha in the file, alpha / rank = 1
+    # (what diffusers and PEFT do): so scale 1.0 is the adapter as its authors' inference loads it.
+    scale: float = Field(1.0, allow_inf_nan=False)
+    format: Literal["auto", "peft", "diffusers", "kohya", "diffsynth", "step1x"] = "auto"
+    _sha256: str | None = PrivateAttr(None)
+
+
 # Keys an older config may still carry, and where they live now.
 _MOVED_MODEL_KEYS = {
     "kind": "model.family",
@@ -112,6 +123,9 @@ class ModelConfig(_Section):
     storage: StorageOptions | None = None  # for object-storage weights; None: the input's
     cache_dir: str | None = None  # per-node staging folder (None: $STEP1X_WEIGHTS_CACHE or ~/.cache)
     checksums: str | None = None  # a sha256sum file (path or URI) the staged weights must match
+    # LoRA adapters (PEFT / diffusers, kohya, DiffSynth, Step1X-Edit formats): merged into the
+    # weights at load, their content hash and scale part of the model id.
+    adapters: list[AdapterConfig] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,17 +139,14 @@ class ModelConfig(_Section):
     def family_class(self) -> type[ModelFamily]:
         return family_class(self.family)
 
-    def spec(self, device: str = "cpu") -> ModelSpec:
+    def spec(self, device: str = "cpu", adapters: tuple[AdapterRef, ...] = ()) -> ModelSpec:
         """The plain-data spec each task and actor builds its family from."""
         return ModelSpec(
             family=self.family, options=dict(self.options), weights=self.weights, dtype=self.dtype,
             device=device, max_batch_size=self.max_batch_size, model_id=self.model_id,
             batch_invariant=self.batch_invariant, compile=self.compile, attention=self.attention,
+            adapters=adapters,
         )
-
-    def resolved_model_id(self) -> str:
-        """The model identity written into fingerprints (the family derives it)."""
-        return self.family_class()(self.spec()).model_id()
 
 
 class SamplingConfig(_Section):
@@ -231,7 +242,23 @@ class JobConfig(_Section):
         return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
 
     def model_spec(self) -> ModelSpec:
-        return self.model.spec(self.device())
+        return self.model.spec(self.device(), self.adapter_refs())
+
+    def adapter_refs(self) -> tuple[AdapterRef, ...]:
+        """``model.adapters`` with the sha256 of each file's bytes (staged once on this node and
+        hashed on first use), so the model id changes when an adapter's content changes."""
+        from step1x_batch.weights_cache import sha256_file
+
+        refs = []
+        for a in self.model.adapters:
+            if a._sha256 is None:
+                a._sha256 = sha256_file(self.weights_source().local_file(a.uri))
+            refs.append(AdapterRef(a.uri, a.scale, a.format, a._sha256))
+        return tuple(refs)
+
+    def resolved_model_id(self) -> str:
+        """The model identity written into fingerprints (the family derives it)."""
+        return self.model.family_class()(self.model_spec()).model_id()
 
     def edit_defaults(self) -> EditParams:
         """Per-row defaults: ``sampling.*`` where set, else the model family's recipe."""
@@ -304,6 +331,8 @@ def _validate_family(model: ModelConfig) -> None:
     except ValidationError as e:
         raise ConfigError(_format_errors(e, "model.options")) from None
     model.options = options.model_dump(mode="json")
+    if model.adapters and not cls.supports_adapters:
+        raise ConfigError(f"invalid config:\n  model.adapters: family {model.family!r} does not take LoRA adapters")
     if cls.needs_weights and not model.weights:
         raise ConfigError(
             f"invalid config:\n  model.weights: required for family {model.family!r} (a folder or object-storage URI)"
@@ -355,6 +384,8 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> JobConf
     cfg.input.manifest = _absolute(cfg.input.manifest, base)
     cfg.output.uri = _absolute(cfg.output.uri, base)
     cfg.model.weights = _absolute(cfg.model.weights, base)
+    for adapter in cfg.model.adapters:
+        adapter.uri = _absolute(adapter.uri, base)
     if cfg.model.cache_dir:
         cfg.model.cache_dir = _absolute(cfg.model.cache_dir, base)
     return cfg

@@ -110,6 +110,8 @@ MANIFEST_OPTIONAL = (
     "output_key",
     "image_etag",
     "image_etags",
+    "blend_instruction",
+    "blend_scale",
 )
 MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
 
@@ -125,6 +127,8 @@ NORMALIZED_SCHEMA = pa.schema(
         ("guidance_scale", pa.float64()),
         ("size_level", pa.int64()),
         ("negative_prompt", pa.string()),
+        ("blend_instruction", pa.string()),
+        ("blend_scale", pa.float64()),
         ("output_key", pa.string()),
         ("fingerprint", pa.string()),
         ("error_type", pa.string()),
@@ -521,6 +525,8 @@ def fingerprint(
         "guidance_scale": float(params.guidance_scale),
         "size_level": int(params.size_level),
         "negative_prompt": params.negative_prompt or "",
+        **({"blend_instruction": params.blend_instruction, "blend_scale": float(params.blend_scale)}
+           if params.blend_instruction is not None else {}),
         "seed": int(seed),
         "model_id": model_id,
         "image_format": fmt,
@@ -654,6 +660,27 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             identity[name] = repr(value)
             fail(INVALID_ROW, f"{name} {redact(repr(value))[:80]} is invalid ({exc}); fix or "
                  "remove it to use the default.")
+    blend = raw.get("blend_instruction")
+    if blend is not None and not (isinstance(blend, str) and not blend.strip()):
+        if not isinstance(blend, str):
+            identity["blend_instruction"] = repr(blend)
+            fail(INVALID_ROW, f"blend_instruction is not text ({type(blend).__name__}).")
+        elif ctx.max_chars > 0 and len(blend.strip()) > ctx.max_chars:
+            fail(INSTRUCTION_TOO_LONG, f"blend_instruction is {len(blend.strip())} characters, over the "
+                 f"limit of {ctx.max_chars}; shorten it.")
+        else:
+            given["blend_instruction"] = blend.strip()
+    scale = raw.get("blend_scale")
+    if scale is not None and not (isinstance(scale, str) and not scale.strip()):
+        try:
+            given["blend_scale"] = _parse_float(scale, -math.inf)
+        except (ValueError, OverflowError) as exc:
+            identity["blend_scale"] = repr(scale)
+            fail(INVALID_ROW, f"blend_scale {redact(repr(scale))[:80]} is invalid ({exc}).")
+        else:
+            if "blend_instruction" not in given and "blend_instruction" not in identity:
+                fail(INVALID_ROW, "blend_scale is given without a blend_instruction to blend with; add "
+                     "the blend_instruction (e.g. the neutral version of the instruction) or drop the scale.")
     negative = raw.get("negative_prompt")
     if negative is not None:
         if isinstance(negative, str):
@@ -693,6 +720,8 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         guidance_scale=given.get("guidance_scale", ctx.defaults.guidance_scale),
         size_level=given.get("size_level", ctx.defaults.size_level),
         negative_prompt=given.get("negative_prompt", ctx.defaults.negative_prompt or ""),
+        blend_instruction=given.get("blend_instruction"),
+        blend_scale=given.get("blend_scale", 1.0),
     )
     seed = given.get("seed")
     if seed is None:

@@ -52,6 +52,8 @@ LOG_SCHEMA = pa.schema(
         ("num_steps", pa.int64()),
         ("guidance_scale", pa.float64()),
         ("size_level", pa.int64()),
+        ("blend_instruction", pa.string()),  # null unless the row blends two conditionings
+        ("blend_scale", pa.float64()),
         ("model_id", pa.string()),
         ("run_id", pa.string()),
         ("attempt", pa.int64()),

@@ -38,6 +38,8 @@ from step1x_batch.images import decode_image, encode_image
 from step1x_batch.manifest import NORMALIZED_SCHEMA, normalize_batch
 from step1x_batch.models import load_family
 from step1x_batch.models.base import (
+    AdapterRef,
+    AdapterSpec,
     EditOutput,
     EditParams,
     EditRequest,
@@ -426,6 +428,8 @@ def _request(row: dict[str, Any], images: list[np.ndarray]) -> EditRequest:
         guidance_scale=float(row["guidance_scale"]),
         size_level=int(row["size_level"]),
         negative_prompt=row["negative_prompt"] or "",
+        blend_instruction=row["blend_instruction"],
+        blend_scale=float(row["blend_scale"]),
     )
     return EditRequest(images=images, instruction=row["instruction"], seed=int(row["seed"]), params=params)
 
@@ -483,6 +487,21 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
 # Stage 3: edit on an actor pool (one engine per actor, loaded once).
 
 
+def staged_adapter(weights: WeightsSource, adapter: AdapterRef):
+    """The adapter as a local file, refused if its bytes are not the ones the job's model id was
+    made from (a file replaced while the job runs would give rows of two different models)."""
+    from step1x_batch.weights_cache import sha256_file
+
+    path = weights.local_file(adapter.uri)
+    digest = sha256_file(path)
+    if digest != adapter.sha256:
+        raise RuntimeError(
+            f"the adapter {errors.redact_uri(adapter.uri)} changed since the job started (sha256 {digest[:16]}, "
+            f"expected {adapter.sha256[:16]}); re-run the job to use the new file"
+        )
+    return path
+
+
 class EditStage:
     """Ray Data callable class: each actor loads the family's engine in ``__init__`` and keeps it.
 
@@ -494,8 +513,12 @@ class EditStage:
     def __init__(self, spec: ModelSpec, weights: WeightsSource, engine: Engine | None = None) -> None:
         self.family = family_for(spec)
         self.max_batch_size = spec.max_batch_size
-        # local_folder stages object-storage weights once per node (file lock), then they load.
-        self.engine = engine if engine is not None else self.family.load(weights.local_folder(), spec.device)
+        if engine is None:
+            # local_folder / local_file stage object-storage files once per node (file lock).
+            adapters = [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in spec.adapters]
+            folder = weights.local_folder()
+            engine = self.family.load(folder, spec.device, adapters) if adapters else self.family.load(folder, spec.device)
+        self.engine = engine
         self.worker = worker_label()
 
     def _edit(self, rows: list[Prepared]) -> list[EditOutput | BaseException]:

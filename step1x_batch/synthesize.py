@@ -595,7 +595,7 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
             "image_format": job.output.format, "max_shard_rows": p.max_shard_rows,
         },
         "model": {
-            "model_id": job.model.resolved_model_id(), "family": job.model.family,
+            "model_id": job.resolved_model_id(), "family": job.model.family,
             "options": job.model.options, "weights": redact_uri(job.model.weights) if job.model.weights else None,
             "weights_license": p.weights_license,
         },

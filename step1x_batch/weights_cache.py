@@ -144,6 +144,11 @@ def _safe_relpath(rel: str, shown_uri: str) -> str:
     return "/".join(parts)
 
 
+def sha256_file(path: pathlib.Path) -> str:
+    """The hex sha256 of a local file's bytes (read in blocks)."""
+    return _sha256_file(path)
+
+
 def _sha256_file(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -567,6 +572,20 @@ class WeightsSource:
     storage: Any = None  # storage.StorageOptions for the URI; None: environment defaults
     cache_dir: str | None = None  # None: $STEP1X_WEIGHTS_CACHE, else ~/.cache/step1x-batch/weights
     checksums: str | None = None  # a sha256sum-format file (path or URI) the staged files must match
+
+    def local_file(self, uri: str) -> pathlib.Path:
+        """One file (a LoRA adapter, say) as a local path: object storage staged once per node,
+        with this source's storage options and cache, like the weights."""
+        if is_local(uri):
+            path = _local_path(uri)
+            if not path.is_file():
+                raise FileNotFoundError(f"no file at {redact_uri(uri)}")
+            return path
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        if not name:
+            raise ValueError(f"{redact_uri(uri)} does not name a file")
+        folder = stage_weights(parent, default_cache_dir(self.cache_dir), self.storage, include=[name])
+        return folder / name
 
     def local_folder(self, include: Sequence[str] | None = None) -> pathlib.Path | None:
         """The weights as a local folder (staged once per node when in object storage; only the

@@ -34,6 +34,44 @@ def _write(tmp_path: Path, raw: dict) -> str:
     return str(path)
 
 
+def test_variant_configs_validate_with_their_recipes(tmp_path, monkeypatch):
+    """PixelSmile and Lightning: their adapters and options parse (the adapters are not fetched
+    until the model id is needed)."""
+    import math
+
+    pixelsmile = load_config(str(CONFIGS / "pixelsmile.yaml"))
+    assert pixelsmile.model.family == "qwen-image-edit" and len(pixelsmile.model.adapters) == 1
+    assert pixelsmile.model.adapters[0].scale == 1.0
+    assert pixelsmile.model.options["square_input"] == 512 and pixelsmile.model.options["vl_area"] == 512 * 512
+    assert pixelsmile.edit_defaults() == EditParams(50, 0.0, 1024, " ")
+    lightning = load_config(str(CONFIGS / "qwen-image-edit-2511-lightning.yaml"))
+    assert lightning.edit_defaults().num_steps == 4 and lightning.edit_defaults().guidance_scale == 1.0
+    shift = lightning.model.options["scheduler"]
+    assert shift["base_shift"] == shift["max_shift"] == pytest.approx(math.log(3)) and shift["shift_terminal"] is None
+
+
+def test_adapters_enter_the_model_id_by_content_and_scale(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"adapter one")
+    b.write_bytes(b"adapter one")  # the same bytes under another name
+    base = {**MINIMAL, "model": {"family": "qwen-image-edit", "weights": "/w"}}
+    def model_id(*adapters):
+        return parse_config({**base, "model": {**base["model"], "adapters": list(adapters)}}).resolved_model_id()
+    plain = model_id()
+    one = model_id({"uri": str(a)})
+    assert one != plain and "+lora[" in one
+    assert model_id({"uri": str(b)}) == one  # the content names the adapter, not the path
+    assert model_id({"uri": str(a), "scale": 0.5}) != one
+    b.write_bytes(b"adapter two")
+    assert model_id({"uri": str(b)}) != one
+    with pytest.raises(ConfigError, match="model.adapters: family 'null' does not take LoRA adapters"):
+        parse_config({**MINIMAL, "model": {"family": "null", "adapters": [{"uri": str(a)}]}})
+    with pytest.raises(ConfigError, match=r"model\.adapters\.0\.format"):
+        parse_config({**base, "model": {**base["model"], "adapters": [{"uri": str(a), "format": "ckpt"}]}})
+    relative = parse_config({**base, "model": {**base["model"], "adapters": [{"uri": "a.safetensors"}]}}, tmp_path)
+    assert relative.model.adapters[0].uri == str(a)
+
+
 def test_qwen_image_edit_config_is_the_official_recipe():
     cfg = load_config(str(CONFIGS / "qwen-image-edit-2511.yaml"))
     assert cfg.model.family == "qwen-image-edit" and cfg.device() == "cuda" and cfg.model.dtype == "bfloat16"
@@ -143,7 +181,7 @@ def test_family_options_are_validated_by_the_family(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.options\.posterior_men: Extra inputs are not permitted"):
         load_config(_write(tmp_path, base), ["model.options.posterior_men=true"])
     cfg = load_config(_write(tmp_path, base), ["model.options.version=v1.0"])
-    assert cfg.model.options == {"version": "v1.0", "posterior_mean": False}  # defaults filled in
+    assert cfg.model.options == {"version": "v1.0", "posterior_mean": False, "model_guidance": 3.5}  # defaults filled in
     # a plug-in family brings its own options schema
     plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs", "model.options.max_images=5"])
     assert plugin.model.options == {"max_images": 5}
@@ -213,26 +251,26 @@ def test_model_id_model_spec_and_weights_source(tmp_path):
     cfg = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"))
     spec, weights = cfg.model_spec(), cfg.weights_source()
     assert spec.weights == "s3://my-models/step1x-edit-v1p1/" and spec.device == "cuda" and spec.dtype == "bfloat16"
-    assert spec.family == "step1x" and spec.options == {"version": "v1.1", "posterior_mean": False}
+    assert spec.family == "step1x" and spec.options == {"version": "v1.1", "posterior_mean": False, "model_guidance": 3.5}
     assert weights.cache_dir is None and weights.storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
     assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
-    assert cfg.model.resolved_model_id() == "step1x-edit:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
+    assert cfg.resolved_model_id() == "step1x-edit:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
     for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0",
                      "model.batch_invariant=false"):
         other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
-        assert other.model.resolved_model_id() != cfg.model.resolved_model_id(), override  # changes pixels
+        assert other.resolved_model_id() != cfg.resolved_model_id(), override  # changes pixels
     for override in ("model.compile=true", "model.attention=math"):  # rounding only, like the GPU model
         same = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
-        assert same.model.resolved_model_id() == cfg.model.resolved_model_id(), override
+        assert same.resolved_model_id() == cfg.resolved_model_id(), override
         assert (same.model_spec().compile, same.model_spec().attention) != (False, "auto")
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.attention=fastest"])
     named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
-    assert named.model_spec().model_id == "mine" and named.model.resolved_model_id() == "mine"
-    assert load_config(_write(tmp_path, MINIMAL)).model.resolved_model_id() == "null"
+    assert named.model_spec().model_id == "mine" and named.resolved_model_id() == "mine"
+    assert load_config(_write(tmp_path, MINIMAL)).resolved_model_id() == "null"
     plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs"])
-    assert plugin.model.resolved_model_id().startswith("mean-of-inputs:")
+    assert plugin.resolved_model_id().startswith("mean-of-inputs:")
 
 
 def _cfg(**resources) -> JobConfig:

@@ -470,3 +470,40 @@ def test_image_list_errors_name_the_problem():
     # the default family limit is one image
     df = norm(pa.table({"image_uris": [["a.png", "b.png"]], "instruction": ["x"]}))
     assert df["error_type"][0] == errors.TOO_MANY_IMAGES
+
+
+# --- conditioning interpolation ------------------------------------------------------------------
+
+
+def test_blend_columns_enter_params_ids_and_fingerprints():
+    t = pa.table({"image_uri": ["a.png"] * 4, "instruction": ["happy"] * 4,
+                  "blend_instruction": [None, "neutral", "neutral", "neutral"],
+                  "blend_scale": [None, 0.5, 0.5, 1.5]})
+    df = norm(t)
+    as_text = norm(pa.table({"image_uri": ["a.png"], "instruction": ["happy"], "blend_instruction": ["neutral"],
+                             "blend_scale": ["0.5"]}))
+    assert df["error_type"].isna().all()
+    assert pd.isna(df["blend_instruction"][0]) and df["blend_instruction"][1] == "neutral"
+    assert df["blend_scale"].tolist() == [1.0, 0.5, 0.5, 1.5]
+    ids, fps = df["id"].tolist(), df["fingerprint"].tolist()
+    assert ids[1] == ids[2] and fps[1] == fps[2]  # the same row twice
+    assert as_text["id"][0] == ids[1] and as_text["fingerprint"][0] == fps[1]  # "0.5" in a CSV is 0.5
+    assert len({ids[0], ids[1], ids[3]}) == 3  # an intensity sweep is three rows, three outputs
+    assert len({fps[0], fps[1], fps[3]}) == 3
+    plain = norm(pa.table({"image_uri": ["a.png"], "instruction": ["happy"]}))
+    assert plain["fingerprint"][0] == fps[0] and plain["id"][0] == ids[0]  # no blend: as before
+
+
+def test_blend_errors():
+    def one(**cols):
+        df = norm(pa.table({"image_uri": ["a.png"], "instruction": ["happy"], **cols}))
+        return df["error_type"][0], df["error_message"][0]
+
+    code, msg = one(blend_scale=[0.3])
+    assert code == errors.INVALID_ROW and "without a blend_instruction" in msg
+    code, msg = one(blend_instruction=["neutral"], blend_scale=["lots"])
+    assert code == errors.INVALID_ROW and "blend_scale" in msg
+    code, _ = one(blend_instruction=["x" * 101])
+    assert code == errors.INSTRUCTION_TOO_LONG
+    code, _ = one(blend_instruction=["neutral"], blend_scale=[float("nan")])
+    assert code == errors.INVALID_ROW

@@ -331,3 +331,42 @@ def test_bf16_prompt_embeddings_are_those_of_the_prompt_alone(pipe_bf16):
 @pytest.fixture(scope="module")
 def pipe_bf16(release):
     return EditPipeline.from_pretrained(release, dtype="bfloat16")
+
+
+def test_blend_scale_interpolates_between_two_instructions(release):
+    """blend_scale 0 is exactly the blend_instruction's edit, 1 exactly the instruction's (bf16:
+    the production dtype, where a sloppy interpolation would show)."""
+    fam = Step1XFamily(ModelSpec("step1x", {}, str(release), "bfloat16"))
+    prepare, engine = fam.preparer(release), fam.load(release, "cpu")
+
+    def edited(instruction, blend=None, scale=1.0):
+        params = EditParams(num_steps=STEPS, size_level=SIZE, blend_instruction=blend, blend_scale=scale)
+        (out,) = edit_prepared(engine, [prepare(EditRequest([picture(5)], instruction, 3, params))], 4)
+        return out.image
+
+    red, blue = edited("make it red"), edited("make it blue")
+    assert red.tobytes() != blue.tobytes()
+    assert edited("make it red", "make it blue", 0.0).tobytes() == blue.tobytes()
+    assert edited("make it red", "make it blue", 1.0).tobytes() == red.tobytes()
+    assert len({edited("make it red", "make it blue", s).tobytes() for s in (0.25, 0.5, 1.5)} | {red.tobytes()}) == 4
+
+
+def test_family_load_merges_a_step1x_format_lora(release, tmp_path):
+    """The family's load merges model.adapters into the DiT: W + scale * alpha / rank * up @ down."""
+    from safetensors.torch import save_file
+
+    from step1x_batch.models.base import AdapterSpec
+
+    base = family(release).load(release, "cpu")
+    w = base.dit.double_blocks[0].img_attn.qkv.weight
+    rank, alpha, scale = 2, 1.0, 0.5
+    down = torch.randn(rank, w.shape[1], generator=torch.Generator().manual_seed(0))
+    up = torch.randn(w.shape[0], rank, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha)}, str(path))
+    merged = family(release).load(release, "cpu", [AdapterSpec(path, scale, "step1x")])
+    expected = w.float() + scale * alpha / rank * (up @ down)
+    torch.testing.assert_close(merged.dit.double_blocks[0].img_attn.qkv.weight, expected.to(w.dtype))
+    assert torch.equal(merged.dit.double_blocks[1].img_attn.qkv.weight, base.dit.double_blocks[1].img_attn.qkv.weight)

@@ -682,3 +682,41 @@ def test_bf16_row_alone_equals_row_in_a_batch_of_four(tiny, invariant):
         if invariant:
             assert alone.image.tobytes() == batched[i].image.tobytes(), f"row {i}"
     print(f"qwen bf16, batch_invariant={invariant}: max |alone - in batch of 4| per row {diffs}")
+
+
+def test_blend_scale_interpolates_between_two_instructions(tiny, prepare, engine):
+    """blend_scale 0 is exactly the blend_instruction's edit, 1 exactly the instruction's; in
+    between (and beyond) it moves the conditioning, not the pixels' endpoints."""
+    image = [picture(50, *LANDSCAPE)]
+
+    def edited(instruction, blend=None, scale=1.0):
+        params = EditParams(STEPS, 4.0, SIZE_LEVEL, " ", blend_instruction=blend, blend_scale=scale)
+        (out,) = edit_prepared(engine, [prepare(EditRequest(image, instruction, 7, params))], 4)
+        return out.image
+
+    red, blue = edited("make it red"), edited("make it blue")
+    assert red.tobytes() != blue.tobytes()
+    assert edited("make it red", "make it blue", 0.0).tobytes() == blue.tobytes()
+    assert edited("make it red", "make it blue", 1.0).tobytes() == red.tobytes()
+    half = edited("make it red", "make it blue", 0.5)
+    more = edited("make it red", "make it blue", 1.5)
+    assert len({half.tobytes(), more.tobytes(), red.tobytes(), blue.tobytes()}) == 4
+
+
+def test_square_input_is_pixelsmiles_crop(tiny):
+    from step1x_batch.models.qwen_image_edit.prepare import square_crop
+
+    wide = picture(60, 60, 90)
+    square = square_crop(wide, 48)
+    pil = Image.fromarray(wide).resize((72, 48), Image.Resampling.LANCZOS)  # shorter side to 48
+    assert np.array_equal(square, np.asarray(pil.crop((12, 0, 60, 48))))  # the centre 48 x 48
+    row = family(square_input=48).preparer(tiny)(request([wide], "make it a cat", 1))
+    assert row.meta["vae_sizes"] == [[96, 96]]  # the square reaches the model at the reference area
+    assert family(square_input=48).model_id() != family().model_id()
+
+
+def test_scheduler_override_changes_the_sigmas(tiny):
+    lightning = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
+    engine = family(scheduler=lightning).load(tiny, "cpu")
+    np.testing.assert_allclose(engine.sigmas(4, 1024, 1024), [1.0, 0.9, 0.75, 0.5, 0.0], atol=1e-6)
+    assert family(scheduler=lightning).model_id() != family().model_id()

@@ -353,3 +353,29 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("STEP1X_WEIGHTS_CACHE")
     assert default_cache_dir() == pathlib.Path.home() / ".cache" / "step1x-batch" / "weights"
+
+
+# --- subsets and single files ----------------------------------------------------------------------
+
+
+def test_include_stages_only_the_matching_files_in_a_folder_of_their_own(release_uri, s3_server, tmp_path):
+    """A CPU node's prepare stage needs the tokenizer and configs, not the weights."""
+    small = _stage(release_uri, tmp_path / "cache", s3_server, include=["Qwen2.5-VL-7B-Instruct/*.json"])
+    got = sorted(str(p.relative_to(small)) for p in small.rglob("*") if p.is_file() and p.name != MARKER_NAME)
+    assert got == ["Qwen2.5-VL-7B-Instruct/added_tokens.json", "Qwen2.5-VL-7B-Instruct/config.json",
+                   "Qwen2.5-VL-7B-Instruct/nested/extra/tokenizer.json"]  # fnmatch's * crosses folders
+    full = _stage(release_uri, tmp_path / "cache", s3_server)
+    assert full != small and cache_key(release_uri) != cache_key(release_uri, ["Qwen2.5-VL-7B-Instruct/*.json"])
+    _assert_identical(full)
+
+
+def test_local_file_stages_one_object(release_uri, s3_server, tmp_path):
+    """An adapter file in object storage: staged once per node into the cache, bytes intact."""
+    source = weights_cache.WeightsSource(storage=StorageOptions(endpoint_url=s3_server),
+                                         cache_dir=str(tmp_path / "cache"))
+    path = source.local_file(release_uri + "vae.safetensors")
+    assert path.read_bytes() == RELEASE["vae.safetensors"] and path.name == "vae.safetensors"
+    assert source.local_file(release_uri + "vae.safetensors") == path  # the staged copy, reused
+    assert source.local_file(str(path)) == path  # a local file is used where it is
+    with pytest.raises(FileNotFoundError):
+        source.local_file(str(tmp_path / "absent.safetensors"))

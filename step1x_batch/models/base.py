@@ -45,6 +45,11 @@ class EditParams:
     guidance_scale: float = 6.0
     size_level: int = 1024
     negative_prompt: str = ""
+    # Conditioning interpolation (expression intensity, say): the row's conditioning is
+    # lerp(e(blend_instruction), e(instruction), blend_scale) over the instruction's tokens, so
+    # 0 is exactly the blend_instruction's edit, 1 exactly the instruction's, > 1 exaggerates.
+    blend_instruction: str | None = None
+    blend_scale: float = 1.0
 
 
 @dataclass
@@ -132,6 +137,42 @@ class NoOptions(BaseModel):
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """One LoRA adapter as the job names it: where it is, how strongly, in which key format, and
+    the sha256 of its bytes (so the model id changes when the file or the scale changes)."""
+
+    uri: str
+    scale: float = 1.0
+    format: str = "auto"  # auto | peft | diffusers | kohya | diffsynth | step1x
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter as a family's ``load`` merges it: a local safetensors file, its multiplier and
+    its key format (see :mod:`step1x_batch.models.lora`)."""
+
+    path: Path
+    scale: float = 1.0
+    format: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "format", normalized_format(self.format))
+
+
+# Adapter key formats (``auto`` tells them apart key by key); ``diffusers`` names the PEFT layout.
+ADAPTER_FORMATS = ("auto", "peft", "kohya", "diffsynth", "step1x")
+ADAPTER_FORMAT_ALIASES = {"diffusers": "peft"}
+
+
+def normalized_format(fmt: str) -> str:
+    fmt = str(fmt).strip().lower()
+    return ADAPTER_FORMAT_ALIASES.get(fmt, fmt)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """How to build a family: plain data, so it can travel to Ray tasks and actors."""
 
@@ -147,6 +188,7 @@ class ModelSpec:
     batch_invariant: bool = True
     compile: bool = False  # regional torch.compile of the denoiser's blocks
     attention: str = "auto"  # the SDPA kernel: auto | cudnn | flash | efficient | math
+    adapters: tuple[AdapterRef, ...] = ()  # LoRA adapters merged into the denoiser at load, in order
 
 
 Preparer = Callable[[EditRequest], Prepared]
@@ -162,6 +204,7 @@ class ModelFamily(abc.ABC):
     # folder: tokenizer, processor config); the job stages only these on CPU nodes.
     prepare_files: ClassVar[tuple[str, ...]] = ()
     needs_weights: ClassVar[bool] = True  # False: ``model.weights`` may be empty
+    supports_adapters: ClassVar[bool] = False  # True: ``load`` merges LoRA adapters
     # True: the engine is cheap to hold many times (on CPU-only clusters the job then runs a copy
     # per free CPU slot instead of one copy that uses every core).
     lightweight: ClassVar[bool] = False
@@ -183,19 +226,28 @@ class ModelFamily(abc.ABC):
         options = json.dumps(self.options.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         weights = self.spec.weights.rstrip("/")
         variant = "" if self.spec.batch_invariant else ":batch-variant"
-        return f"{self.name}:{self.spec.dtype}:{options}{variant}:{weights}"
+        return f"{self.name}:{self.spec.dtype}:{options}{variant}:{weights}{adapters_id(self.spec.adapters)}"
 
     @abc.abstractmethod
     def preparer(self, folder: Path | None) -> Preparer:
         """Build the CPU ``prepare`` (once per worker process); ``folder`` holds ``prepare_files``."""
 
     @abc.abstractmethod
-    def load(self, folder: Path | None, device: str) -> Engine:
-        """Load the weights from a local ``folder`` onto ``device`` (once per actor)."""
+    def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
+        """Load the weights from a local ``folder`` onto ``device`` (once per actor), with the
+        ``adapters`` merged into them (families with ``supports_adapters``)."""
 
     def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """Model-size pixels -> the pixels to write; ``input_sizes`` are the inputs' (width, height)."""
         return image
+
+
+def adapters_id(adapters: Sequence[AdapterRef]) -> str:
+    """The adapters' part of a model id: content hash, scale and format of each, in order."""
+    if not adapters:
+        return ""
+    parts = (f"{a.sha256[:16]}x{float(a.scale)!r}:{normalized_format(a.format)}" for a in adapters)
+    return "+lora[" + ",".join(parts) + "]"
 
 
 def edit_prepared(engine: Engine, rows: Sequence[Prepared], max_batch_size: int) -> list[EditOutput]:

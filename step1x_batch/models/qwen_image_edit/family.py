@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Sequence
 
-from step1x_batch.models.base import EditParams, Engine, ModelFamily, Preparer
+from step1x_batch.models.base import AdapterSpec, EditParams, Engine, ModelFamily, Preparer, adapters_id
 
 from .options import QwenImageEditOptions
 
@@ -21,6 +23,7 @@ class QwenImageEditFamily(ModelFamily):
         "text_encoder/config.json",
         "vae/config.json",
     )
+    supports_adapters = True
 
     @property
     def max_images(self) -> int:
@@ -32,10 +35,16 @@ class QwenImageEditFamily(ModelFamily):
             return self.spec.model_id
         o = self.options
         refs = "macro" if o.reference_areas == "macro" else f"fixed{o.reference_area}"
+        extra = ""
+        if o.square_input:
+            extra += f"square={o.square_input}:"
+        if o.scheduler:
+            extra += f"scheduler={json.dumps(o.scheduler, sort_keys=True, separators=(',', ':'))}:"
         return (
             f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:"
-            f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:"
+            f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:{extra}"
             f"{'' if self.spec.batch_invariant else 'batch-variant:'}{self.spec.weights.rstrip('/')}"
+            f"{adapters_id(self.spec.adapters)}"
         )
 
     def preparer(self, folder: Path | None) -> Preparer:
@@ -48,7 +57,7 @@ class QwenImageEditFamily(ModelFamily):
         return partial(prepare_row, QwenEditPrompts.from_folder(folder), self.options,
                        batch_invariant=self.spec.batch_invariant)
 
-    def load(self, folder: Path | None, device: str) -> Engine:
+    def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
         from .pipeline import QwenImageEditEngine
 
         if folder is None:
@@ -56,4 +65,5 @@ class QwenImageEditFamily(ModelFamily):
         return QwenImageEditEngine.from_pretrained(
             folder, device=device, dtype=self.spec.dtype, batch_invariant=self.spec.batch_invariant,
             max_batch_size=self.spec.max_batch_size, compile=self.spec.compile, attention=self.spec.attention,
+            adapters=adapters, scheduler=self.options.scheduler,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,3 +25,9 @@ class QwenImageEditOptions(BaseModel):
     # Text-encoder rope: "mrope" = 3-D positions, as the weights were trained (transformers 4.5x);
     # "1d" = what stock diffusers 0.42 gets on transformers 5 (no mm_token_type_ids reach the model).
     text_positions: Literal["mrope", "1d"] = "mrope"
+    # Every input first resized (LANCZOS, shorter side) and centre-cropped to this square, as
+    # PixelSmile's inference does (512); None: the inputs as they are.
+    square_input: int | None = Field(None, ge=32)
+    # Keys overriding the folder's scheduler/scheduler_config.json, e.g. the Lightning 4-step
+    # LoRA's {base_shift: 1.0986, max_shift: 1.0986, shift_terminal: null}.
+    scheduler: dict[str, Any] = Field(default_factory=dict)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from step1x_batch.models.base import (
     NON_FINITE_OUTPUT,
+    AdapterSpec,
     EditOutput,
     EditParams,
     EditRequest,
@@ -291,13 +292,15 @@ class QwenImageEditEngine:
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
         *, strict: bool = True, batch_invariant: bool = True, max_batch_size: int = 4, compile: bool = False,
-        attention: str = "auto",
+        attention: str = "auto", adapters: Sequence[AdapterSpec] = (), scheduler: Mapping[str, Any] | None = None,
     ) -> "QwenImageEditEngine":
         """Load a local diffusers Qwen-Image-Edit(-Plus) folder: safetensors only, no remote code.
         ``batch_invariant``: a row's pixels do not depend on its companions (see :meth:`generate`);
         ``max_batch_size`` rows per forward (the fixed batch shape when batch invariant);
         ``compile``: regional ``torch.compile`` of every transformer block; ``attention``: the SDPA
-        kernel (:mod:`step1x_batch.models.kernels`)."""
+        kernel (:mod:`step1x_batch.models.kernels`); ``adapters``: LoRA files merged into the
+        transformer (:func:`step1x_batch.models.lora.merge_adapters`); ``scheduler``: keys overriding
+        the folder's scheduler config (the Lightning LoRA's shift, say)."""
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
         from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
@@ -317,13 +320,19 @@ class QwenImageEditEngine:
         if unsupported:
             raise WeightsError(f"{folder}/transformer/config.json: sets {', '.join(unsupported)}; not a "
                                "Qwen-Image-Edit transformer this engine runs")
-        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-        check_scheduler_config(scheduler, f"{folder}/scheduler/scheduler_config.json")
+        overrides = dict(scheduler or {})
+        scheduler = {**_read_json(folder / "scheduler" / "scheduler_config.json"), **overrides}
+        check_scheduler_config(scheduler, f"{folder}/scheduler/scheduler_config.json"
+                               + (" with model.options.scheduler" if overrides else ""))
 
         transformer = load_component(QwenImageTransformer2DModel, folder / "transformer", device, dtype, strict)
         cfg = transformer.config
         # Its rope tables are plain tensors made in __init__ (not buffers): on meta they are empty.
         transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(cfg.axes_dims_rope), scale_rope=True)
+        if adapters:
+            from step1x_batch.models.lora import merge_adapters
+
+            merge_adapters(transformer, adapters, family="qwen-image-edit")
         vae = load_component(AutoencoderKLQwenImage, folder / "vae", device, dtype, strict)
         encoder = QwenVLEncoder.from_pretrained(
             folder / "text_encoder", device=device, dtype=dtype, batch_invariant=batch_invariant
@@ -369,8 +378,13 @@ class QwenImageEditEngine:
         prompts = [r.cond for r in inputs]
         if inputs[0].uncond is not None:
             prompts += [r.uncond for r in inputs]
-            features = features * 2
+        blends = [i for i, r in enumerate(inputs) if r.blend is not None]
+        prompts += [inputs[i].blend for i in blends]
+        features = [features[i % len(inputs)] for i in range(len(prompts) - len(blends))] + [features[i] for i in blends]
         hidden = [h[drop:] for h in self.encoder.hidden_states(prompts, features)]
+        for j, i in enumerate(blends):  # the blended conditioning replaces the instruction's
+            hidden[i] = blend_conditioning(hidden[len(hidden) - len(blends) + j], hidden[i], inputs[i].blend_scale)
+        hidden = hidden[: len(hidden) - len(blends)]
         longest = max(h.shape[0] for h in hidden)
         if length is None or length < longest:
             length = longest
@@ -492,6 +506,16 @@ class QwenImageEditEngine:
                     f"{first.width}x{first.height}; try another seed, or bfloat16/float32 instead of float16",
                 ))
         return outputs
+
+
+def blend_conditioning(blend: Tensor, instruction: Tensor, scale: float) -> Tensor:
+    """``lerp(blend, instruction, scale)`` over the instruction's tokens (the blend's states cut or
+    zero-padded to its length): torch's lerp is exact at both ends, so scale 0 is the blend
+    instruction's conditioning and 1 the instruction's, bit for bit (when the two tokenize to the
+    same length, as PixelSmile's templates do)."""
+    n = instruction.shape[0]
+    blend = blend[:n] if blend.shape[0] >= n else torch.cat([blend, blend.new_zeros(n - blend.shape[0], blend.shape[1])])
+    return torch.lerp(blend, instruction, float(scale))
 
 
 def _pad_rows(x: Tensor, n: int) -> Tensor:

@@ -71,6 +71,18 @@ def reference_areas(mode: str, count: int, fixed: int) -> list[int]:
     return [fixed] * count
 
 
+def square_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """PixelSmile's input rule: scaled (LANCZOS) so the shorter side is ``side``, then the centre
+    ``side`` x ``side`` square (left floored to a pixel, top halfway, as its ``resize_with_crop``)."""
+    h, w = image.shape[:2]
+    scale = max(side / w, side / h)
+    nw, nh = int(w * scale), int(h * scale)
+    pil = Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS)
+    left = max(0, min((nw - side) // 2, nw - side))
+    top = max(0.0, min((nh - side) * 0.5, nh - side))
+    return np.asarray(pil.crop((int(left), int(top), int(left + side), int(top + side))))
+
+
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``image`` at ``size`` (width, height) with PIL's LANCZOS, as diffusers' VaeImageProcessor
     resizes (it resizes even when the size already matches; PIL returns the same pixels then)."""
@@ -168,6 +180,8 @@ def prepare_row(
     """One row -> every reference at its VL and VAE sizes, the VL inputs, the instruction's and
     the negative prompt's ids and positions, and a batch key."""
     images = list(request.images)
+    if options.square_input:
+        images = [square_crop(np.asarray(im), options.square_input) for im in images]
     p = request.params
     n = len(images)
     if n == 0:
@@ -178,6 +192,8 @@ def prepare_row(
     if p.num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {p.num_steps}")
     prompts.check_text(request.instruction, "instruction")
+    if p.blend_instruction is not None:
+        prompts.check_text(p.blend_instruction, "blend instruction")
     cfg = float(p.guidance_scale) > 1.0  # diffusers: true CFG iff true_cfg_scale > 1 and a negative prompt
     if cfg:
         prompts.check_text(p.negative_prompt, "negative prompt")
@@ -218,6 +234,8 @@ def prepare_row(
     texts = {"cond": prompts.text(request.instruction, grids, options.text_positions)}
     if cfg:
         texts["uncond"] = prompts.text(p.negative_prompt, grids, options.text_positions)
+    if p.blend_instruction is not None:
+        texts["blend"] = prompts.text(p.blend_instruction, grids, options.text_positions)
     for name, t in texts.items():
         arrays[f"{name}_ids"], arrays[f"{name}_pos"], arrays[f"{name}_mask"] = t.ids, t.positions, t.mask
 
@@ -232,6 +250,7 @@ def prepare_row(
         "vae_sizes": [list(s) for s in vae_sizes],
         "vl_sizes": [list(s) for s in vl_sizes],
         "text_positions": options.text_positions,
+        "blend_scale": float(p.blend_scale) if p.blend_instruction is not None else None,
     }
     refs = ",".join(f"{a}x{b}" for a, b in vae_sizes)
     guidance = f"{float(p.guidance_scale)!r}|norm={bool(options.cfg_norm_rescale)}" if cfg else "off"
@@ -252,6 +271,8 @@ class RowInputs:
     vae_images: list[np.ndarray]
     cond: TextInput
     uncond: TextInput | None
+    blend: TextInput | None = None  # the blend_instruction, when the row blends
+    blend_scale: float | None = None
 
 
 def row_inputs(row: Prepared) -> RowInputs:
@@ -269,4 +290,6 @@ def row_inputs(row: Prepared) -> RowInputs:
         [a[f"image{i}_vae"] for i in range(n)],
         text("cond"),  # type: ignore[arg-type]
         text("uncond"),
+        text("blend"),
+        row.meta.get("blend_scale"),
     )

@@ -203,6 +203,8 @@ class PromptInputs:
     grid: np.ndarray  # (3,) int64
     cond: TextInput
     uncond: TextInput
+    blend: TextInput | None = None  # the blend_instruction, when the row blends two conditionings
+    blend_scale: float | None = None
 
 
 class Step1XPrompts:
@@ -221,10 +223,12 @@ class Step1XPrompts:
         self.prefix_drop: int = self.prompts.prefix_drop
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "Step1XPrompts":
-        """The Qwen2.5-VL folder's tokenizer, ``preprocessor_config.json`` and ``config.json``."""
+    def from_folder(cls, folder: str | os.PathLike, config_folder: str | os.PathLike | None = None) -> "Step1XPrompts":
+        """The tokenizer and ``preprocessor_config.json`` of ``folder`` and the ``config.json`` of
+        ``config_folder`` (the same Qwen2.5-VL folder in the release; a RealRestorer bundle keeps
+        them in ``processor/`` and ``text_encoder/``)."""
         processor = build_image_processor(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-        return cls(load_tokenizer(folder), processor, VisionConfig.from_folder(folder))
+        return cls(load_tokenizer(folder), processor, VisionConfig.from_folder(config_folder or folder))
 
     def check_text(self, text: str) -> None:
         """Raise ValueError for an instruction the template cannot carry (Qwen placeholder text)."""
@@ -247,10 +251,13 @@ class Step1XPrompts:
         )
         return TextInput(ids_np, positions, mask)
 
-    def prepare(self, image: np.ndarray, instruction: str, negative: str) -> PromptInputs:
+    def prepare(self, image: np.ndarray, instruction: str, negative: str, blend: str | None = None,
+                blend_scale: float | None = None) -> PromptInputs:
         """``image`` is the RGB uint8 reference exactly as the VAE sees it (the DiT size)."""
         pixel_values, grid = vision_inputs(self.image_processor, reference_pil_image(np.asarray(image)))
-        return PromptInputs(pixel_values, grid, self.text(instruction, grid), self.text(negative, grid))
+        return PromptInputs(pixel_values, grid, self.text(instruction, grid), self.text(negative, grid),
+                            self.text(blend, grid) if blend is not None else None,
+                            blend_scale if blend is not None else None)
 
 
 def encode_prompts(
@@ -258,7 +265,9 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeds (2B, max_length, hidden), mask (2B, max_length)): the B instructions, then the B
     negative prompts, as the connector reads them. Each reference image goes through the vision
-    tower once for both of its prompts.
+    tower once for all of its prompts. A row with a ``blend`` prompt gets the conditioning
+    ``lerp(e(blend), e(instruction), blend_scale)`` in place of its instruction's (the mask stays
+    the instruction's).
 
     The mask is 1 on every kept position (masked ``!`` tokens included, as in the reference), 0 on
     padding; embeds are zero on padding.
@@ -266,8 +275,9 @@ def encode_prompts(
     import torch
 
     features = encoder.image_features([r.pixel_values for r in rows], [r.grid for r in rows])
-    prompts = [r.cond for r in rows] + [r.uncond for r in rows]
-    hidden = encoder.hidden_states(prompts, [[f] for f in features] * 2)
+    blends = [i for i, r in enumerate(rows) if r.blend is not None]
+    prompts = [r.cond for r in rows] + [r.uncond for r in rows] + [rows[i].blend for i in blends]
+    hidden = encoder.hidden_states(prompts, [[f] for f in features] * 2 + [[features[i]] for i in blends])
     n = len(prompts)
     embeds = torch.zeros(n, max_length, encoder.hidden_size, dtype=hidden[0].dtype, device=hidden[0].device)
     mask = torch.zeros(n, max_length, dtype=torch.long, device=hidden[0].device)
@@ -275,4 +285,7 @@ def encode_prompts(
         kept = min(max_length, h.shape[0] - prefix_drop)
         embeds[i, :kept] = h[prefix_drop : prefix_drop + kept]
         mask[i, :kept] = 1
-    return embeds, mask
+    b = len(rows)
+    for j, i in enumerate(blends):  # lerp is exact at both ends: 0 is the blend's, 1 the instruction's
+        embeds[i] = torch.lerp(embeds[2 * b + j], embeds[i], float(rows[i].blend_scale))
+    return embeds[: 2 * b], mask[: 2 * b]

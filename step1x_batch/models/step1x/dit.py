@@ -1,4 +1,9 @@
-"""The Step1X-Edit DiT: a Flux-style MMDiT without guidance embedding (original key names)."""
+"""The Step1X-Edit DiT: a Flux-style MMDiT (original key names).
+
+The Step1X-Edit releases have no guidance embedding; fine-tunes such as RealRestorer may carry
+FLUX's ``guidance_in`` (an MLP on the sinusoidal embedding of the guidance value, added to ``vec``
+between the timestep and the pooled-text terms). It is built when the weights have it.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class DiTParams:
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: int = 10_000
     qkv_bias: bool = True
+    guidance_embed: bool = False  # a FLUX-style guidance embedder ``guidance_in`` (RealRestorer may have one)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, Tensor], prefix: str = "") -> "DiTParams":
@@ -54,6 +60,7 @@ class DiTParams:
             depth_single_blocks=count_indexed(sd, prefix + "single_blocks."),
             axes_dim=axes,
             qkv_bias=(prefix + "double_blocks.0.img_attn.qkv.bias") in sd,
+            guidance_embed=(prefix + "guidance_in.in_layer.weight") in sd,
         )
 
 
@@ -72,6 +79,7 @@ class Step1XDiT(nn.Module):
         self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
         self.time_in = MLPEmbedder(256, params.hidden_size)
         self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
+        self.guidance_in = MLPEmbedder(256, params.hidden_size) if params.guidance_embed else None
         self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
@@ -84,11 +92,23 @@ class Step1XDiT(nn.Module):
         self.final_layer = LastLayer(params.hidden_size, params.out_channels)
 
     def forward(
-        self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor
+        self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+        guidance: float | Tensor | None = None,
     ) -> Tensor:
-        """img (B, L, C_in), img_ids (B, L, 3), txt (B, T, context), txt_ids (B, T, 3), timesteps (B,), y (B, vec)."""
+        """img (B, L, C_in), img_ids (B, L, 3), txt (B, T, context), txt_ids (B, T, 3), timesteps (B,), y (B, vec).
+
+        ``guidance``: the value fed to ``guidance_in`` (a number, or (B,)), required when the
+        weights have one and ignored otherwise. Like upstream it is a vector in the timesteps'
+        dtype, embedded as the timesteps are (``1000 * g``, cos/sin).
+        """
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256)) + self.vector_in(y)
+        vec = self.time_in(timestep_embedding(timesteps, 256))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("these weights have a guidance embedder (guidance_in): pass guidance=")
+            g = guidance.to(timesteps) if isinstance(guidance, Tensor) else torch.full_like(timesteps, guidance)
+            vec = vec + self.guidance_in(timestep_embedding(g, 256))
+        vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         for block in self.double_blocks:

@@ -1,4 +1,8 @@
-"""Step1X-Edit (v1.0, v1.1) as a model family of the job: one image per row."""
+"""Step1X-Edit (v1.0, v1.1) as a model family of the job: one image per row.
+
+``model.weights`` is the official release folder or a RealRestorer bundle (a Step1X-Edit
+fine-tune for image restoration, in diffusers' layout); :mod:`.release` tells them apart.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,11 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from step1x_batch.models.base import EditParams, Engine, ModelFamily, Preparer
+from step1x_batch.models.base import AdapterSpec, EditParams, Engine, ModelFamily, Preparer, adapters_id
 
-from .release import QWEN_DIR
+from .release import PREPARE_FILES
 
 
 class Step1XOptions(BaseModel):
@@ -20,13 +24,17 @@ class Step1XOptions(BaseModel):
 
     version: Literal["v1.0", "v1.1"] | None = None  # None: detected from the weights' keys
     posterior_mean: bool = False  # VAE encode: the posterior mean instead of a seeded sample
+    # The value a guidance embedder (``guidance_in``, as RealRestorer may have) is fed every step;
+    # used only when the weights have one. 3.5: RealRestorer's ``model_guidance`` default.
+    model_guidance: float = Field(3.5, allow_inf_nan=False)
 
 
 class Step1XFamily(ModelFamily):
     name = "step1x"
     Options = Step1XOptions
     defaults = EditParams(num_steps=28, guidance_scale=6.0, size_level=1024, negative_prompt="")
-    prepare_files = (f"{QWEN_DIR}/*.json", f"{QWEN_DIR}/*.txt", f"{QWEN_DIR}/*.jinja")
+    prepare_files = PREPARE_FILES  # the tokenizer / processor / model config of either layout
+    supports_adapters = True
 
     def model_id(self) -> str:
         if self.spec.model_id:
@@ -34,20 +42,23 @@ class Step1XFamily(ModelFamily):
         o = self.options
         mode = "mean" if o.posterior_mean else "sample"
         variant = "" if self.spec.batch_invariant else ":batch-variant"
-        return f"step1x-edit:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}:{self.spec.weights.rstrip('/')}"
+        # A non-default guidance-embedder value changes outputs of weights that have one.
+        guidance = "" if o.model_guidance == 3.5 else f":guidance={o.model_guidance!r}"
+        return (f"step1x-edit:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}{guidance}:"
+                f"{self.spec.weights.rstrip('/')}{adapters_id(self.spec.adapters)}")
 
     def preparer(self, folder: Path | None) -> Preparer:
         from functools import partial
 
-        from .conditioner import Step1XPrompts
         from .prepare import prepare_row
+        from .release import load_prompts
 
         if folder is None:
             raise ValueError("the step1x family needs its weights folder (the Qwen tokenizer and processor)")
-        prompts = Step1XPrompts.from_folder(Path(folder) / QWEN_DIR)
+        prompts = load_prompts(Path(folder))  # Qwen2.5-VL-7B-Instruct/, or the bundle's processor/ + text_encoder/
         return partial(prepare_row, prompts, posterior_mean=self.options.posterior_mean)
 
-    def load(self, folder: Path | None, device: str) -> Engine:
+    def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
         from .pipeline import Step1XEngine
 
         if folder is None:
@@ -55,7 +66,8 @@ class Step1XFamily(ModelFamily):
         return Step1XEngine.from_pretrained(
             folder, device=device, dtype=self.spec.dtype, version=self.options.version,
             batch_invariant=self.spec.batch_invariant, max_batch_size=self.spec.max_batch_size,
-            compile=self.spec.compile, attention=self.spec.attention,
+            compile=self.spec.compile, attention=self.spec.attention, model_guidance=self.options.model_guidance,
+            adapters=adapters,
         )
 
     def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from step1x_batch.models.base import (
     NON_FINITE_OUTPUT,
+    AdapterSpec,
     EditOutput,
     EditParams,
     EditRequest,
@@ -33,7 +35,14 @@ from step1x_batch.models.base import (
     edit_prepared,
 )
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
-from step1x_batch.models.loading import WeightsError, header_shapes, load_into, read_header, torch_dtype
+from step1x_batch.models.loading import (
+    WeightsError,
+    header_shapes,
+    load_files_into,
+    load_into,
+    read_header,
+    torch_dtype,
+)
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
 from .conditioner import Step1XPrompts, encode_prompts
@@ -41,7 +50,21 @@ from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
 from .layers import keep_fp8_storage
 from .prepare import prepare_row, prompt_inputs, resize
-from .release import DIT_FILES, QWEN_DIR, VAE_FILE
+from .release import (
+    BUNDLE_INDEX,
+    BUNDLE_PREFIX,
+    BUNDLE_VAE_DIR,
+    BUNDLE_WEIGHTS,
+    DIT_FILES,
+    IGNORED_BUNDLE_KEYS,
+    QWEN_DIR,
+    REALRESTORER,
+    TEXT_ENCODER_DIR,
+    TRANSFORMER_DIR,
+    VAE_FILE,
+    detect_layout,
+    load_prompts,
+)
 from .sampling import denoise, get_schedule
 from .vae import AutoEncoder, AutoEncoderParams
 
@@ -102,6 +125,96 @@ def find_dit_file(folder: Path) -> Path:
     return candidates[0]
 
 
+def bundle_files(folder: Path) -> list[Path]:
+    """A diffusers model folder's safetensors: the shards its index names, else
+    ``diffusion_pytorch_model.safetensors``, else every ``*.safetensors`` there."""
+    index = folder / BUNDLE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        if not names or any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
+            raise WeightsError(f"{index}: expected shard file names in this folder, found {names}")
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            raise WeightsError(f"{folder}: shards named by {index.name} are missing: {', '.join(absent)}")
+        return [folder / n for n in names]
+    if (folder / BUNDLE_WEIGHTS).is_file():
+        return [folder / BUNDLE_WEIGHTS]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if not folder.is_dir():
+            raise WeightsError(f"{folder}: no such folder; expected a RealRestorer bundle's {folder.name}/")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only pickle checkpoints ({', '.join(pickles)}); refusing to load them" if pickles else "none"
+        raise WeightsError(f"{folder}: no .safetensors weights ({BUNDLE_WEIGHTS} or shards), found {found}")
+    return files
+
+
+def _headers(files: Sequence[Path]) -> dict[str, dict]:
+    """The union of the files' headers (every file validated; a duplicated key is left to the loader)."""
+    merged: dict[str, dict] = {}
+    for p in files:
+        for k, v in read_header(p).items():
+            merged.setdefault(k, v)
+    return merged
+
+
+def _strip(shapes: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _bundle_view(dit: Step1XDiT, connector: Connector, ignored: dict[str, torch.Size]) -> torch.nn.Module:
+    """A module whose state-dict keys are the bundle transformer's: ``inner_model.`` + the DiT's,
+    the connector under ``inner_model.connector.``, and the ignored keys present in the file as
+    meta placeholders (so they are checked for shape, loaded into this view and dropped with it).
+
+    It shares the DiT's and the connector's submodules: loading it (``assign=True``) loads them.
+    """
+    if any(True for _ in dit.named_parameters(recurse=False)) or any(True for _ in dit.named_buffers(recurse=False)):
+        raise RuntimeError("Step1XDiT holds tensors outside its submodules; the bundle view cannot share them")
+    inner = torch.nn.Module()
+    for name, child in dit.named_children():
+        inner.add_module(name, child)
+    inner.add_module("connector", connector)
+    for name, shape in ignored.items():
+        inner.register_parameter(name, torch.nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False))
+    view = torch.nn.Module()
+    view.add_module(BUNDLE_PREFIX.rstrip("."), inner)
+    return view
+
+
+def _load_vae(path: Path, device: torch.device, strict: bool) -> AutoEncoder:
+    """The release's ``vae.safetensors`` (FLUX AE keys), fp32."""
+    header = read_header(path)
+    with torch.device("meta"):
+        vae = AutoEncoder(AutoEncoderParams.from_state_dict(header_shapes(header)))
+    return load_into(vae, path, device=device, dtype=torch.float32, strict=strict, header=header)
+
+
+def _load_bundle_vae(folder: Path, device: torch.device, strict: bool) -> AutoEncoder:
+    """The bundle's ``vae/``: FLUX AE keys under ``inner_model.``, fp32; scale and shift from its
+    ``config.json`` when given (upstream's are FLUX's 0.3611 / 0.1159)."""
+    files = bundle_files(folder)
+    shapes = _strip(header_shapes(_headers(files)), BUNDLE_PREFIX)
+    try:
+        params = AutoEncoderParams.from_state_dict(shapes)
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"{folder}: not a FLUX autoencoder under {BUNDLE_PREFIX!r} ({e})") from None
+    config = folder / "config.json"
+    if config.is_file():
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        params = replace(params, **{k: float(cfg[k]) for k in ("scale_factor", "shift_factor") if k in cfg})
+    with torch.device("meta"):
+        vae = AutoEncoder(params)
+    view = torch.nn.Module()
+    view.add_module(BUNDLE_PREFIX.rstrip("."), vae)
+    load_files_into(view, files, name=folder, device=device, dtype=torch.float32, strict=strict)
+    return vae
+
+
 class Step1XEngine:
     """The loaded release (DiT, connector, VAE, Qwen2.5-VL): edits prepared rows of one batch key."""
 
@@ -119,10 +232,14 @@ class Step1XEngine:
         batch_invariant: bool = True,
         max_batch_size: int = 4,
         attention: str = "auto",
+        guidance: float | None = None,
     ):
         self.dit, self.connector, self.vae, self.encoder = dit, connector, vae, encoder
         self.version, self.device, self.dtype, self.model_id = version, device, dtype, model_id
         self.batch_invariant, self.max_batch_size = batch_invariant, max_batch_size
+        if (guidance is None) != (dit.guidance_in is None):
+            raise ValueError("guidance= is required exactly when the DiT has a guidance embedder (guidance_in)")
+        self.guidance = guidance  # the DiT's guidance_in input (RealRestorer's model_guidance); None: none
         head_dim = dit.params.hidden_size // dit.params.num_heads
         self.attention = choose_attention(attention, device, dtype, head_dim, masked=False)
 
@@ -142,61 +259,95 @@ class Step1XEngine:
         batch_invariant: bool = True,
         max_batch_size: int = 4,
         attention: str = "auto",
+        model_guidance: float = 3.5,
+        adapters: Sequence[AdapterSpec] = (),
     ) -> "Step1XEngine":
-        """Load a release folder: the DiT + connector file, ``vae.safetensors`` and the Qwen folder.
+        """Load a release folder or a RealRestorer bundle (:mod:`.release` describes both layouts).
 
-        Sizes come from tensor shapes; the version from the keys (``connector.scale_factor``: v1.0)
-        unless ``version`` overrides it. ``fp8_storage`` keeps an FP8 file's linear weights in fp8 and
+        Release: the DiT + connector file, ``vae.safetensors`` and the Qwen folder. Bundle:
+        ``transformer/`` (one file or shards; keys ``inner_model.``-prefixed, the unused
+        ``mask_token`` tolerated and dropped), ``vae/`` and ``text_encoder/``. Sizes come from
+        tensor shapes; the version from the keys (``connector.scale_factor``: v1.0) unless
+        ``version`` overrides it; a ``guidance_in`` embedder from the keys too, then fed
+        ``model_guidance`` every step (RealRestorer's default 3.5; unused without one).
+        ``fp8_storage`` keeps an FP8 file's linear weights in fp8 and
         upcasts them per call (same numbers, half the DiT memory); None: whenever the file is FP8.
         ``batch_invariant``: a row's pixels do not depend on its batch companions (see :meth:`edit`);
         ``max_batch_size`` rows per forward (the fixed batch shape when batch invariant).
         ``compile``: regional ``torch.compile`` of every DiT block (one graph per block kind; the
         fixed shapes of batch invariance mean no recompiles); ``attention``: the SDPA kernel
-        (:mod:`step1x_batch.models.attention`; ``auto``: the fastest that runs here).
+        (:mod:`step1x_batch.models.kernels`; ``auto``: the fastest that runs here); ``adapters``:
+        LoRA files merged into the DiT (:func:`step1x_batch.models.lora.merge_adapters`).
         """
         folder = Path(path)
         if not folder.is_dir():
-            raise WeightsError(f"{folder}: not a folder; expected a Step1X-Edit release folder")
+            raise WeightsError(
+                f"{folder}: not a folder; expected a Step1X-Edit release folder or a RealRestorer bundle"
+            )
         device, dtype = torch.device(device), torch_dtype(dtype)
-        dit_path = folder / dit_file if dit_file else find_dit_file(folder)
-        header = read_header(dit_path)
-        shapes = header_shapes(header)
-        detected = "v1.0" if "connector.scale_factor" in shapes else "v1.1"
         if version is not None and version not in VERSIONS:
             raise ValueError(f"unknown version {version!r}; expected one of {sorted(VERSIONS)}")
+        bundle = detect_layout(folder) == REALRESTORER
+        if bundle:
+            if dit_file:
+                raise ValueError(
+                    "dit_file= chooses among a release folder's DiT files; a RealRestorer bundle has one transformer/"
+                )
+            dit_files, prefix, dit_name = bundle_files(folder / TRANSFORMER_DIR), BUNDLE_PREFIX, TRANSFORMER_DIR
+            shown: Path = folder / TRANSFORMER_DIR
+        else:
+            dit_path = folder / dit_file if dit_file else find_dit_file(folder)
+            dit_files, prefix, dit_name, shown = [dit_path], "", dit_path.name, dit_path
+        header = _headers(dit_files)
+        shapes = _strip(header_shapes(header), prefix)
+        detected = "v1.0" if "connector.scale_factor" in shapes else "v1.1"
         spec = VERSIONS[version or detected]
         try:
             dit_params = DiTParams.from_state_dict(shapes)
             connector_params = ConnectorParams.from_state_dict(shapes)
         except KeyError as e:
-            raise WeightsError(f"{dit_path}: missing key {e.args[0]!r}; not a Step1X-Edit DiT file") from None
+            raise WeightsError(f"{shown}: missing key {prefix + e.args[0]!r}; not a Step1X-Edit DiT file") from None
         with torch.device("meta"):
             dit = Step1XDiT(dit_params)
             connector = Connector(connector_params)
-        stored_fp8 = {k for k, v in header.items() if v["dtype"] == "F8_E4M3"}
+        stored_fp8 = {k[len(prefix):] for k, v in header.items() if v["dtype"] == "F8_E4M3" and k.startswith(prefix)}
         if stored_fp8 and fp8_storage is not False:
             keep_fp8_storage(dit, stored_fp8, torch.float8_e4m3fn)
-        load_into(dit, dit_path, others=("connector.",), device=device, dtype=dtype, strict=strict, header=header)
-        load_into(connector, dit_path, prefix="connector.", device=device, dtype=dtype, strict=strict, header=header)
+        if bundle:
+            ignored = {k: torch.Size((1, 1, dit_params.hidden_size)) for k in IGNORED_BUNDLE_KEYS if k in shapes}
+            load_files_into(_bundle_view(dit, connector, ignored), dit_files, name=shown, device=device, dtype=dtype,
+                            strict=strict)
+        else:
+            load_into(dit, dit_path, others=("connector.",), device=device, dtype=dtype, strict=strict, header=header)
+            load_into(connector, dit_path, prefix="connector.", device=device, dtype=dtype, strict=strict,
+                      header=header)
 
-        vae_path = folder / VAE_FILE
-        vae_header = read_header(vae_path)
-        with torch.device("meta"):
-            vae = AutoEncoder(AutoEncoderParams.from_state_dict(header_shapes(vae_header)))
-        load_into(vae, vae_path, device=device, dtype=torch.float32, strict=strict, header=vae_header)
+        if bundle:
+            vae = _load_bundle_vae(folder / BUNDLE_VAE_DIR, device, strict)
+        else:
+            vae = _load_vae(folder / VAE_FILE, device, strict)
 
         encoder = QwenVLEncoder.from_pretrained(
-            qwen_dir or folder / QWEN_DIR, device=device, dtype=dtype, zero_masked_queries=True,
-            batch_invariant=batch_invariant,
+            qwen_dir or folder / (TEXT_ENCODER_DIR if bundle else QWEN_DIR), device=device, dtype=dtype,
+            zero_masked_queries=True, batch_invariant=batch_invariant,
         )
         for module in (dit, connector, vae):
             module.eval().requires_grad_(False)
+        if adapters:
+            from step1x_batch.models.lora import merge_adapters
+
+            merge_adapters(dit, adapters, family="step1x")
         if compile:
             compile_blocks(dit.double_blocks, dit.single_blocks)
         fingerprint = hashlib.sha256(repr(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
-        model_id = f"step1x-edit-{spec.name}/{dit_path.name}@{fingerprint.hexdigest()[:12]}"
+        model_id = f"step1x-edit-{spec.name}/{dit_name}@{fingerprint.hexdigest()[:12]}"
+        guidance = None
+        if dit.guidance_in is not None:
+            guidance = float(model_guidance)
+            model_id += f"+guidance={guidance!r}"
         return cls(dit, connector, vae, encoder, spec, device, dtype, model_id,
-                   batch_invariant=batch_invariant, max_batch_size=max_batch_size, attention=attention)
+                   batch_invariant=batch_invariant, max_batch_size=max_batch_size, attention=attention,
+                   guidance=guidance)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -279,7 +430,8 @@ class Step1XEngine:
 
         def velocity(x2: Tensor, t: Tensor) -> Tensor:
             txt, y = self.connector(llm, t, mask)
-            pred = self.dit(img=torch.cat((x2, ref2), dim=1), img_ids=ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y)
+            pred = self.dit(img=torch.cat((x2, ref2), dim=1), img_ids=ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y,
+                            guidance=self.guidance)
             return pred[:, :n_img]
 
         timesteps = get_schedule(num_steps, n_img, shift=True)
@@ -327,10 +479,10 @@ class EditPipeline:
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
         version: str | None = None, **kwargs,
     ) -> "EditPipeline":
-        """Load a release folder (see :meth:`Step1XEngine.from_pretrained` for the options)."""
+        """Load a release folder or a RealRestorer bundle (see :meth:`Step1XEngine.from_pretrained`)."""
         engine = Step1XEngine.from_pretrained(path, device, dtype, version, **kwargs)
-        qwen_dir = kwargs.get("qwen_dir") or Path(path) / QWEN_DIR
-        return cls(engine, Step1XPrompts.from_folder(qwen_dir))
+        qwen_dir = kwargs.get("qwen_dir")
+        return cls(engine, Step1XPrompts.from_folder(qwen_dir) if qwen_dir else load_prompts(path))
 
     def edit(
         self,

@@ -59,22 +59,25 @@ def prepare_row(prompts: Step1XPrompts, request: EditRequest, *, posterior_mean:
     (image,) = request.images
     p = request.params
     w, h = model_size(image.shape[1], image.shape[0], p.size_level)
-    for text in (request.instruction, p.negative_prompt):
+    for text in (request.instruction, p.negative_prompt) + ((p.blend_instruction,) if p.blend_instruction else ()):
         try:
             prompts.check_text(text)
         except ValueError as e:
             raise RowFailure(INVALID_INSTRUCTION, f"the instruction or negative prompt cannot be used: {e}") from None
     ref = resize(image, (w, h))
-    inputs = prompts.prepare(ref, request.instruction, p.negative_prompt)
+    inputs = prompts.prepare(ref, request.instruction, p.negative_prompt, p.blend_instruction, p.blend_scale)
     arrays = {"ref": ref, "pixel_values": inputs.pixel_values, "grid": inputs.grid}
     arrays.update(_text(inputs.cond, "cond"))
     arrays.update(_text(inputs.uncond, "uncond"))
+    if inputs.blend is not None:
+        arrays.update(_text(inputs.blend, "blend"))
     meta = {
         "seed": int(request.seed),
         "num_steps": int(p.num_steps),
         "guidance_scale": float(p.guidance_scale),
         "posterior_mean": bool(posterior_mean),
         "prefix_drop": int(prompts.prefix_drop),
+        "blend_scale": inputs.blend_scale,
     }
     key = f"step1x|{w}x{h}|steps={p.num_steps}|cfg={float(p.guidance_scale)!r}|mean={bool(posterior_mean)}"
     return Prepared(key, w, h, arrays, meta)
@@ -87,4 +90,5 @@ def prompt_inputs(row: Prepared) -> PromptInputs:
     def text(prefix: str) -> TextInput:
         return TextInput(a[f"{prefix}_ids"], a[f"{prefix}_pos"], a[f"{prefix}_mask"])
 
-    return PromptInputs(a["pixel_values"], a["grid"], text("cond"), text("uncond"))
+    blend = text("blend") if "blend_ids" in a else None
+    return PromptInputs(a["pixel_values"], a["grid"], text("cond"), text("uncond"), blend, row.meta.get("blend_scale"))
