@@ -371,6 +371,7 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_catalog(cj: CatalogJob) -> CatalogSummary:
     """Plan, render what changed, publish when the run is within its error budget."""
+    from step1x_batch.preflight import Preflight
     from step1x_batch.runner import run_job
 
     job = cj.job
@@ -408,7 +409,7 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
         inner = job.model_copy(deep=True)
         inner.input.manifest = work_uri
         try:
-            edit = run_job(inner)
+            edit = run_job(inner, Preflight(manifest_rows=plan.work.num_rows))
         except BaseException as e:
             summary.status = "crashed"
             summary.notes.append(redact(f"edit run crashed: {type(e).__name__}: {e}"))
@@ -477,9 +478,21 @@ def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing published,
     2 a config, input or cluster problem); for ``step1x-batch rerender CONFIG``."""
-    from step1x_batch.entrypoint import exit_status
+    from step1x_batch.entrypoint import exit_status, operated
 
-    return exit_status(lambda: run_catalog(load_catalog_config(path, overrides)).published)
+    def run() -> bool:
+        cj = load_catalog_config(path, overrides)
+        c = cj.catalog
+        named = {"catalog.item_id_column": c.item_id_column, "catalog.image_column": c.image_column,
+                 "catalog.instruction_column": c.instruction_column,
+                 "catalog.change_marker_column": c.change_marker_column}
+        if c.instruction_template:
+            named |= {f"catalog.instruction_template ({{{f}}})": f for f in template_fields(c.instruction_template)}
+        required = {setting: (name,) for setting, name in named.items() if name}
+        return operated(cj.job, lambda facts: run_catalog(cj).published, job="rerender",
+                        required_columns=required)
+
+    return exit_status(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

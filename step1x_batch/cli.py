@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from step1x_batch.entrypoint import add_config_arguments
+from step1x_batch.entrypoint import add_config_arguments, config_overrides
+from step1x_batch.inspection import add_inspection_commands
 
 
 def _make_tiny_weights(args: argparse.Namespace) -> int:
@@ -48,19 +49,19 @@ def _edit(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from step1x_batch.runner import run_config
 
-    return run_config(args.config, args.set)
+    return run_config(args.config, config_overrides(args))
 
 
 def _synthesize(args: argparse.Namespace) -> int:
     from step1x_batch.synthesize import run_config
 
-    return run_config(args.config, args.set)
+    return run_config(args.config, config_overrides(args))
 
 
 def _rerender(args: argparse.Namespace) -> int:
     from step1x_batch.catalog import run_config
 
-    return run_config(args.config, args.set)
+    return run_config(args.config, config_overrides(args))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--version", choices=["v1.0", "v1.1"], default=None)
     p.set_defaults(func=_edit)
+
+    add_inspection_commands(sub)
     return parser
 
 

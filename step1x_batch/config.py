@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from step1x_batch.errors import redact
+from step1x_batch.errors import CODES, redact
 from step1x_batch.models import family_class
 from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
 from step1x_batch.storage import StorageOptions
@@ -208,8 +208,32 @@ class RuntimeConfig(_Section):
     log_part_rows: int = Field(1000, ge=1)  # a log part lands at least every this many rows ...
     log_part_seconds: float = Field(30.0, gt=0.0)  # ... or this often, whichever comes first
     retry_error_types: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ERROR_TYPES))
-    progress_bars: bool = True
+    # Error rows of these types are redone by this run as well (`run CONFIG --retry-errors T1,T2`,
+    # e.g. after re-uploading missing images); final types stay final for every other run.
+    redo_error_types: list[str] = Field(default_factory=list)
+    # Console: one progress line and the summary; Ray's own output goes to runs/<run_id>/ray.log.
+    # True (`-v`): Ray's logs (and, with progress_bars, Ray Data's bars) on the console as well.
+    verbose: bool = False
+    progress_bars: bool = True  # Ray Data's own progress bars, shown only when verbose
+    progress_seconds: float = Field(30.0, gt=0.0)  # progress line interval when not on a terminal
+    # One writer per output root: a lease object renewed while the run lives; a lease not
+    # renewed for lease_ttl_s (a killed driver) is taken over. allow_unlocked: run on a store
+    # without conditional writes (nothing then stops two runs writing the same root).
+    lease_ttl_s: float = Field(120.0, ge=1.0)
+    allow_unlocked: bool = False
     report_max_rows: int = Field(60, ge=0)
+
+    @field_validator("redo_error_types")
+    @classmethod
+    def _known_error_types(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in CODES]
+        if unknown:
+            raise ValueError(f"unknown error type(s) {unknown}; error types are {sorted(CODES)}")
+        return value
+
+    def retried_error_types(self) -> list[str]:
+        """The error types this run redoes: the transient ones and those asked for this run."""
+        return sorted(set(self.retry_error_types) | set(self.redo_error_types))
 
     @field_validator("run_id")
     @classmethod

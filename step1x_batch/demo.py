@@ -208,6 +208,7 @@ def make_weights(folder: str | os.PathLike, family: str = "step1x") -> Path:
 def main(workdir: str | None = None, family: str = "step1x") -> int:
     """Prepare everything under ``workdir`` and run the job; returns the exit status."""
     from step1x_batch.config import parse_config
+    from step1x_batch.entrypoint import exit_status, operated
     from step1x_batch.runner import run_job
 
     if family not in FAMILIES:
@@ -226,8 +227,13 @@ def main(workdir: str | None = None, family: str = "step1x") -> int:
     raw = demo_config(str(work), family)
     (work / f"demo{s}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"  config:        {work / f'demo{s}.yaml'}")
-    summary = run_job(parse_config(raw))
-    print(f"open the report: {summary.paths['report']}")
-    if summary.rows_processed == 0 and summary.rows_skipped:
-        print(f"(every row was already done by an earlier run; delete {work / f'output{s}'} to redo them)")
-    return 0 if summary.ok else 1
+    cfg = parse_config(raw)
+
+    def run(facts) -> bool:
+        summary = run_job(cfg, facts)
+        print(f"open the report: {summary.paths['report']}")
+        if summary.rows_processed == 0 and summary.rows_skipped:
+            print(f"(every row was already done by an earlier run; delete {work / f'output{s}'} to redo them)")
+        return summary.ok
+
+    return exit_status(lambda: operated(cfg, run, job="demo"))

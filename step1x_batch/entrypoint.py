@@ -2,15 +2,22 @@
 
 One place for the three jobs (dataset edit, synthetic pairs, catalog) and their two front ends
 (``python jobs/<job>.py`` under ``ray job submit``, and ``step1x-batch run|synthesize|rerender``):
-0 done, 1 error budget exceeded (every row was logged), 2 a config, input or cluster problem
-found before any row ran, printed as one line without a traceback.
+0 done, 1 error budget exceeded (every row was logged), 2 a config, input, weights or cluster
+problem found before any row ran (or the output root in use by another run, or a model that
+failed to load), printed as one line without a traceback. Every job runs through
+:func:`operated`: the pre-flight checks, then the output root's lease.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from step1x_batch.config import JobConfig
+    from step1x_batch.preflight import Preflight, RequiredColumns
 
 RunConfig = Callable[[str, Sequence[str]], int]
 
@@ -19,13 +26,29 @@ def exit_status(run: Callable[[], bool]) -> int:
     """Run a job; its outcome as an exit status (``run`` returns whether the job succeeded)."""
     from botocore.exceptions import BotoCoreError
 
-    from step1x_batch.errors import RowError, redact
+    from step1x_batch.errors import JobRefused, RowError, redact
 
     try:
         return 0 if run() else 1
-    except (RowError, OSError, ValueError, BotoCoreError) as e:  # ConfigError is a ValueError
+    except (JobRefused, RowError, OSError, ValueError, BotoCoreError) as e:  # ConfigError is a ValueError
         print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
         return 2
+
+
+def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,
+             required_columns: "RequiredColumns | None" = None,
+             extra_checks: Callable[[], None] | None = None) -> bool:
+    """Check everything before any side effect, then hold the output root's lease while ``run``
+    runs (``run`` gets the checks' findings). A failed check or a held lease raises
+    :class:`~step1x_batch.errors.JobRefused` (exit status 2) with nothing written."""
+    from step1x_batch import lease, preflight
+
+    columns = preflight.DATASET_COLUMNS if required_columns is None else required_columns
+    facts = preflight.check_job(cfg, required_columns=columns, extra=extra_checks)
+    with lease.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
+                    ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked, job=job,
+                    say=lambda message: print(message, file=sys.stderr, flush=True)):
+        return run(facts)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, flag: bool = False) -> None:
@@ -36,6 +59,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, flag: bool = False) ->
         parser.add_argument("config", help="YAML job config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
+    parser.add_argument("--retry-errors", default=None, metavar="T1,T2",
+                        help="also redo the error rows of these types (e.g. missing_object after "
+                             "re-uploading the images); sets runtime.redo_error_types")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own logs on the console (they always go to runs/<run_id>/ray.log)")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus the ones the shorthand flags stand for."""
+    overrides = list(args.set)
+    if args.retry_errors:
+        types = [t.strip() for t in args.retry_errors.split(",") if t.strip()]
+        overrides.append(f"runtime.redo_error_types={json.dumps(types)}")
+    if args.verbose:
+        overrides.append("runtime.verbose=true")
+    return overrides
 
 
 def job_main(description: str, run_config: RunConfig, argv: Sequence[str] | None = None) -> int:
@@ -43,4 +82,4 @@ def job_main(description: str, run_config: RunConfig, argv: Sequence[str] | None
     parser = argparse.ArgumentParser(description=description)
     add_config_arguments(parser, flag=True)
     args = parser.parse_args(argv)
-    return run_config(args.config, args.set)
+    return run_config(args.config, config_overrides(args))

@@ -56,6 +56,15 @@ CODES = frozenset(
 
 
 
+class JobRefused(Exception):
+    """A problem found before (or instead of) running rows: a bad config, an unreachable store,
+    a missing manifest, unsound weights, an output root in use. The job prints the message, one
+    sentence that says what to fix, and exits with status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
 class RowError(Exception):
     """A failure that becomes one error row (``error_type=code``, ``error_message=message``)."""
 

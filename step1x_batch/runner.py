@@ -19,9 +19,13 @@ Resume rules (the same for a re-run after a crash and for a nightly incremental 
 from __future__ import annotations
 
 import collections
+import datetime as _dt
 import json
+import math
 import os
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -30,6 +34,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from step1x_batch.config import JobConfig, config_to_yaml, load_config
+from step1x_batch.errors import JobRefused
 from step1x_batch.storage import StorageOptions, join_uri, write_bytes
 
 
@@ -117,24 +122,33 @@ class LogWriter:
 
 
 class Tally:
-    """Streaming counts plus a bounded sample of records for the report (errors first)."""
+    """Streaming counts, rows finished per second of the run (the report's throughput chart),
+    plus a bounded sample of records for the report (errors first)."""
 
-    def __init__(self, sample_rows: int) -> None:
+    def __init__(self, sample_rows: int, started: _dt.datetime | None = None) -> None:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.by_error_type: collections.Counter[str] = collections.Counter()
         self.stage_ms: collections.Counter[str] = collections.Counter()
         self.sample_rows = sample_rows
         self.errors: list[dict[str, Any]] = []
         self.oks: list[dict[str, Any]] = []
+        self.started = started or _dt.datetime.now(_dt.timezone.utc)
+        self.finished_per_s: dict[str, collections.Counter[int]] = {
+            "ok": collections.Counter(), "error": collections.Counter()}
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        cols = table.select(["status", "error_type", "preprocess_ms", "edit_ms", "write_ms"]).to_pydict()
+        cols = table.select(["status", "error_type", "preprocess_ms", "edit_ms", "write_ms",
+                             "finished_at"]).to_pydict()
         self.by_status.update(cols["status"])
         self.by_error_type.update(e for e in cols["error_type"] if e)
         for stage in ("preprocess_ms", "edit_ms", "write_ms"):
             self.stage_ms[stage.removesuffix("_ms")] += sum(v for v in cols[stage] if v is not None)
+        for status, finished in zip(cols["status"], cols["finished_at"]):
+            if status in self.finished_per_s and finished is not None:
+                second = int(max((finished - self.started).total_seconds(), 0.0))
+                self.finished_per_s[status][second] += 1
         want_err = self.sample_rows - len(self.errors)
         want_ok = self.sample_rows - len(self.oks)
         if want_err > 0 or want_ok > 0:
@@ -150,6 +164,19 @@ class Tally:
 
     def sample(self) -> list[dict[str, Any]]:
         return (self.errors + self.oks)[: self.sample_rows]
+
+    def timeline(self, wall_s: float, max_buckets: int = 60) -> dict[str, Any]:
+        """Rows finished per bucket of the run (at most ``max_buckets`` buckets of whole seconds)."""
+        last = max([wall_s, *(float(k) + 1 for c in self.finished_per_s.values() for k in c)])
+        bucket = max(1, math.ceil(last / max_buckets))
+        n = max(1, math.ceil(last / bucket))
+        series = {}
+        for status, counts in self.finished_per_s.items():
+            values = [0] * n
+            for second, count in counts.items():
+                values[min(second // bucket, n - 1)] += count
+            series[status] = values
+        return {"bucket_s": float(bucket), **series}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +233,7 @@ def run_paths(cfg: JobConfig) -> dict[str, str]:
         "summary": join_uri(run_dir, "summary.json"),
         "report": join_uri(run_dir, "report.html"),
         "ray_stats": join_uri(run_dir, "ray_stats.txt"),
+        "ray_log": join_uri(run_dir, "ray.log"),
     }
 
 
@@ -213,66 +241,209 @@ def _print(msg: str, *, err: bool = False) -> None:
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run_job(cfg: JobConfig) -> RunSummary:
-    """Run the job a config describes; print the one-line summary and where everything is.
+class JobStopped(JobRefused):
+    """The run stopped before its rows were done, for one stated reason (the model failed to
+    load in an edit actor, the lease was lost); the rows it finished are logged."""
 
-    Returns the summary; ``summary.ok`` is False (and a loud message is printed) when the share
-    of error rows exceeded ``runtime.max_error_fraction`` -- checked after every log part landed.
-    """
+
+_MAX_RAY_LOG_BYTES = 64 * 1024 * 1024  # the tail of a longer ray.log is kept
+
+
+def _local_ray_log(paths: dict[str, str]) -> tuple[str, bool]:
+    """Where Ray's output goes during the run: the run folder itself when it is local, else a
+    temporary file uploaded at the end. Returns (path, uploaded at the end)."""
+    from step1x_batch.storage import is_local
+
+    if is_local(paths["ray_log"]):
+        return paths["ray_log"].removeprefix("file://"), False
+    fd, path = tempfile.mkstemp(prefix="step1x-ray-", suffix=".log")
+    os.close(fd)
+    return path, True
+
+
+def _upload_ray_log(local: str, uri: str, options: StorageOptions | None) -> None:
+    try:
+        size = os.path.getsize(local)
+        with open(local, "rb") as f:
+            f.seek(max(0, size - _MAX_RAY_LOG_BYTES))
+            write_bytes(uri, f.read(), options)
+    except OSError:
+        pass  # diagnostics only
+    finally:
+        try:
+            os.unlink(local)
+        except OSError:
+            pass
+
+
+class _Consumer(threading.Thread):
+    """Streams the graph's output into the log writer and the tally (the main thread keeps the
+    progress line, the lease and the actors' health)."""
+
+    def __init__(self, ds: Any, writer: "LogWriter", tally: Tally, lease: Any) -> None:
+        super().__init__(name="log-consumer", daemon=True)
+        self.ds, self.writer, self.tally, self.lease = ds, writer, tally, lease
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for batch in self.ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                if self.lease is not None and self.lease.lost.is_set():
+                    return  # another run owns the root now: its records, not ours
+                self.writer.add(batch)
+                self.tally.add(batch)
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        finally:
+            if self.lease is None or not self.lease.lost.is_set():
+                try:
+                    self.writer.flush()  # records of finished rows are good records, even if the graph failed
+                except BaseException as e:  # noqa: BLE001
+                    self.error = self.error or e
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this driver started, and keep it stopped: a Ray call left in another thread
+    (an iterator's cleanup) must not start a second local Ray, with its console noise."""
+    import ray
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
+    ray.shutdown()
+
+
+def _poll(counters: Any, timeout_s: float = 5.0) -> dict[str, Any]:
     import ray
 
-    from step1x_batch import report, stages, storage
+    try:
+        return ray.get(counters.status.remote(), timeout=timeout_s)
+    except Exception:  # a slow poll skips one progress update
+        return {}
+
+
+def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
+    """Run the job a config describes; show one progress line, print the summary and where
+    everything is. ``facts`` are the pre-flight checks' findings (the manifest's row count).
+
+    Holds the output root's lease for the run (unless the calling job already holds it). Returns
+    the summary; ``summary.ok`` is False (and a loud message is printed) when the share of error
+    rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2) when
+    the model fails to load in an edit actor or another run took the lease over.
+    """
+    from step1x_batch import lease as leases
+
+    if leases.held_for(cfg.output.uri) is not None:
+        return _run_job(cfg, facts, leases.held_for(cfg.output.uri))
+    with leases.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
+                     ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked,
+                     say=lambda m: _print(m, err=True)) as held:
+        return _run_job(cfg, facts, held)
+
+
+def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
+    import ray
+
+    from step1x_batch import console, report, stages, storage
 
     start = time.monotonic()
+    started_at = _dt.datetime.now(_dt.timezone.utc)
     driver_retries = storage.retry_count()  # the driver's own reads and writes (logs, snapshot)
     paths = run_paths(cfg)
     out_opts = cfg.output_storage()
     run_id = cfg.runtime.run_id
+    rt = cfg.runtime
     write_bytes(paths["config"], config_to_yaml(cfg).encode(), out_opts)
 
     index = stages.build_done_index(
-        stages.read_log_records(cfg.output.uri, out_opts), cfg.runtime.retry_error_types
+        stages.read_log_records(cfg.output.uri, out_opts), rt.retried_error_types()
     )
-    started = init_ray(cfg)
     notes: list[str] = []
-    writer = LogWriter(cfg.output.uri, run_id, out_opts, cfg.runtime.log_part_rows,
-                       cfg.runtime.log_part_seconds)
-    tally = Tally(cfg.runtime.report_max_rows)
+    if lease is not None and lease.took_over:
+        notes.append(f"took over the lease from {lease.took_over}")
+    if lease is not None and lease.note:
+        notes.append(lease.note)
+    writer = LogWriter(cfg.output.uri, run_id, out_opts, rt.log_part_rows, rt.log_part_seconds)
+    tally = Tally(rt.report_max_rows, started_at)
     counters_snapshot: dict[str, float] = {}
     ray_stats = ""
-    try:
-        from ray.data import DataContext
+    stopped: str | None = None
+    ray_log, upload_log = _local_ray_log(paths)
+    manifest_rows = getattr(facts, "manifest_rows", None)
+    with console.ray_output(ray_log, verbose=rt.verbose, interval_s=rt.progress_seconds) as con:
+        started = init_ray(cfg)
+        try:
+            from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = cfg.runtime.progress_bars
-        ctx.print_on_execution_start = cfg.runtime.progress_bars
-        plan = stages.plan_actors(cfg, ray.cluster_resources())
-        if plan.note:
-            notes.append(plan.note)
-            _print(f"note: {plan.note}", err=True)
-        counters = stages.make_counters()
-        index_ref = ray.put(index)
-        ds = stages.build_dataset(cfg, index_ref=index_ref, counters=counters, plan=plan)
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-                writer.add(batch)
-                tally.add(batch)
+            ctx = DataContext.get_current()
+            ctx.enable_progress_bars = rt.progress_bars and rt.verbose
+            ctx.print_on_execution_start = rt.verbose
+            plan = stages.plan_actors(cfg, ray.cluster_resources())
+            if plan.note:
+                notes.append(plan.note)
+                con.say(f"note: {plan.note}", err=True)
+            counters = stages.make_counters()
+            index_ref = ray.put(index)
+            ds = stages.build_dataset(cfg, index_ref=index_ref, counters=counters, plan=plan)
+            consumer = _Consumer(ds, writer, tally, lease)
+            consumer.start()
+            rate = console.RateMeter()
+            while consumer.is_alive():
+                consumer.join(timeout=1.0)
+                status = _poll(counters)
+                now = time.time()
+                states = tuple((st, now - since) for st, since in (status.get("states") or {}).values())
+                progress = console.RunProgress(
+                    run_id=run_id, elapsed_s=time.monotonic() - start,
+                    ok=tally.by_status.get("ok", 0), error=tally.by_status.get("error", 0),
+                    skipped=int((status.get("values") or {}).get("rows_skipped_done", 0)),
+                    manifest_rows=manifest_rows, actor_states=states, actors_planned=plan.min_size)
+                con.progress(console.progress_line(progress, rate.add(time.monotonic(), progress.done)),
+                             final=not consumer.is_alive())
+                if status.get("fatal"):
+                    stopped = status["fatal"]
+                elif lease is not None and lease.lost.is_set():
+                    stopped = "lease"
+                if stopped:
+                    consumer.stop.set()
+                    break
+            if stopped:
+                con.end_progress()
+                # Ray Data ends the graph itself once its actors have died (or, for a lost lease,
+                # at the next batch the consumer refuses); shutting Ray down under a live iterator
+                # races its cleanup (a second local Ray, or a crash in Ray's core worker).
+                consumer.join(timeout=60)
+            else:
+                if consumer.error is not None:
+                    status = _poll(counters)
+                    if status.get("fatal"):  # the actors died of it before the poll saw it
+                        stopped = status["fatal"]
+                    else:
+                        raise consumer.error
+                counters_snapshot = (_poll(counters).get("values") or {})
+                try:
+                    ray_stats = ds.stats()
+                except Exception:  # stats are diagnostics only
+                    ray_stats = ""
         finally:
-            writer.flush()  # records of finished rows are good records, even if the graph failed
-        counters_snapshot = ray.get(counters.snapshot.remote())
-        try:
-            ray_stats = ds.stats()
-        except Exception:  # stats are diagnostics only
-            ray_stats = ""
-    finally:
-        if started:
-            ray.shutdown()
+            if started:
+                _shutdown_ray()
+            if stopped:  # still inside the redirect: whatever the graph prints as it ends goes to ray.log
+                consumer.join(timeout=30 if started else 180)
+    if upload_log:
+        _upload_ray_log(ray_log, paths["ray_log"], out_opts)
+    if stopped == "lease":
+        lease.check()  # raises LeaseLost with the sentence
+    if stopped:
+        notes.append(stopped)
 
     wall = time.monotonic() - start
     processed = tally.processed
     errors_n = tally.by_status.get("error", 0)
     fraction = errors_n / processed if processed else 0.0
-    ok = fraction <= cfg.runtime.max_error_fraction
+    ok = fraction <= rt.max_error_fraction and not stopped
     stage_ms = {"normalise": round(counters_snapshot.get("normalise_ms", 0.0), 1)}
     stage_ms.update({k: round(v, 1) for k, v in tally.stage_ms.items()})
     summary = RunSummary(
@@ -284,7 +455,7 @@ def run_job(cfg: JobConfig) -> RunSummary:
         by_status=dict(tally.by_status),
         by_error_type=dict(sorted(tally.by_error_type.items())),
         error_fraction=round(fraction, 6),
-        max_error_fraction=cfg.runtime.max_error_fraction,
+        max_error_fraction=rt.max_error_fraction,
         wall_s=round(wall, 3),
         rows_per_s=round(processed / wall, 3) if wall > 0 else 0.0,
         stage_ms=stage_ms,
@@ -297,17 +468,23 @@ def run_job(cfg: JobConfig) -> RunSummary:
     if ray_stats:
         write_bytes(paths["ray_stats"], ray_stats.encode(), out_opts)
     payload = asdict(summary)
-    payload["status"] = "succeeded" if ok else "failed"
+    payload["status"] = "stopped" if stopped else "succeeded" if ok else "failed"
+    payload["started_at"] = started_at.isoformat(timespec="seconds")
+    payload["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     payload["model_id"] = stages.family_for(cfg.model_spec()).model_id()
     payload["manifest"] = cfg.input.manifest
+    payload["manifest_rows"] = manifest_rows
     payload["stage_ms_per_row"] = {
         k: round(v / processed, 3) if processed else 0.0 for k, v in stage_ms.items()
     }
+    payload["timeline"] = tally.timeline(wall)
     write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
+    if stopped:
+        raise JobStopped(f"{stopped}; the run stopped (its finished rows are logged, see {paths['ray_log']})")
     try:
         report.write_report(
-            payload, tally.sample()[: cfg.runtime.report_max_rows], paths["report"],
-            input_storage=cfg.input.storage, output_storage=out_opts, max_pixels=cfg.runtime.max_pixels,
+            payload, tally.sample()[: rt.report_max_rows], paths["report"],
+            input_storage=cfg.input.storage, output_storage=out_opts, max_pixels=rt.max_pixels,
         )
     except Exception as e:  # the report is for people; a failure there must not hide the result
         _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)
@@ -318,7 +495,7 @@ def run_job(cfg: JobConfig) -> RunSummary:
     if not ok:
         _print(
             f"FAILED: {errors_n} of {processed} rows are errors ({fraction:.1%}), more than "
-            f"runtime.max_error_fraction={cfg.runtime.max_error_fraction:g}; see {paths['report']}",
+            f"runtime.max_error_fraction={rt.max_error_fraction:g}; see {paths['report']}",
             err=True,
         )
     return summary
@@ -326,9 +503,13 @@ def run_job(cfg: JobConfig) -> RunSummary:
 
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load a config, run the job, and return its exit status (see :mod:`step1x_batch.entrypoint`)."""
-    from step1x_batch.entrypoint import exit_status
+    from step1x_batch.entrypoint import exit_status, operated
 
-    return exit_status(lambda: run_job(load_config(path, overrides)).ok)
+    def run() -> bool:
+        cfg = load_config(path, overrides)
+        return operated(cfg, lambda facts: run_job(cfg, facts).ok, job="edit")
+
+    return exit_status(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -229,20 +229,34 @@ def read_log_records(output_uri: str, options: StorageOptions | None) -> Iterato
 
 
 def make_counters():
-    """A tiny zero-CPU actor that tasks add to; the driver reads it at the end."""
+    """A tiny zero-CPU actor that tasks add to and edit actors report their state to (staging
+    weights, loading, ready, busy; or the one sentence why the model failed to load); the driver
+    polls it for the progress line and reads it at the end."""
     import ray
 
     @ray.remote(num_cpus=0)
     class Counters:
         def __init__(self) -> None:
             self.values: dict[str, float] = {}
+            self.states: dict[str, tuple[str, float]] = {}  # actor -> (state, since: time.time())
+            self.fatal: str | None = None
 
         def add(self, deltas: dict[str, float]) -> None:
             for k, v in deltas.items():
                 self.values[k] = self.values.get(k, 0) + v
 
+        def set_state(self, actor: str, state: str) -> None:
+            since = self.states[actor][1] if actor in self.states and self.states[actor][0] == state else time.time()
+            self.states[actor] = (state, since)
+
+        def set_fatal(self, message: str) -> None:
+            self.fatal = self.fatal or message
+
         def snapshot(self) -> dict[str, float]:
             return dict(self.values)
+
+        def status(self) -> dict[str, Any]:
+            return {"values": dict(self.values), "states": dict(self.states), "fatal": self.fatal}
 
     return Counters.remote()
 
@@ -510,16 +524,40 @@ class EditStage:
     becomes an ``edit_failed`` error row.
     """
 
-    def __init__(self, spec: ModelSpec, weights: WeightsSource, engine: Engine | None = None) -> None:
+    def __init__(self, spec: ModelSpec, weights: WeightsSource, engine: Engine | None = None,
+                 counters: Any = None) -> None:
         self.family = family_for(spec)
         self.max_batch_size = spec.max_batch_size
-        if engine is None:
-            # local_folder / local_file stage object-storage files once per node (file lock).
-            adapters = [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in spec.adapters]
-            folder = weights.local_folder()
-            engine = self.family.load(folder, spec.device, adapters) if adapters else self.family.load(folder, spec.device)
-        self.engine = engine
         self.worker = worker_label()
+        self.counters = counters
+        if engine is None:
+            try:
+                engine = self._load(spec, weights)
+            except Exception as e:
+                # The job stops on this one sentence (file and cause), not on Ray's tracebacks.
+                message = f"the model failed to load on {self.worker}: {_message(e)}"
+                if counters is not None:
+                    import ray
+
+                    ray.get(counters.set_fatal.remote(message))
+                raise
+        self.engine = engine
+        self._state("ready")
+
+    def _state(self, state: str) -> None:
+        if self.counters is not None:
+            self.counters.set_state.remote(self.worker, state)  # fire and forget
+
+    def _load(self, spec: ModelSpec, weights: WeightsSource) -> Engine:
+        from step1x_batch.weights_cache import format_bytes
+
+        # local_folder / local_file stage object-storage files once per node (file lock).
+        self._state("staging weights")
+        adapters = [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in spec.adapters]
+        folder = weights.local_folder(
+            progress=lambda done, total: self._state(f"staging weights {format_bytes(done)} of {format_bytes(total)}"))
+        self._state("loading the model")
+        return self.family.load(folder, spec.device, adapters) if adapters else self.family.load(folder, spec.device)
 
     def _edit(self, rows: list[Prepared]) -> list[EditOutput | BaseException]:
         try:
@@ -538,7 +576,11 @@ class EditStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if not r["error_type"]]
-        results = self._edit([Prepared.from_bytes(r["prepared"]) for r in todo]) if todo else []
+        self._state("busy")
+        try:
+            results = self._edit([Prepared.from_bytes(r["prepared"]) for r in todo]) if todo else []
+        finally:
+            self._state("ready")
         for r, result in zip(todo, results):
             r["worker"] = self.worker
             r["prepared"] = None
@@ -755,7 +797,7 @@ def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorP
             max_size=plan.max_size,
             max_tasks_in_flight_per_actor=r.max_tasks_in_flight_per_actor,
         ),
-        fn_constructor_kwargs={"spec": spec, "weights": weights},
+        fn_constructor_kwargs={"spec": spec, "weights": weights, "counters": counters},
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
     )

@@ -163,6 +163,37 @@ def _s3(options: StorageOptions) -> s3fs.S3FileSystem:
     )
 
 
+def is_s3(uri: str) -> bool:
+    return _scheme(uri) in _S3_SCHEMES
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def s3_client(options: StorageOptions | None = None):
+    """A plain botocore S3 client with the same endpoint, region, retries and timeouts as the
+    file systems, for requests fsspec does not express (conditional puts, bucket checks)."""
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    options = options or StorageOptions()
+    config = Config(
+        retries={"total_max_attempts": options.max_attempts, "mode": "standard"},
+        connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
+        signature_version=UNSIGNED if options.anon else None,
+    )
+    session = botocore.session.get_session()
+    client = session.create_client("s3", region_name=_region(options),
+                                   endpoint_url=resolved_endpoint(options), config=config)
+    client.meta.events.register("request-created.s3", _on_request_created,
+                                unique_id="step1x-batch-retry-counter")
+    return client
+
+
 def filesystem(
     uri: str, options: StorageOptions | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:

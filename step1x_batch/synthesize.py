@@ -22,6 +22,27 @@ Flow (``jobs/synthesize_pairs.py --config configs/synthesize-pairs.yaml``):
    (a Hugging Face dataset card) last. An export whose content did not change is not rewritten
    (the folder stays byte-identical, ``created_at`` included).
 
+Columns of the exported dataset (``EXPORT_VERSION`` 2). ``source_image`` and ``edited_image`` are
+Hugging Face ``datasets`` ``Image`` features: ``{bytes: binary, path: string}`` struct columns, with
+the features declared in each shard's Parquet schema metadata under ``huggingface`` (the JSON
+``{"info": {"features": ...}}`` that ``datasets`` itself writes; written here with pyarrow, so the job
+does not import ``datasets``). ``load_dataset("parquet", ...)``, ``Dataset.from_parquet`` and
+loading the dataset folder therefore give ``PIL.Image.Image`` values; pyarrow / pandas readers see
+the structs. ``path`` is the image's URI, and the same URIs are plain string columns too,
+``source_image_uri`` and ``edited_image_uri`` (the form exports before version 2 stored in
+``source_image`` / ``edited_image``); ``source_images`` stays the list of every input URI.
+
+``pairs.embed_bytes`` (default true): ``bytes`` holds the image file as stored (the source in its
+own format, the edit as the job wrote it), so the dataset is self-contained and decodes anywhere.
+False: ``bytes`` is null and ``datasets`` decodes by opening ``path`` itself -- fine for local
+paths (and public http(s) URLs), but an object-storage URI is opened through fsspec without the
+job's storage options (endpoint, credentials), so it decodes only where those come from the
+environment; the shards are small and the images stay where the job wrote them. The columns and
+their types are the same either way. The images are read (once per shard, 100 rows per Parquet
+row group, bounded memory) only when an export is actually written; the export fingerprint is
+computed from the rows (URIs, parameters, each row's ``ok`` fingerprint) before that, so an
+unchanged export reads no image.
+
 Split: ``validation`` when sha256 of the source image URI, read as a fraction of 2**64, is below
 ``pairs.validation_fraction``; so the split is a function of the source alone and every pair made
 from one image lands in the same split (no train/validation leakage).
@@ -95,7 +116,8 @@ __all__ = [
 DATASET_DIR = "dataset"
 DATA_DIR = "dataset/data"
 SPLITS = ("train", "validation")
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: source_image / edited_image as Image features, *_uri string columns
+ROW_GROUP_ROWS = 100  # rows per Parquet row group of a shard (images are read a row group at a time)
 # Per-row parameter columns of the images manifest passed on to the edit manifest as they are.
 _PASSTHROUGH = ("num_steps", "guidance_scale", "size_level", "negative_prompt", "image_etag", "image_etags")
 
@@ -118,7 +140,8 @@ class PairsConfig(BaseModel):
     sample_seed: int = Field(0, ge=0)  # which N an image gets (with the image URI)
     variants: int = Field(1, ge=1, le=1000)  # K: seeds per (image, instruction)
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    embed_bytes: bool = False  # image columns as {"bytes", "path"} structs instead of URIs
+    # the Image columns' bytes in the shards (self-contained); false: path only (see the module doc)
+    embed_bytes: bool = True
     max_shard_rows: int = Field(1000, ge=1)
     # The dataset card.
     name: str = "step1x-edit-synthetic-pairs"
@@ -371,14 +394,18 @@ def prepare_work(sj: SynthesizeJob) -> Work:
 # Export
 
 
-def _features(embed: bool) -> dict[str, Any]:
-    """Hugging Face ``datasets`` feature metadata: with it, the parquet loader types the columns
-    (embedded images as Image features) with no custom code."""
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage
+
+
+def _features() -> dict[str, Any]:
+    """Hugging Face ``datasets`` feature metadata (``Features.to_dict()`` form): with it, the
+    parquet loader types the columns -- the two images as ``Image`` -- with no custom code."""
     value = lambda dtype: {"dtype": dtype, "_type": "Value"}  # noqa: E731
-    image = {"_type": "Image"} if embed else value("string")
+    image = {"_type": "Image"}
     return {
         "source_image": image, "source_images": {"feature": value("string"), "_type": "List"},
-        "edited_image": image, "instruction": value("string"),
+        "edited_image": image, "source_image_uri": value("string"), "edited_image_uri": value("string"),
+        "instruction": value("string"),
         "seed": value("int64"), "variant": value("int64"), "num_steps": value("int64"),
         "guidance_scale": value("float64"), "size_level": value("int64"),
         "negative_prompt": value("string"), "model_id": value("string"), "id": value("string"),
@@ -386,22 +413,23 @@ def _features(embed: bool) -> dict[str, Any]:
     }
 
 
-def _schema(embed: bool) -> pa.Schema:
-    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if embed else pa.string()
+def _schema() -> pa.Schema:
     schema = pa.schema([
-        ("source_image", image), ("source_images", pa.list_(pa.string())), ("edited_image", image),
+        ("source_image", IMAGE_STRUCT), ("source_images", pa.list_(pa.string())),
+        ("edited_image", IMAGE_STRUCT), ("source_image_uri", pa.string()), ("edited_image_uri", pa.string()),
         ("instruction", pa.string()),
         ("seed", pa.int64()), ("variant", pa.int64()), ("num_steps", pa.int64()),
         ("guidance_scale", pa.float64()), ("size_level", pa.int64()),
         ("negative_prompt", pa.string()), ("model_id", pa.string()), ("id", pa.string()),
         ("split", pa.string()),
     ])
-    meta = {"info": {"features": _features(embed)}}
+    meta = {"info": {"features": _features()}}
     return schema.with_metadata({b"huggingface": json.dumps(meta).encode()})
 
 
 def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The exportable rows (sorted, deduplicated, with ``split``) and failed rows by error type."""
+    """The exportable rows (sorted, deduplicated, with ``split``; image URIs, no bytes) and failed
+    rows by error type."""
     latest = latest_records(sj.job.output.uri, sj.job.output_storage())
     ok, err = latest.ok, latest.error
     rows: list[dict[str, Any]] = []
@@ -427,38 +455,54 @@ def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], d
             continue
         seen.add(key)
         rows.append({
-            "source_image": uris[0], "source_images": uris, "edited_image": rec["output_uri"],
+            "source_image_uri": uris[0], "source_images": uris, "edited_image_uri": rec["output_uri"],
             "instruction": r["instruction"], "seed": r["seed"], "variant": r["variant"],
             "num_steps": r["num_steps"], "guidance_scale": r["guidance_scale"],
             "size_level": r["size_level"], "negative_prompt": r["negative_prompt"],
             "model_id": rec["model_id"], "id": r["id"],
             "split": split_of(source, sj.pairs.validation_fraction),
+            "fingerprint": r["fingerprint"],  # in the export fingerprint only: a redone edit rewrites
         })
-    rows.sort(key=lambda r: (r["split"], r["source_image"], r["instruction"], r["variant"], r["id"]))
+    rows.sort(key=lambda r: (r["split"], r["source_image_uri"], r["instruction"], r["variant"], r["id"]))
     return rows, dict(sorted(failed.items()))
 
 
-def _embed(rows: list[dict[str, Any]], sj: SynthesizeJob) -> list[dict[str, Any]]:
-    """Replace the image URIs with ``{"bytes", "path"}`` (bytes as stored: the source in its own
-    format, the edit as written)."""
+def _read_images(rows: list[dict[str, Any]], sj: SynthesizeJob) -> dict[tuple, bytes]:
+    """The stored bytes of every source and edited image of ``rows``, keyed (uri, storage)."""
     job = sj.job
-    wanted = [(r["source_image"], job.input.storage) for r in rows]
-    wanted += [(r["edited_image"], job.output_storage()) for r in rows]
+    wanted = [(r["source_image_uri"], job.input.storage) for r in rows]
+    wanted += [(r["edited_image_uri"], job.output_storage()) for r in rows]
     unique = list(dict.fromkeys(wanted))
+
+    def read(item: tuple) -> bytes:
+        try:
+            return read_bytes(item[0], item[1])
+        except RowError as exc:
+            raise RowError(exc.code, f"exporting the dataset (pairs.embed_bytes): {exc.message}") from None
+
     with ThreadPoolExecutor(16) as pool:
-        blobs = dict(zip(unique, pool.map(lambda u: read_bytes(u[0], u[1]), unique)))
-    out = []
-    for r in rows:
-        r = dict(r)
-        r["source_image"] = {"bytes": blobs[(r["source_image"], job.input.storage)], "path": r["source_image"]}
-        r["edited_image"] = {"bytes": blobs[(r["edited_image"], job.output_storage())], "path": r["edited_image"]}
-        out.append(r)
-    return out
+        return dict(zip(unique, pool.map(read, unique)))
 
 
-def _parquet(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+def _shard(rows: list[dict[str, Any]], sj: SynthesizeJob) -> bytes:
+    """One Parquet shard of ``rows``: the Image structs ``{bytes, path}`` (bytes null unless
+    ``pairs.embed_bytes``), written a row group at a time so that only one row group's images
+    are held besides the shard being built."""
+    job, schema = sj.job, _schema()
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
+    with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
+        for start in range(0, len(rows), ROW_GROUP_ROWS):
+            group = rows[start:start + ROW_GROUP_ROWS]
+            blobs = _read_images(group, sj) if sj.pairs.embed_bytes else {}
+            out = []
+            for r in group:
+                src, edit = r["source_image_uri"], r["edited_image_uri"]
+                out.append({
+                    **{k: r[k] for k in schema.names if k in r},
+                    "source_image": {"bytes": blobs.get((src, job.input.storage)), "path": src},
+                    "edited_image": {"bytes": blobs.get((edit, job.output_storage())), "path": edit},
+                })
+            writer.write_table(pa.Table.from_pylist(out, schema=schema))
     return buf.getvalue()
 
 
@@ -520,9 +564,13 @@ def _card(info: dict[str, Any]) -> str:
         f"instructions. {c['failed']} planned pairs are not included because their edit failed "
         f"(by error type: {errs}); {c['duplicates_dropped']} duplicate rows were dropped.", "",
         "## Columns", "",
-        "- `source_image`, `edited_image`: " + (
-            "the image bytes as `{bytes, path}` structs (typed as `Image` for `datasets`)"
-            if p["embed_bytes"] else "URIs of the source image and the edited image"),
+        "- `source_image`, `edited_image`: the source image and the edited image, `datasets` `Image` "
+        "features (`{bytes, path}` structs in the Parquet files, `path` the image's URI); " + (
+            "the bytes are the image files as stored, so the dataset is self-contained"
+            if p["embed_bytes"] else
+            "**the bytes are not embedded** (`pairs.embed_bytes: false`): `datasets` opens `path` "
+            "to decode, which works for local paths and public URLs, not for private object storage"),
+        "- `source_image_uri`, `edited_image_uri`: the same images' URIs as text",
         "- `source_images`: the URIs of every input image the edit read, in order (one for a "
         "single-image source; `source_image` is the first)",
         "- `instruction`: the edit instruction given to the model",
@@ -550,7 +598,16 @@ def _card(info: dict[str, Any]) -> str:
         "from datasets import load_dataset",
         "ds = load_dataset(\"parquet\", data_files={"
         + ", ".join(f"\"{s}\": \"data/{s}-*.parquet\"" for s in splits) + "})",
+        f"pair = ds[\"{splits[0] if splits else 'train'}\"][0]",
+        "pair[\"edited_image\"]      # a PIL.Image.Image (so is pair[\"source_image\"])",
+        "pair[\"edited_image_uri\"]  # where the job wrote it",
         "```",
+        "",
+        "`load_dataset(\"path/to/this/folder\")` and `datasets.Dataset.from_parquet(...)` decode the "
+        "images too (the features are in the Parquet schema metadata). Without `datasets` (pyarrow, "
+        "pandas) the image columns read as `{bytes, path}` structs: "
+        + ("`PIL.Image.open(io.BytesIO(row[\"edited_image\"][\"bytes\"]))`."
+           if p["embed_bytes"] else "open `row[\"edited_image_uri\"]`."),
         "",
     ]
     return "\n".join(lines)
@@ -575,8 +632,8 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
         "counts": {
             "rows": len(rows),
             "by_split": {s: len(v) for s, v in by_split.items()},
-            "sources": len({r["source_image"] for r in rows}),
-            "sources_by_split": {s: len({r["source_image"] for r in v}) for s, v in by_split.items()},
+            "sources": len({r["source_image_uri"] for r in rows}),
+            "sources_by_split": {s: len({r["source_image_uri"] for r in v}) for s, v in by_split.items()},
             "instructions": len({r["instruction"] for r in rows}),
             "planned": work.table.num_rows,
             "failed": sum(failed.values()),
@@ -602,6 +659,7 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
         "source_manifest": redact_uri(job.input.manifest),
         "work_manifest": redact_uri(work.uri),
         "files": files,
+        "features": _features(),
     }
     content = json.dumps({"v": EXPORT_VERSION, "info": info, "rows": rows}, sort_keys=True, default=str)
     info["export_fingerprint"] = hashlib.sha256(content.encode("utf-8")).hexdigest()
@@ -614,14 +672,11 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
         return result
     info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     info["run_id"] = run_id
-    schema = _schema(p.embed_bytes)
     for s in SPLITS:
         part = by_split[s]
         for i, name in enumerate(files[s]):
             chunk = part[i * p.max_shard_rows:(i + 1) * p.max_shard_rows]
-            if p.embed_bytes:
-                chunk = _embed(chunk, sj)
-            write_bytes(join_uri(job.output.uri, f"{DATASET_DIR}/{name}"), _parquet(chunk, schema), opts)
+            write_bytes(join_uri(job.output.uri, f"{DATASET_DIR}/{name}"), _shard(chunk, sj), opts)
     _remove_stale_shards(job.output.uri, set(all_files), opts)
     write_bytes(info_uri, (json.dumps(info, indent=2, sort_keys=False) + "\n").encode(), opts)
     write_bytes(card_uri, _card(info).encode("utf-8"), opts)  # the card last
@@ -674,6 +729,7 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     """Expand, edit (resumable), export; print what happened and where the dataset is."""
+    from step1x_batch.preflight import Preflight
     from step1x_batch.runner import run_job
 
     job = sj.job
@@ -687,7 +743,7 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
            f"manifest {work.uri}")
     inner = job.model_copy(deep=True)
     inner.input.manifest = work.uri
-    edit = run_job(inner)
+    edit = run_job(inner, Preflight(manifest_rows=work.table.num_rows))
     summary = SynthesizeSummary(job.runtime.run_id, edit.ok, work.table.num_rows, e.images,
                                 e.duplicates_dropped, work.uri, asdict(edit))
     if not edit.ok:
@@ -708,9 +764,21 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing exported,
     2 a config, input or cluster problem); for ``step1x-batch synthesize CONFIG``."""
-    from step1x_batch.entrypoint import exit_status
+    from step1x_batch.entrypoint import exit_status, operated
+    from step1x_batch.preflight import check_file
 
-    return exit_status(lambda: run_synthesize(load_synthesize_config(path, overrides)).ok)
+    def run() -> bool:
+        sj = load_synthesize_config(path, overrides)
+        p = sj.pairs
+        required = {"pairs.image_column": (p.image_column,)}
+        if not p.templates:
+            required["pairs.instruction_column"] = (p.instruction_column,)
+        templates = (lambda: check_file(p.templates, p.templates_storage or sj.job.input.storage,
+                                        "pairs.templates", safetensors=False)) if p.templates else None
+        return operated(sj.job, lambda facts: run_synthesize(sj).ok, job="synthesize",
+                        required_columns=required, extra_checks=templates)
+
+    return exit_status(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

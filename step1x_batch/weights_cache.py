@@ -37,7 +37,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (bytes staged so far, bytes in all)
 
 CACHE_ENV_VAR = "STEP1X_WEIGHTS_CACHE"
 MARKER_NAME = ".complete.json"
@@ -119,7 +121,8 @@ def _local_path(uri: str) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(uri))
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1.2 GB``: sizes as people read them (decimal units)."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -128,7 +131,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _rate(n: int, seconds: float) -> str:
-    return f"{_fmt_bytes(n / max(seconds, 1e-6))}/s"
+    return f"{format_bytes(n / max(seconds, 1e-6))}/s"
 
 
 def _safe_relpath(rel: str, shown_uri: str) -> str:
@@ -379,7 +382,7 @@ def _download_file(
                 last_log[0] = now
                 log.info(
                     "weights: %s %s of %s (%s)",
-                    rel, _fmt_bytes(done), _fmt_bytes(size), _rate(done, now - start),
+                    rel, format_bytes(done), format_bytes(size), _rate(done, now - start),
                 )
 
     futures = [pool.submit(fetch, offset) for offset in range(0, size, chunk_bytes)]
@@ -409,6 +412,7 @@ def _stage(
     chunk_bytes: int,
     concurrency: int,
     include: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     shown = redact_uri(uri)
     objects = _list_objects(fs, base, shown, include)
@@ -424,11 +428,11 @@ def _stage(
     free = shutil.disk_usage(dest).free
     if total > free:
         raise StagingError(
-            f"not enough space in {dest.parent} for {shown}: needs {_fmt_bytes(total)}, "
-            f"{_fmt_bytes(free)} free; point the weights cache at a larger local disk"
+            f"not enough space in {dest.parent} for {shown}: needs {format_bytes(total)}, "
+            f"{format_bytes(free)} free; point the weights cache at a larger local disk"
         )
     log.info(
-        "weights: staging %d files (%s) from %s to %s", len(objects), _fmt_bytes(total), shown, dest
+        "weights: staging %d files (%s) from %s to %s", len(objects), format_bytes(total), shown, dest
     )
     start = time.perf_counter()
     files = []
@@ -462,9 +466,11 @@ def _stage(
                 raise
             seconds = time.perf_counter() - t0
             files.append(entry)
+            if progress is not None:
+                progress(sum(f["size"] for f in files), total)
             log.info(
                 "weights: %s %s in %.1f s (%s)%s",
-                rel, _fmt_bytes(size), seconds, _rate(size, seconds),
+                rel, format_bytes(size), seconds, _rate(size, seconds),
                 ", sha256 ok" if "sha256" in entry else "",
             )
     for folder in {(dest / f["path"]).parent for f in files}:
@@ -474,7 +480,7 @@ def _stage(
     unchecked = len(files) - sum("sha256" in f for f in files)
     log.info(
         "weights: staged %s in %.1f s (%s) to %s%s",
-        _fmt_bytes(total), seconds, _rate(total, seconds), dest,
+        format_bytes(total), seconds, _rate(total, seconds), dest,
         f"; {unchecked} file(s) checked by size only" if checksums and unchecked else "",
     )
 
@@ -492,6 +498,7 @@ def stage_weights(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_concurrency: int = DEFAULT_CONCURRENCY,
     include: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> pathlib.Path:
     """A local folder holding the weights at ``uri``.
 
@@ -502,6 +509,7 @@ def stage_weights(
     then finds the completed copy. ``checksums`` is ``{relpath: sha256 hex}`` or the path / URI
     of a ``sha256sum`` file; listed files are verified, every file is checked against the
     listing's size. ``include``: only the objects matching one of these globs (relative paths).
+    ``progress(bytes_done, bytes_total)`` is called after each file when this call downloads.
 
     Raises FileNotFoundError (no such folder / empty prefix), ChecksumMismatchError,
     StagingError (listing, download, disk space), TimeoutError (lock wait).
@@ -554,7 +562,8 @@ def stage_weights(
             shutil.rmtree(dest)
         fs, base = filesystem(uri, options)
         try:
-            _stage(fs, base.rstrip("/"), uri, dest, options, wanted, chunk_bytes, max_concurrency, include)
+            _stage(fs, base.rstrip("/"), uri, dest, options, wanted, chunk_bytes, max_concurrency, include,
+                   progress)
         except BaseException:
             # Free the disk now; a copy without a marker would be redone on the next call anyway.
             shutil.rmtree(dest, ignore_errors=True)
@@ -587,10 +596,11 @@ class WeightsSource:
         folder = stage_weights(parent, default_cache_dir(self.cache_dir), self.storage, include=[name])
         return folder / name
 
-    def local_folder(self, include: Sequence[str] | None = None) -> pathlib.Path | None:
+    def local_folder(self, include: Sequence[str] | None = None,
+                     progress: Progress | None = None) -> pathlib.Path | None:
         """The weights as a local folder (staged once per node when in object storage; only the
         ``include`` globs when given); None when there are no weights."""
         if not self.uri:
             return None
         return stage_weights(self.uri, default_cache_dir(self.cache_dir), self.storage,
-                             checksums=self.checksums, include=include)
+                             checksums=self.checksums, include=include, progress=progress)

@@ -107,7 +107,7 @@ class FlakyProxy:
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.split("://", 1)[1]
-        self._plan: list[tuple[str, str | None]] = []
+        self._plan: list[tuple[str, str | None, str | None]] = []
         self._lock = threading.Lock()
         self.injected = 0
         self.requests: list[tuple[str, str]] = []
@@ -134,7 +134,7 @@ class FlakyProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                kind = proxy._take(self.command)
+                kind = proxy._take(self.command, self.path)
                 with proxy._lock:
                     proxy.requests.append((self.command, self.path))
                 if kind in ("503", "500"):
@@ -196,16 +196,17 @@ class FlakyProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def fail(self, n: int, kind: str = "503", method: str | None = None) -> None:
-        """Fail the next ``n`` requests (only those with HTTP ``method`` when given)."""
+    def fail(self, n: int, kind: str = "503", method: str | None = None, path: str | None = None) -> None:
+        """Fail the next ``n`` requests (only those with HTTP ``method``, and whose path holds
+        ``path``, when given)."""
         assert kind in ("503", "500", "reset", "truncate"), kind
         with self._lock:
-            self._plan.extend([(kind, method)] * n)
+            self._plan.extend([(kind, method, path)] * n)
 
-    def _take(self, method: str) -> str | None:
+    def _take(self, method: str, path: str) -> str | None:
         with self._lock:
-            for i, (kind, want) in enumerate(self._plan):
-                if want is None or want == method:
+            for i, (kind, want, part) in enumerate(self._plan):
+                if (want is None or want == method) and (part is None or part in path):
                     del self._plan[i]
                     self.injected += 1
                     return kind

@@ -146,3 +146,36 @@ class MeanOfInputs(ModelFamily):
 
     def load(self, folder: Path | None, device: str):
         return MeanEngine()
+
+
+class SlowEngine(SeededEngine):
+    """The Seeded model at a pace a driver can be killed during (``model.options.row_s`` each row)."""
+
+    def __init__(self, row_s: float) -> None:
+        super().__init__()
+        self.row_s = row_s
+
+    def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
+        time.sleep(self.row_s * len(rows))
+        return super().edit(rows)
+
+
+class SlowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    row_s: float = 0.5
+
+
+class Slow(Seeded):
+    Options = SlowOptions
+    lightweight = False  # one actor: the pace is the job's pace
+
+    def load(self, folder: Path | None, device: str):
+        return SlowEngine(self.options.row_s)
+
+
+class FailsToLoad(Seeded):
+    """A model whose weights turn out unreadable only inside the actor (after the pre-flight
+    checks passed), the way a file corrupted on one node's disk would."""
+
+    def load(self, folder: Path | None, device: str):
+        raise OSError("/models/tiny/vae.safetensors: safetensors header is corrupt (HeaderTooLarge)")

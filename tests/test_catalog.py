@@ -249,7 +249,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
     # A crash inside the edit run: latest untouched, the run json says so, the error propagates.
     import step1x_batch.runner as runner
 
-    def boom(cfg):
+    def boom(cfg, facts=None):
         raise RuntimeError("the cluster went away")
 
     monkeypatch.setattr(runner, "run_job", boom)

@@ -238,11 +238,16 @@ def test_transient_storage_errors_are_retried(ray_local, s3_server, rule_proxy, 
     opts = StorageOptions()
     _assert_each_row_logged_once_ok(out, opts)
     assert _outputs(out, opts) == undisturbed
-    # the retries are counted in summary.json: every injected failure that came before the summary
-    # was written, except the manifest read inside Ray's read task (retries made there are reported
-    # by no stage); none counted twice
-    summary_put = next(i for i, (m, p, v) in enumerate(rule_proxy.log) if m == "PUT" and "summary.json" in p)
-    before = sum(1 for m, p, v in rule_proxy.log[:summary_put] if v)
+    # the retries are counted in summary.json: every injected failure from the config snapshot until
+    # the summary was written, except the manifest read inside Ray's read task (retries made there
+    # are reported by no stage) and the lease's renewals (the lease is not the run's I/O); none
+    # counted twice. The pre-flight checks and the lease's creation came first, were failed and
+    # retried too (the run went through), and belong to no run yet.
+    log = rule_proxy.log
+    snapshot = next(i for i, (m, p, v) in enumerate(log) if m == "PUT" and "runs/flaky/config.yaml" in p)
+    summary_put = next(i for i, (m, p, v) in enumerate(log) if m == "PUT" and "summary.json" in p)
+    assert any(v for m, p, v in log[:snapshot] if "_lease.json" in p)
+    before = sum(1 for m, p, v in log[snapshot:summary_put] if v and "_lease.json" not in p)
     on_disk = json.loads(read_bytes(f"{out}/runs/flaky/summary.json"))
     assert on_disk["storage_retries"] == summary.storage_retries
     assert before - rule_proxy.hits(None, "/in/m.jsonl") <= summary.storage_retries <= before
@@ -263,15 +268,15 @@ def test_output_not_writable_is_a_clear_error_and_nothing_false_is_ok(
     raw = _config(manifest, out, runtime={"run_id": "denied", "max_error_fraction": 1.0})
     raw["output"]["storage"] = {"endpoint_url": rule_proxy.endpoint, "max_attempts": 3}
 
-    # 1. nothing under the output root may be written: the job stops before any row runs, with
-    #    the object and the cause in the message
+    # 1. nothing under the output root may be written: the pre-flight probe finds it before Ray
+    #    or any row runs, and the one sentence names the location, the cause and the fix
     rule_proxy.rule = lambda m, p: (403, "AccessDenied") if m in ("PUT", "POST") and "/out/" in p else None
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump({**raw, "runtime": {**raw["runtime"], "run_id": "nowrite"}}))
     assert run_config(str(cfg)) == 2
     err = capsys.readouterr().err
-    assert f"{out}/runs/nowrite/config.yaml" in err and "PermissionError" in err, err
-    assert "Traceback" not in err
+    assert err.startswith(f"error: output.uri {out}: ") and "cannot write there (AccessDenied)" in err, err
+    assert "s3:PutObject" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert read_logs(out).num_rows == 0 and _outputs(out, StorageOptions()) == {}
 
     # 2. some objects refused (permission denied; storage full, as MinIO answers it), logs fine

@@ -315,7 +315,10 @@ def test_storage_retries_are_counted(ray_local, s3_bucket, flaky_s3, image_facto
     out = f"{s3_bucket}/out"
     raw = _config(f"{s3_bucket}/in/m.jsonl", out, runtime={"run_id": "flaky"})
     raw["output"]["storage"] = {"endpoint_url": flaky_s3.endpoint, "max_attempts": 5}
-    flaky_s3.fail(3, "503", method="PUT")  # the config snapshot, then image writes: each retried once
+    # the config snapshot, then image writes: each retried once (the pre-flight probe and the lease
+    # come before the run and are not its I/O)
+    flaky_s3.fail(1, "503", method="PUT", path="/out/runs/flaky/config.yaml")
+    flaky_s3.fail(2, "503", method="PUT", path="/out/images/")
     summary = _run(raw)
     assert summary.by_status == {"ok": 6}
     assert flaky_s3.injected == 3 and summary.storage_retries == 3
@@ -377,7 +380,7 @@ def test_error_budget_fails_loudly_after_logging(ray_local, tmp_path, image_fact
     assert main(["--config", str(cfg), "--set", "sampling.num_steps=0"]) == 2
     assert "sampling.num_steps: Input should be greater than 0" in capsys.readouterr().err
     assert main(["--config", str(cfg), "--set", f"input.manifest={tmp_path}/nowhere.jsonl"]) == 2
-    assert "error: No manifest at" in capsys.readouterr().err
+    assert "error: input.manifest: No manifest at" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,7 +545,8 @@ def test_driver_sigkill_then_rerun(ray_local, tmp_path, image_factory):
     out = tmp_path / "out"
     raw = _config(str(folder / "m.jsonl"), str(out),
                   resources={"edit_batch_size": 20, "io_batch_size": 20, "local_num_cpus": 2},
-                  runtime={"log_part_rows": 100, "log_part_seconds": 1.0, "run_id": "killed"})
+                  runtime={"log_part_rows": 100, "log_part_seconds": 1.0, "run_id": "killed",
+                           "lease_ttl_s": 3})
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     marker = f"rayk-{os.getpid()}-{time.monotonic_ns()}"
@@ -568,9 +572,11 @@ def test_driver_sigkill_then_rerun(ray_local, tmp_path, image_factory):
     assert not (out / "runs" / "killed" / "summary.json").exists()
     assert all(r["status"] == "ok" for r in killed)
 
+    time.sleep(3.5)  # the killed driver's lease is not renewed: it expires, the re-run takes over
     summary = _run({**raw, "runtime": {**raw["runtime"], "run_id": "resumed", "log_part_seconds": 30.0},
                     "resources": {"edit_batch_size": 100, "io_batch_size": 100}})
     assert summary.ok and summary.rows_skipped == len(killed)
+    assert any("took over the lease from run killed" in note for note in summary.notes)
     resumed = read_logs(str(out), run_id="resumed").to_pylist()
     everything = read_logs(str(out)).to_pylist()
     ok_ids = [r["id"] for r in everything if r["status"] == "ok"]
@@ -605,7 +611,8 @@ def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, t
                               "max_batch_size": 4},
                        sampling={"num_steps": 2, "size_level": 64},
                        resources={"edit_batch_size": edit_batch, "io_batch_size": io_batch, "local_num_cpus": 2},
-                       runtime={"log_part_rows": 4, "log_part_seconds": 0.2, "run_id": run_id})
+                       runtime={"log_part_rows": 4, "log_part_seconds": 0.2, "run_id": run_id,
+                                "lease_ttl_s": 3})
 
     clean = tmp_path / "clean"
     assert _run(job(clean, "clean", 8, 8)).by_status == {"ok": 12}
@@ -631,6 +638,7 @@ def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, t
         _kill_tree(proc, marker)
     killed = read_logs(str(out), run_id="killed").num_rows
     assert 0 < killed < 12, "the kill landed mid-run"
+    time.sleep(3.5)  # until the killed driver's lease expires
     resumed = _run(job(out, "resumed", 3, 5))
     assert resumed.ok and resumed.rows_skipped == killed and resumed.rows_processed == 12 - killed
     for r in rows:

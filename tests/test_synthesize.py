@@ -34,8 +34,9 @@ from step1x_batch.synthesize import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["source_image", "source_images", "edited_image", "instruction", "seed", "variant", "num_steps",
-           "guidance_scale", "size_level", "negative_prompt", "model_id", "id", "split"]
+COLUMNS = ["source_image", "source_images", "edited_image", "source_image_uri", "edited_image_uri",
+           "instruction", "seed", "variant", "num_steps", "guidance_scale", "size_level", "negative_prompt",
+           "model_id", "id", "split"]
 TEMPLATES = ["make it red", "add snow", "turn day into night", "add a hat"]
 
 
@@ -65,6 +66,25 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pixels(image) -> np.ndarray:
+    """A value ``datasets`` decoded: a PIL image (RGB, as the job writes and the tests make)."""
+    assert isinstance(image, Image.Image), type(image)
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def _assert_decoded(rows, read) -> None:
+    """Every decoded ``source_image`` / ``edited_image`` has the pixels of the file its URI column
+    names (``read``: URI -> bytes)."""
+    n = 0
+    for row in rows:
+        for col in ("source_image", "edited_image"):
+            want = decode_image(read(row[f"{col}_uri"]), 10**6)
+            assert np.array_equal(_pixels(row[col]), want), (col, row["id"])
+        n += 1
+    assert n
 
 
 def _front_matter(card: str) -> dict:
@@ -181,8 +201,10 @@ def test_multi_reference_sources_expand_and_export(ray_local, tmp_path):
     assert got == {((str(folder / "p0.png"), str(folder / "p1.png")), 0), ((str(folder / "p0.png"), str(folder / "p1.png")), 1),
                    ((str(folder / "p2.png"),), 0), ((str(folder / "p2.png"),), 1)}
     pair = next(r for r in table.to_pylist() if len(r["source_images"]) == 2)
-    assert pair["source_image"] == str(folder / "p0.png")
-    edited = decode_image(read_bytes(pair["edited_image"]), 10**6)
+    assert pair["source_image_uri"] == pair["source_image"]["path"] == str(folder / "p0.png")
+    assert pair["source_image"]["bytes"] == _png(0)
+    edited = decode_image(read_bytes(pair["edited_image_uri"]), 10**6)
+    assert pair["edited_image"]["bytes"] == read_bytes(pair["edited_image_uri"])
     mean = np.stack([decode_image(_png(0), 10**6), decode_image(_png(1), 10**6)]).mean(0).round().astype(np.uint8)
     assert np.array_equal(edited, mean)  # both references reached the model, in order
 
@@ -218,7 +240,7 @@ def _pick_images(folder: Path, per_split: int) -> list[str]:
     raise AssertionError("could not find sources for both splits")
 
 
-def test_pairs_end_to_end_rerun_and_embedded_export(ray_local, tmp_path):
+def test_pairs_end_to_end_rerun_and_export_modes(ray_local, tmp_path):
     import datasets
 
     from step1x_batch.synthesize import main
@@ -253,34 +275,47 @@ def test_pairs_end_to_end_rerun_and_embedded_export(ray_local, tmp_path):
     assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"},
                                                  {"split": "validation", "path": "data/validation-*.parquet"}]
     assert "missing_object 4" in card and "apache-2.0" in card
+    loading = card.split("## Loading", 1)[1]
+    assert 'pair["edited_image"]      # a PIL.Image.Image' in loading and "edited_image_uri" in loading
+    assert "self-contained" in card and "not embedded" not in card
     shards = sorted((out / "dataset/data").iterdir())
     assert [p.name for p in shards] == ["train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
 
     table = pa.concat_tables(pq.read_table(p) for p in shards)
     assert table.column_names == COLUMNS and table.num_rows == 16
+    embedded_schema = pq.read_schema(shards[0])
     recs = table.to_pylist()
-    keys = [(r["source_image"], r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
+    keys = [(r["source_image_uri"], r["instruction"], r["seed"], r["num_steps"], r["guidance_scale"],
              r["size_level"], r["negative_prompt"], r["model_id"]) for r in recs]
     assert len(set(keys)) == len(keys)  # deduplicated
     split_by_source = defaultdict(set)
     for r in recs:
-        split_by_source[r["source_image"]].add(r["split"])
-        assert r["split"] == split_of(r["source_image"], 0.5)
+        split_by_source[r["source_image_uri"]].add(r["split"])
+        assert r["split"] == split_of(r["source_image_uri"], 0.5)
         assert r["model_id"] == "null" and r["num_steps"] == 28
-        edited = decode_image(Path(r["edited_image"]).read_bytes(), 10**6)
-        assert np.array_equal(edited, decode_image(Path(r["source_image"]).read_bytes(), 10**6))
+        # the path form: URI columns and the Image structs' path; the bytes: the files as stored
+        assert r["edited_image_uri"] == str(out / "pairs/images" / f"{r['id']}.png")
+        assert r["source_image_uri"] == r["source_images"][0] and Path(r["source_image_uri"]).parent == folder
+        assert r["edited_image"] == {"bytes": Path(r["edited_image_uri"]).read_bytes(), "path": r["edited_image_uri"]}
+        assert r["source_image"] == {"bytes": Path(r["source_image_uri"]).read_bytes(), "path": r["source_image_uri"]}
+        edited = decode_image(Path(r["edited_image_uri"]).read_bytes(), 10**6)
+        assert np.array_equal(edited, decode_image(Path(r["source_image_uri"]).read_bytes(), 10**6))
     assert all(len(s) == 1 for s in split_by_source.values()) and len(split_by_source) == 4
     seeds = defaultdict(set)
     for r in recs:
-        seeds[(r["source_image"], r["instruction"])].add(r["seed"])
+        seeds[(r["source_image_uri"], r["instruction"])].add(r["seed"])
     assert all(len(s) == 2 for s in seeds.values()) and len(seeds) == 8
     df = pd.read_parquet(out / "dataset/data")
     assert len(df) == 16 and list(df.columns) == COLUMNS
     data_files = {s: str(out / f"dataset/data/{s}-*.parquet") for s in ("train", "validation")}
     ds = datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(tmp_path / "hf"))
     assert {k: v.num_rows for k, v in ds.items()} == {"train": 8, "validation": 8}
-    assert ds["train"].features["edited_image"] == datasets.Value("string")
+    for split in ds.values():
+        assert split.features["edited_image"] == split.features["source_image"] == datasets.Image()
+        assert split.features["edited_image_uri"] == datasets.Value("string")
+        _assert_decoded(split, lambda u: Path(u).read_bytes())
     assert sorted(ds["validation"]["id"]) == sorted(r["id"] for r in recs if r["split"] == "validation")
+    assert datasets.Features.from_dict(info["features"]) == ds["train"].features
 
     # a second run edits nothing and leaves the dataset byte-identical
     before = _folder_bytes(out / "dataset")
@@ -291,22 +326,83 @@ def test_pairs_end_to_end_rerun_and_embedded_export(ray_local, tmp_path):
     assert s2.dataset["unchanged"] and _folder_bytes(out / "dataset") == before
     assert json.loads((out / "pairs/runs/p2.json").read_text())["edit"]["rows_processed"] == 0
 
-    # the same pairs exported with embedded bytes, 3 rows a shard: the old shards are gone
-    sj.pairs.embed_bytes, sj.pairs.max_shard_rows = True, 3
+    # the same pairs exported without the bytes, 3 rows a shard: the old shards are gone; still
+    # Image features, which datasets decodes by opening the (local) paths
+    sj.pairs.embed_bytes, sj.pairs.max_shard_rows = False, 3
     result = export_dataset(sj, prepare_work(sj))
     assert not result.unchanged
     names_now = sorted(p.name for p in (out / "dataset/data").iterdir())
     assert names_now == [f"train-{i:05d}-of-00003.parquet" for i in range(3)] + [
         f"validation-{i:05d}-of-00003.parquet" for i in range(3)]
+    table = pa.concat_tables(pq.read_table(out / "dataset/data" / n) for n in names_now)
+    assert table.column_names == COLUMNS and table.num_rows == 16
+    schema = pq.read_schema(out / "dataset/data" / names_now[0])
+    assert schema.equals(embedded_schema, check_metadata=True)  # one schema in both modes
+    for r in table.to_pylist():
+        assert r["edited_image"] == {"bytes": None, "path": r["edited_image_uri"]}
+        assert r["source_image"] == {"bytes": None, "path": r["source_image_uri"]}
     ds = datasets.load_dataset("parquet", data_files=data_files, cache_dir=str(tmp_path / "hf2"))
-    assert isinstance(ds["train"].features["edited_image"], datasets.Image)
-    first = ds["train"][0]
-    assert isinstance(first["edited_image"], Image.Image) and first["edited_image"].size == (32, 24)
-    raw_rows = pq.read_table(out / "dataset/data" / names_now[0]).to_pylist()
-    for r in raw_rows:
-        assert r["edited_image"]["bytes"] == Path(r["edited_image"]["path"]).read_bytes()
-        assert r["source_image"]["bytes"] == Path(r["source_image"]["path"]).read_bytes()
-    assert json.loads((out / "dataset/dataset_info.json").read_text())["parameters"]["embed_bytes"] is True
+    assert {k: v.num_rows for k, v in ds.items()} == {"train": 8, "validation": 8}
+    assert ds["train"].features["edited_image"] == datasets.Image()
+    _assert_decoded(ds["validation"], lambda u: Path(u).read_bytes())
+    assert json.loads((out / "dataset/dataset_info.json").read_text())["parameters"]["embed_bytes"] is False
+    card = (out / "dataset/README.md").read_text()
+    assert "**the bytes are not embedded**" in card and "self-contained" not in card
+
+
+def test_dataset_images_decode_to_the_written_pictures(ray_local, s3_bucket, tmp_path):
+    """On object storage (moto S3), with a model whose every output differs from its input and
+    from every other row's (input XOR a pattern of the row's seed): the exported dataset, loaded by
+    ``load_dataset("parquet")``, ``Dataset.from_parquet`` and ``load_dataset(folder)``, decodes each
+    row's ``edited_image`` to exactly that row's output object and ``source_image`` to its source."""
+    import datasets
+    from job_plugins import _pattern
+
+    sources = {"a.png": _png(3, 32, 24), "b.png": _png(4, 20, 28)}
+    for name, data in sources.items():
+        write_bytes(f"{s3_bucket}/in/{name}", data)
+    write_bytes(f"{s3_bucket}/in/images.jsonl", "".join(
+        json.dumps({"image_uri": n, "instruction": ["make it red", "add snow"]}) + "\n" for n in sources).encode())
+    out = f"{s3_bucket}/out"
+    raw = _raw(f"{s3_bucket}/in/images.jsonl", out, variants=2, validation_fraction=0.0, max_shard_rows=5)
+    raw["model"] = {"family": "job_plugins:Seeded"}
+    raw["runtime"]["run_id"] = "seeded"
+    s = run_synthesize(parse_synthesize_config(raw))
+    assert s.ok and s.edit["by_status"] == {"ok": 8} and s.dataset["rows"] == 8
+
+    local = tmp_path / "dataset"  # the folder as a user would download it
+    for key in ["README.md", "dataset_info.json", "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet"]:
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        (local / key).write_bytes(read_bytes(f"{out}/dataset/{key}"))
+    files = sorted(str(p) for p in (local / "data").iterdir())
+    loaded = {
+        "load_dataset parquet": datasets.load_dataset("parquet", data_files={"train": files},
+                                                      cache_dir=str(tmp_path / "hf1"))["train"],
+        "from_parquet": datasets.Dataset.from_parquet(files, cache_dir=str(tmp_path / "hf2")),
+        "load_dataset folder": datasets.load_dataset(str(local), cache_dir=str(tmp_path / "hf3"))["train"],
+    }
+    expected = None
+    for how, ds in loaded.items():
+        assert ds.num_rows == 8, how
+        assert ds.features["source_image"] == ds.features["edited_image"] == datasets.Image(), how
+        rows = list(ds)
+        _assert_decoded(rows, read_bytes)
+        got = {}
+        for r in rows:
+            name = r["source_image_uri"].rsplit("/", 1)[1]
+            assert r["source_image_uri"] == f"{s3_bucket}/in/{name}" == r["source_images"][0]
+            assert r["edited_image_uri"] == f"{out}/pairs/images/{r['id']}.png"
+            source = _pixels(r["source_image"])
+            assert np.array_equal(source, decode_image(sources[name], 10**6))
+            edited = _pixels(r["edited_image"])
+            assert np.array_equal(edited, np.bitwise_xor(source, _pattern(r["seed"], source.shape)))
+            got[r["id"]] = edited.tobytes()
+        assert len(set(got.values())) == 8  # every row its own picture
+        assert expected in (None, got), how
+        expected = got
+    raw_rows = pq.read_table(files[0]).to_pylist()
+    assert raw_rows[0]["edited_image"]["bytes"] == read_bytes(raw_rows[0]["edited_image_uri"])
 
 
 def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
@@ -328,8 +424,9 @@ def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
     recs = pq.read_table(path, filesystem=fs).to_pylist()
     assert [r["variant"] for r in recs] == [0, 1] and recs[0]["seed"] != recs[1]["seed"]
     assert recs[0]["model_id"].startswith("step1x-edit:") and recs[0]["num_steps"] == 2
-    edits = [decode_image(read_bytes(r["edited_image"]), 10**6) for r in recs]
-    source = decode_image(read_bytes(recs[0]["source_image"]), 10**6)
+    assert recs[0]["edited_image"]["bytes"] == read_bytes(recs[0]["edited_image_uri"])
+    edits = [decode_image(read_bytes(r["edited_image_uri"]), 10**6) for r in recs]
+    source = decode_image(read_bytes(recs[0]["source_image_uri"]), 10**6)
     assert edits[0].shape == source.shape == (48, 64, 3)
     assert not np.array_equal(edits[0], source)  # the model changed the picture
     assert not np.array_equal(edits[0], edits[1])  # another seed, other noise
@@ -349,5 +446,7 @@ def test_job_entry_point_refuses_bad_inputs(tmp_path):
     assert proc.returncode == 2 and "pairs.variants: Input should be greater than or equal to 1" in proc.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/synthesize_pairs.py"), "--config", str(cfg)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no column 'image_uri' (pairs.image_column)" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "has no `image_uri` column (named by pairs.image_column)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert not (tmp_path / "out" / "dataset").exists()

@@ -19,6 +19,7 @@ only torch and transformers.
 from __future__ import annotations
 
 import abc
+import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -204,6 +205,9 @@ class ModelFamily(abc.ABC):
     # folder: tokenizer, processor config); the job stages only these on CPU nodes.
     prepare_files: ClassVar[tuple[str, ...]] = ()
     needs_weights: ClassVar[bool] = True  # False: ``model.weights`` may be empty
+    # Glob patterns (relative to the weights folder) each of which some file must match: checked
+    # on the driver before anything starts, so a wrong folder fails in seconds, not in every actor.
+    required_files: ClassVar[tuple[str, ...]] = ()
     supports_adapters: ClassVar[bool] = False  # True: ``load`` merges LoRA adapters
     # True: the engine is cheap to hold many times (on CPU-only clusters the job then runs a copy
     # per free CPU slot instead of one copy that uses every core).
@@ -227,6 +231,12 @@ class ModelFamily(abc.ABC):
         weights = self.spec.weights.rstrip("/")
         variant = "" if self.spec.batch_invariant else ":batch-variant"
         return f"{self.name}:{self.spec.dtype}:{options}{variant}:{weights}{adapters_id(self.spec.adapters)}"
+
+    def weights_problem(self, files: Mapping[str, int]) -> str | None:
+        """What a weights listing (``{relative path: size}``) lacks for ``load``, as the end of a
+        sentence ("has no file matching ..."); None when the files ``load`` needs are there."""
+        missing = [p for p in self.required_files if not any(fnmatch.fnmatchcase(f, p) for f in files)]
+        return f"has no file matching {', '.join(missing)}" if missing else None
 
     @abc.abstractmethod
     def preparer(self, folder: Path | None) -> Preparer:

@@ -24,6 +24,19 @@ class QwenImageEditFamily(ModelFamily):
         "vae/config.json",
     )
     supports_adapters = True
+    required_files = (
+        "model_index.json", "scheduler/scheduler_config.json",
+        "transformer/config.json", "transformer/*.safetensors",
+        "vae/config.json", "vae/*.safetensors",
+        "text_encoder/config.json", "text_encoder/*.safetensors",
+        "processor/preprocessor_config.json",
+    )
+
+    def weights_problem(self, files) -> str | None:
+        tokenizer = [f"{d}/{n}" for d in ("processor", "tokenizer") for n in ("tokenizer.json", "vocab.json")]
+        if not any(t in files for t in tokenizer):
+            return "has no tokenizer (processor/tokenizer.json or tokenizer/tokenizer.json)"
+        return super().weights_problem(files)
 
     @property
     def max_images(self) -> int:

@@ -36,6 +36,11 @@ class Step1XFamily(ModelFamily):
     prepare_files = PREPARE_FILES  # the tokenizer / processor / model config of either layout
     supports_adapters = True
 
+    def weights_problem(self, files) -> str | None:
+        from .release import layout_problem
+
+        return layout_problem(files)
+
     def model_id(self) -> str:
         if self.spec.model_id:
             return self.spec.model_id

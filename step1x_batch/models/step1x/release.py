@@ -28,8 +28,10 @@ Nothing here imports torch: the CPU prepare uses :func:`load_prompts` and :data:
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
+from typing import Mapping
 
 DIT_FILES = (
     "step1x-edit-v1p1-official.safetensors",
@@ -83,6 +85,28 @@ def detect_layout(folder: str | os.PathLike) -> str:
             f"bundle ({', '.join(bundle)}); point model.weights at a folder with one of them"
         )
     return REALRESTORER if bundle else RELEASE
+
+
+def layout_problem(files: Mapping[str, int]) -> str | None:
+    """What a listing of a weights folder (``{relative path: size}``) lacks for either layout, as
+    the end of a sentence; None when a release or a bundle is complete enough to load."""
+    def has(pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(f, pattern) for f in files)
+
+    release = [n for n in _RELEASE_MARKERS if n in files or has(f"{n}/*")]
+    bundle = [n for n in _BUNDLE_MARKERS if n in files or has(f"{n}/*")]
+    if release and bundle:
+        return (f"holds both a Step1X-Edit release ({', '.join(release)}) and a RealRestorer bundle "
+                f"({', '.join(bundle)})")
+    if bundle:
+        need = [f"{TRANSFORMER_DIR}/*.safetensors", f"{BUNDLE_VAE_DIR}/*.safetensors",
+                f"{TEXT_ENCODER_DIR}/config.json", f"{TEXT_ENCODER_DIR}/*.safetensors"]
+    else:
+        if not any(n in files for n in DIT_FILES):
+            return f"has no Step1X-Edit DiT file ({' or '.join(DIT_FILES)})"
+        need = [VAE_FILE, f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/*.safetensors"]
+    missing = [p for p in need if not has(p)]
+    return f"has no file matching {', '.join(missing)}" if missing else None
 
 
 def text_encoder_folder(folder: str | os.PathLike) -> Path:

@@ -1,0 +1,115 @@
+"""The progress line's arithmetic, the console's two modes, Ray's output kept off the terminal,
+and the report's throughput timeline (no Ray: the job-level console is tested end to end in
+test_operating.py)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+
+from step1x_batch.console import Console, RateMeter, RunProgress, progress_line
+from step1x_batch.runner import Tally
+
+
+def test_progress_line_counts_eta_and_actors():
+    p = RunProgress(run_id="r", elapsed_s=75, ok=400, error=12, skipped=100, manifest_rows=1100,
+                    actor_states=(("busy", 3.0), ("ready", 1.0)), actors_planned=2)
+    line = progress_line(p, rows_per_s=20.0)
+    # 1100 rows, 100 already done: 1000 to do, 412 done, 588 left at 20 rows/s = 29 s
+    assert line == ("run r: 412/1000 rows (ok 400, error 12), 100 skipped as done, 20.0 rows/s, "
+                    "ETA 0:29, actors 1/2 busy, 1:15")
+
+
+def test_progress_line_while_the_model_loads_and_without_a_total():
+    p = RunProgress(run_id="r", elapsed_s=3700, actor_states=(("staging weights 1.2 GB of 40.0 GB", 65.0),),
+                    actors_planned=2)
+    line = progress_line(p, rows_per_s=0.0)
+    assert line == ("run r: 0 rows (ok 0, error 0), 0.0 rows/s, actors 0/2 busy "
+                    "(1 staging weights 1.2 GB of 40.0 GB, 1:05), 1:01:40")
+
+
+def test_rate_follows_the_last_minute():
+    meter = RateMeter(window_s=60)
+    assert meter.add(0.0, 0) == 0.0
+    meter.add(100.0, 0)  # a slow start (model load) ...
+    rate = 0.0
+    for t in range(101, 200):
+        rate = meter.add(float(t), (t - 100) * 10)  # ... then 10 rows/s
+    assert abs(rate - 10.0) < 0.2
+
+
+def test_console_prints_lines_at_an_interval_when_not_a_terminal():
+    out = io.StringIO()
+    con = Console(out, out, interval_s=3600)
+    con.progress("first")  # printed: the first one
+    con.progress("second")  # within the interval: not printed
+    con.say("note")
+    con.progress("last", final=True)
+    con.end_progress()  # a stopped run leaves its last line on the screen, which is there already
+    assert out.getvalue().splitlines() == ["first", "note", "last"]
+
+
+def test_console_rewrites_one_line_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    con = Console(out, out)
+    con.progress("rows 1 of 10")
+    con.progress("rows 2")
+    con.say("a note")
+    assert out.getvalue() == "\rrows 1 of 10\rrows 2      \na note\n"
+
+
+def test_ray_output_keeps_everything_a_process_prints_off_the_terminal(tmp_path):
+    """C-level writes to fds 1 and 2, Python warnings and logging all land in the log file; the
+    Console still reaches the real stdout."""
+    script = textwrap.dedent(f"""
+        import logging, os, sys, warnings
+        from step1x_batch.console import ray_output
+        logging.basicConfig()
+        with ray_output({str(tmp_path / "ray.log")!r}) as con:
+            os.write(1, b"C-level stdout\\n")
+            os.write(2, b"C-level stderr\\n")
+            print("python print")
+            warnings.warn("a warning")
+            logging.getLogger("ray").warning("a ray warning")
+            con.progress("progress 1/1", final=True)
+            con.say("summary line")
+        print("after")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["progress 1/1", "summary line", "after"]
+    assert done.stderr == ""
+    log = (tmp_path / "ray.log").read_text()
+    for text in ("C-level stdout", "C-level stderr", "python print", "a warning", "a ray warning"):
+        assert text in log
+
+
+def test_timeline_buckets_rows_by_when_they_finished():
+    start = _dt.datetime(2026, 1, 1, tzinfo=_dt.timezone.utc)
+    tally = Tally(0, start)
+    ts = pa.timestamp("us", tz="UTC")
+
+    def records(seconds: list[float], status: str) -> pa.Table:
+        n = len(seconds)
+        return pa.table({"status": [status] * n, "error_type": [None if status == "ok" else "x"] * n,
+                         "preprocess_ms": [1.0] * n, "edit_ms": [2.0] * n, "write_ms": [3.0] * n,
+                         "finished_at": pa.array([start + _dt.timedelta(seconds=s) for s in seconds], ts)})
+
+    tally.add(records([0.5, 1.2, 1.9, 130.0], "ok"))
+    tally.add(records([61.0], "error"))
+    line = tally.timeline(wall_s=150.0, max_buckets=60)
+    assert line["bucket_s"] == 3.0  # 150 s in at most 60 buckets of whole seconds
+    assert len(line["ok"]) == len(line["error"]) == 50
+    assert line["ok"][0] == 3 and line["ok"][130 // 3] == 1 and sum(line["ok"]) == 4
+    assert line["error"][61 // 3] == 1 and sum(line["error"]) == 1
