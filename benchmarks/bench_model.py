@@ -62,6 +62,9 @@ def random_fill(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.02, generator=g)
+        for b in module.buffers():  # to_empty left them uninitialised
+            if b.is_floating_point():
+                b.normal_(0, 0.02, generator=g)
     return module.eval().requires_grad_(False)
 
 
@@ -92,7 +95,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn, device: torch.device, repeat: int) -> float:
+def time_it(fn, device: torch.device, repeat: int = 1) -> float:
     fn()  # warm-up
     sync(device)
     times = []

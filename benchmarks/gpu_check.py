@@ -21,47 +21,19 @@ pass its parent in --pythonpath (e.g. ``.venv/lib/python3.11/site-packages``), o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_model import TEXT_TOKENS, RandomTextEngine, dit_flops, random_fill, time_it  # noqa: E402
+from bench_model import rows_for as step1x_rows  # noqa: E402
 
 FLOOR_FLOPS = 800e12  # dense bf16 FLOP/s the reference sheet's compute floor assumes (H100)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeat: int = 1) -> float:
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def random_fill(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    module = module.to_empty(device=device).to(dtype)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.02, generator=g)
-        for name, b in module.named_buffers():
-            if b.is_floating_point():
-                b.normal_(0, 0.02, generator=g)
-    return module.eval().requires_grad_(False)
 
 
 def peak_gib(device: torch.device) -> float:
@@ -87,7 +59,7 @@ def attention_table(device: torch.device, dtype: torch.dtype, heads: int, head_d
             cells.append(f"{name} n/a")
             continue
         with kernels.using_attention(name):
-            s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask), device, 3)
+            s = time_it(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask), device, 3)
         cells.append(f"{name} {s * 1e3:.2f} ms ({flops / s / 1e12:.0f} TFLOP/s)")
     chosen = kernels.choose_attention("auto", device, dtype, head_dim, masked)
     return f"attention (2 x {heads} heads x {seq} tokens{', masked' if masked else ''}): " + "; ".join(cells) + \
@@ -106,9 +78,9 @@ def edit_table(name: str, engine_for, rows_for, forward, forward_flops: float, e
         for batch in batches:
             engine.max_batch_size = batch
             reset_peak(device)
-            fwd = timed(lambda: forward(engine, batch), device, 2)
-            t1 = timed(lambda: edit_prepared(engine, rows_for(batch, 1), batch), device)
-            t3 = timed(lambda: edit_prepared(engine, rows_for(batch, 3), batch), device)
+            fwd = time_it(lambda: forward(engine, batch), device, 2)
+            t1 = time_it(lambda: edit_prepared(engine, rows_for(batch, 1), batch), device)
+            t3 = time_it(lambda: edit_prepared(engine, rows_for(batch, 3), batch), device)
             per_step = max((t3 - t1) / 2, 1e-9)
             s_edit = (t1 - per_step + steps * per_step) / batch
             floor = edit_flops / FLOOR_FLOPS
@@ -126,8 +98,6 @@ def edit_table(name: str, engine_for, rows_for, forward, forward_flops: float, e
 
 
 def step1x(args, device: torch.device, dtype: torch.dtype) -> list[str]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_model import TEXT_TOKENS, RandomTextEngine, dit_flops, rows_for
 
     from step1x_batch.models.kernels import compile_blocks
     from step1x_batch.models.step1x.connector import Connector, ConnectorParams
@@ -169,7 +139,7 @@ def step1x(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     lines = [f"Step1X-Edit DiT {params.depth}+{params.depth_single_blocks} blocks x {width}, {w}x{h} "
              f"({seq} tokens per sequence), CFG, anchor: 22 s per 1024^2 edit on an H800 (reference)",
              attention_table(device, dtype, params.num_heads, 128, seq, masked=False)]
-    lines += edit_table("Step1X-Edit", engine_for, lambda b, n: rows_for(size, b, n), forward, fwd_flops,
+    lines += edit_table("Step1X-Edit", engine_for, lambda b, n: step1x_rows(size, b, n), forward, fwd_flops,
                         steps * fwd_flops, steps, args.batches, device, not args.no_compile)
     return lines
 

@@ -62,7 +62,6 @@ __all__ = [
     "add_inspection_commands",
 ]
 
-LEASE_KEY = "_lease.json"
 # Inspection is interactive: a few attempts per request, not a batch job's patience.
 _MAX_ATTEMPTS = 3
 _CONNECT_TIMEOUT_S = 5.0
@@ -240,20 +239,16 @@ def read_lease(output_uri: str, options: "StorageOptions | None" = None,
     """The lease object ``<output_uri>/_lease.json`` (None when there is none), with its age by
     its own ``renewed_at``; it tells a live run from a killed one."""
     from step1x_batch.errors import MISSING_OBJECT, RowError
-    from step1x_batch.storage import join_uri, read_bytes
+    from step1x_batch.lease import lease_uri, parse_document
+    from step1x_batch.storage import read_bytes
 
     try:
-        data = read_bytes(join_uri(output_uri, LEASE_KEY), options)
+        data = read_bytes(lease_uri(output_uri), options)
     except RowError as e:
         if e.code == MISSING_OBJECT:
             return None
         raise InspectionError(f"could not read the lease: {e.message}") from None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
-        doc = {}  # a torn or foreign object: a holder with unknown details, not fresh
+    doc = parse_document(data)  # {} when torn or foreign: a holder with unknown details, not fresh
     now = now or _utcnow()
     renewed = _parse_time(doc.get("renewed_at"))
     try:

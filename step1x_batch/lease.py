@@ -32,10 +32,9 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-
-from contextlib import contextmanager
 
 from step1x_batch.errors import JobRefused, redact, redact_uri
 from step1x_batch.storage import StorageOptions, is_local, join_uri, s3_client, split_s3_uri
@@ -118,7 +117,7 @@ class _LocalStore:
             age = time.time() - os.stat(self.path).st_mtime
         except FileNotFoundError:
             return None
-        return Holder(_parse(data), max(age, 0.0), "local")
+        return Holder(parse_document(data), max(age, 0.0), "local")
 
     def replace(self, holder: Holder, body: bytes) -> str | None:
         """Swap a stale lease for ours: renaming it away succeeds for exactly one taker."""
@@ -128,7 +127,7 @@ class _LocalStore:
         except FileNotFoundError:
             return None
         with open(aside, "rb") as f:
-            taken = Holder(_parse(f.read()), max(time.time() - os.stat(aside).st_mtime, 0.0))
+            taken = Holder(parse_document(f.read()), max(time.time() - os.stat(aside).st_mtime, 0.0))
         if taken.doc.get("token") != holder.doc.get("token") or not taken.stale(holder.age_s + 1):
             # Renewed or replaced between our read and the rename: put it back, it is not ours.
             try:
@@ -195,7 +194,7 @@ class _S3Store:
         data = out["Body"].read()
         age = (_store_now(out["ResponseMetadata"]["HTTPHeaders"].get("date"))
                - _utc(out["LastModified"])).total_seconds()
-        return Holder(_parse(data), max(age, 0.0), out.get("ETag"))
+        return Holder(parse_document(data), max(age, 0.0), out.get("ETag"))
 
     def replace(self, holder: Holder, body: bytes) -> str | None:
         return self._put(body, IfMatch=holder.etag or "")
@@ -223,7 +222,8 @@ def _store_now(date_header: str | None) -> _dt.datetime:
         return _dt.datetime.now(_dt.timezone.utc)
 
 
-def _parse(data: bytes) -> dict[str, Any]:
+def parse_document(data: bytes) -> dict[str, Any]:
+    """A lease object's fields; ``{}`` for a torn or foreign object (a holder with unknown details)."""
     try:
         doc = json.loads(data)
         return doc if isinstance(doc, dict) else {}

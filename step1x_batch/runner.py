@@ -335,8 +335,9 @@ def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
     """
     from step1x_batch import lease as leases
 
-    if leases.held_for(cfg.output.uri) is not None:
-        return _run_job(cfg, facts, leases.held_for(cfg.output.uri))
+    held_already = leases.held_for(cfg.output.uri)
+    if held_already is not None:
+        return _run_job(cfg, facts, held_already)
     with leases.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                      ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked,
                      say=lambda m: _print(m, err=True)) as held:

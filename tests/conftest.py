@@ -20,6 +20,7 @@ import http.client
 import io
 import logging
 import os
+import signal
 import socketserver
 import struct
 import threading
@@ -347,3 +348,28 @@ def ray_local(s3_server) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def marked_pids(marker: str) -> list[int]:
+    """The processes (other than this one) with ``marker`` in their environment: a job started
+    as a subprocess, and the Ray it started."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ:
+            pids.append(int(name))
+    return pids
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL whatever is left running with ``marker`` in its environment (a killed driver's Ray)."""
+    for pid in marked_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

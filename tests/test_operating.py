@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from step1x_batch.rowlog import read_logs
 from step1x_batch.storage import write_bytes
 
-from conftest import make_bucket
+from conftest import kill_marked, make_bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,22 +40,6 @@ def _env(marker: str) -> dict[str, str]:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "step1x_batch.cli", *args]
-
-
-def _kill_marked(marker: str) -> None:
-    """SIGKILL whatever is left running with ``marker`` in its environment (a killed driver's Ray)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in env:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _png(image_factory, w: int = 24, h: int = 16) -> bytes:
@@ -105,7 +88,7 @@ def test_clean_console_and_verbose(tmp_path, image_factory):
         assert "Started a local Ray instance" in loud.stdout + loud.stderr
         assert "run loud: 6 rows processed" in loud.stdout
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
 
 
 def _records_per_id(output: str) -> dict[str, list[str]]:
@@ -165,7 +148,7 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
         os.kill(procs[holder].pid, signal.SIGKILL)
         killed_at = time.time()
         procs[holder].wait(timeout=30)
-        _kill_marked(marker)  # its Ray
+        kill_marked(marker)  # its Ray
         landed = read_logs(output, run_id=holder).num_rows
         assert 0 < landed < n, f"the kill landed mid-run ({fs_logs})"
 
@@ -186,7 +169,7 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-        _kill_marked(marker)
+        kill_marked(marker)
 
     per_id = _records_per_id(output)
     assert sorted(per_id) == [r["id"] for r in rows]
@@ -209,7 +192,7 @@ def test_model_that_fails_to_load_in_the_actor_stops_with_one_sentence(tmp_path,
     try:
         done = subprocess.run(_cli("run", cfg), env=_env(marker), capture_output=True, text=True, timeout=600)
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
     assert done.returncode == 2, done.stdout + done.stderr
     err = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stdout + done.stderr and "ray.exceptions" not in done.stdout + done.stderr

@@ -21,26 +21,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, marked_pids
 
 from step1x_batch.rowlog import read_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _marked_pids(marker: str) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in environ:
-            pids.append(int(name))
-    return pids
 
 
 def _stop(head: subprocess.Popen, marker: str) -> None:
@@ -57,7 +43,7 @@ def _stop(head: subprocess.Popen, marker: str) -> None:
             continue
     deadline = time.time() + 20
     while time.time() < deadline:
-        left = _marked_pids(marker)
+        left = marked_pids(marker)
         if not left:
             return
         for pid in left:

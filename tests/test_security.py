@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import make_bucket
+from conftest import kill_marked, make_bucket
 from step1x_batch import errors
 from step1x_batch.config import ConfigError, load_config
 from step1x_batch.rowlog import read_logs
@@ -91,18 +90,6 @@ def _manifest_rows(bucket: str, endpoint: str, abs_dir: Path) -> list[dict]:
     return rows
 
 
-def _kill_marked(marker: str) -> None:
-    """SIGKILL anything left running with ``marker`` in its environment (the job's Ray)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
-
-
 @pytest.fixture(scope="module")
 def planted_job(s3_server, tmp_path_factory, image_factory):
     """Run the edit job once as its own process (``jobs/edit_dataset.py``, its own local Ray) with
@@ -140,7 +127,7 @@ def planted_job(s3_server, tmp_path_factory, image_factory):
             env=env, cwd=str(base), capture_output=True, timeout=240, start_new_session=True,
         )
     finally:
-        _kill_marked(marker)
+        kill_marked(marker)
     ray_dir = Path(f"/tmp/{marker}")  # everything this job's Ray wrote: its own and its workers' logs
     ray_files = [p for p in ray_dir.rglob("*") if p.is_file() and not p.is_symlink()]
     ray_text = {str(p.relative_to(ray_dir)): p.read_bytes().decode("latin-1") for p in ray_files}

@@ -75,6 +75,41 @@ def read_header(path: str | os.PathLike) -> dict:
     return tensors
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name; sharded: -0000K-of-0000N
+
+
+def component_files(folder: Path, *, any_safetensors: bool = False) -> list[Path]:
+    """The safetensors of one diffusers component folder: the shards its index names, else the
+    single ``diffusion_pytorch_model.safetensors`` (else, with ``any_safetensors``, every
+    ``*.safetensors`` there). Pickle checkpoints are refused by name, before anything reads them."""
+    index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors")]
+        if not names or bad:
+            raise WeightsError(f"{index}: expected shard file names in this folder, found {names}")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise WeightsError(f"{folder}: shards named by {index.name} are missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    if (folder / DIFFUSERS_WEIGHTS).is_file():
+        return [folder / DIFFUSERS_WEIGHTS]
+    others = sorted(folder.glob("*.safetensors"))
+    if any_safetensors and others:
+        return others
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: no such folder")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise WeightsError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load "
+                           "them, convert them to safetensors")
+    found = ", ".join(p.name for p in others) or "none"
+    raise WeightsError(f"{folder}: no .safetensors weights ({DIFFUSERS_WEIGHTS} or its shards), found {found}")
+
+
 def count_indexed(keys: Iterable[str], prefix: str) -> int:
     """How many numbered children (``prefix{i}.``) a state dict holds, e.g. blocks of a ModuleList."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")

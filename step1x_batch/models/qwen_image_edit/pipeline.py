@@ -43,7 +43,7 @@ from step1x_batch.models.base import (
     edit_prepared,
 )
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
-from step1x_batch.models.loading import PICKLE_SUFFIXES, WeightsError, load_files_into, torch_dtype
+from step1x_batch.models.loading import WeightsError, component_files, load_files_into, torch_dtype
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
 from .options import QwenImageEditOptions
@@ -56,7 +56,6 @@ COMPONENTS = {
     "scheduler": "FlowMatchEulerDiscreteScheduler",
 }
 PIPELINE = "QwenImageEditPlusPipeline"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 # --- schedule ------------------------------------------------------------------------------------
@@ -218,40 +217,13 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"{path}: not valid JSON ({e})") from None
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of one diffusers component folder: the shards its index names, or
-    the single file. Pickle checkpoints are refused by name."""
-    index = folder / f"{WEIGHTS_NAME}.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map") or {}
-        names = sorted(set(weight_map.values()))
-        if not names:
-            raise WeightsError(f"{index}: empty weight_map")
-        bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
-        if bad:
-            raise WeightsError(f"{index}: names files that are not safetensors in this folder: {', '.join(bad)}")
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise WeightsError(f"{index}: shards missing from {folder}: {', '.join(missing)}")
-        return [folder / n for n in names]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise WeightsError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); refusing to load them, "
-                           "convert them to safetensors")
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
-    found = ", ".join(others) or "no weights"
-    raise WeightsError(f"{folder}: expected {WEIGHTS_NAME} or its sharded index, found {found}")
-
-
 def load_component(cls, folder: Path, device: torch.device, dtype: torch.dtype, strict: bool = True):
     """A diffusers model built on meta from ``folder/config.json`` and loaded by our loader."""
     config = _read_json(folder / "config.json")
     name = config.get("_class_name", cls.__name__)
     if name != cls.__name__:
         raise WeightsError(f"{folder}/config.json: class {name!r}, expected {cls.__name__}")
-    files = weight_files(folder)
+    files = component_files(folder)
     with torch.device("meta"):
         model = cls.from_config(config)
     load_files_into(model, files, name=folder, device=device, dtype=dtype, strict=strict)

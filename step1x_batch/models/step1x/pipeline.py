@@ -37,6 +37,7 @@ from step1x_batch.models.base import (
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import (
     WeightsError,
+    component_files,
     header_shapes,
     load_files_into,
     load_into,
@@ -51,10 +52,8 @@ from .dit import DiTParams, Step1XDiT
 from .layers import keep_fp8_storage
 from .prepare import prepare_row, prompt_inputs, resize
 from .release import (
-    BUNDLE_INDEX,
     BUNDLE_PREFIX,
     BUNDLE_VAE_DIR,
-    BUNDLE_WEIGHTS,
     DIT_FILES,
     IGNORED_BUNDLE_KEYS,
     QWEN_DIR,
@@ -125,34 +124,6 @@ def find_dit_file(folder: Path) -> Path:
     return candidates[0]
 
 
-def bundle_files(folder: Path) -> list[Path]:
-    """A diffusers model folder's safetensors: the shards its index names, else
-    ``diffusion_pytorch_model.safetensors``, else every ``*.safetensors`` there."""
-    index = folder / BUNDLE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise WeightsError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        if not names or any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
-            raise WeightsError(f"{index}: expected shard file names in this folder, found {names}")
-        absent = [n for n in names if not (folder / n).is_file()]
-        if absent:
-            raise WeightsError(f"{folder}: shards named by {index.name} are missing: {', '.join(absent)}")
-        return [folder / n for n in names]
-    if (folder / BUNDLE_WEIGHTS).is_file():
-        return [folder / BUNDLE_WEIGHTS]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        if not folder.is_dir():
-            raise WeightsError(f"{folder}: no such folder; expected a RealRestorer bundle's {folder.name}/")
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        found = f"only pickle checkpoints ({', '.join(pickles)}); refusing to load them" if pickles else "none"
-        raise WeightsError(f"{folder}: no .safetensors weights ({BUNDLE_WEIGHTS} or shards), found {found}")
-    return files
-
-
 def _headers(files: Sequence[Path]) -> dict[str, dict]:
     """The union of the files' headers (every file validated; a duplicated key is left to the loader)."""
     merged: dict[str, dict] = {}
@@ -197,7 +168,7 @@ def _load_vae(path: Path, device: torch.device, strict: bool) -> AutoEncoder:
 def _load_bundle_vae(folder: Path, device: torch.device, strict: bool) -> AutoEncoder:
     """The bundle's ``vae/``: FLUX AE keys under ``inner_model.``, fp32; scale and shift from its
     ``config.json`` when given (upstream's are FLUX's 0.3611 / 0.1159)."""
-    files = bundle_files(folder)
+    files = component_files(folder, any_safetensors=True)
     shapes = _strip(header_shapes(_headers(files)), BUNDLE_PREFIX)
     try:
         params = AutoEncoderParams.from_state_dict(shapes)
@@ -293,7 +264,7 @@ class Step1XEngine:
                 raise ValueError(
                     "dit_file= chooses among a release folder's DiT files; a RealRestorer bundle has one transformer/"
                 )
-            dit_files, prefix, dit_name = bundle_files(folder / TRANSFORMER_DIR), BUNDLE_PREFIX, TRANSFORMER_DIR
+            dit_files, prefix, dit_name = component_files(folder / TRANSFORMER_DIR, any_safetensors=True), BUNDLE_PREFIX, TRANSFORMER_DIR
             shown: Path = folder / TRANSFORMER_DIR
         else:
             dit_path = folder / dit_file if dit_file else find_dit_file(folder)
