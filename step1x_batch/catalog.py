@@ -65,7 +65,8 @@ from step1x_batch.manifest import (
     template_fields,
     write_manifest,
 )
-from step1x_batch.rowlog import latest_records, part_uri, write_log_part
+from step1x_batch.rowlog import part_uri, write_log_part
+from step1x_batch.rowstate import latest_records
 from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, write_bytes
 

@@ -4,6 +4,7 @@ edit one image."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -64,6 +65,46 @@ def _rerender(args: argparse.Namespace) -> int:
     return run_config(args.config, config_overrides(args))
 
 
+def _compact(args: argparse.Namespace) -> int:
+    """Fold the log parts no state covers yet into a new state version (or rebuild it after
+    ``state/`` was deleted), holding the root's lease like a run."""
+    import datetime as dt
+
+    from step1x_batch import lease as leases
+    from step1x_batch import rowstate
+    from step1x_batch.errors import JobRefused, redact, redact_uri
+    from step1x_batch.inspection import storage_options
+
+    options = storage_options(args.endpoint_url, args.region)
+    run_id = f"compact-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    try:
+        if not rowstate.list_parts(args.output_uri, options):
+            print(f"error: no log parts under {redact_uri(args.output_uri)}/logs/: nothing to compact",
+                  file=sys.stderr)
+            return 2
+        with leases.held(args.output_uri, options, run_id, ttl_s=120.0, job="compact",
+                         say=lambda m: print(m, file=sys.stderr)):
+            if args.local:
+                result = rowstate.compact(args.output_uri, options, run_id=run_id, buckets=args.buckets)
+            else:
+                import ray
+
+                ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+                try:
+                    result = rowstate.compact(args.output_uri, options, tasks=rowstate.RayTasks(),
+                                              run_id=run_id, buckets=args.buckets)
+                finally:
+                    ray.shutdown()
+    except JobRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a sentence, never a traceback
+        print(f"error: {redact(f'{type(e).__name__}: {e}')}", file=sys.stderr)
+        return 2
+    print(result.line())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from step1x_batch.demo import main as demo_main
 
@@ -116,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_edit)
 
     add_inspection_commands(sub)
+
+    p = sub.add_parser("compact", help="fold new log records into the row state (or rebuild it from the logs)",
+                       description="Fold the log parts the row state does not cover yet into a new "
+                                   "state version; after `state/` was deleted, rebuild it from the logs.")
+    p.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output.uri")
+    p.add_argument("--endpoint-url", default=None, metavar="URL", help="S3 endpoint; default $AWS_ENDPOINT_URL")
+    p.add_argument("--region", default=None, metavar="R")
+    p.add_argument("--buckets", type=int, default=None, help="partition count (default: from the number of ids)")
+    p.add_argument("--local", action="store_true",
+                   help="in this process instead of Ray tasks (a small root, or no cluster at hand)")
+    p.set_defaults(func=_compact)
     return parser
 
 

@@ -14,7 +14,7 @@ turn them into text for people; :func:`add_inspection_commands` wires both into 
 Counting rules
     A *row* of the output root is an ``id``; its deciding record is its latest record (by
     ``finished_at``; a record without one counts as oldest; ties go to the later log part), the
-    same order :func:`step1x_batch.rowlog.latest_records` uses. *Done*: that record is ``ok``.
+    same order :mod:`step1x_batch.rowstate` fold uses. *Done*: that record is ``ok``.
     *Error row*: it is an ``error``. Per run, counts are of records (one per input row the run
     processed, as in its ``summary.json``).
 
@@ -283,7 +283,7 @@ def read_records(output_uri: str, options: "StorageOptions | None" = None,
 
 def latest_by_id(records: "pa.Table") -> "pa.Table":
     """One record per ``id``: its latest by ``finished_at`` (missing times count as oldest; ties
-    go to the record read later, i.e. the later log part), like ``rowlog.latest_records``."""
+    go to the record read later, i.e. the later log part), like the fold of ``rowstate``."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
@@ -483,17 +483,36 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
             f"no runs under {redact_uri(output_uri)}: it has no runs/<run_id>/ or "
             "logs/<run_id>/ folders; give the output.uri of a job that has run"
         )
-    latest = latest_by_id(records)
-    statuses = latest.column("status").to_pylist() if latest.num_rows else []
-    types = latest.column("error_type").to_pylist() if latest.num_rows else []
+    # Rows: the compacted state (one bucket at a time) with the parts written after it folded in.
+    from step1x_batch.rowstate import iter_state
+
+    rows = done = 0
+    error_types: dict[str, int] = {}
+    latest_parts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damaged part is already among the notes (read_records)
+        for table in iter_state(output_uri, options, columns=["id", "fingerprint", "status", "error_type"]):
+            rows += table.num_rows
+            statuses = table.column("status").to_pylist()
+            done += statuses.count("ok")
+            for s, t in zip(statuses, table.column("error_type").to_pylist()):
+                if s == "error":
+                    key = t or "(none)"
+                    error_types[key] = error_types.get(key, 0) + 1
+            if manifest_uri:
+                latest_parts.append(table)
     status = RootStatus(
-        output_uri=output_uri, runs=runs, lease=lease, rows=latest.num_rows,
-        done=sum(1 for s in statuses if s == "ok"),
-        error_rows_by_type=_count([t for s, t in zip(statuses, types) if s == "error"]),
-        records=records.num_rows, notes=notes,
+        output_uri=output_uri, runs=runs, lease=lease, rows=rows, done=done,
+        error_rows_by_type=dict(sorted(error_types.items())), records=records.num_rows, notes=notes,
     )
     if manifest_uri:
         run_id, raw = _config_of(output_uri, options, runs)
+        import pyarrow as pa
+
+        from step1x_batch.rowstate import STATE_SCHEMA
+
+        latest = pa.concat_tables(latest_parts) if latest_parts else STATE_SCHEMA.empty_table().select(
+            ["id", "fingerprint", "status", "error_type"])
         status.manifest = manifest_check(manifest_uri, latest, raw, config_run_id=run_id, options=options)
     return status
 

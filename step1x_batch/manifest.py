@@ -142,6 +142,7 @@ FINGERPRINT_VERSION = 1
 SEED_LIMIT = 2**31  # derived seeds are in [0, SEED_LIMIT)
 _MAX_GIVEN_SEED = 2**63
 _MAX_ID_CHARS = 512
+MAX_ID_CHARS = _MAX_ID_CHARS  # a longer given id is an invalid row
 
 _FORMAT_SUFFIXES = {
     ".parquet": "parquet",

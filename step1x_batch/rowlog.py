@@ -4,9 +4,10 @@ Layout: ``<output_uri>/logs/<run_id>/part-*.parquet``. A part is written whole o
 (:func:`write_log_part`), so a killed job leaves only complete parts (plus, at worst, a part some
 other writer left half-written, which :func:`read_logs` skips with a warning).
 
-Resume rule (DESIGN.md): a row is done when some ``ok`` record has its ``id`` and the same
-``fingerprint``; when several ``ok`` records share an id, the one that finished last wins, since
-its bytes are the ones in the output object now (:func:`latest_records` picks it).
+Resume rule (DESIGN.md): a row is done when its id's latest ``ok`` record has the same
+``fingerprint`` (its bytes are the ones in the output object now). The fold of every record into
+the deciding record of each id is :mod:`step1x_batch.rowstate`, compacted so that a start never
+re-reads every part.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import logging
 import posixpath
 import re
 import warnings
-from dataclasses import dataclass
-from dataclasses import field as dc_field
 from typing import Any, Mapping
 
 import pandas as pd
@@ -63,6 +62,7 @@ LOG_SCHEMA = pa.schema(
         ("preprocess_ms", pa.float64()),
         ("edit_ms", pa.float64()),
         ("write_ms", pa.float64()),
+        ("source_digest", pa.uint64()),  # of the raw manifest row (step1x_batch.row_digest)
         ("extra", pa.string()),  # JSON object of the manifest's extra columns
     ]
 )
@@ -218,39 +218,3 @@ def read_logs(output_uri: str, options: StorageOptions | None = None,
         schema = LOG_SCHEMA if columns is None else pa.schema([LOG_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
     return pa.concat_tables(parts, promote_options="permissive")
-
-
-@dataclass
-class LatestRecords:
-    """The deciding records of a log: for each (id, fingerprint) its latest ``ok`` record that
-    names an output, for each id its latest ``error`` record, and every (id, fingerprint) that
-    has an error. "Latest" is by ``finished_at`` (a record without one counts as oldest)."""
-
-    ok: dict[tuple[str, str], dict[str, Any]] = dc_field(default_factory=dict)
-    error: dict[str, dict[str, Any]] = dc_field(default_factory=dict)
-    errored: set[tuple[str, str]] = dc_field(default_factory=set)
-
-
-_LATEST_COLUMNS = ["id", "fingerprint", "status", "error_type", "output_uri", "model_id", "finished_at", "run_id"]
-
-
-def latest_records(output_uri: str, options: StorageOptions | None = None,
-                   ids: set[str | None] | None = None) -> LatestRecords:
-    """:class:`LatestRecords` over every readable log part under ``output_uri`` (only ``ids``
-    when given)."""
-    logs = read_logs(output_uri, options, columns=_LATEST_COLUMNS)
-    out = LatestRecords()
-    if not logs.num_rows:
-        return out
-    oldest = pa.scalar(_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc), logs.schema.field("finished_at").type)
-    finished = pc.fill_null(logs.column("finished_at"), oldest)
-    logs = logs.take(pc.sort_indices(pa.table({"t": finished}), sort_keys=[("t", "ascending")]))
-    for rec in logs.to_pylist():  # oldest first: later records overwrite earlier ones
-        if ids is not None and rec["id"] not in ids:
-            continue
-        if rec["status"] == "ok" and rec["output_uri"]:
-            out.ok[(rec["id"], rec["fingerprint"])] = rec
-        elif rec["status"] == "error":
-            out.error[rec["id"]] = rec
-            out.errored.add((rec["id"], rec["fingerprint"]))
-    return out

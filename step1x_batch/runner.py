@@ -2,12 +2,15 @@
 
 Resume rules (the same for a re-run after a crash and for a nightly incremental run):
 
-* A row is *done* when some landed log part holds a record for its ``id`` with the same
-  ``fingerprint`` and status ``ok``, or status ``error`` with a final error type (anything not in
-  ``runtime.retry_error_types``; by default only ``read_failed``, ``write_failed`` and
-  ``edit_failed`` are retried). Done rows are not processed and get no new record: their one record
-  is the earlier run's, so the union of all runs' logs holds exactly one deciding record per row.
-  ``summary.json`` counts them as ``skipped``.
+* A row is *done* when its id's latest ``ok`` record has the row's ``fingerprint``, or when the
+  id's deciding (latest) record is an ``error`` with that fingerprint and a final error type
+  (anything not in ``runtime.retry_error_types``; by default only ``read_failed``,
+  ``write_failed`` and ``edit_failed`` are retried). Done rows are not processed and get no new
+  record: their one record is the earlier run's, so the union of all runs' logs holds exactly one
+  deciding record per row. ``summary.json`` counts them as ``skipped``. The decision runs on the
+  cluster against the root's compacted row state (:mod:`step1x_batch.rowstate`,
+  :mod:`step1x_batch.skip`): parts no state covers (a killed run's) are folded in when a run
+  starts, this run's parts when it ends.
 * The driver writes the log itself, streaming the graph's output: a part lands every
   ``runtime.log_part_rows`` rows or ``runtime.log_part_seconds`` seconds, as one whole object under
   a name no other run or restart can reuse. A driver killed mid-run loses only the records still
@@ -34,6 +37,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from step1x_batch.config import JobConfig, config_to_yaml, load_config
+from step1x_batch import errors
 from step1x_batch.errors import JobRefused
 from step1x_batch.storage import StorageOptions, join_uri, write_bytes
 
@@ -347,7 +351,8 @@ def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
 def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
     import ray
 
-    from step1x_batch import console, report, stages, storage
+    from step1x_batch import console, report, rowstate, stages, storage
+    from step1x_batch.counters import make_counters
 
     start = time.monotonic()
     started_at = _dt.datetime.now(_dt.timezone.utc)
@@ -356,11 +361,10 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
     out_opts = cfg.output_storage()
     run_id = cfg.runtime.run_id
     rt = cfg.runtime
+    compaction_s: float | None = None
+    compaction_retries = 0
     write_bytes(paths["config"], config_to_yaml(cfg).encode(), out_opts)
 
-    index = stages.build_done_index(
-        stages.read_log_records(cfg.output.uri, out_opts), rt.retried_error_types()
-    )
     notes: list[str] = []
     if lease is not None and lease.took_over:
         notes.append(f"took over the lease from {lease.took_over}")
@@ -385,9 +389,19 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
             if plan.note:
                 notes.append(plan.note)
                 con.say(f"note: {plan.note}", err=True)
-            counters = stages.make_counters()
-            index_ref = ray.put(index)
-            ds = stages.build_dataset(cfg, index_ref=index_ref, counters=counters, plan=plan)
+            counters = make_counters()
+            # Records no state holds yet (a killed run's) are folded in first, on the cluster.
+            try:
+                state = rowstate.compact(cfg.output.uri, out_opts, tasks=rowstate.RayTasks(), run_id=run_id)
+            except rowstate.StateError as e:  # derived data: rebuilt from the logs
+                notes.append(f"{e}; rebuilt it from the logs")
+                con.say(f"warning: {e}; rebuilding it from the logs", err=True)
+                state = rowstate.compact(cfg.output.uri, out_opts, tasks=rowstate.RayTasks(), run_id=run_id,
+                                         rebuild=True)
+            compaction_retries = state.storage_retries
+            if state.compacted:
+                con.say(state.line(), err=True)
+            ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan)
             consumer = _Consumer(ds, writer, tally, lease)
             consumer.start()
             rate = console.RateMeter()
@@ -428,6 +442,15 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
                     ray_stats = ds.stats()
                 except Exception:  # stats are diagnostics only
                     ray_stats = ""
+                if writer.parts:  # this run's records join the state while the cluster is up
+                    try:
+                        compacted = rowstate.compact(cfg.output.uri, out_opts, run_id=run_id,
+                                                     tasks=rowstate.RayTasks())
+                        compaction_s = compacted.seconds
+                        compaction_retries += compacted.storage_retries
+                    except Exception as e:  # the logs are complete; the next start folds them in
+                        notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
+                                                   f"{e}); the next run folds this run's log parts in"))
         finally:
             if started:
                 _shutdown_ray()
@@ -460,7 +483,8 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         wall_s=round(wall, 3),
         rows_per_s=round(processed / wall, 3) if wall > 0 else 0.0,
         stage_ms=stage_ms,
-        storage_retries=int(counters_snapshot.get("storage_retries", 0)) + storage.retry_count() - driver_retries,
+        storage_retries=(int(counters_snapshot.get("storage_retries", 0)) + compaction_retries
+                         + storage.retry_count() - driver_retries),
         log_parts=len(writer.parts),
         output_uri=cfg.output.uri,
         paths=paths,
@@ -479,6 +503,7 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         k: round(v / processed, 3) if processed else 0.0 for k, v in stage_ms.items()
     }
     payload["timeline"] = tally.timeline(wall)
+    payload["state_compaction_s"] = None if compaction_s is None else round(compaction_s, 3)
     write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
     if stopped:
         raise JobStopped(f"{stopped}; the run stopped (its finished rows are logged, see {paths['ray_log']})")

@@ -19,17 +19,17 @@ part; a row counts as done only once the part holding its record has landed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from step1x_batch import errors
 from step1x_batch.config import JobConfig
@@ -51,7 +51,11 @@ from step1x_batch.models.base import (
     RowFailure,
     edit_prepared,
 )
+from step1x_batch import skip
+from step1x_batch.counters import add_counters
+from step1x_batch.row_digest import row_digests, settings_key
 from step1x_batch.rowlog import LOG_SCHEMA
+from step1x_batch.rowstate import StatePointer, decide
 from step1x_batch.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
 from step1x_batch.weights_cache import WeightsSource
 
@@ -79,6 +83,7 @@ ROW_SCHEMA = pa.schema(
         ("pixels", pa.large_binary()),
         ("pix_h", pa.int64()),
         ("pix_w", pa.int64()),
+        ("source_digest", pa.uint64()),  # of the raw manifest row: a later skip compares it first
     ]
 )
 _NORMALISED_COLUMNS = tuple(NORMALIZED_SCHEMA.names)
@@ -105,168 +110,7 @@ def _message(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The done index: which (id, fingerprint) pairs earlier runs already settled.
-
-
-def row_key(row_id: str | None, fingerprint: str | None) -> bytes:
-    """A 16-byte key for (id, fingerprint): the done index stays ~16 bytes per row at any scale."""
-    text = f"{row_id or ''}\x00{fingerprint or ''}".encode()
-    return hashlib.blake2b(text, digest_size=16).digest()
-
-
-def id_key(row_id: str | None) -> bytes:
-    return hashlib.blake2b(f"{row_id or ''}".encode(), digest_size=16).digest()
-
-
-@dataclass
-class DoneIndex:
-    """Sorted key arrays broadcast to every normalise task (one object-store copy per node).
-
-    ``done``: (id, fingerprint) keys that must not run again: the fingerprint of the id's latest
-    ``ok`` record (its bytes are the ones in the output object now), and every (id, fingerprint)
-    with an ``error`` record of a final type (not in ``runtime.retry_error_types``).
-    ``seen_ids`` / ``seen_counts``: how many records each id already has (for ``attempt``).
-    """
-
-    done: np.ndarray  # dtype S16, sorted, unique
-    seen_ids: np.ndarray  # dtype S16, sorted, unique
-    seen_counts: np.ndarray  # int64, aligned with seen_ids
-
-    @classmethod
-    def empty(cls) -> "DoneIndex":
-        e = np.array([], dtype="S16")
-        return cls(e, e.copy(), np.array([], dtype=np.int64))
-
-    def __len__(self) -> int:
-        return int(self.done.size)
-
-    @staticmethod
-    def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if sorted_keys.size == 0 or keys.size == 0:
-            return np.zeros(keys.shape, dtype=bool), np.zeros(keys.shape, dtype=np.int64)
-        pos = np.searchsorted(sorted_keys, keys)
-        pos[pos >= sorted_keys.size] = 0
-        return sorted_keys[pos] == keys, pos
-
-    def is_done(self, keys: np.ndarray) -> np.ndarray:
-        return self._find(self.done, keys)[0]
-
-    def attempts_before(self, ids: np.ndarray) -> np.ndarray:
-        hit, pos = self._find(self.seen_ids, ids)
-        if not hit.any():
-            return np.zeros(ids.shape, dtype=np.int64)
-        return np.where(hit, self.seen_counts[pos], 0)
-
-
-_NO_TIME = np.iinfo(np.int64).min
-
-
-def build_done_index(records: Iterable[pa.Table], retry_error_types: Sequence[str]) -> DoneIndex:
-    """Fold log records (id, fingerprint, status, error_type, finished_at) into a DoneIndex."""
-    retry = set(retry_error_types)
-    retry_all = "*" in retry
-    ok_ids: list[bytes] = []
-    ok_keys: list[bytes] = []
-    ok_times: list[int] = []
-    final: list[bytes] = []
-    ids: list[bytes] = []
-    for table in records:
-        times = table.column("finished_at").cast(pa.int64()).to_pylist()
-        cols = table.select(["id", "fingerprint", "status", "error_type"]).to_pydict()
-        for rid, fp, status, etype, t in zip(cols["id"], cols["fingerprint"], cols["status"], cols["error_type"], times):
-            ik = id_key(rid)
-            ids.append(ik)
-            if status == "ok":
-                ok_ids.append(ik)
-                ok_keys.append(row_key(rid, fp))
-                ok_times.append(_NO_TIME if t is None else t)
-            elif status == "error" and not retry_all and etype not in retry:
-                final.append(row_key(rid, fp))
-    done_parts = [np.array(final, dtype="S16")]
-    if ok_ids:
-        oid, okey, otime = np.array(ok_ids, dtype="S16"), np.array(ok_keys, dtype="S16"), np.array(ok_times)
-        order = np.lexsort((otime, oid))  # by id, then time: the last of each id is its latest
-        oid, okey = oid[order], okey[order]
-        last = np.ones(oid.size, dtype=bool)
-        last[:-1] = oid[:-1] != oid[1:]
-        done_parts.append(okey[last])
-    done = np.unique(np.concatenate(done_parts)) if any(p.size for p in done_parts) else np.array([], dtype="S16")
-    if ids:
-        seen, counts = np.unique(np.array(ids, dtype="S16"), return_counts=True)
-    else:
-        seen, counts = np.array([], dtype="S16"), np.array([], dtype=np.int64)
-    return DoneIndex(done.astype("S16"), seen, counts.astype(np.int64))
-
-
-_INDEX_COLUMNS = ["id", "fingerprint", "status", "error_type", "finished_at"]
-
-
-def read_log_records(output_uri: str, options: StorageOptions | None) -> Iterator[pa.Table]:
-    """Yield the resume columns of every landed log part under ``logs/``, part by part.
-
-    Parts are written as whole objects, so a part a killed driver was writing is absent, never
-    half there; a part that cannot be read is skipped with a warning (its rows get redone).
-    """
-    import warnings
-
-    import pyarrow.parquet as pq
-
-    from step1x_batch.rowlog import log_part_uris
-    from step1x_batch.storage import filesystem
-
-    for uri in log_part_uris(output_uri, options):
-        try:
-            fs, path = filesystem(uri, options)
-            with fs.open(path, "rb") as f:
-                data = f.read()
-            yield pq.read_table(pa.BufferReader(data), columns=_INDEX_COLUMNS)
-        except Exception as e:  # a damaged part must not stop a resume
-            warnings.warn(f"skipping unreadable log part {errors.redact_uri(uri)}: {_message(e)}", RuntimeWarning)
-
-
-# ---------------------------------------------------------------------------------------------
 # Counters shared by all tasks (rows skipped, time spent normalising, storage retries).
-
-
-def make_counters():
-    """A tiny zero-CPU actor that tasks add to and edit actors report their state to (staging
-    weights, loading, ready, busy; or the one sentence why the model failed to load); the driver
-    polls it for the progress line and reads it at the end."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Counters:
-        def __init__(self) -> None:
-            self.values: dict[str, float] = {}
-            self.states: dict[str, tuple[str, float]] = {}  # actor -> (state, since: time.time())
-            self.fatal: str | None = None
-
-        def add(self, deltas: dict[str, float]) -> None:
-            for k, v in deltas.items():
-                self.values[k] = self.values.get(k, 0) + v
-
-        def set_state(self, actor: str, state: str) -> None:
-            since = self.states[actor][1] if actor in self.states and self.states[actor][0] == state else time.time()
-            self.states[actor] = (state, since)
-
-        def set_fatal(self, message: str) -> None:
-            self.fatal = self.fatal or message
-
-        def snapshot(self) -> dict[str, float]:
-            return dict(self.values)
-
-        def status(self) -> dict[str, Any]:
-            return {"values": dict(self.values), "states": dict(self.states), "fatal": self.fatal}
-
-    return Counters.remote()
-
-
-def _add_counters(counters, deltas: dict[str, float]) -> None:
-    if counters is None or not deltas:
-        return
-    import ray
-
-    ray.get(counters.add.remote(deltas))
 
 
 def _storage_retries() -> dict[str, float]:
@@ -279,24 +123,6 @@ def _storage_retries() -> dict[str, float]:
 def _retry_delta(before: dict[str, float]) -> dict[str, float]:
     after = _storage_retries()
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-
-
-_INDEX_CACHE: dict[str, DoneIndex] = {}
-
-
-def _resolve_index(index: Any) -> DoneIndex:
-    """The broadcast index: an ObjectRef fetched once per worker process, or a DoneIndex."""
-    if index is None:
-        return DoneIndex.empty()
-    if isinstance(index, DoneIndex):
-        return index
-    key = index.hex()
-    if key not in _INDEX_CACHE:
-        import ray
-
-        _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = ray.get(index)
-    return _INDEX_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,40 +193,58 @@ class NormaliseSettings:
             max_images=self.max_images,
         )
 
+    def digest_key(self) -> int:
+        """The settings part of every row's digest (:mod:`step1x_batch.row_digest`): what
+        normalisation reads besides the row (the manifest's folder, not its name)."""
+        from step1x_batch.manifest import FINGERPRINT_VERSION, manifest_base
 
-def normalise_and_skip(
-    batch: pa.Table, *, settings: NormaliseSettings, index: Any = None, counters: Any = None
-) -> pa.Table:
-    """Manifest rows -> ROW_SCHEMA rows that still need work (done rows are counted and dropped)."""
+        return settings_key(FINGERPRINT_VERSION, manifest_base(self.manifest_uri), self.defaults,
+                            self.seed_base, self.model_id, self.image_format, self.max_instruction_chars,
+                            self.image_quality, self.max_images)
+
+
+def _with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns of ``schema`` (missing ones null), in its order and types."""
+    n = table.num_rows
+    return pa.table({f.name: table.column(f.name).cast(f.type) if f.name in table.column_names
+                     else pa.nulls(n, f.type) for f in schema}, schema=schema)
+
+
+def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Sequence[str] = (),
+                   counters: Any = None) -> pa.Table:
+    """Raw manifest rows -> ROW_SCHEMA rows that still need work. Rows from the skip join carry
+    their id's state (``__state_*``): those done by fingerprint are counted and dropped; rows
+    without it (a root with no state) are all work."""
     start = time.perf_counter()
     retries_before = _storage_retries()
-    n_in = batch.num_rows
-    if n_in == 0:
+    if batch.num_rows == 0:
         return ROW_SCHEMA.empty_table()
-    table = settings.normalise(batch)
-    done_index = _resolve_index(index)
-    cols = table.select(list(_NORMALISED_COLUMNS)).to_pydict()
-    ids, fps = cols["id"], cols["fingerprint"]
-    keys = np.array([row_key(i, f) for i, f in zip(ids, fps)], dtype="S16")
-    done = done_index.is_done(keys)
-    before = done_index.attempts_before(np.array([id_key(i) for i in ids], dtype="S16"))
-    now = _ts(_now())
-    out = []
-    for i in np.flatnonzero(~done):
-        rec = {name: cols[name][i] for name in _NORMALISED_COLUMNS}
-        if not rec["error_type"]:
-            rec["error_message"] = None
-        rec["attempt"] = int(before[i]) + 1
-        rec["started_at"] = now
-        out.append(rec)
-    deltas = {
-        "rows_read": float(n_in),
-        "rows_skipped_done": float(n_in - len(out)),
-        "normalise_ms": (time.perf_counter() - start) * 1e3,
-    }
+    joined = skip.STATE_PREFIX + "attempts" in batch.column_names
+    raw = batch.drop_columns(skip.internal_columns(batch))
+    table = settings.normalise(raw)
+    digests = (batch.column(skip.DIGEST) if skip.DIGEST in batch.column_names
+               else pa.array(row_digests(raw, settings.digest_key()), pa.uint64()))
+    if joined:
+        state = skip.state_rows(batch)
+        done = decide(table.column("fingerprint"), digests, state, retried)
+        attempts = pc.fill_null(state.column("attempts"), 0)
+    else:
+        done = np.zeros(batch.num_rows, dtype=bool)
+        attempts = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
+    keep = pa.array(~done)
+    table = table.select(list(_NORMALISED_COLUMNS)).filter(keep)
+    no_error = pc.fill_null(pc.equal(pc.fill_null(table.column("error_type"), ""), ""), True)
+    table = table.set_column(table.schema.get_field_index("error_message"), "error_message",
+                             pc.if_else(no_error, pa.nulls(table.num_rows, pa.string()), table.column("error_message")))
+    table = table.append_column("attempt", pc.add(pc.filter(attempts, keep), 1).cast(pa.int64()))
+    table = table.append_column("started_at", pa.array([_ts(_now())] * table.num_rows, _TS))
+    table = table.append_column("source_digest", pc.filter(digests, keep))
+    deltas = {"rows_skipped_done": float(int(done.sum())), "normalise_ms": (time.perf_counter() - start) * 1e3}
+    if not joined:
+        deltas["rows_read"] = float(batch.num_rows)  # joined rows were counted by the join
     deltas.update(_retry_delta(retries_before))
-    _add_counters(counters, deltas)
-    return _table(out, ROW_SCHEMA)
+    add_counters(counters, deltas)
+    return _with_schema(table, ROW_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +337,7 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         except Exception as e:  # a bug or an input the family cannot handle: one row, not the job
             row.update(error_type=errors.PREPARE_FAILED, error_message=f"the model's prepare raised {_message(e)}")
         row["preprocess_ms"] = (row["preprocess_ms"] or 0.0) + (time.perf_counter() - t0) * 1e3
-    _add_counters(counters, _retry_delta(retries_before))
+    add_counters(counters, _retry_delta(retries_before))
     return _table(rows, ROW_SCHEMA)
 
 
@@ -672,7 +516,7 @@ def write_outputs(batch: pa.Table, *, settings: WriteSettings, threads: int = 8,
     else:
         with ThreadPoolExecutor(min(threads, len(rows))) as pool:
             out = list(pool.map(lambda r: _write_one(r, settings, family), rows))
-    _add_counters(counters, _retry_delta(retries_before))
+    add_counters(counters, _retry_delta(retries_before))
     return to_log_records(out, settings)
 
 
@@ -758,19 +602,26 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     return ray.data.read_json(paths, **common)
 
 
-def build_dataset(cfg: JobConfig, *, index_ref: Any, counters: Any, plan: ActorPlan):
-    """manifest -> normalise + skip -> prepare -> edit (actor pool) -> write; yields LOG_SCHEMA blocks."""
+def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan):
+    """manifest -> skip done (a join with the root's state) -> normalise -> prepare -> edit
+    (actor pool) -> write; yields LOG_SCHEMA blocks. Without a state (nothing logged yet) every
+    row is work and the manifest streams straight into normalise."""
     import ray
 
     r = cfg.resources
     settings = NormaliseSettings.from_config(cfg)
     spec, weights = cfg.model_spec(), cfg.weights_source()
+    retried = cfg.runtime.retried_error_types()
     ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
+    if state is not None:
+        candidates = skip.skip_join(ds, settings=settings, pointer=state, output_uri=cfg.output.uri,
+                                    options=cfg.output_storage(), retried=retried, counters=counters)
+        ds = ray.data.from_arrow_refs(candidates)
     ds = ds.map_batches(
-        normalise_and_skip,
+        normalise_rows,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"settings": settings, "index": index_ref, "counters": counters},
+        fn_kwargs={"settings": settings, "retried": retried, "counters": counters},
         num_cpus=r.io_cpus_per_task,
     )
     # A manifest file arrives as one block (a JSONL / CSV file, a Parquet row group): cut it into

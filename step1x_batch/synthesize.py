@@ -83,7 +83,7 @@ from step1x_batch.manifest import (
     read_manifest_table,
     write_manifest,
 )
-from step1x_batch.rowlog import latest_records
+from step1x_batch.rowstate import latest_records
 from step1x_batch.stages import NormaliseSettings
 from step1x_batch.storage import (
     StorageOptions,
@@ -430,7 +430,7 @@ def _schema() -> pa.Schema:
 def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The exportable rows (sorted, deduplicated, with ``split``; image URIs, no bytes) and failed
     rows by error type."""
-    latest = latest_records(sj.job.output.uri, sj.job.output_storage())
+    latest = latest_records(sj.job.output.uri, sj.job.output_storage(), work.table.column("id").to_pylist())
     ok, err = latest.ok, latest.error
     rows: list[dict[str, Any]] = []
     failed: dict[str, int] = {}

@@ -302,10 +302,15 @@ def test_resume_and_parameter_change_redo(ray_local, tmp_path, image_factory):
     (rec,) = read_logs(out, run_id="r4").to_pylist()
     assert (rec["id"], rec["guidance_scale"], rec["status"], rec["attempt"]) == ("row5", 3.5, "ok", 3)
 
-    # back to the old default: the good rows are redone (their objects hold the newer bytes); the
-    # corrupt row already has a final error for that fingerprint, the blank one for any
+    # back to the old default: the good rows are redone (their objects hold the newer bytes), and
+    # so is the corrupt row: a final error settles the fingerprint of the id's latest record only
+    # (r3's), not every version that ever failed; the blank row's invalid record settles it.
     s5 = _run({**raw, "runtime": {**raw["runtime"], "run_id": "r5"}})
-    assert (s5.rows_processed, s5.rows_skipped) == (10, 2)
+    assert (s5.rows_processed, s5.rows_skipped) == (11, 1)
+    fifth = {r["id"]: r for r in read_logs(out, run_id="r5").to_pylist()}
+    assert Counter(r["status"] for r in fifth.values()) == {"ok": 10, "error": 1}
+    s6 = _run({**raw, "runtime": {**raw["runtime"], "run_id": "r6"}})  # and now it is settled
+    assert (s6.rows_processed, s6.rows_skipped) == (0, 12)
 
 
 def test_storage_retries_are_counted(ray_local, s3_bucket, flaky_s3, image_factory):
@@ -325,8 +330,8 @@ def test_storage_retries_are_counted(ray_local, s3_bucket, flaky_s3, image_facto
     assert json.loads(read_bytes(summary.paths["summary"]))["storage_retries"] == 3
 
 
-def test_done_index_rules():
-    from step1x_batch.stages import build_done_index, id_key, row_key
+def test_skip_rules_on_the_folded_state():
+    from step1x_batch.rowstate import decide, fold, records_as_state, take_state
 
     def recs(*rows):
         cols = list(zip(*rows))
@@ -347,19 +352,24 @@ def test_done_index_rules():
         ("d", "fd1", "ok", None, 10),
     )
     part2 = recs(("d", "fd2", "ok", None, 20), ("a", "fa2", "error", "edit_failed", 30))
-    idx = build_done_index([part2, part1], ["read_failed", "write_failed", "edit_failed"])
-    keys = lambda *pairs: np.array([row_key(i, f) for i, f in pairs], dtype="S16")  # noqa: E731
-    assert idx.is_done(keys(("a", "fa1"), ("b", "fb"), ("c", "fc"), ("d", "fd1"), ("d", "fd2"))).tolist() == [
+    state = fold([records_as_state(part2), records_as_state(part1)])  # read order does not matter here
+
+    def done(pairs, retried=("read_failed", "write_failed", "edit_failed")):
+        ids = pa.array([i for i, _ in pairs])
+        fps = pa.array([f for _, f in pairs])
+        return decide(fps, pa.nulls(len(pairs), pa.uint64()), take_state(state, ids), list(retried)).tolist()
+
+    assert done([("a", "fa1"), ("b", "fb"), ("c", "fc"), ("d", "fd1"), ("d", "fd2")]) == [
         True,  # latest ok of a (a later transient failure with another fingerprint wrote nothing)
         False,  # transient error: retried
         True,  # final error, same fingerprint: not retried
         False,  # an older ok: the object now holds fd2's bytes
         True,
     ]
-    assert not idx.is_done(keys(("c", "fc-new"), ("e", "fe"))).any()
-    assert idx.attempts_before(np.array([id_key("a"), id_key("e")], dtype="S16")).tolist() == [2, 0]
-    retry_all = build_done_index([part1], ["*"])
-    assert retry_all.is_done(keys(("c", "fc"), ("a", "fa1"))).tolist() == [False, True]
+    assert done([("c", "fc-new"), ("e", "fe")]) == [False, False]
+    attempts = take_state(state, pa.array(["a", "e"])).column("attempts").to_pylist()
+    assert attempts == [2, None]  # e has no record: its first attempt is 1
+    assert done([("c", "fc"), ("a", "fa1")], retried=["*"]) == [False, True]
 
 
 def test_error_budget_fails_loudly_after_logging(ray_local, tmp_path, image_factory, capsys):

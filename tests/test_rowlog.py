@@ -1,4 +1,4 @@
-"""The row log: schema, conform, atomic parts, and its deciding records (latest_records)."""
+"""The row log: schema, conform, atomic parts (the deciding records: test_rowstate.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from step1x_batch import rowlog
 from step1x_batch.rowlog import (
     LOG_SCHEMA,
     conform,
-    latest_records,
     log_dir,
     log_part_uris,
     part_uri,
@@ -44,7 +43,8 @@ def rec(id_, fp, status="ok", minutes=0, **kw):
 
 
 def test_schema_matches_design():
-    assert LOG_SCHEMA.names == DESIGN_COLUMNS + ["extra"]
+    # source_digest: the raw-row digest the skip compares first (step1x_batch.row_digest)
+    assert LOG_SCHEMA.names == DESIGN_COLUMNS + ["source_digest", "extra"]
     ts = pa.timestamp("us", tz="UTC")
     assert LOG_SCHEMA.field("started_at").type == ts == LOG_SCHEMA.field("finished_at").type
     for name in ("input_width", "input_height", "width", "height", "seed", "num_steps",
@@ -109,67 +109,6 @@ def test_write_read_round_trip(where, tmp_path, s3_bucket, storage_options):
     if where == "local":
         assert os.listdir(tmp_path / "out" / "logs" / "r1") == ["part-000000.parquet"]
         assert pq.read_schema(part_uri(root, "r1", 0)) == LOG_SCHEMA
-
-
-def _ok(latest) -> dict[str, str]:
-    """id -> fingerprint of its latest ok record (what the output object holds now)."""
-    by_id: dict[str, dict] = {}
-    for (rid, _), rec in latest.ok.items():
-        t = rec["finished_at"] or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-        if rid not in by_id or t >= (by_id[rid]["finished_at"] or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)):
-            by_id[rid] = rec
-    return {rid: rec["fingerprint"] for rid, rec in by_id.items()}
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_latest_records(where, tmp_path, s3_bucket, storage_options):
-    root = str(tmp_path / "out") if where == "local" else f"{s3_bucket}/out"
-    opts = None if where == "local" else storage_options
-    empty = latest_records(root, opts)  # nothing written yet
-    assert (empty.ok, empty.error, empty.errored) == ({}, {}, set())
-    write_log_part(pd.DataFrame([
-        rec("a", "fa1", minutes=1),
-        rec("b", "fb1", minutes=1),
-        rec("c", "fc1", "error", minutes=1, error_type="corrupt_image"),
-        rec("d", "fd1", "skipped", minutes=1),
-        rec("e", "fe-old", minutes=None),  # no finish time: oldest
-    ]), part_uri(root, "run-1", 0), opts)
-    write_log_part(pd.DataFrame([
-        rec("a", "fa2", minutes=5),  # a later ok with new parameters wins
-        rec("b", "fb2", "error", minutes=5, error_type="write_failed"),  # an error never wins
-        rec("e", "fe-new", minutes=2),
-        rec("f", "ff1", minutes=3),
-    ]), part_uri(root, "run-2", 0), opts)
-    write_log_part(pd.DataFrame([rec("a", "fa0", minutes=0)]), part_uri(root, "run-2", 1), opts)
-    latest = latest_records(root, opts)
-    assert _ok(latest) == {"a": "fa2", "b": "fb1", "e": "fe-new", "f": "ff1"}
-    assert set(latest.ok) == {("a", "fa0"), ("a", "fa1"), ("a", "fa2"), ("b", "fb1"), ("e", "fe-old"),
-                              ("e", "fe-new"), ("f", "ff1")}  # "skipped" is not a deciding status
-    assert {k: v["error_type"] for k, v in latest.error.items()} == {"b": "write_failed", "c": "corrupt_image"}
-    assert latest.errored == {("b", "fb2"), ("c", "fc1")}
-    assert set(latest_records(root, opts, ids={"a"}).ok) == {("a", "fa0"), ("a", "fa1"), ("a", "fa2")}
-
-
-def test_latest_records_skips_damaged_parts(tmp_path, s3_bucket, storage_options):
-    root = f"{s3_bucket}/out"
-    write_log_part(pd.DataFrame([rec("a", "fa")]), part_uri(root, "r1", 0), storage_options)
-    good = rowlog.log_part_bytes(pd.DataFrame([rec("b", "fb")]))
-    write_bytes(part_uri(root, "r1", 1), good[: len(good) // 2], storage_options)  # half a part
-    write_bytes(part_uri(root, "r2", 0), b"", storage_options)  # an empty object
-    with pytest.warns(RuntimeWarning, match="unreadable log part"):
-        done = _ok(latest_records(root, storage_options))
-    assert done == {"a": "fa"}
-
-
-def test_parts_outside_the_layout_are_ignored(tmp_path):
-    root = str(tmp_path)
-    write_log_part(pd.DataFrame([rec("a", "fa")]), part_uri(root, "r1", 0))
-    # a temporary file of an interrupted local write and unrelated files are not parts
-    (tmp_path / "logs" / "r1" / ".part-000001.parquet.tmp-123").write_bytes(b"junk")
-    (tmp_path / "logs" / "r1" / "notes.parquet").write_bytes(b"junk")
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "part-9.parquet").write_bytes(b"junk")
-    assert _ok(latest_records(root)) == {"a": "fa"}
 
 
 def test_read_logs_of_one_run(tmp_path):

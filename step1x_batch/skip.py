@@ -1,0 +1,126 @@
+"""The skip as a partition-wise join on the cluster: which manifest rows still need work.
+
+The compacted state (:mod:`step1x_batch.rowstate`) is partitioned by a hash of the id. The
+manifest is read by Ray Data; a map task per block computes each row's join key (its id) and
+its raw-row digest (:mod:`step1x_batch.row_digest`) -- vectorised, no per-row Python for rows
+that carry a plain id -- and splits the block by the same hash. One probe task per bucket reads
+that bucket's state file, looks every row up (Arrow's hash lookup), drops the rows whose digest
+proves them done, and returns the rest with their id's state columns attached. Those candidate
+rows enter the Ray Data graph; the normalise stage computes their fingerprints and drops the
+ones done after all (:func:`step1x_batch.rowstate.decide`), so attempt numbers and
+``runtime.retry_error_types`` mean what they always meant.
+
+No process holds more than one bucket of the state, and the driver holds only object refs: its
+memory does not grow with the manifest or the log. The join is blocking (a bucket's rows may
+come from any block), so the first edit waits for the whole manifest to be matched; a root with
+no state (a first run) skips the join and streams.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from step1x_batch.counters import add_counters
+from step1x_batch.manifest import MAX_ID_CHARS
+from step1x_batch.row_digest import row_digests
+from step1x_batch.rowstate import RayTasks, StatePointer, bucket_of, decide, read_bucket, take_state
+from step1x_batch.storage import StorageOptions
+
+KEY = "__skip_key"
+DIGEST = "__skip_digest"
+STATE_PREFIX = "__state_"
+STATE_COLUMNS = ["id", "fingerprint", "status", "error_type", "source_digest", "attempts",
+                 "ok_fingerprint", "ok_source_digest"]
+_PLAIN_ID = r"^[!-~]([ -~]*[!-~])?$"  # printable ASCII, no surrounding space: kept as it is
+
+
+def internal_columns(table: pa.Table) -> list[str]:
+    return [c for c in table.column_names if c.startswith("__skip_") or c.startswith(STATE_PREFIX)]
+
+
+def row_keys(batch: pa.Table, settings: Any) -> pa.Array:
+    """Each row's id as normalisation will give it: a plain text or integer ``id`` as it is,
+    vectorised; any other row is normalised (Python) to learn its id."""
+    n = batch.num_rows
+    keys = pa.nulls(n, pa.string())
+    if "id" in batch.column_names:
+        col = batch.column("id").combine_chunks()
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = col.cast(pa.string())
+            plain = pc.and_(pc.match_substring_regex(col, _PLAIN_ID),
+                            pc.less_equal(pc.utf8_length(col), MAX_ID_CHARS))
+            keys = pc.if_else(pc.fill_null(plain, False), col, keys)
+        elif pa.types.is_integer(col.type):
+            keys = col.cast(pa.string())
+    missing = pc.is_null(keys)
+    if pc.any(missing).as_py():
+        slow = np.flatnonzero(np.asarray(missing.to_numpy(zero_copy_only=False), dtype=bool))
+        ids = settings.normalise(batch.take(pa.array(slow))).column("id").combine_chunks()
+        keys = pc.replace_with_mask(keys, missing, ids)
+    return keys
+
+
+def split_block(block: pa.Table, settings: Any, buckets: int, counters: Any = None) -> list[Any]:
+    """Map task: key and digest every row of a manifest block, split it by bucket (the last
+    return value is the time spent, for the counters)."""
+    start = time.perf_counter()
+    keys = row_keys(block, settings)
+    digests = pa.array(row_digests(block, settings.digest_key()), pa.uint64())
+    block = block.append_column(KEY, keys).append_column(DIGEST, digests)
+    b = bucket_of(keys, buckets)
+    order = np.argsort(b, kind="stable")
+    counts = np.bincount(b, minlength=buckets)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    block = block.take(pa.array(order))
+    out = [block.slice(int(s), int(c)) for s, c in zip(starts, counts)]
+    add_counters(counters, {"rows_read": float(len(keys)), "normalise_ms": (time.perf_counter() - start) * 1e3})
+    return [*out, None]
+
+
+def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: StatePointer, bucket: int,
+                 retried: Sequence[str], counters: Any, *tables: pa.Table) -> pa.Table:
+    """Reduce task: the rows of one bucket that are not proven done by their digest, with their
+    id's state columns (``__state_*``) attached."""
+    from step1x_batch.storage import retry_count
+
+    start, retries = time.perf_counter(), retry_count()
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return pa.table({KEY: pa.array([], pa.string())})
+    rows = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    state = read_bucket(output_uri, options, pointer, bucket, columns=STATE_COLUMNS)
+    found = take_state(state, rows.column(KEY))
+    done = decide(None, rows.column(DIGEST), found, retried)
+    keep = pa.array(~done)
+    rows, found = rows.filter(keep), found.filter(keep)
+    for name in STATE_COLUMNS[1:]:
+        rows = rows.append_column(STATE_PREFIX + name, found.column(name))
+    add_counters(counters, {"rows_skipped_done": float(int(done.sum())),
+                            "normalise_ms": (time.perf_counter() - start) * 1e3,
+                            "storage_retries": float(retry_count() - retries)})
+    return rows
+
+
+def state_rows(batch: pa.Table) -> pa.Table:
+    """The ``__state_*`` columns of candidate rows as state rows (for :func:`rowstate.decide`)."""
+    return pa.table({name: batch.column(STATE_PREFIX + name) for name in STATE_COLUMNS[1:]})
+
+
+def skip_join(dataset: Any, *, settings: Any, pointer: StatePointer, output_uri: str,
+              options: StorageOptions | None, retried: Sequence[str], counters: Any,
+              cpus_per_task: float = 1.0) -> list[Any]:
+    """Run the join over a Ray dataset of raw manifest rows; returns object refs of the
+    candidate tables, one per bucket (nothing is fetched to the driver)."""
+    tasks = RayTasks(cpus_per_task)
+    buckets = pointer.buckets
+    blocks = dataset.to_arrow_refs()
+    splits = tasks.map(split_block, [(ref, settings, buckets, counters) for ref in blocks],
+                       num_returns=buckets + 1)
+    calls = [(output_uri, options, pointer, b, list(retried), counters, *[s[b] for s in splits])
+             for b in range(buckets)]
+    return tasks.map(probe_bucket, calls)
