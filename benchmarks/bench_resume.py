@@ -10,7 +10,7 @@ previous run's end would have. A second manifest of N rows has ``--changed`` of 
 changed (half new ids, half a changed instruction). The job then runs on it with the null
 editor on a local Ray, in a fresh process: ``start_s`` is from launching that process to the
 first row edited (the earliest ``finished_at`` in its log), ``driver_peak_rss_mib`` is that
-process's own peak RSS (``ru_maxrss``; Ray's raylet and workers are other processes). The build
+process's own peak RSS (``VmHWM``; Ray's raylet and workers are other processes). The build
 is cached in ``--workdir``; each run works on a hard-linked copy of the built root.
 
 The last line is ``resume: rows=N records=R todo=T start_s=S driver_peak_rss_mib=M``.
@@ -68,7 +68,6 @@ def manifest_rows(start: int, stop: int, images: Path, changed_from: int | None 
 def _log_chunk(args: tuple) -> int:
     """Normalise one chunk of the first manifest as the job does and write its records."""
     from step1x_batch.config import parse_config
-    from step1x_batch.row_digest import row_digests
     from step1x_batch.rowlog import part_uri, write_log_part
     from step1x_batch.stages import NormaliseSettings
 
@@ -86,7 +85,7 @@ def _log_chunk(args: tuple) -> int:
         "output_uri": pa.array([f"{out}/images/{i}.png" for i in norm.column("id").to_pylist()]),
         "seed": norm.column("seed"), "num_steps": norm.column("num_steps"),
         "model_id": pa.array(["null"] * n), "run_id": pa.array(["built"] * n), "attempt": pa.array([1] * n),
-        "finished_at": finished, "source_digest": pa.array(row_digests(raw, settings.digest_key()), pa.uint64()),
+        "finished_at": finished, "source_digest": settings.digests(raw),
         "extra": norm.column("extra"),
     })
     sel = np.arange(0, n, errors_every)  # an earlier transient failure of some rows, then their ok
@@ -147,14 +146,22 @@ def build(work: Path, rows: int, changed: float) -> dict:
     return info
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which keeps the forked
+    parent's pages)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def driver(config_path: str, result_path: str) -> int:
     """The job's driver process: run the job, then report this process's own peak RSS."""
     from step1x_batch.config import load_config
     from step1x_batch.runner import run_job
 
     summary = run_job(load_config(config_path))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    Path(result_path).write_text(json.dumps({"peak_rss_mib": peak_kib / 1024, "processed": summary.rows_processed,
+    Path(result_path).write_text(json.dumps({"peak_rss_mib": peak_rss_mib(), "processed": summary.rows_processed,
                                              "skipped": summary.rows_skipped, "by_status": summary.by_status}))
     return 0
 
@@ -169,8 +176,7 @@ def driver_fold(root: str, result_path: str) -> int:
               for key in rowstate.list_parts(root)]
     state = rowstate.fold(tables)
     seconds = time.perf_counter() - t
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    Path(result_path).write_text(json.dumps({"seconds": seconds, "ids": state.num_rows, "peak_rss_mib": peak_kib / 1024}))
+    Path(result_path).write_text(json.dumps({"seconds": seconds, "ids": state.num_rows, "peak_rss_mib": peak_rss_mib()}))
     return 0
 
 

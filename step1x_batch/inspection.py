@@ -484,6 +484,9 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
             "logs/<run_id>/ folders; give the output.uri of a job that has run"
         )
     # Rows: the compacted state (one bucket at a time) with the parts written after it folded in.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from step1x_batch.rowstate import iter_state
 
     rows = done = 0
@@ -493,12 +496,11 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
         warnings.simplefilter("ignore")  # a damaged part is already among the notes (read_records)
         for table in iter_state(output_uri, options, columns=["id", "fingerprint", "status", "error_type"]):
             rows += table.num_rows
-            statuses = table.column("status").to_pylist()
-            done += statuses.count("ok")
-            for s, t in zip(statuses, table.column("error_type").to_pylist()):
-                if s == "error":
-                    key = t or "(none)"
-                    error_types[key] = error_types.get(key, 0) + 1
+            status_col = table.column("status")
+            done += int(pc.sum(pc.fill_null(pc.equal(status_col, "ok"), False).cast(pa.int64())).as_py() or 0)
+            errs = table.filter(pc.fill_null(pc.equal(status_col, "error"), False)).column("error_type")
+            for item in pc.value_counts(pc.fill_null(errs, "(none)")).to_pylist():
+                error_types[item["values"]] = error_types.get(item["values"], 0) + item["counts"]
             if manifest_uri:
                 latest_parts.append(table)
     status = RootStatus(
@@ -507,8 +509,6 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
     )
     if manifest_uri:
         run_id, raw = _config_of(output_uri, options, runs)
-        import pyarrow as pa
-
         from step1x_batch.rowstate import STATE_SCHEMA
 
         latest = pa.concat_tables(latest_parts) if latest_parts else STATE_SCHEMA.empty_table().select(

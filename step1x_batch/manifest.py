@@ -74,7 +74,7 @@ import math
 import os
 import posixpath
 import re
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -143,6 +143,8 @@ SEED_LIMIT = 2**31  # derived seeds are in [0, SEED_LIMIT)
 _MAX_GIVEN_SEED = 2**63
 _MAX_ID_CHARS = 512
 MAX_ID_CHARS = _MAX_ID_CHARS  # a longer given id is an invalid row
+_PARAM_FIELDS = tuple(f.name for f in fields(EditParams))
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 _FORMAT_SUFFIXES = {
     ".parquet": "parquet",
@@ -708,7 +710,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             str(int(raw_id)) if raw_id.is_integer() else str(raw_id))
         if isinstance(raw_id, (bytes, bytearray, list, dict, bool)):
             fail(INVALID_ROW, f"id has an unusable type ({type(raw_id).__name__}); give text.")
-        elif any(ord(c) < 32 or ord(c) == 127 for c in text) or len(text) > _MAX_ID_CHARS:
+        elif _CONTROL_CHARS.search(text) or len(text) > _MAX_ID_CHARS:
             fail(INVALID_ROW, f"id {redact(repr(text))[:80]} contains control characters or is "
                  f"longer than {_MAX_ID_CHARS} characters.")
         elif text:
@@ -741,7 +743,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         "instruction": instruction if instruction is not None else (
             raw_instruction if isinstance(raw_instruction, str) else None),
         "seed": seed,
-        **asdict(params),
+        **{name: getattr(params, name) for name in _PARAM_FIELDS},  # asdict() deep-copies: slow per row
         "output_key": output_key,
         "fingerprint": None,
         "error_type": None,

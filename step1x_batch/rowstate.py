@@ -179,6 +179,37 @@ def take_state(state: pa.Table, ids: pa.Array | pa.ChunkedArray) -> pa.Table:
         {f.name: pa.nulls(len(ids), f.type) for f in STATE_SCHEMA}, schema=STATE_SCHEMA)
 
 
+def _thin(state: pa.Table) -> pa.Table:
+    """The state as stored: where the deciding record is the latest ok record (most ids), the
+    ``ok_*`` copies are left null (about half a bucket file's bytes)."""
+    ok = pc.fill_null(pc.equal(state.column("status"), "ok"), False)
+    for name, t in _OK:
+        i = state.schema.get_field_index(f"ok_{name}")
+        state = state.set_column(i, f"ok_{name}", pc.if_else(ok, pa.nulls(state.num_rows, t), state.column(i)))
+    return state
+
+
+def _full(table: pa.Table) -> pa.Table:
+    """A stored bucket (or some of its columns) with the ``ok_*`` copies filled back in."""
+    if "status" not in table.column_names:
+        return table
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+    for name, _ in _OK:
+        col = f"ok_{name}"
+        if col in table.column_names and name in table.column_names:
+            i = table.schema.get_field_index(col)
+            table = table.set_column(i, col, pc.if_else(ok, table.column(name), table.column(i)))
+    return table
+
+
+def _load_bucket(uri: str, options: StorageOptions | None, columns: list[str] | None = None) -> pa.Table:
+    if columns is None:
+        return _full(pq.read_table(io.BytesIO(read_bytes(uri, options))))
+    needed = set(columns) | {"status"} | {c[3:] for c in columns if c.startswith("ok_")}
+    read = [c for c in STATE_SCHEMA.names if c in needed]
+    return _full(pq.read_table(io.BytesIO(read_bytes(uri, options)), columns=read)).select(columns)
+
+
 # ---------------------------------------------------------------------------------------------
 # Where things are.
 
@@ -260,7 +291,7 @@ def read_bucket(output_uri: str, options: StorageOptions | None, pointer: StateP
                 columns: list[str] | None = None) -> pa.Table:
     uri = pointer.bucket_uri(output_uri, bucket)
     try:
-        table = pq.read_table(io.BytesIO(read_bytes(uri, options)), columns=columns)
+        table = _load_bucket(uri, options, columns)
     except Exception as exc:  # noqa: BLE001
         raise StateError(f"the state version {pointer.version} is damaged: {redact_uri(uri)} is "
                          f"unreadable ({exc}); delete {POINTER_KEY} and run `step1x-batch compact`") from None
@@ -357,7 +388,7 @@ def _split_bucket(output_uri: str, options: StorageOptions | None, version: str,
     from step1x_batch.storage import retry_count
 
     retries = retry_count()
-    table = pq.read_table(io.BytesIO(read_bytes(bucket_uri(output_uri, version, bucket), options)))
+    table = _load_bucket(bucket_uri(output_uri, version, bucket), options)
     return [*_split(table, buckets), {"unreadable": [], "retries": retry_count() - retries}]
 
 
@@ -371,13 +402,13 @@ def _fold_bucket(output_uri: str, options: StorageOptions | None, version: str, 
     retries = retry_count()
     inputs = []
     if previous_uri is not None:
-        inputs.append(pq.read_table(io.BytesIO(read_bytes(previous_uri, options))))
+        inputs.append(_load_bucket(previous_uri, options))
     inputs.extend(tables)
     state = fold(inputs)
     if state.num_rows:
         state = state.take(pc.sort_indices(state, sort_keys=[("id", "ascending")]))
     buf = io.BytesIO()
-    pq.write_table(state, buf, compression="zstd")
+    pq.write_table(_thin(state), buf, compression="zstd")
     write_bytes(bucket_uri(output_uri, version, bucket), buf.getvalue(), options)
     return state.num_rows, sum(t.num_rows for t in tables[n_previous:]), retry_count() - retries
 
@@ -416,6 +447,16 @@ class CompactResult:
                 f"{what} in {self.seconds:.1f} s")
 
 
+def _rows_in(output_uri: str, options: StorageOptions | None, key: str) -> float:
+    """Records in one log part (its footer), to size the first version's buckets."""
+    try:
+        fs, path = filesystem(join_uri(output_uri, key), options)
+        with fs.open(path, "rb") as f:
+            return float(pq.ParquetFile(f).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - only an estimate
+        return 1000.0
+
+
 def _new_version() -> str:
     return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
 
@@ -436,7 +477,7 @@ def compact(output_uri: str, options: StorageOptions | None = None, *, tasks: An
     new = [p for p in list_parts(output_uri, options) if p not in covered_set]
     if not new:
         return CompactResult(previous, False, seconds=time.monotonic() - start)
-    per_part = previous.records / previous.parts if previous and previous.parts else 1000.0
+    per_part = previous.records / previous.parts if previous and previous.parts else _rows_in(output_uri, options, new[-1])
     n_buckets = buckets or bucket_count((previous.ids if previous else 0) + len(new) * per_part,
                                         target_bucket_rows)
     version = _new_version()

@@ -1,8 +1,8 @@
 """The skip as a partition-wise join on the cluster: which manifest rows still need work.
 
-The compacted state (:mod:`step1x_batch.rowstate`) is partitioned by a hash of the id. The
-manifest is read by Ray Data; a map task per block computes each row's join key (its id) and
-its raw-row digest (:mod:`step1x_batch.row_digest`) -- vectorised, no per-row Python for rows
+The compacted state (:mod:`step1x_batch.rowstate`) is partitioned by a hash of the id. A map
+task per piece of the manifest (a file, or a run of a Parquet file's row groups) reads it,
+computes each row's join key (its id) and its raw-row digest (:mod:`step1x_batch.row_digest`) -- vectorised, no per-row Python for rows
 that carry a plain id -- and splits the block by the same hash. One probe task per bucket reads
 that bucket's state file, looks every row up (Arrow's hash lookup), drops the rows whose digest
 proves them done, and returns the rest with their id's state columns attached. Those candidate
@@ -24,12 +24,12 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from step1x_batch.counters import add_counters
 from step1x_batch.manifest import MAX_ID_CHARS
-from step1x_batch.row_digest import row_digests
 from step1x_batch.rowstate import RayTasks, StatePointer, bucket_of, decide, read_bucket, take_state
-from step1x_batch.storage import StorageOptions
+from step1x_batch.storage import StorageOptions, filesystem
 
 KEY = "__skip_key"
 DIGEST = "__skip_digest"
@@ -65,12 +65,56 @@ def row_keys(batch: pa.Table, settings: Any) -> pa.Array:
     return keys
 
 
-def split_block(block: pa.Table, settings: Any, buckets: int, counters: Any = None) -> list[Any]:
-    """Map task: key and digest every row of a manifest block, split it by bucket (the last
-    return value is the time spent, for the counters)."""
-    start = time.perf_counter()
+def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: int = 250_000,
+                    max_footers: int = 64) -> list[tuple[str, list[int] | None]]:
+    """The manifest as pieces for the map tasks: (file, Parquet row groups or None for the whole
+    file). A few Parquet files are cut by row groups (their footers are read here); many files
+    give one piece each."""
+    from step1x_batch.manifest import manifest_files, manifest_format
+
+    files = manifest_files(uri, options)
+    if len(files) > max_footers or manifest_format(files[0]) != "parquet":
+        return [(f, None) for f in files]
+    pieces: list[tuple[str, list[int] | None]] = []
+    for f in files:
+        fs, path = filesystem(f, options)
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        group: list[int] = []
+        rows = 0
+        for g in range(meta.num_row_groups):
+            group.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= rows_per_piece:
+                pieces.append((f, group))
+                group, rows = [], 0
+        if group or not pieces or pieces[-1][0] != f:
+            pieces.append((f, group or None))
+    return pieces
+
+
+def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None) -> pa.Table:
+    """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV as
+    text, JSON Lines by pyarrow)."""
+    from step1x_batch.manifest import read_manifest_table
+
+    if row_groups is None:
+        return read_manifest_table(uri, options)
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).read_row_groups(row_groups)
+
+
+def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions | None, settings: Any,
+                buckets: int, counters: Any = None) -> list[Any]:
+    """Map task: read a piece of the manifest, key and digest every row, split it by bucket (the
+    last return value is a placeholder, so that there are always several)."""
+    from step1x_batch.storage import retry_count
+
+    start, retries = time.perf_counter(), retry_count()
+    block = read_piece(uri, options, row_groups)
     keys = row_keys(block, settings)
-    digests = pa.array(row_digests(block, settings.digest_key()), pa.uint64())
+    digests = settings.digests(block)
     block = block.append_column(KEY, keys).append_column(DIGEST, digests)
     b = bucket_of(keys, buckets)
     order = np.argsort(b, kind="stable")
@@ -78,7 +122,8 @@ def split_block(block: pa.Table, settings: Any, buckets: int, counters: Any = No
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     block = block.take(pa.array(order))
     out = [block.slice(int(s), int(c)) for s, c in zip(starts, counts)]
-    add_counters(counters, {"rows_read": float(len(keys)), "normalise_ms": (time.perf_counter() - start) * 1e3})
+    add_counters(counters, {"rows_read": float(len(keys)), "normalise_ms": (time.perf_counter() - start) * 1e3,
+                            "storage_retries": float(retry_count() - retries)})
     return [*out, None]
 
 
@@ -111,15 +156,15 @@ def state_rows(batch: pa.Table) -> pa.Table:
     return pa.table({name: batch.column(STATE_PREFIX + name) for name in STATE_COLUMNS[1:]})
 
 
-def skip_join(dataset: Any, *, settings: Any, pointer: StatePointer, output_uri: str,
-              options: StorageOptions | None, retried: Sequence[str], counters: Any,
-              cpus_per_task: float = 1.0) -> list[Any]:
-    """Run the join over a Ray dataset of raw manifest rows; returns object refs of the
-    candidate tables, one per bucket (nothing is fetched to the driver)."""
+def skip_join(manifest_uri: str, input_options: StorageOptions | None, *, settings: Any,
+              pointer: StatePointer, output_uri: str, options: StorageOptions | None,
+              retried: Sequence[str], counters: Any, cpus_per_task: float = 1.0) -> list[Any]:
+    """Run the join over the manifest; returns object refs of the candidate tables, one per
+    bucket (nothing is fetched to the driver)."""
     tasks = RayTasks(cpus_per_task)
     buckets = pointer.buckets
-    blocks = dataset.to_arrow_refs()
-    splits = tasks.map(split_block, [(ref, settings, buckets, counters) for ref in blocks],
+    pieces = manifest_pieces(manifest_uri, input_options)
+    splits = tasks.map(split_piece, [(f, groups, input_options, settings, buckets, counters) for f, groups in pieces],
                        num_returns=buckets + 1)
     calls = [(output_uri, options, pointer, b, list(retried), counters, *[s[b] for s in splits])
              for b in range(buckets)]

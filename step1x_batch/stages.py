@@ -1,4 +1,4 @@
-"""The Ray Data graph: manifest -> normalise + skip done -> prepare (CPU) -> edit (actors) -> write.
+"""The Ray Data graph: manifest -> skip done -> normalise -> prepare (CPU) -> edit (actors) -> write.
 
 Each stage owns its resources, as in ``ray.data.llm``'s processors: reading, decoding and the model
 family's CPU ``prepare`` (resizing, the VLM image processor, tokenisation, rope positions) run in
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from step1x_batch import errors
+from step1x_batch import errors, skip
 from step1x_batch.config import JobConfig
 from step1x_batch.errors import RowError
 from step1x_batch.images import decode_image, encode_image
@@ -51,7 +51,6 @@ from step1x_batch.models.base import (
     RowFailure,
     edit_prepared,
 )
-from step1x_batch import skip
 from step1x_batch.counters import add_counters
 from step1x_batch.row_digest import row_digests, settings_key
 from step1x_batch.rowlog import LOG_SCHEMA
@@ -193,6 +192,14 @@ class NormaliseSettings:
             max_images=self.max_images,
         )
 
+    def digests(self, raw: pa.Table) -> pa.Array:
+        """Each raw row's digest (:mod:`step1x_batch.row_digest`) over the contract columns: the
+        extra columns only travel into the log's ``extra``, they change no fingerprint."""
+        from step1x_batch.manifest import MANIFEST_COLUMNS
+
+        contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS]
+        return pa.array(row_digests(raw.select(contract), self.digest_key()), pa.uint64())
+
     def digest_key(self) -> int:
         """The settings part of every row's digest (:mod:`step1x_batch.row_digest`): what
         normalisation reads besides the row (the manifest's folder, not its name)."""
@@ -223,7 +230,7 @@ def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Seq
     raw = batch.drop_columns(skip.internal_columns(batch))
     table = settings.normalise(raw)
     digests = (batch.column(skip.DIGEST) if skip.DIGEST in batch.column_names
-               else pa.array(row_digests(raw, settings.digest_key()), pa.uint64()))
+               else settings.digests(raw))
     if joined:
         state = skip.state_rows(batch)
         done = decide(table.column("fingerprint"), digests, state, retried)
@@ -612,10 +619,12 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     settings = NormaliseSettings.from_config(cfg)
     spec, weights = cfg.model_spec(), cfg.weights_source()
     retried = cfg.runtime.retried_error_types()
-    ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
-    if state is not None:
-        candidates = skip.skip_join(ds, settings=settings, pointer=state, output_uri=cfg.output.uri,
-                                    options=cfg.output_storage(), retried=retried, counters=counters)
+    if state is None:
+        ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
+    else:
+        candidates = skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=settings, pointer=state,
+                                    output_uri=cfg.output.uri, options=cfg.output_storage(),
+                                    retried=retried, counters=counters)
         ds = ray.data.from_arrow_refs(candidates)
     ds = ds.map_batches(
         normalise_rows,

@@ -384,6 +384,9 @@ _SCHEME_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _MAX_KEY_BYTES = 1024  # S3's limit
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def safe_output_key(key: str) -> str:
     """``key`` normalised (``./`` and ``//`` removed), or RowError(UNSAFE_OUTPUT_KEY) when it could
     leave the output root or is not a plain relative key: ``..`` segments (also percent-encoded),
@@ -404,7 +407,7 @@ def safe_output_key(key: str) -> str:
         raise unsafe("is empty")
     decoded = unquote(stripped)
     for text in (stripped, decoded):
-        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        if _CONTROL.search(text):
             raise unsafe("contains control characters")
         if "\\" in text:
             raise unsafe("contains a backslash")

@@ -83,7 +83,7 @@ def test_changed_rows_only_then_nothing(ray_local, tmp_path, images):
     assert p1 is not None and p1.ids == 24 and p1.records == 24 and p1.run_id == "r1"
 
     rows[3]["instruction"] = "a new edit"  # a changed fingerprint
-    rows[7]["note"] = "a changed extra column"  # another digest, the same fingerprint: still done
+    rows[7]["note"] = "a changed extra column"  # in neither the digest nor the fingerprint: done
     rows.append({"id": "item-new", "image_uri": str(images / "p0.png"), "instruction": "new row"})
     second = _run(_manifest(tmp_path / "m2.parquet", rows), out, "r2")
     redone = {r["id"] for r in read_logs(str(out), run_id="r2").to_pylist()}
@@ -139,6 +139,55 @@ def test_a_killed_run_is_folded_in_at_the_next_start(ray_local, tmp_path, images
     second = _run(manifest, out, "r2")
     assert second.rows_processed == 0 and second.rows_skipped == 10
     assert read_pointer(str(out)).records == 10
+
+
+def test_a_run_killed_while_compacting_then_a_correct_run(ray_local, tmp_path, images):
+    """SIGKILL the driver inside its end-of-run compaction (every bucket of the new version
+    written, the pointer not yet): the next run starts from the previous version plus the
+    killed run's parts, redoes nothing and leaves one deciding record per row."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import kill_marked
+
+    out = tmp_path / "out"
+    rows = _rows(images, 12)
+    _run(_manifest(tmp_path / "m1.parquet", rows), out, "r1")
+    before = read_pointer(str(out))
+    rows[0]["instruction"], rows[5]["instruction"] = "changed", "changed too"
+    manifest = _manifest(tmp_path / "m2.parquet", rows)
+    cfg = tmp_path / "r2.yaml"
+    cfg.write_text(yaml.safe_dump(_config(manifest, out, "r2", lease_ttl_s=3)))
+    marker = f"compactkill-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": f"/tmp/{marker}", "RAY_AUTH_MODE": "disabled",
+           "STEP1X_TEST_MARKER": marker, "STEP1X_BATCH_FAILPOINT": "compact-before-publish"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/edit_dataset.py"), "--config", str(cfg)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray_log = out / "runs" / "r2" / "ray.log"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if ray_log.exists() and "failpoint compact-before-publish" in ray_log.read_text(errors="replace"):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its compaction could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_marked(marker)
+    assert read_pointer(str(out)) == before  # the half-written version was never published
+    assert len(read_logs(str(out), run_id="r2").to_pylist()) == 2  # its records landed before
+    time.sleep(3.5)  # the killed driver's lease expires
+    third = _run(manifest, out, "r3", lease_ttl_s=3)
+    assert third.rows_processed == 0 and third.rows_skipped == 12
+    after = read_pointer(str(out))
+    assert after.version != before.version and after.records == 14 and after.ids == 12
+    versions = sorted(p.name for p in (out / "state").iterdir() if p.is_dir())
+    assert versions == sorted([f"v-{before.version}", f"v-{after.version}"])  # the garbage is gone
+    state, logs = _state(out), _deciding_records(out)
+    assert {i: s["fingerprint"] for i, s in state.items()} == {i: r["fingerprint"] for i, r in logs.items()}
 
 
 def test_a_damaged_state_is_rebuilt_from_the_logs(ray_local, tmp_path, images):
