@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from step1x_batch import rowlog
 from step1x_batch.rowlog import (
     LOG_SCHEMA,
     conform,
@@ -21,7 +20,6 @@ from step1x_batch.rowlog import (
     read_logs,
     write_log_part,
 )
-from step1x_batch.storage import write_bytes
 
 DESIGN_COLUMNS = (
     "id, fingerprint, status, error_type, error_message, image_uri, image_uris, instruction, output_uri, "
