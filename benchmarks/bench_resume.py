@@ -169,11 +169,11 @@ def driver(config_path: str, result_path: str) -> int:
 def driver_fold(root: str, result_path: str) -> int:
     """The baseline, in a fresh process: what a start did before the state existed -- read every
     log part into the driver and fold it there (here with the vectorised fold, not a Python loop)."""
-    from step1x_batch import rowstate
+    from step1x_batch import rowlog, rowstate
 
     t = time.perf_counter()
-    tables = [rowstate.records_as_state(rowstate._read_table(f"{root}/{key}", None, rowstate.RECORD_COLUMNS))
-              for key in rowstate.list_parts(root)]
+    tables = [rowstate.records_as_state(rowlog.read_part(uri, None, rowstate.RECORD_COLUMNS))
+              for uri in rowlog.log_part_uris(root)]
     state = rowstate.fold(tables)
     seconds = time.perf_counter() - t
     Path(result_path).write_text(json.dumps({"seconds": seconds, "ids": state.num_rows, "peak_rss_mib": peak_rss_mib()}))

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from step1x_batch.entrypoint import add_config_arguments, config_overrides
-from step1x_batch.inspection import add_inspection_commands
+from step1x_batch.inspection import add_inspection_commands, storage_arguments
 
 
 def _make_tiny_weights(args: argparse.Namespace) -> int:
@@ -74,11 +74,12 @@ def _compact(args: argparse.Namespace) -> int:
     from step1x_batch import rowstate
     from step1x_batch.errors import JobRefused, redact, redact_uri
     from step1x_batch.inspection import storage_options
+    from step1x_batch.rowlog import log_part_keys
 
     options = storage_options(args.endpoint_url, args.region)
     run_id = f"compact-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
     try:
-        if not rowstate.list_parts(args.output_uri, options):
+        if not log_part_keys(args.output_uri, options):
             print(f"error: no log parts under {redact_uri(args.output_uri)}/logs/: nothing to compact",
                   file=sys.stderr)
             return 2
@@ -161,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compact", help="fold new log records into the row state (or rebuild it from the logs)",
                        description="Fold the log parts the row state does not cover yet into a new "
                                    "state version; after `state/` was deleted, rebuild it from the logs.")
-    p.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output.uri")
-    p.add_argument("--endpoint-url", default=None, metavar="URL", help="S3 endpoint; default $AWS_ENDPOINT_URL")
-    p.add_argument("--region", default=None, metavar="R")
+    storage_arguments(p)
     p.add_argument("--buckets", type=int, default=None, help="partition count (default: from the number of ids)")
     p.add_argument("--local", action="store_true",
                    help="in this process instead of Ray tasks (a small root, or no cluster at hand)")

@@ -761,7 +761,8 @@ def _errors_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_arguments(p: argparse.ArgumentParser) -> None:
+def storage_arguments(p: argparse.ArgumentParser) -> None:
+    """OUTPUT_URI, --endpoint-url and --region (for every command that reads an output root)."""
     p.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output.uri (a folder or s3://bucket/prefix)")
     p.add_argument("--endpoint-url", default=None, metavar="URL",
                    help="S3 endpoint (MinIO, Ceph, R2, ...); default $AWS_ENDPOINT_URL. Credentials "
@@ -775,7 +776,7 @@ def add_inspection_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPa
                        description="Summarise every run under an output root: state, rows ok / "
                                    "in error, errors by type, times; rows done and in error "
                                    "overall; with --manifest, its rows never attempted or changed since.")
-    _storage_arguments(p)
+    storage_arguments(p)
     p.add_argument("--manifest", default=None, metavar="MANIFEST_URI",
                    help="also count this manifest's rows never attempted and changed since "
                         "(fingerprints use the last run's config)")
@@ -783,7 +784,7 @@ def add_inspection_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPa
 
     p = sub.add_parser("errors", help="list the error rows under an output root (no Ray)",
                        description="List the rows whose latest record is an error.")
-    _storage_arguments(p)
+    storage_arguments(p)
     p.add_argument("--type", action="append", default=[], metavar="T",
                    help="only these error types (repeatable, or a comma list: missing_object,corrupt_image)")
     p.add_argument("--format", choices=["table", "csv"], default="table",

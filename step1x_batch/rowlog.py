@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import redact_uri
-from step1x_batch.storage import StorageOptions, filesystem, join_uri, write_bytes
+from step1x_batch.storage import StorageOptions, filesystem, join_uri, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -178,26 +178,33 @@ def write_log_part(
     return table.num_rows if isinstance(table, pa.Table) else len(table)
 
 
+def log_part_keys(output_uri: str, options: StorageOptions | None = None,
+                  run_id: str | None = None) -> list[str]:
+    """Every log part's key under the root (``logs/<run_id>/part-*.parquet``; one run's when
+    given), sorted."""
+    fs, root = filesystem(output_uri, options)
+    root = root.rstrip("/")
+    try:
+        found = fs.glob(posixpath.join(root, "logs", run_id or "*", "part-*.parquet"))
+    except FileNotFoundError:
+        return []
+    return sorted(p[len(root) + 1:] for p in found if p.startswith(root + "/"))
+
+
 def log_part_uris(output_uri: str, options: StorageOptions | None = None,
                   run_id: str | None = None) -> list[str]:
     """Every ``logs/*/part-*.parquet`` under ``output_uri`` (or of one run), sorted."""
-    fs, root = filesystem(output_uri, options)
-    pattern = posixpath.join(root.rstrip("/"), "logs", run_id or "*", "part-*.parquet")
-    try:
-        found = fs.glob(pattern)
-    except FileNotFoundError:
-        return []
-    prefix = output_uri.split("://", 1)[0] + "://" if "://" in output_uri and not output_uri.startswith("file://") else ""
-    return sorted(f"{prefix}{p}" for p in found)
+    return [join_uri(output_uri, key) for key in log_part_keys(output_uri, options, run_id)]
 
 
-def _read_part(uri: str, options: StorageOptions | None, columns: list[str] | None) -> pa.Table | None:
-    fs, path = filesystem(uri, options)
+def read_part(uri: str, options: StorageOptions | None = None,
+              columns: list[str] | None = None) -> pa.Table | None:
+    """One log part (conformed to :data:`LOG_SCHEMA`, or just ``columns``: those an older part
+    lacks come back null), or None with a warning when it cannot be read."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        table = pq.read_table(io.BytesIO(data), columns=columns)
-        return conform(table) if columns is None else table
+        part = pq.ParquetFile(io.BytesIO(read_bytes(uri, options)))
+        table = part.read(columns=None if columns is None else
+                          [c for c in columns if c in part.schema_arrow.names])
     except Exception as exc:  # noqa: BLE001 - a damaged part must not stop a resume
         msg = (
             f"skipping unreadable log part {redact_uri(uri)} ({type(exc).__name__}: {exc}); "
@@ -206,13 +213,18 @@ def _read_part(uri: str, options: StorageOptions | None, columns: list[str] | No
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         logger.warning(msg)
         return None
+    if columns is None:
+        return conform(table)
+    n = table.num_rows
+    return pa.table({c: table.column(c) if c in table.column_names else pa.nulls(n, LOG_SCHEMA.field(c).type)
+                     for c in columns})
 
 
 def read_logs(output_uri: str, options: StorageOptions | None = None,
               run_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """Every readable log record under ``output_uri`` (or of one run) as one table
     (unreadable parts skipped with a warning)."""
-    parts = [_read_part(u, options, columns) for u in log_part_uris(output_uri, options, run_id)]
+    parts = [read_part(u, options, columns) for u in log_part_uris(output_uri, options, run_id)]
     parts = [p for p in parts if p is not None]
     if not parts:
         schema = LOG_SCHEMA if columns is None else pa.schema([LOG_SCHEMA.field(c) for c in columns])

@@ -39,7 +39,6 @@ import os
 import posixpath
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -49,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import redact_uri
-from step1x_batch.rowlog import LOG_SCHEMA
+from step1x_batch.rowlog import log_part_keys, read_part
 from step1x_batch.storage import StorageOptions, exists, filesystem, join_uri, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -258,29 +257,16 @@ def read_pointer(output_uri: str, options: StorageOptions | None = None) -> Stat
                          f"{exc}); delete it and run `step1x-batch compact` to rebuild the state") from None
 
 
-def list_parts(output_uri: str, options: StorageOptions | None = None) -> list[str]:
-    """Every log part's key under the root (``logs/<run_id>/part-*.parquet``), sorted."""
-    fs, root = filesystem(output_uri, options)
-    root = root.rstrip("/")
-    try:
-        found = fs.glob(posixpath.join(root, "logs", "*", "part-*.parquet"))
-    except FileNotFoundError:
-        return []
-    return sorted(p[len(root) + 1:] for p in found if p.startswith(root + "/"))
-
-
-def _read_table(uri: str, options: StorageOptions | None, columns: list[str] | None = None) -> pa.Table:
-    table = pq.read_table(io.BytesIO(read_bytes(uri, options)))
-    if columns is None:
-        return table
-    n = table.num_rows
-    return pa.table({c: table.column(c) if c in table.column_names else pa.nulls(n, LOG_SCHEMA.field(c).type)
-                     for c in columns})
+def _records(output_uri: str, options: StorageOptions | None, key: str) -> pa.Table | None:
+    """One log part's records as state rows (None, with a warning, when it cannot be read)."""
+    records = read_part(join_uri(output_uri, key), options, RECORD_COLUMNS)
+    return None if records is None else records_as_state(records)
 
 
 def read_covered(output_uri: str, options: StorageOptions | None, pointer: StatePointer) -> list[str]:
     try:
-        return _read_table(pointer.covered_uri(output_uri), options).column("part").to_pylist()
+        data = read_bytes(pointer.covered_uri(output_uri), options)
+        return pq.read_table(io.BytesIO(data)).column("part").to_pylist()
     except Exception as exc:  # noqa: BLE001
         raise StateError(f"the state version {pointer.version} is damaged: "
                          f"{redact_uri(pointer.covered_uri(output_uri))} is unreadable ({exc}); delete "
@@ -302,7 +288,7 @@ def pending_parts(output_uri: str, options: StorageOptions | None = None,
                   pointer: StatePointer | None = None) -> list[str]:
     """The log parts the current state has not folded in yet (written after it), in order."""
     covered = set(read_covered(output_uri, options, pointer)) if pointer else set()
-    return [p for p in list_parts(output_uri, options) if p not in covered]
+    return [p for p in log_part_keys(output_uri, options) if p not in covered]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +336,8 @@ class RayTasks:
 # Compaction.
 
 
-def _split(table: pa.Table, buckets: int, key: str = "id") -> list[pa.Table]:
+def split_by_bucket(table: pa.Table, buckets: int, key: str = "id") -> list[pa.Table]:
+    """``table``'s rows by the bucket of their ``key`` column, one (maybe empty) table per bucket."""
     b = bucket_of(table.column(key), buckets)
     order = np.argsort(b, kind="stable")
     counts = np.bincount(b, minlength=buckets)
@@ -368,17 +355,13 @@ def _split_parts(output_uri: str, options: StorageOptions | None, parts: list[st
     retries = retry_count()
     tables, unreadable = [], []
     for key in parts:
-        uri = join_uri(output_uri, key)
-        try:
-            tables.append(records_as_state(_read_table(uri, options, RECORD_COLUMNS)))
-        except Exception as exc:  # noqa: BLE001 - a damaged part must not stop a compaction
-            msg = (f"skipping unreadable log part {redact_uri(uri)} ({type(exc).__name__}: {exc}); "
-                   "its rows count as not done until it can be read")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
+        records = _records(output_uri, options, key)
+        if records is None:  # a damaged part must not stop a compaction
             unreadable.append(key)
+        else:
+            tables.append(records)
     table = pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table()
-    return [*_split(table, buckets), {"unreadable": unreadable, "retries": retry_count() - retries}]
+    return [*split_by_bucket(table, buckets), {"unreadable": unreadable, "retries": retry_count() - retries}]
 
 
 def _split_bucket(output_uri: str, options: StorageOptions | None, version: str, bucket: int,
@@ -389,7 +372,7 @@ def _split_bucket(output_uri: str, options: StorageOptions | None, version: str,
 
     retries = retry_count()
     table = _load_bucket(bucket_uri(output_uri, version, bucket), options)
-    return [*_split(table, buckets), {"unreadable": [], "retries": retry_count() - retries}]
+    return [*split_by_bucket(table, buckets), {"unreadable": [], "retries": retry_count() - retries}]
 
 
 def _fold_bucket(output_uri: str, options: StorageOptions | None, version: str, bucket: int,
@@ -474,7 +457,7 @@ def compact(output_uri: str, options: StorageOptions | None = None, *, tasks: An
     previous = None if rebuild else read_pointer(output_uri, options)
     covered = read_covered(output_uri, options, previous) if previous else []
     covered_set = set(covered)
-    new = [p for p in list_parts(output_uri, options) if p not in covered_set]
+    new = [p for p in log_part_keys(output_uri, options) if p not in covered_set]
     if not new:
         return CompactResult(previous, False, seconds=time.monotonic() - start)
     per_part = previous.records / previous.parts if previous and previous.parts else _rows_in(output_uri, options, new[-1])
@@ -547,15 +530,9 @@ def lookup(output_uri: str, options: StorageOptions | None, ids: Iterable[str | 
             table = read_bucket(output_uri, options, pointer, int(b))
             tables.append(table.filter(pc.is_in(table.column("id"), value_set=wanted)))
     for key in pending_parts(output_uri, options, pointer):
-        uri = join_uri(output_uri, key)
-        try:
-            records = _read_table(uri, options, RECORD_COLUMNS)
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"skipping unreadable log part {redact_uri(uri)} ({type(exc).__name__}: {exc})",
-                          RuntimeWarning, stacklevel=2)
-            continue
-        records = records.filter(pc.is_in(records.column("id"), value_set=wanted))
-        tables.append(records_as_state(records))
+        records = _records(output_uri, options, key)
+        if records is not None:
+            tables.append(records.filter(pc.is_in(records.column("id"), value_set=wanted)))
     return fold(tables)
 
 
@@ -564,15 +541,10 @@ def iter_state(output_uri: str, options: StorageOptions | None = None,
     """The whole current state, one bucket at a time, with the pending parts folded in (they are
     folded bucket by bucket, so memory stays one bucket plus the pending records)."""
     pointer = read_pointer(output_uri, options)
-    pending = []
-    for key in pending_parts(output_uri, options, pointer):
-        try:
-            pending.append(records_as_state(_read_table(join_uri(output_uri, key), options, RECORD_COLUMNS)))
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"skipping unreadable log part {redact_uri(join_uri(output_uri, key))} "
-                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+    pending = [r for r in (_records(output_uri, options, key) for key in pending_parts(output_uri, options, pointer))
+               if r is not None]
     n = pointer.buckets if pointer else 1
-    pending_split = _split(pa.concat_tables(pending), n) if pending else [None] * n
+    pending_split = split_by_bucket(pa.concat_tables(pending), n) if pending else [None] * n
     for b in range(n):
         tables = [read_bucket(output_uri, options, pointer, b)] if pointer else []
         if pending_split[b] is not None:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from step1x_batch.counters import add_counters
 from step1x_batch.manifest import MAX_ID_CHARS
-from step1x_batch.rowstate import RayTasks, StatePointer, bucket_of, decide, read_bucket, take_state
+from step1x_batch.rowstate import RayTasks, StatePointer, decide, read_bucket, split_by_bucket, take_state
 from step1x_batch.storage import StorageOptions, filesystem
 
 KEY = "__skip_key"
@@ -116,12 +116,7 @@ def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions 
     keys = row_keys(block, settings)
     digests = settings.digests(block)
     block = block.append_column(KEY, keys).append_column(DIGEST, digests)
-    b = bucket_of(keys, buckets)
-    order = np.argsort(b, kind="stable")
-    counts = np.bincount(b, minlength=buckets)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    block = block.take(pa.array(order))
-    out = [block.slice(int(s), int(c)) for s, c in zip(starts, counts)]
+    out = split_by_bucket(block, buckets, key=KEY)
     add_counters(counters, {"rows_read": float(len(keys)), "normalise_ms": (time.perf_counter() - start) * 1e3,
                             "storage_retries": float(retry_count() - retries)})
     return [*out, None]

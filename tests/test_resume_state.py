@@ -242,8 +242,8 @@ def test_catalog_publishes_from_the_state(ray_local, tmp_path, images, monkeypat
     cfg.write_text(yaml.safe_dump(_catalog(tmp_path, images, items, "n2")))
 
     read = []  # every log part the driver reads (Ray's workers are other processes)
-    real = rowstate._read_table
-    monkeypatch.setattr(rowstate, "_read_table", lambda uri, *a, **k: (read.append(uri), real(uri, *a, **k))[1])
+    real = rowstate.read_part
+    monkeypatch.setattr(rowstate, "read_part", lambda uri, *a, **k: (read.append(uri), real(uri, *a, **k))[1])
     summary = run_catalog(load_catalog_config(str(cfg)))
     assert summary.published and summary.counts["changed"] == 1 and summary.counts["unchanged"] == 7
     assert not [u for u in read if "/logs/n1/" in u]  # night 1's records came from the state
