@@ -20,17 +20,23 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 
 class Console:
-    """The run's own output: notes, the progress line, the summary."""
+    """The run's own output: notes, the progress line, the summary.
 
-    def __init__(self, out: TextIO, err: TextIO, *, interval_s: float = 30.0) -> None:
+    ``clock`` is injectable (tests): the first line is printed whatever it reads, so the line
+    never waits on the clock's origin (``time.monotonic`` is the uptime on Linux: a first line
+    compared with 0.0 was swallowed on a machine up for less than the interval)."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.out, self.err = out, err
         self.live = bool(getattr(out, "isatty", lambda: False)())
         self.interval_s = interval_s
-        self._last_print = 0.0
+        self.clock = clock
+        self._last_print: float | None = None  # None: nothing printed yet
         self._live_width = 0
         self._last_text = ""
         self._printed = ""  # the last line printed (not live): a final line is not printed twice
@@ -64,8 +70,9 @@ class Console:
             if final:
                 self._end_live()
             return
-        now = time.monotonic()
-        if (final and text != self._printed) or now - self._last_print >= self.interval_s:
+        now = self.clock()
+        due = self._last_print is None or now - self._last_print >= self.interval_s
+        if (final and text != self._printed) or due:
             self._last_print, self._printed = now, text
             self.out.write(text + "\n")
             self.out.flush()

@@ -44,15 +44,40 @@ def test_rate_follows_the_last_minute():
     assert abs(rate - 10.0) < 0.2
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (no wall clock, no uptime)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_console_prints_lines_at_an_interval_when_not_a_terminal():
+    clock = FakeClock(5.0)  # a machine booted 5 s ago: monotonic() is the uptime on Linux
     out = io.StringIO()
-    con = Console(out, out, interval_s=3600)
-    con.progress("first")  # printed: the first one
+    con = Console(out, out, interval_s=3600, clock=clock)
+    con.progress("first")  # printed: the first one, whatever the clock reads
+    clock.now += 3599
     con.progress("second")  # within the interval: not printed
     con.say("note")
-    con.progress("last", final=True)
+    clock.now += 1
+    con.progress("third")  # the interval has passed: printed
+    clock.now += 10
+    con.progress("fourth")  # not printed
+    con.progress("last", final=True)  # the final line always is
     con.end_progress()  # a stopped run leaves its last line on the screen, which is there already
-    assert out.getvalue().splitlines() == ["first", "note", "last"]
+    assert out.getvalue().splitlines() == ["first", "note", "third", "last"]
+
+
+def test_console_first_line_at_clock_zero():
+    """A clock reading less than the interval (a freshly booted machine, or a clock that starts
+    at 0) must not swallow the first line."""
+    out = io.StringIO()
+    con = Console(out, out, interval_s=30, clock=FakeClock(0.0))
+    con.progress("first")
+    assert out.getvalue() == "first\n"
 
 
 def test_console_rewrites_one_line_on_a_terminal():
