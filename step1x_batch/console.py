@@ -162,6 +162,20 @@ class RateMeter:
         return (done - d0) / (t - t0) if t > t0 else 0.0
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 row``, ``2 rows``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def format_rate(per_s: float) -> str:
+    """Rows per second that never reads 0.0 for a slow run: two significant digits below 1."""
+    if per_s <= 0:
+        return "0.0"
+    if per_s < 1:
+        return f"{per_s:.2g}"
+    return f"{per_s:.1f}"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -176,7 +190,7 @@ def progress_line(p: RunProgress, rows_per_s: float) -> str:
     parts = [f"run {p.run_id}: {rows} rows (ok {p.ok}, error {p.error})"]
     if p.skipped:
         parts.append(f"{p.skipped} skipped as done")
-    parts.append(f"{rows_per_s:.1f} rows/s")
+    parts.append(f"{format_rate(rows_per_s)} rows/s")
     if todo is not None and rows_per_s > 0 and todo > p.done:
         parts.append(f"ETA {_duration((todo - p.done) / rows_per_s)}")
     states = [s for s, _ in p.actor_states]

@@ -31,8 +31,20 @@ def exit_status(run: Callable[[], bool]) -> int:
     try:
         return 0 if run() else 1
     except (JobRefused, RowError, OSError, ValueError, BotoCoreError) as e:  # ConfigError is a ValueError
-        print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(redact(str(e)))}", file=sys.stderr, flush=True)
         return 2
+
+
+def one_line(message: str) -> str:
+    """A message of several lines (a config with several bad keys) as the one line the README
+    promises: ``invalid config: a.b: ...; c: ...``."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else message.strip()
+    head, rest = lines[0], lines[1:]
+    if head.endswith(":"):
+        return f"{head} {'; '.join(rest)}"
+    return "; ".join(lines)
 
 
 def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from step1x_batch.console import format_rate, plural
 from step1x_batch.storage import StorageOptions, read_bytes, write_bytes
 
 THUMB = 160  # pixels on the longer side
@@ -84,7 +85,12 @@ TOTAL_COLOUR = "#2f3b4a"
 GRID_COLOUR = "#e6e9ed"
 STAGES = ("normalise", "preprocess", "edit", "write")  # pipeline order, shown in this order
 MAX_POINTS = 240  # longer timelines are merged into fewer, wider buckets (the page stays small)
+VALUE_CHAR_PX = 7.6  # an upper bound on a 12 px label character's width (digits ~6.7, "%" ~10)
 MAX_BARS = 12  # more error types than this: the rest are summed into one "other" bar
+
+
+def _rows(n: int) -> str:
+    return plural(n, "row")
 
 
 def _num(value: Any) -> float:
@@ -243,7 +249,10 @@ def _bar_chart(
     row, bar = 28, 18
     label_chars = min(max(len(label) for label, _ in items), 28)
     left = 12 + int(label_chars * 6.8)
-    right, top = 86, 6
+    # The value is written after the bar's end: the right margin holds the longest one, so a bar
+    # at full width keeps its whole label ("1,473 ms (96%)" was cut at a fixed 86 px).
+    value_chars = max(len(value_text(v)) for _, v in items)
+    right, top = 6 + 8 + int(math.ceil(value_chars * VALUE_CHAR_PX)), 6
     pw = max(width - left - right, 60)
     ph = row * len(items)
     height = top + ph + 40
@@ -374,11 +383,11 @@ def render_report(
     head = (
         f"<h1>step1x-batch run {_e(summary.get('run_id'))} ({status})</h1>"
         f'<div class="sum">'
-        f"{int(_num(summary.get('rows_processed')))} rows processed: "
+        f"{_rows(int(_num(summary.get('rows_processed'))))} processed: "
         f"{int(_num(by_status.get('ok')))} ok, "
         f"{int(_num(by_status.get('error')))} error ({errs or 'none'}); "
         f"{int(_num(summary.get('rows_skipped')))} skipped as already done; "
-        f"{_num(summary.get('wall_s')):.1f} s, {_num(summary.get('rows_per_s')):.2f} rows/s.<br>"
+        f"{_num(summary.get('wall_s')):.1f} s, {_e(format_rate(_num(summary.get('rows_per_s'))))} rows/s.<br>"
         f"Output: {_e(summary.get('output_uri'))}<br>"
         f"Showing {len(rows)} rows, errors first.</div>"
     )

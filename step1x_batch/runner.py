@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from step1x_batch.config import JobConfig, config_to_yaml, load_config
+from step1x_batch.console import format_rate, plural
 from step1x_batch import errors
 from step1x_batch.errors import JobRefused
 from step1x_batch.storage import StorageOptions, join_uri, write_bytes
@@ -63,18 +64,35 @@ class RunSummary:
     output_uri: str
     paths: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rows_skipped_error: int = 0  # rows skipped as done whose deciding record is an error
+    rows_retried: int = 0  # rows processed that had a record before this run (attempt > 1)
+    retried_still_failing: dict[str, int] = field(default_factory=dict)  # of those, errors by type
 
     def line(self) -> str:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(self.by_error_type.items()))
         text = (
-            f"run {self.run_id}: {self.rows_processed} rows processed "
+            f"run {self.run_id}: {plural(self.rows_processed, 'row')} processed "
             f"({self.by_status.get('ok', 0)} ok, {self.by_status.get('error', 0)} error"
             f"{' [' + errs + ']' if errs else ''}), {self.rows_skipped} skipped as already done, "
-            f"in {self.wall_s:.1f} s ({self.rows_per_s:.1f} rows/s)"
+            f"in {self.wall_s:.1f} s ({format_rate(self.rows_per_s)} rows/s)"
         )
         if not self.ok:
             text += f" -- FAILED: error fraction {self.error_fraction:.3f} > max {self.max_error_fraction:.3f}"
         return text
+
+    def retried_line(self) -> str | None:
+        """``2 retried rows still fail: missing_object 2 (1 now ok)``: what became of the rows
+        that had a record before this run (``--retry-errors``, transient errors, changed
+        parameters), or None when there were none."""
+        if not self.rows_retried:
+            return None
+        failing = sum(self.retried_still_failing.values())
+        now_ok = self.rows_retried - failing
+        if not failing:
+            return f"{plural(self.rows_retried, 'retried row')} now ok"
+        types = ", ".join(f"{k} {v}" for k, v in sorted(self.retried_still_failing.items()))
+        verb = "fails" if failing == 1 else "fail"
+        return f"{plural(failing, 'retried row')} still {verb}: {types} ({now_ok} now ok)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +157,22 @@ class Tally:
         self.started = started or _dt.datetime.now(_dt.timezone.utc)
         self.finished_per_s: dict[str, collections.Counter[int]] = {
             "ok": collections.Counter(), "error": collections.Counter()}
+        self.retried = 0  # rows with an earlier record (attempt > 1)
+        self.retried_errors: collections.Counter[str] = collections.Counter()
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        cols = table.select(["status", "error_type", "preprocess_ms", "edit_ms", "write_ms",
-                             "finished_at"]).to_pydict()
+        names = ["status", "error_type", "preprocess_ms", "edit_ms", "write_ms", "finished_at"]
+        cols = table.select(names + [c for c in ("attempt",) if c in table.column_names]).to_pydict()
         self.by_status.update(cols["status"])
         self.by_error_type.update(e for e in cols["error_type"] if e)
+        attempts = cols.get("attempt") or [None] * table.num_rows
+        for status, error_type, attempt in zip(cols["status"], cols["error_type"], attempts):
+            if attempt is not None and attempt > 1:
+                self.retried += 1
+                if status == "error":
+                    self.retried_errors[error_type or "unknown"] += 1
         for stage in ("preprocess_ms", "edit_ms", "write_ms"):
             self.stage_ms[stage.removesuffix("_ms")] += sum(v for v in cols[stage] if v is not None)
         for status, finished in zip(cols["status"], cols["finished_at"]):
@@ -466,7 +492,9 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
     wall = time.monotonic() - start
     processed = tally.processed
     errors_n = tally.by_status.get("error", 0)
-    fraction = errors_n / processed if processed else 0.0
+    skipped = int(counters_snapshot.get("rows_skipped_done", 0))
+    skipped_errors = int(counters_snapshot.get("rows_skipped_error", 0))
+    fraction = error_fraction(errors_n, processed, skipped, skipped_errors)
     ok = fraction <= rt.max_error_fraction and not stopped
     stage_ms = {"normalise": round(counters_snapshot.get("normalise_ms", 0.0), 1)}
     stage_ms.update({k: round(v, 1) for k, v in tally.stage_ms.items()})
@@ -475,7 +503,7 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         ok=ok,
         rows_read=int(counters_snapshot.get("rows_read", 0)),
         rows_processed=processed,
-        rows_skipped=int(counters_snapshot.get("rows_skipped_done", 0)),
+        rows_skipped=skipped,
         by_status=dict(tally.by_status),
         by_error_type=dict(sorted(tally.by_error_type.items())),
         error_fraction=round(fraction, 6),
@@ -489,6 +517,9 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         output_uri=cfg.output.uri,
         paths=paths,
         notes=notes,
+        rows_skipped_error=skipped_errors,
+        rows_retried=tally.retried,
+        retried_still_failing=dict(sorted(tally.retried_errors.items())),
     )
     if ray_stats:
         write_bytes(paths["ray_stats"], ray_stats.encode(), out_opts)
@@ -516,15 +547,29 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)
 
     _print(summary.line())
+    retried = summary.retried_line()
+    if retried:
+        _print(retried)
     for name in ("outputs", "log", "summary", "report"):
         _print(f"  {name + ':':9} {paths[name]}")
     if not ok:
+        rows, errs = processed + skipped, errors_n + skipped_errors
+        earlier = f" ({skipped_errors} of them from earlier runs)" if skipped_errors else ""
         _print(
-            f"FAILED: {errors_n} of {processed} rows are errors ({fraction:.1%}), more than "
+            f"FAILED: {errs} of {plural(rows, 'row')} are errors{earlier} ({fraction:.1%}), more than "
             f"runtime.max_error_fraction={rt.max_error_fraction:g}; see {paths['report']}",
             err=True,
         )
     return summary
+
+
+def error_fraction(errors_now: int, processed: int, skipped: int, skipped_errors: int) -> float:
+    """The share of error rows among the rows of the manifest after this run: the rows this run
+    processed with their new outcome, and the rows skipped as done with their earlier one. So the
+    same manifest and root give the same verdict however they were reached (one run, a resumed
+    run, ``--retry-errors`` whose rows still fail, a no-op rerun)."""
+    rows = processed + skipped
+    return (errors_now + skipped_errors) / rows if rows else 0.0
 
 
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:

@@ -12,6 +12,20 @@ def test_bad_config_is_exit_2_with_the_key_path(command, tmp_path, capsys):
     assert main([command, str(bad)]) == 2
     err = capsys.readouterr().err
     assert "sampling.num_steps" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: invalid config: sampling.num_steps: "), err
+
+
+@pytest.mark.parametrize("command", ["run", "synthesize", "rerender"])
+def test_a_config_with_several_bad_keys_is_one_line(command, tmp_path, capsys):
+    """The README promises one line, ``error: ...``, whatever the number of bad keys."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: {manifest: m.jsonl}\noutput: {uri: out}\nmodel: {family: 'null'}\n"
+                   "sampling: {num_steps: 0}\nruntime: {bogus: 1}\n")
+    assert main([command, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: invalid config: ") and "sampling.num_steps: " in err
+    assert "; runtime.bogus: Extra inputs are not permitted" in err
 
 
 @pytest.mark.parametrize("command", ["run", "synthesize", "rerender"])

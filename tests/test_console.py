@@ -138,3 +138,44 @@ def test_timeline_buckets_rows_by_when_they_finished():
     assert len(line["ok"]) == len(line["error"]) == 50
     assert line["ok"][0] == 3 and line["ok"][130 // 3] == 1 and sum(line["ok"]) == 4
     assert line["error"][61 // 3] == 1 and sum(line["error"]) == 1
+
+
+def _summary(**kw):
+    from step1x_batch.runner import RunSummary
+
+    base = dict(run_id="r", ok=True, rows_read=1, rows_processed=1, rows_skipped=0, by_status={"ok": 1},
+                by_error_type={}, error_fraction=0.0, max_error_fraction=0.1, wall_s=30.0,
+                rows_per_s=1 / 30, stage_ms={}, storage_retries=0, log_parts=1, output_uri="/o")
+    base.update(kw)
+    return RunSummary(**base)
+
+
+def test_summary_line_says_1_row_and_a_slow_rate_is_not_zero():
+    assert _summary().line() == ("run r: 1 row processed (1 ok, 0 error), 0 skipped as already done, "
+                                 "in 30.0 s (0.033 rows/s)")
+    two = _summary(rows_processed=2, by_status={"ok": 2}, rows_per_s=12.345).line()
+    assert "2 rows processed" in two and "(12.3 rows/s)" in two
+    assert "(0.0 rows/s)" in _summary(rows_processed=0, by_status={}, rows_per_s=0.0).line()
+    p = RunProgress(run_id="r", elapsed_s=60, ok=1, manifest_rows=10)
+    assert "0.017 rows/s" in progress_line(p, rows_per_s=1 / 60)
+
+
+def test_what_became_of_retried_rows_is_said():
+    assert _summary().retried_line() is None
+    line = _summary(rows_retried=3, retried_still_failing={"missing_object": 2}).retried_line()
+    assert line == "2 retried rows still fail: missing_object 2 (1 now ok)"
+    assert _summary(rows_retried=1, retried_still_failing={"corrupt_image": 1}).retried_line() == (
+        "1 retried row still fails: corrupt_image 1 (0 now ok)")
+    assert _summary(rows_retried=2).retried_line() == "2 retried rows now ok"
+
+
+def test_error_fraction_counts_the_manifests_rows_after_the_run():
+    from step1x_batch.runner import error_fraction
+
+    # a first run: 2 of 8 rows fail
+    assert error_fraction(2, 8, 0, 0) == 0.25
+    # --retry-errors of those 2 rows, which still fail: 2 retried + 6 skipped (0 of them errors)
+    assert error_fraction(2, 2, 6, 0) == 0.25
+    # a no-op rerun: every row skipped, the 2 errors among them
+    assert error_fraction(0, 0, 8, 2) == 0.25
+    assert error_fraction(0, 0, 0, 0) == 0.0

@@ -212,3 +212,27 @@ def test_multi_input_rows_still_show_every_input_thumbnail():
     assert one.count("<img ") == 1 + 1
     assert three.count("<img ") == 3 + 1 and three.count(pics[0]) == 1 and three.count(pics[2]) == 1
     assert three.index(pics[0]) < three.index(pics[1]) < three.index(pics[2])  # in input order
+
+
+def _text_px(text: str) -> float:
+    """The width of ``text`` at the charts' 12 px in DejaVu Sans (a wide sans-serif, what a Linux
+    browser falls back to), measured by FreeType: an oracle independent of the report's code."""
+    from PIL import ImageFont
+
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", 12)
+    except OSError:
+        font = ImageFont.load_default(size=12)
+    return font.getlength(text)
+
+
+@pytest.mark.parametrize("per_row", [
+    {"normalise": 0.4, "preprocess": 30.0, "edit": 1473.0, "write": 30.0},  # "1,473 ms (96%)"
+    {"normalise": 0.0, "preprocess": 0.0, "edit": 123456.0, "write": 0.0},  # "123,456 ms (100%)"
+])
+def test_a_bar_at_full_width_keeps_its_whole_label(per_row):
+    svg = _svgs(_page(_summary(stage_ms_per_row=per_row)))["time per stage per row"]
+    width = float(svg.get("viewBox").split()[2])
+    for t in svg.iter("text"):
+        if t.get("class") == "val":
+            assert float(t.get("x")) + _text_px(t.text) <= width, (t.text, t.get("x"), width)
