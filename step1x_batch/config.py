@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from step1x_batch.errors import CODES, redact
+from step1x_batch.manifest import GUIDANCE_SCALE_RANGE, NUM_STEPS_RANGE, SIZE_LEVEL_RANGE
 from step1x_batch.models import family_class
 from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
 from step1x_batch.storage import StorageOptions
@@ -43,6 +44,7 @@ __all__ = [
 
 # Error types that a later run retries by default (transient: the same row may well succeed).
 # Everything else (corrupt image, empty instruction, ...) is final for the same fingerprint.
+# The transient ones of errors.TRANSIENT_CODES (a test holds the two equal).
 DEFAULT_RETRY_ERROR_TYPES = ("read_failed", "write_failed", "edit_failed")
 
 _CREDENTIAL_KEY = re.compile(
@@ -70,6 +72,10 @@ class InputConfig(_Section):
 
     manifest: str
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    # An input image with more bytes is an error row (image_too_large), refused by its size
+    # before reading where the size is known and while reading otherwise: no endless or huge
+    # object (a device, a runaway upload) is ever held in a worker's memory.
+    max_image_bytes: int = Field(256 * 1024 * 1024, ge=1)
 
 
 class OutputConfig(_Section):
@@ -154,9 +160,10 @@ class SamplingConfig(_Section):
     values are the model family's own recipe (Step1X-Edit: 28 steps, guidance 6; Qwen-Image-Edit:
     40 steps, true CFG 4, negative prompt " ")."""
 
-    num_steps: int | None = Field(None, gt=0, le=1000)
-    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
-    size_level: int | None = Field(None, ge=64, le=4096)
+    # The same bounds apply to a manifest row's own num_steps / guidance_scale / size_level.
+    num_steps: int | None = Field(None, ge=NUM_STEPS_RANGE[0], le=NUM_STEPS_RANGE[1])
+    guidance_scale: float | None = Field(None, ge=GUIDANCE_SCALE_RANGE[0], le=GUIDANCE_SCALE_RANGE[1])
+    size_level: int | None = Field(None, ge=SIZE_LEVEL_RANGE[0], le=SIZE_LEVEL_RANGE[1])
     negative_prompt: str | None = None
     # Seed policy: a row's `seed` column wins; otherwise seed = hash(id, seed_base). Changing
     # seed_base draws new noise for every seedless row (and so redoes them).
@@ -189,6 +196,10 @@ class ResourcesConfig(_Section):
     io_batch_size: int = Field(64, ge=1)  # rows per block and per prepare / write task call
     io_threads_per_task: int = Field(8, ge=1)  # concurrent object reads / writes inside one task
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # prefetch depth: the GPU never waits
+    # How often Ray re-runs a CPU task (normalise, prepare, write) whose worker died (killed for
+    # memory, a crash in native code). Ray Data's own default is without end, which turns one
+    # poisoned input into a job that never finishes; past this bound the job stops with the cause.
+    task_max_retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "ResourcesConfig":

@@ -33,6 +33,11 @@ PREPARE_FAILED = "prepare_failed"
 READ_FAILED = "read_failed"
 WRITE_FAILED = "write_failed"
 EDIT_FAILED = "edit_failed"
+# Deterministic read failures: the same URI fails the same way on every attempt and every run.
+NOT_A_FILE = "not_a_file"  # a folder, FIFO, device, socket or symlink loop where an image file should be
+INVALID_URI = "invalid_uri"  # unknown protocol, NUL byte, a bucket name the store refuses
+IMAGE_TOO_LARGE = "image_too_large"  # more bytes than input.max_image_bytes
+DUPLICATE_ROW = "duplicate_row"  # a second row with an earlier row's output key or explicit id
 
 CODES = frozenset(
     {
@@ -50,10 +55,29 @@ CODES = frozenset(
         READ_FAILED,
         WRITE_FAILED,
         EDIT_FAILED,
+        NOT_A_FILE,
+        INVALID_URI,
+        IMAGE_TOO_LARGE,
+        DUPLICATE_ROW,
     }
     | MODEL_ERROR_CODES  # reported by model families (non_finite_output, too_many_images, ...)
 )
 
+
+# Final or transient: a *transient* error may well not happen again (a network fault, a store
+# answering 503, a worker that ran out of memory), so a later run redoes the row by default
+# (``runtime.retry_error_types``). A *final* error is a property of the row or of its input (the
+# same bytes, URI and parameters fail the same way every time): a later run skips the row while
+# its fingerprint is unchanged; ``--retry-errors TYPE`` redoes it on purpose.
+TRANSIENT_CODES = frozenset({READ_FAILED, WRITE_FAILED, EDIT_FAILED})
+FINAL_CODES = CODES - TRANSIENT_CODES
+
+
+def is_transient(code: str) -> bool:
+    """Whether a row error of type ``code`` may succeed when simply tried again."""
+    if code not in CODES:
+        raise ValueError(f"unknown row error code {code!r}")
+    return code in TRANSIENT_CODES
 
 
 class JobRefused(Exception):

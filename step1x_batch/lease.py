@@ -65,16 +65,29 @@ class Holder:
     doc: dict[str, Any]
     age_s: float
     etag: str | None = None  # S3: the object's ETag (for conditional replace)
+    size: int | None = None  # bytes of the object
 
-    def stale(self, default_ttl_s: float = 300.0) -> bool:
-        """Not renewed for its ttl (a lease whose content cannot be read gets ``default_ttl_s``)."""
+    @property
+    def corrupt(self) -> bool:
+        """The object is not a lease document (not JSON, or no token): something else wrote it."""
+        return not self.doc.get("token")
+
+    def ttl(self, default_ttl_s: float = 300.0) -> float:
+        """Its own ttl; ``default_ttl_s`` (the reading run's) for one whose content cannot be read."""
         try:
             ttl = float(self.doc["ttl_s"])
         except (KeyError, TypeError, ValueError):
-            ttl = default_ttl_s
-        return self.age_s >= ttl
+            return default_ttl_s
+        return ttl if ttl > 0 else default_ttl_s
+
+    def stale(self, default_ttl_s: float = 300.0) -> bool:
+        """Not renewed for its ttl (a lease whose content cannot be read gets ``default_ttl_s``)."""
+        return self.age_s >= self.ttl(default_ttl_s)
 
     def describe(self) -> str:
+        if self.corrupt:
+            return (f"an object that is not a lease document ({self.size if self.size is not None else '?'} "
+                    f"bytes, last written {self.age_s:.0f} s ago; not JSON or not written by this job)")
         d = self.doc
         return (f"run {d.get('run_id', '?')} on host {d.get('host', '?')} (pid {d.get('pid', '?')}, "
                 f"started {d.get('started_at', '?')}, lease renewed {self.age_s:.0f} s ago)")
@@ -86,6 +99,29 @@ class Holder:
 
 class _Unsupported(Exception):
     """The store cannot do conditional writes."""
+
+
+_MAX_READ = 1 << 20  # a lease document is a few hundred bytes; never hold more of whatever is there
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Why a renewal found the lease no longer this run's (a sentence part for the message)."""
+
+    why: str
+
+    @classmethod
+    def of(cls, now: Holder | None, token: str | None = None) -> "Lost":
+        """From what the lease object is now: gone, another run's, or something else."""
+        if now is not None and token is not None and now.doc.get("token") == token:
+            return cls("the lease object was rewritten by someone other than this run (its ETag changed)")
+        if now is None:
+            return cls("the lease object was deleted while this run held it (by a person, a "
+                       "lifecycle rule or a clean-up job); another run could start beside this one")
+        if now.corrupt:
+            return cls(f"the lease object was overwritten by {now.describe()}")
+        return cls(f"another run took the output root over: {now.describe()} (a lease is taken "
+                   "over when it is not renewed for its runtime.lease_ttl_s)")
 
 
 class _LocalStore:
@@ -113,22 +149,25 @@ class _LocalStore:
     def read(self) -> Holder | None:
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                data = f.read(_MAX_READ)
             age = time.time() - os.stat(self.path).st_mtime
         except FileNotFoundError:
             return None
-        return Holder(parse_document(data), max(age, 0.0), "local")
+        return Holder(parse_document(data), max(age, 0.0), "local", len(data))
 
-    def replace(self, holder: Holder, body: bytes) -> str | None:
-        """Swap a stale lease for ours: renaming it away succeeds for exactly one taker."""
+    def replace(self, holder: Holder, body: bytes, ttl_s: float | None = None) -> str | None:
+        """Swap a stale lease for ours: renaming it away succeeds for exactly one taker. What was
+        moved away must still be the stale lease that was read (same token, still not renewed
+        for its ttl; ``ttl_s``: the taker's, for an object that is not a lease document)."""
         aside = f"{self.path}.stale-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return None
         with open(aside, "rb") as f:
-            taken = Holder(parse_document(f.read()), max(time.time() - os.stat(aside).st_mtime, 0.0))
-        if taken.doc.get("token") != holder.doc.get("token") or not taken.stale(holder.age_s + 1):
+            taken = Holder(parse_document(f.read(_MAX_READ)), max(time.time() - os.stat(aside).st_mtime, 0.0))
+        default = ttl_s if ttl_s is not None else holder.age_s + 1
+        if taken.doc.get("token") != holder.doc.get("token") or not taken.stale(default):
             # Renewed or replaced between our read and the rename: put it back, it is not ours.
             try:
                 os.link(aside, self.path)
@@ -139,10 +178,10 @@ class _LocalStore:
         os.unlink(aside)
         return self.create(body)
 
-    def renew(self, token: str, etag: str | None, body: bytes) -> str | None:
+    def renew(self, token: str, etag: str | None, body: bytes) -> str | Lost:
         held = self.read()
         if held is None or held.doc.get("token") != token:
-            return None
+            return Lost.of(held)
         tmp = f"{self.path}.{token}.tmp"
         with open(tmp, "wb") as f:
             f.write(body)
@@ -191,16 +230,34 @@ class _S3Store:
             if self._code(e) in ("NoSuchKey", "404"):
                 return None
             raise
-        data = out["Body"].read()
+        data = out["Body"].read(_MAX_READ)
         age = (_store_now(out["ResponseMetadata"]["HTTPHeaders"].get("date"))
                - _utc(out["LastModified"])).total_seconds()
-        return Holder(parse_document(data), max(age, 0.0), out.get("ETag"))
+        return Holder(parse_document(data), max(age, 0.0), out.get("ETag"), out.get("ContentLength"))
 
-    def replace(self, holder: Holder, body: bytes) -> str | None:
+    def replace(self, holder: Holder, body: bytes, ttl_s: float | None = None) -> str | None:
         return self._put(body, IfMatch=holder.etag or "")
 
-    def renew(self, token: str, etag: str | None, body: bytes) -> str | None:
-        return self._put(body, IfMatch=etag or "")
+    def renew(self, token: str, etag: str | None, body: bytes) -> str | Lost:
+        """A put conditional on our ETag. The lease deleted (``NoSuchKey``: S3 answers a
+        conditional put of a missing key so) or changed (``PreconditionFailed``) is lost, and
+        what happened to it is read back for the message."""
+        from botocore.exceptions import ClientError
+
+        try:
+            etag = self._put(body, IfMatch=etag or "")
+        except ClientError as e:
+            if self._code(e) not in ("NoSuchKey", "404"):
+                raise
+            return Lost.of(None)
+        if etag is not None:
+            return etag
+        try:
+            now = self.read()
+        except Exception:  # noqa: BLE001 - the lease is lost either way; only the detail is missing
+            return Lost("it was changed by someone other than this run (the store refused the "
+                        "renewal's If-Match)")
+        return Lost.of(now, token)
 
     def delete(self, token: str, etag: str | None) -> None:
         held = self.read()
@@ -257,34 +314,66 @@ class Lease:
     took_over: str | None = None  # the previous holder, when this run took a stale lease over
     note: str | None = None  # why the run is unlocked
     lost: threading.Event = field(default_factory=threading.Event)
+    lost_why: str | None = None  # what a renewal found (set with ``lost``)
+    clock: Callable[[], float] = time.monotonic
     _doc: dict[str, Any] = field(default_factory=dict)
     _etag: str | None = None
     _store: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _renewed: float | None = None  # clock() at the last successful take or renewal
 
     def _body(self) -> bytes:
         self._doc["renewed_at"] = _now_iso()
         return (json.dumps(self._doc, indent=2) + "\n").encode()
 
     def renew(self) -> bool:
-        """Renew now; False (and ``lost`` set) when the lease is no longer ours."""
+        """Renew now; False (and ``lost`` set, with ``lost_why``) when the lease is no longer
+        ours: taken over, deleted, or overwritten. Raises on a store error (retried later)."""
         if not self.locked or self.lost.is_set():
             return not self.lost.is_set()
-        etag = self._store.renew(self.token, self._etag, self._body())
-        if etag is None:
-            self.lost.set()
-            return False
-        self._etag = etag
-        return True
+        with self._lock:  # the renewal loop and confirm() must not race on one ETag
+            if self.lost.is_set():
+                return False
+            result = self._store.renew(self.token, self._etag, self._body())
+            if isinstance(result, Lost) or result is None:
+                self._lose(result.why if isinstance(result, Lost) else Lost.of(None).why)
+                return False
+            self._etag = result
+            self._renewed = self.clock()
+            return True
+
+    def confirm(self) -> bool:
+        """Renew now, before something only the lease holder may write (a log part): True when
+        the lease is still this run's. A store error counts as not confirmed only once the lease
+        has gone unrenewed for its ttl (see :meth:`overdue`)."""
+        try:
+            return self.renew()
+        except Exception:  # noqa: BLE001 - a store hiccup: the lease is ours until its ttl runs out
+            return not self.overdue()
+
+    def overdue(self) -> bool:
+        """True (and the lease lost) once no renewal succeeded for ``ttl_s``: another run may have
+        taken the root over by now, so this one must stop writing."""
+        if self.locked and not self.lost.is_set() and self._renewed is not None \
+                and self.clock() - self._renewed >= self.ttl_s:
+            self._lose(f"the lease could not be renewed for {self.ttl_s:g} s (runtime.lease_ttl_s; the store "
+                       "did not answer), so another run may have taken the output root over")
+        return self.lost.is_set()
+
+    def _lose(self, why: str) -> None:
+        self.lost_why = why
+        self.lost.set()
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` once a renewal found the lease taken over."""
+        """Raise :class:`LeaseLost` once a renewal found the lease no longer this run's, saying
+        what happened to it."""
         if self.lost.is_set():
             raise LeaseLost(
-                f"this run lost the lease on {redact_uri(self.uri)}: it was not renewed for "
-                f"{self.ttl_s:g} s and another run took the output root over; this run stopped "
-                "(its finished rows are logged; the other run does the rest)")
+                f"this run lost the lease on {redact_uri(self.uri)}: {self.lost_why or 'another run took it over'}; "
+                "this run stopped writing (its rows logged so far are kept; rows without a record "
+                "are done by the next run, or by the run that holds the lease now)")
 
     def start_renewing(self, on_error: Callable[[BaseException], None] | None = None) -> None:
         if not self.locked:
@@ -295,9 +384,11 @@ class Lease:
                 try:
                     if not self.renew():
                         return
-                except Exception as e:  # a failed renewal is retried next period
+                except Exception as e:  # a failed renewal is retried next period, up to the ttl
                     if on_error:
                         on_error(e)
+                    if self.overdue():
+                        return
 
         self._thread = threading.Thread(target=loop, name="lease-renew", daemon=True)
         self._thread.start()
@@ -331,20 +422,27 @@ def acquire(output_uri: str, options: StorageOptions | None, run_id: str, *, ttl
             if etag is not None:
                 _check_conditional(store, lease._body())
                 lease._etag = etag
+                lease._renewed = lease.clock()
                 lease.took_over = stale.describe() if stale else None  # moved away by a racing taker
                 return lease
             holder = store.read()
             if holder is None:
                 continue  # released between our create and read
             if not holder.stale(ttl_s):
+                if holder.corrupt:
+                    raise LeaseHeld(
+                        f"the output root {redact_uri(output_uri)} has {holder.describe()} at "
+                        f"{LEASE_KEY}; it is taken over once it is {holder.ttl(ttl_s):g} s old "
+                        "(runtime.lease_ttl_s), or delete it now if no run is using this root")
                 raise LeaseHeld(
                     f"the output root {redact_uri(output_uri)} is in use by {holder.describe()}; "
                     f"wait for it to finish, or if it died, its lease is taken over once it is "
-                    f"{float(holder.doc.get('ttl_s') or 0):g} s old (runtime.lease_ttl_s)")
+                    f"{holder.ttl(ttl_s):g} s old (runtime.lease_ttl_s)")
             stale = holder
-            etag = store.replace(holder, lease._body())
+            etag = store.replace(holder, lease._body(), ttl_s)
             if etag is not None:
                 lease._etag = etag
+                lease._renewed = lease.clock()
                 lease.took_over = holder.describe()
                 return lease
         raise LeaseHeld(f"the output root {redact_uri(output_uri)} is being claimed by other runs "

@@ -80,7 +80,6 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import (
@@ -144,6 +143,11 @@ _MAX_GIVEN_SEED = 2**63
 _MAX_ID_CHARS = 512
 MAX_ID_CHARS = _MAX_ID_CHARS  # a longer given id is an invalid row
 _PARAM_FIELDS = tuple(f.name for f in fields(EditParams))
+# The bounds of a per-row parameter, the same as the config's (``sampling.*`` validates against
+# these very numbers): a row may not ask for more work or memory than a config may.
+NUM_STEPS_RANGE = (1, 1000)
+SIZE_LEVEL_RANGE = (64, 4096)
+GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 _FORMAT_SUFFIXES = {
@@ -251,17 +255,111 @@ def csv_convert_options(uri: str, options: StorageOptions | None = None) -> pacs
     )
 
 
+# A column the text readers add: why a line could not be read as a row (null when it could). The
+# normaliser turns it into that row's INVALID_ROW error, so a bad line is one error row.
+MANIFEST_PROBLEM = "__manifest_problem"
+# Contract columns that hold one value: a JSON list, object or boolean there is the row's error.
+_SCALAR_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in ("image_uris", "image_etags"))
+
+
+def _json_cell(value: Any) -> str | None:
+    """A JSON Lines value as text, as it is written: strings as they are, numbers, booleans,
+    lists and objects as their JSON text (so ``7`` and ``"7"`` are both ``"7"``)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _line_problem(where: str, text: str, why: str) -> str:
+    snippet = redact(text.strip())[:80]
+    return f"{where} {why}: {snippet!r}"
+
+
+def _read_json_lines(f, shown: str) -> pa.Table:
+    """JSON Lines with a fixed schema: every column text (see :func:`_json_cell`), one row per
+    non-blank line, a line that is not a JSON object a row with :data:`MANIFEST_PROBLEM` set.
+    Mixed types in a column (``{"seed": 7}`` then ``{"seed": "7"}``) are fine: the normaliser
+    types each row's values itself."""
+    rows: list[dict[str, str | None]] = []
+    problems: list[str | None] = []
+    names: dict[str, None] = {}
+    for number, raw in enumerate(f, 1):
+        where = f"line {number} of {shown}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            rows.append({})
+            problems.append(f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            rows.append({})
+            problems.append(_line_problem(where, line, f"is not valid JSON ({exc})"))
+            continue
+        if not isinstance(doc, dict):
+            rows.append({})
+            problems.append(_line_problem(where, line, f"is a JSON {type(doc).__name__}, not an object"))
+            continue
+        row = {str(k): _json_cell(v) for k, v in doc.items()}
+        bad = [k for k in _SCALAR_COLUMNS if isinstance(doc.get(k), (list, dict, bool))]
+        problems.append(f"{where}: {bad[0]} is a JSON {type(doc[bad[0]]).__name__}, not a single value"
+                        if bad else None)
+        names.update(dict.fromkeys(row))
+        rows.append(row)
+    columns = {n: pa.array([r.get(n) for r in rows], pa.string()) for n in names if n != MANIFEST_PROBLEM}
+    if any(problems):
+        columns[MANIFEST_PROBLEM] = pa.array(problems, pa.string())
+    return pa.table(columns) if columns else pa.table({MANIFEST_PROBLEM: pa.array(problems, pa.string())})
+
+
+def _read_csv(f, convert: pacsv.ConvertOptions, shown: str) -> pa.Table:
+    """CSV as text (see :func:`csv_convert_options`); a line with more or fewer fields than the
+    header is kept as a row with :data:`MANIFEST_PROBLEM` set (at the end), not a failed read."""
+    bad: list[str] = []
+
+    def invalid(row) -> str:
+        where = f"line {row.number} of {shown}" if row.number else f"a line of {shown}"
+        bad.append(_line_problem(where, row.text or "", f"has {row.actual_columns} fields, the header "
+                                 f"{row.expected_columns}"))
+        return "skip"
+
+    table = pacsv.read_csv(f, convert_options=convert,
+                           parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
+                           read_options=pacsv.ReadOptions(use_threads=False))
+    if not bad:
+        return table
+    problems = pa.array([None] * table.num_rows + bad, pa.string())
+    table = pa.concat_tables([table, pa.table({n: pa.nulls(len(bad), t) for n, t in zip(table.column_names, table.schema.types)},
+                                              schema=table.schema)])
+    return table.append_column(MANIFEST_PROBLEM, problems)
+
+
 def _read_file(uri: str, options: StorageOptions | None) -> pa.Table:
+    """One manifest file: Parquet as stored; JSON Lines and CSV with a fixed schema (every
+    column text, typed per row by the normaliser; a line that cannot be read is one row with
+    :data:`MANIFEST_PROBLEM` set), so no value in one row can fail the read of the others."""
     fmt = manifest_format(uri)
     fs, path = filesystem(uri, options)
     if fmt == "parquet":
         with fs.open(path, "rb") as f:
             return pq.read_table(f)
+    shown = redact_uri(uri)
     convert = csv_convert_options(uri, options) if fmt == "csv" else None
     with fs.open(path, "rb", compression="infer") as f:
         if fmt == "json":
-            return pajson.read_json(f)
-        return pacsv.read_csv(f, convert_options=convert)
+            return _read_json_lines(f, shown)
+        return _read_csv(f, convert, shown)
+
+
+def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = None) -> pa.Table:
+    """Ray ``map_batches`` form of :func:`_read_file`: a batch of ``{"path": [file]}`` -> the
+    file's rows (one block per file, as Ray's own readers give)."""
+    paths = batch["path"]
+    tables = [_read_file(p, options) for p in (paths.to_pylist() if hasattr(paths, "to_pylist") else paths)]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_manifest_table(uri: str, options: StorageOptions | None = None) -> pa.Table:
@@ -407,6 +505,13 @@ def _parse_int(value: Any, lo: int, hi: int) -> int:
     return out
 
 
+def _in_range(value: Any, bounds: tuple[Any, Any]) -> Any:
+    lo, hi = bounds
+    if not lo <= value <= hi:
+        raise ValueError(f"out of range: rows, like the config's sampling settings, take {lo:g} to {hi:g}")
+    return value
+
+
 def _parse_float(value: Any, lo: float) -> float:
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
@@ -424,7 +529,7 @@ def _parse_float(value: Any, lo: float) -> float:
 def extra_columns(table_columns: Iterable[str]) -> list[str]:
     """The manifest columns that are not part of the contract, in their order: carried untouched
     into the log (``extra`` JSON)."""
-    known = set(MANIFEST_COLUMNS)
+    known = set(MANIFEST_COLUMNS) | {MANIFEST_PROBLEM}
     return [str(c) for c in table_columns if str(c) not in known]
 
 
@@ -623,6 +728,10 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             error.append((code, message))
 
     identity: dict[str, Any] = {}
+    problem = raw.get(MANIFEST_PROBLEM)
+    if problem:  # the line could not be read as a row (JSON Lines / CSV): its place names it
+        fail(INVALID_ROW, str(problem))
+        identity["manifest_problem"] = str(problem)
     image_uris, image_etags, shown = _image_inputs(raw, ctx, fail)
     identity["image_uri" if not isinstance(shown, list) else "image_uris"] = shown
     # instruction
@@ -649,9 +758,9 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
     given: dict[str, Any] = {}
     parsers = {
         "seed": lambda v: _parse_int(v, 0, _MAX_GIVEN_SEED),
-        "num_steps": lambda v: _parse_int(v, 1, 10_001),
-        "size_level": lambda v: _parse_int(v, 1, 1 << 20),
-        "guidance_scale": lambda v: _parse_float(v, 0.0),
+        "num_steps": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), NUM_STEPS_RANGE),
+        "size_level": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), SIZE_LEVEL_RANGE),
+        "guidance_scale": lambda v: _in_range(_parse_float(v, -math.inf), GUIDANCE_SCALE_RANGE),
     }
     for name, parse in parsers.items():
         value = raw.get(name)

@@ -195,9 +195,9 @@ class NormaliseSettings:
     def digests(self, raw: pa.Table) -> pa.Array:
         """Each raw row's digest (:mod:`step1x_batch.row_digest`) over the contract columns: the
         extra columns only travel into the log's ``extra``, they change no fingerprint."""
-        from step1x_batch.manifest import MANIFEST_COLUMNS
+        from step1x_batch.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
 
-        contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS]
+        contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS or c == MANIFEST_PROBLEM]
         return pa.array(row_digests(raw.select(contract), self.digest_key()), pa.uint64())
 
     def digest_key(self) -> int:
@@ -265,6 +265,7 @@ class PrepareSettings:
     model: ModelSpec
     weights: WeightsSource
     threads: int = 8
+    max_image_bytes: int | None = None  # input.max_image_bytes
 
 
 def _load_images(row: dict[str, Any], s: PrepareSettings) -> list[np.ndarray]:
@@ -276,7 +277,7 @@ def _load_images(row: dict[str, Any], s: PrepareSettings) -> list[np.ndarray]:
     for i, uri in enumerate(uris, 1):
         where = f"image {i} of {len(uris)} ({errors.redact_uri(uri)}): " if len(uris) > 1 else ""
         try:
-            image = decode_image(read_bytes(uri, s.storage), s.max_pixels)
+            image = decode_image(read_bytes(uri, s.storage, s.max_image_bytes), s.max_pixels)
         except RowError as e:
             raise RowError(e.code, where + e.message) from None
         except Exception as e:  # an unexpected failure is still one row, never a crashed job
@@ -593,20 +594,21 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     """
     import ray
 
-    from step1x_batch.manifest import csv_convert_options, manifest_files, manifest_format
+    from step1x_batch.manifest import manifest_files, manifest_format, read_manifest_file
     from step1x_batch.storage import arrow_filesystem
 
     files = manifest_files(uri, options)  # FileNotFoundError / ValueError (mixed formats)
     fmt = manifest_format(files[0])
-    fs, _ = arrow_filesystem(files[0], options)
-    paths = [arrow_filesystem(f, options)[1] for f in files]
-    common = dict(filesystem=fs, partitioning=None, file_extensions=None, num_cpus=num_cpus)
     if fmt == "parquet":
-        return ray.data.read_parquet(paths, **common)
-    if fmt == "csv":
-        return ray.data.read_csv(paths, convert_options=csv_convert_options(files[0], options), **common)
-    # JSON Lines through pyarrow's reader: `lines=True` (pandas) refuses an explicit filesystem.
-    return ray.data.read_json(paths, **common)
+        fs, _ = arrow_filesystem(files[0], options)
+        paths = [arrow_filesystem(f, options)[1] for f in files]
+        return ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None,
+                                     num_cpus=num_cpus)
+    # JSON Lines and CSV: the manifest module's own reader (a fixed schema, every value text,
+    # a line that cannot be read one row with its problem), one task and one block per file.
+    files_ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return files_ds.map_batches(read_manifest_file, batch_size=1, batch_format="pyarrow",
+                                fn_kwargs={"options": options}, num_cpus=num_cpus)
 
 
 def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan):
@@ -632,6 +634,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         batch_size=None,
         fn_kwargs={"settings": settings, "retried": retried, "counters": counters},
         num_cpus=r.io_cpus_per_task,
+        max_retries=r.task_max_retries,
     )
     # A manifest file arrives as one block (a JSONL / CSV file, a Parquet row group): cut it into
     # small blocks so that image fetching fans out over many tasks, pixels stream through the
@@ -639,7 +642,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     ds = ds.repartition(target_num_rows_per_block=r.io_batch_size)
     prepare_settings = PrepareSettings(
         storage=cfg.input.storage, max_pixels=cfg.runtime.max_pixels, model=spec, weights=weights,
-        threads=r.io_threads_per_task,
+        threads=r.io_threads_per_task, max_image_bytes=cfg.input.max_image_bytes,
     )
     ds = ds.map_batches(
         prepare,
@@ -647,6 +650,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         batch_size=r.io_batch_size,
         fn_kwargs={"settings": prepare_settings, "counters": counters},
         num_cpus=r.io_cpus_per_task,
+        max_retries=r.task_max_retries,
     )
     ds = ds.map_batches(
         EditStage,
@@ -676,5 +680,6 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         batch_size=r.io_batch_size,
         fn_kwargs={"settings": write_settings, "counters": counters, "threads": r.io_threads_per_task},
         num_cpus=r.io_cpus_per_task,
+        max_retries=r.task_max_retries,
     )
     return ds

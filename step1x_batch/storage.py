@@ -19,11 +19,13 @@ the cloud's credential chain.
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import os
 import posixpath
 import random
 import re
+import stat
 import threading
 import time
 import uuid
@@ -37,7 +39,10 @@ import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
 from step1x_batch.errors import (
+    IMAGE_TOO_LARGE,
+    INVALID_URI,
     MISSING_OBJECT,
+    NOT_A_FILE,
     READ_FAILED,
     UNSAFE_OUTPUT_KEY,
     WRITE_FAILED,
@@ -290,18 +295,111 @@ def _describe(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {text}")
 
 
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    """The whole object at ``uri``. Raises RowError(MISSING_OBJECT) when it does not exist and
-    RowError(READ_FAILED) for anything else, after retrying transient errors."""
+class _Refused(Exception):
+    """A read refused before or while reading: (row error code, why)."""
+
+    def __init__(self, code: str, why: str) -> None:
+        super().__init__(why)
+        self.code, self.why = code, why
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+_CHUNK = 1 << 20
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _too_large(size: int | str, max_bytes: int) -> _Refused:
+    return _Refused(IMAGE_TOO_LARGE, f"is {size} bytes, over input.max_image_bytes ({max_bytes}); "
+                    "downscale or recompress the image, or raise the limit")
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    """A regular file's bytes, at most ``max_bytes``. Opened without blocking (a FIFO would
+    wait for a writer forever) and checked with ``fstat`` on the open descriptor, so what is
+    read is what was checked: folders, FIFOs, devices (``/dev/zero``) and sockets are refused
+    before a byte is read, and a file over the limit by its size, or while reading if it grows."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(NOT_A_FILE, f"is {_kind(st.st_mode)}, not an image file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(st.st_size, max_bytes)
+        chunks, total = [], 0
+        while True:
+            want = _CHUNK if max_bytes is None else min(_CHUNK, max_bytes + 1 - total)
+            chunk = os.read(fd, want)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise _too_large(f"more than {max_bytes}", max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _unsatisfiable_range(exc: BaseException) -> bool:
+    """A ranged read from byte 0 refused with 416: the object is empty."""
+    text = str(exc).lower()
+    return "range is not satisfiable" in text or "invalidrange" in text or "416" in text.split()
+
+
+def _read_remote(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
+    """The object's bytes; with ``max_bytes``, one ranged GET of at most ``max_bytes + 1`` bytes
+    (so an endless or huge object never streams in whole) and a refusal when it is longer."""
+    if max_bytes is None:
+        return fs.cat_file(path)
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except OSError as exc:
+        if not _unsatisfiable_range(exc) or isinstance(exc, FileNotFoundError):
+            raise
+        return b""
+    if len(data) > max_bytes:
+        raise _too_large(f"more than {max_bytes}", max_bytes)
+    return data
+
+
+# Exceptions that say the URI itself cannot name an object: the same on every attempt.
+_INVALID_URI_ERRORS: tuple[type[BaseException], ...] = (ValueError, ImportError)
+try:
+    from botocore.exceptions import ParamValidationError
+
+    _INVALID_URI_ERRORS += (ParamValidationError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole object at ``uri`` (at most ``max_bytes`` bytes when given), or a RowError whose
+    code says whether trying again could help (:data:`errors.TRANSIENT_CODES`):
+
+    * final: MISSING_OBJECT (no such file or object), NOT_A_FILE (a folder, FIFO, device, socket,
+      symlink loop), INVALID_URI (unknown protocol, a NUL byte, a bucket name the client refuses,
+      a name too long), IMAGE_TOO_LARGE (over ``max_bytes``);
+    * transient: READ_FAILED (network, the store's 5xx, access denied), after retrying the
+      failures that break off a response body (botocore retries the rest itself)."""
     options = options or StorageOptions()
     shown = redact_uri(uri)
     try:
+        if "\x00" in uri:
+            raise _Refused(INVALID_URI, "contains a NUL byte")
         fs, path = filesystem(uri, options)
-        return _with_retries(
-            lambda: fs.cat_file(path),
-            options.max_attempts,
-            lambda exc: isinstance(exc, _STREAM_ERRORS),
-        )
+        if isinstance(fs, LocalFileSystem):
+            return _read_local(path, max_bytes)
+        return _with_retries(lambda: _read_remote(fs, path, max_bytes), options.max_attempts,
+                             lambda exc: isinstance(exc, _STREAM_ERRORS))
+    except _Refused as exc:
+        raise RowError(exc.code, f"{shown} {exc.why}; image_uri must name one image file.") from None
     except FileNotFoundError:
         raise RowError(
             MISSING_OBJECT,
@@ -309,21 +407,36 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
             "(relative paths are resolved against the manifest's folder).",
         ) from None
     except IsADirectoryError:
-        raise RowError(
-            READ_FAILED, f"{shown} is a folder, not a file; image_uri must name one image file."
-        ) from None
+        raise RowError(NOT_A_FILE, f"{shown} is a folder, not a file; image_uri must name one image file.") from None
+    except NotADirectoryError:
+        raise RowError(MISSING_OBJECT, f"No object at {shown}: a part of the path is a file, not a folder.") from None
     except PermissionError as exc:
         raise RowError(
             READ_FAILED,
             f"Access denied reading {shown} ({_describe(exc)}); check the credentials and "
-            "permissions available to the job's workers.",
+            "permissions available to the job's workers (the next run tries this row again).",
         ) from None
-    except Exception as exc:  # noqa: BLE001 - any storage failure is a row error
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RowError(NOT_A_FILE, f"{shown} is a symbolic link loop, not an image file.") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise RowError(INVALID_URI, f"{shown}: the path is too long for the file system.") from None
+        raise RowError(READ_FAILED, _read_failed(shown, exc, options.max_attempts)) from None
+    except _INVALID_URI_ERRORS as exc:
         raise RowError(
-            READ_FAILED,
-            f"Could not read {shown} ({_describe(exc)}; up to {options.max_attempts} "
-            "attempts were made); check the storage endpoint, network and URI.",
+            INVALID_URI,
+            f"{shown} cannot name an object ({_describe(exc)[:300]}); fix the URI (scheme, bucket "
+            "name, path).",
         ) from None
+    except Exception as exc:  # noqa: BLE001 - any other storage failure is a (transient) row error
+        raise RowError(READ_FAILED, _read_failed(shown, exc, options.max_attempts)) from None
+
+
+def _read_failed(shown: str, exc: BaseException, max_attempts: int) -> str:
+    """Only failures of the transient kind get here (a network fault, the store's 5xx), which
+    the store client retries itself: "up to" because it stops early on a non-retryable answer."""
+    return (f"Could not read {shown} ({_describe(exc)}; up to {max_attempts} attempts); check the "
+            "storage endpoint, network and URI (the next run tries this row again).")
 
 
 def _write_local(path: str, data: bytes) -> None:
@@ -386,12 +499,28 @@ _MAX_KEY_BYTES = 1024  # S3's limit
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+# The job's own objects under an output root (the lease, the row state, the logs, the run files,
+# the pairs / catalog / dataset jobs' files): a row's output_key may not name them. Names that
+# start with "_" or "." are the job's too (the lease, its temporary files, preflight probes).
+RESERVED_OUTPUT_PREFIXES = ("state", "logs", "runs", "pairs", "catalog", "dataset")
+
+
+def reserved_output_key(key: str) -> str | None:
+    """What a normalised output key would overwrite among the job's own objects, or None."""
+    first = key.split("/", 1)[0]
+    if first.startswith(("_", ".")):
+        return f"'{first}' (names starting with '_' or '.' are the job's own, e.g. _lease.json)"
+    if first.casefold() in RESERVED_OUTPUT_PREFIXES:
+        return f"the job's own '{first}/' area"
+    return None
+
 
 def safe_output_key(key: str) -> str:
     """``key`` normalised (``./`` and ``//`` removed), or RowError(UNSAFE_OUTPUT_KEY) when it could
     leave the output root or is not a plain relative key: ``..`` segments (also percent-encoded),
     absolute paths, ``~``, URLs and ``scheme:`` / drive prefixes, backslashes, control characters,
-    empty keys, keys naming a folder, keys over 1024 bytes."""
+    empty keys, keys naming a folder, keys over 1024 bytes, and keys naming the job's own objects
+    (:func:`reserved_output_key`: ``_lease.json``, ``state/``, ``logs/``, ``runs/``, ...)."""
 
     def unsafe(why: str) -> RowError:
         return RowError(
@@ -425,6 +554,9 @@ def safe_output_key(key: str) -> str:
     normalised = "/".join(parts)
     if len(normalised.encode("utf-8")) > _MAX_KEY_BYTES:
         raise unsafe(f"is longer than {_MAX_KEY_BYTES} bytes")
+    reserved = reserved_output_key(normalised)
+    if reserved:
+        raise unsafe(f"would overwrite {reserved}")
     return normalised
 
 

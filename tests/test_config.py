@@ -134,7 +134,7 @@ def test_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("sampling.num_steps=0", "sampling.num_steps: Input should be greater than 0"),
+        ("sampling.num_steps=0", "sampling.num_steps: Input should be greater than or equal to 1"),
         ("sampling.num_steps=many", "sampling.num_steps: Input should be a valid integer"),
         ("sampling.nums_steps=20", "sampling.nums_steps: Extra inputs are not permitted"),
         ("output.format=gif", "output.format: Input should be 'png', 'webp' or 'jpeg'"),
