@@ -221,17 +221,32 @@ def _package_root() -> str | None:
     return None if "site-packages" in root or "dist-packages" in root else root
 
 
+def ray_address(cfg: JobConfig) -> str:
+    """Which Ray the job runs on: ``resources.ray_address`` when set (``auto``, an address, or
+    ``local``), else ``$RAY_ADDRESS`` (what ``ray job submit`` and KubeRay set for a driver:
+    joining that cluster is the point of submitting there), else ``local``: a private local Ray
+    of this process. Never a cluster found on the host by chance (Ray's own default joins the
+    last ``ray start`` on the machine, then refuses ``num_cpus``)."""
+    return cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+_guard: Any = None  # the watchdog of the local Ray this process started (ray_guard.Guard)
+
+
 def init_ray(cfg: JobConfig) -> bool:
-    """Connect to a cluster (``resources.ray_address`` / ``$RAY_ADDRESS``) or start a local Ray.
+    """Connect to a cluster (:func:`ray_address`) or start a private local Ray, which a watchdog
+    ties to this process's life (:mod:`step1x_batch.ray_guard`: a killed driver leaves no Ray
+    process behind).
 
     Returns True when this call started or connected Ray (and so should shut it down).
     """
     import ray
 
+    global _guard
     if ray.is_initialized():
         return False
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    address = ray_address(cfg)
+    if address != "local":
         ray.init(address=address, log_to_driver=True)
         return True
     env: dict[str, Any] = {}
@@ -239,14 +254,29 @@ def init_ray(cfg: JobConfig) -> bool:
     if root:  # workers must import step1x_batch from the same source tree
         path = os.environ.get("PYTHONPATH", "")
         env["env_vars"] = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
-    ray.init(
-        # At least 2 CPU slots (logical, not cores): one for the edit actor, one for I/O tasks.
-        num_cpus=cfg.resources.local_num_cpus or max(2, os.cpu_count() or 1),
-        include_dashboard=False,
-        runtime_env=env or None,
-        log_to_driver=True,
-    )
+    from step1x_batch import ray_guard
+
+    _guard = ray_guard.start()
+    try:
+        ray.init(
+            address="local",
+            # At least 2 CPU slots (logical, not cores): one for the edit actor, one for I/O tasks.
+            num_cpus=cfg.resources.local_num_cpus or max(2, os.cpu_count() or 1),
+            include_dashboard=False,
+            runtime_env=env or None,
+            log_to_driver=True,
+        )
+    except BaseException:
+        _stop_guard()
+        raise
     return True
+
+
+def _stop_guard() -> None:
+    global _guard
+    if _guard is not None:
+        _guard.stop()
+        _guard = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +373,7 @@ def _shutdown_ray() -> None:
 
     auto_init_hook.enable_auto_connect = False
     ray.shutdown()
+    _stop_guard()  # whatever of the local Ray outlived the shutdown goes now
 
 
 def _poll(counters: Any, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -333,12 +333,14 @@ __all__ = ["FlakyProxy", "ImageFactory", "draw_rgb", "make_bucket", "free_port"]
 @pytest.fixture(scope="module")
 def ray_local(s3_server) -> Iterator[None]:
     """One local Ray per test module (2 CPUs, like the CI machine). Workers inherit the moto
-    environment and import the package and tests/ plug-ins (``job_plugins:...``) by name."""
+    environment and import the package and tests/ plug-ins (``job_plugins:...``) by name.
+    ``address="local"``: a private Ray, never a cluster another test (or a person) started."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -373,3 +375,138 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks) of every process, read from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{name}/stat").read_text(errors="replace")
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        table[int(name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """The processes under ``pid`` now: pid -> start time (so a reused pid is not mistaken)."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(child)
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found[child] = table[child][1]
+                todo.append(child)
+    return found
+
+
+def still_running(processes: dict[int, int]) -> dict[int, int]:
+    """Those of ``processes`` (pid -> start time) still running (zombies count as gone)."""
+    left = {}
+    for pid, start in processes.items():
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        if int(fields[19]) == start and fields[0] != "Z":
+            left[pid] = start
+    return left
+
+
+def kill_processes(processes: dict[int, int]) -> None:
+    """SIGKILL those of ``processes`` still running (a failed test's leftovers)."""
+    for pid in still_running(processes):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class RayHead:
+    """``ray start --head --block`` in its own session, temp dir and free ports, so that no other
+    test's Ray (nor a person's) can join it by accident; :meth:`stop` ends only what it started:
+    its process group, then every process it had under it."""
+
+    def __init__(self, env: dict[str, str], temp: str, *, dashboard: bool = True) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.error
+        import urllib.request
+
+        ray = str(Path(sys.executable).parent / "ray")
+        self.temp, self.env = temp, env
+        self.dashboard_port = free_port()
+        self.gcs_port = free_port()
+        ports = {
+            "--port": self.gcs_port,
+            "--dashboard-port": self.dashboard_port,
+            "--ray-client-server-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
+        cmd = [ray, "start", "--head", "--block", f"--temp-dir={temp}", "--num-cpus=2", "--num-gpus=0",
+               f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
+               "--disable-usage-stats"]
+        cmd += [f"{k}={v}" for k, v in ports.items()]
+        self.log_path = os.path.join(temp, "head.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self._seen: dict[int, int] = {}
+        deadline = time.time() + 120
+        while True:
+            self._seen.update(descendants(self.proc.pid))
+            if dashboard:
+                try:
+                    with urllib.request.urlopen(f"{self.url}/api/version", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except urllib.error.HTTPError as e:
+                    if e.code == 401:  # token authentication: the server is up
+                        break
+                except OSError:
+                    pass
+            elif "Ray runtime started" in Path(self.log_path).read_text(errors="replace"):
+                break
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"ray head did not come up:\n{Path(self.log_path).read_text()[-3000:]}")
+            time.sleep(0.5)
+        self._seen.update(descendants(self.proc.pid))
+
+    def stop(self) -> None:
+        import subprocess
+        import time
+
+        self._seen.update(descendants(self.proc.pid))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        deadline = time.time() + 20
+        while still_running(self._seen) and time.time() < deadline:
+            kill_processes(self._seen)
+            time.sleep(0.2)
+        self._log.close()
