@@ -83,6 +83,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import (
+    DUPLICATE_ROW,
     EMPTY_INSTRUCTION,
     INSTRUCTION_TOO_LONG,
     INVALID_ROW,
@@ -824,6 +825,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
                  f"longer than {_MAX_ID_CHARS} characters.")
         elif text:
             row_id = text
+    given_id = row_id is not None
     if row_id is None:
         row_id = _sha256(_canonical(identity))[:20]
     # defaults, seed, output key
@@ -857,6 +859,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         "fingerprint": None,
         "error_type": None,
         "error_message": None,
+        "_given_id": given_id,  # for the duplicate check; not a column
     }
     if error:
         code, message = error[0]
@@ -882,6 +885,38 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         _canonical({name: _jsonable(raw.get(name)) for name in extras}) if extras else None
     )
     return out
+
+
+def _where(row: Mapping[str, Any]) -> str:
+    uris = row.get("image_uris") or ([row["image_uri"]] if row.get("image_uri") else [])
+    return f"row {row['id']} ({', '.join(redact_uri(u) for u in uris) or 'no image'})"
+
+
+def mark_duplicates(rows: list[dict[str, Any]]) -> None:
+    """Make the second of two rows that would share an output object, or an id given in the
+    manifest, a DUPLICATE_ROW error naming the first (in order). Rows that are the same work
+    (same id, output key and fingerprint: a repeated line) are left alone: they write the same
+    bytes. Only ``rows`` are compared (one batch); :func:`step1x_batch.preflight.check_duplicates`
+    checks a whole manifest small enough to read, and the skip join every id across batches."""
+    by_key: dict[str, dict[str, Any]] = {}
+    by_id: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["error_type"]:
+            continue
+        first = by_id.get(row["id"]) if row.get("_given_id") else None
+        what = f"its id {row['id']!r}"
+        if first is None:
+            first, what = by_key.get(row["output_key"]), f"its output_key {row['output_key']!r}"
+        if first is not None and (first["id"], first["output_key"], first["fingerprint"]) != (
+                row["id"], row["output_key"], row["fingerprint"]):
+            row.update(error_type=DUPLICATE_ROW, fingerprint=None, error_message=redact(
+                f"Row {row['id']}: {what} is already taken by an earlier {_where(first)}; two rows "
+                "would write one object or give one id two results. Give each row its own id and "
+                "output_key (or drop the repeated row)."))
+            continue
+        by_key.setdefault(row["output_key"], row)
+        if row.get("_given_id"):
+            by_id.setdefault(row["id"], row)
 
 
 def _reserved_names() -> set[str]:
@@ -927,6 +962,7 @@ def normalize_batch(
     extras = extra_columns(names)
     rows = [_normalize_row({name: cols[name][i] for name in names}, extras, ctx)
             for i in range(batch.num_rows)]
+    mark_duplicates(rows)
     reserved = _reserved_names()
     table = pa.Table.from_pydict({name: [r[name] for r in rows] for name in NORMALIZED_COLUMNS},
                                  schema=NORMALIZED_SCHEMA)

@@ -245,6 +245,90 @@ def check_manifest(uri: str, options: StorageOptions | None,
     return facts
 
 
+_DUPLICATE_CHECK_MAX_ROWS = 2_000_000  # Parquet manifests up to this many rows are checked whole
+
+
+def _id_text(value: Any) -> str | None:
+    """A given id as the normaliser keeps it (text, stripped; an integral float as an integer)."""
+    if value is None or isinstance(value, (bytes, bytearray, list, dict, bool)):
+        return None
+    if isinstance(value, float):
+        text = str(int(value)) if value.is_integer() else str(value)
+    else:
+        text = str(value).strip()
+    return text or None
+
+
+def _duplicate_columns(uri: str, options: StorageOptions | None) -> Any:
+    import pyarrow.parquet as pq
+
+    from step1x_batch.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
+
+    if manifest_format(uri) != "parquet":
+        return _read_file(uri, options)
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = [c for c in pf.schema_arrow.names if c in MANIFEST_COLUMNS]
+        return pf.read(columns=names)
+
+
+def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext: str) -> None:
+    """Refuse a manifest in which two different rows give the same ``id`` or would write the same
+    output object (an ``output_key``, or the ``images/<id>.<ext>`` of a given id), naming both
+    rows. Rows that are the same work (equal in every contract column) may repeat. Checked when
+    the manifest's size is known and small enough to read (Parquet up to
+    ``_DUPLICATE_CHECK_MAX_ROWS`` rows, CSV / JSON Lines up to the counting limit); larger ones
+    are checked per batch and by the skip join (:func:`step1x_batch.manifest.mark_duplicates`)."""
+    from step1x_batch.errors import RowError
+    from step1x_batch.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
+    from step1x_batch.storage import safe_output_key
+
+    if facts.manifest_rows is None or facts.manifest_rows > _DUPLICATE_CHECK_MAX_ROWS:
+        return
+    by_id: dict[str, tuple[str, tuple]] = {}
+    by_key: dict[str, tuple[str, tuple]] = {}
+    found: list[str] = []
+    count = 0
+    for uri in facts.manifest_files:
+        table = _duplicate_columns(uri, options)
+        contract = [c for c in table.column_names if c in MANIFEST_COLUMNS]
+        if "id" not in contract and "output_key" not in contract:
+            continue
+        cols = {c: table.column(c).to_pylist() for c in contract}
+        problems = table.column(MANIFEST_PROBLEM).to_pylist() if MANIFEST_PROBLEM in table.column_names else None
+        for i in range(table.num_rows):
+            if problems is not None and problems[i]:
+                continue  # an unreadable line: its own error row
+            where = f"row {i + 1} of {redact_uri(uri)}"
+            content = tuple(repr(cols[c][i]) for c in contract)
+            row_id = _id_text(cols["id"][i]) if "id" in cols else None
+            key = None
+            raw_key = cols["output_key"][i] if "output_key" in cols else None
+            try:
+                if isinstance(raw_key, str) and raw_key.strip():
+                    key = safe_output_key(raw_key)
+                elif row_id is not None:
+                    key = safe_output_key(f"images/{row_id}.{image_ext}")
+            except RowError:
+                key = None  # an unsafe key: that row's own error
+            for value, seen, what in ((row_id, by_id, "the id"), (key, by_key, "the output key")):
+                if value is None:
+                    continue
+                first = seen.setdefault(value, (where, content))
+                if first[1] != content:
+                    count += 1
+                    if len(found) < 3:
+                        found.append(f"{where} has {what} {redact(repr(value))[:120]}, as {first[0]} does")
+                    break
+    if found:
+        more = f" (and {count - len(found)} more)" if count > len(found) else ""
+        raise PreflightError(
+            f"input.manifest: two different rows may not share an id or an output object: "
+            f"{'; '.join(found)}{more}; they would write one object, or give one id two results. "
+            "Give each row its own id and output_key, or drop the repeated rows")
+
+
 # ---------------------------------------------------------------------------------------------
 # The output root.
 
@@ -436,6 +520,10 @@ def check_job(cfg: Any, *, manifest: str | None = None,
     """Every check for a job config (``cfg`` a :class:`~step1x_batch.config.JobConfig`), in the
     order a person would fix things: the input, the output, the weights."""
     facts = check_manifest(manifest or cfg.input.manifest, cfg.input.storage, required_columns)
+    if required_columns is DATASET_COLUMNS:  # an edit manifest: one row per output object and id
+        from step1x_batch.images import image_extension
+
+        check_duplicates(facts, cfg.input.storage, image_extension(cfg.output.format))
     if extra is not None:
         extra()
     check_output(cfg.output.uri, cfg.output_storage())

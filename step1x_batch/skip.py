@@ -33,6 +33,7 @@ from step1x_batch.storage import StorageOptions, filesystem
 
 KEY = "__skip_key"
 DIGEST = "__skip_digest"
+DUPLICATE_OF = "__skip_duplicate_of"  # a later row with an earlier row's given id: that row, described
 STATE_PREFIX = "__state_"
 STATE_COLUMNS = ["id", "fingerprint", "status", "error_type", "source_digest", "attempts",
                  "ok_fingerprint", "ok_source_digest"]
@@ -133,17 +134,49 @@ def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: State
     if not tables:
         return pa.table({KEY: pa.array([], pa.string())})
     rows = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    duplicates = duplicate_ids(rows)
     state = read_bucket(output_uri, options, pointer, bucket, columns=STATE_COLUMNS)
     found = take_state(state, rows.column(KEY))
     done = decide(None, rows.column(DIGEST), found, retried)
     keep = pa.array(~done)
-    rows, found = rows.filter(keep), found.filter(keep)
+    rows, found = rows.append_column(DUPLICATE_OF, duplicates).filter(keep), found.filter(keep)
     for name in STATE_COLUMNS[1:]:
         rows = rows.append_column(STATE_PREFIX + name, found.column(name))
     add_counters(counters, {"rows_skipped_done": float(int(done.sum())),
                             "normalise_ms": (time.perf_counter() - start) * 1e3,
                             "storage_retries": float(retry_count() - retries)})
     return rows
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    from step1x_batch.errors import redact_uri
+
+    image = row.get("image_uri") if row.get("image_uri") is not None else row.get("image_uris")
+    return f"the row with image {redact_uri(str(image))[:200]}" if image is not None else "another row"
+
+
+def duplicate_ids(rows: pa.Table) -> pa.Array:
+    """For each row (in manifest order: a bucket's pieces arrive in order) that gives an ``id``
+    an earlier row of the manifest already gave, with a different raw row (digest): the earlier
+    row, described; else null. The skip join sees every row of an id in one bucket, done or
+    not, so a resumed run finds the same first row however the manifest was batched."""
+    n = rows.num_rows
+    out: list[str | None] = [None] * n
+    if "id" not in rows.column_names or n == 0:
+        return pa.array(out, pa.string())
+    counts = pc.value_counts(rows.column(KEY))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(repeated) == 0:
+        return pa.array(out, pa.string())
+    given = pc.and_(pc.is_valid(rows.column("id")), pc.is_in(rows.column(KEY), value_set=repeated))
+    first: dict[str, tuple[int, int]] = {}  # id -> (row, digest)
+    for i in np.flatnonzero(np.asarray(pc.fill_null(given, False).to_numpy(zero_copy_only=False), dtype=bool)):
+        key, digest = rows.column(KEY)[i].as_py(), rows.column(DIGEST)[i].as_py()
+        if key not in first:
+            first[key] = (int(i), digest)
+        elif first[key][1] != digest:
+            out[i] = _describe_row(rows.slice(first[key][0], 1).to_pylist()[0])
+    return pa.array(out, pa.string())
 
 
 def state_rows(batch: pa.Table) -> pa.Table:

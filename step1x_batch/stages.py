@@ -217,6 +217,22 @@ def _with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
                      else pa.nulls(n, f.type) for f in schema}, schema=schema)
 
 
+def _mark_duplicates(table: pa.Table, duplicate_of: pa.ChunkedArray) -> pa.Table:
+    """Rows the skip join found giving an earlier row's id: DUPLICATE_ROW errors naming it."""
+    dup = pc.and_(pc.is_valid(duplicate_of), pc.is_null(table.column("error_type")))
+    if not pc.any(dup).as_py():
+        return table
+    message = pc.binary_join_element_wise(
+        "Row ", table.column("id"), ": its id is already taken by ", duplicate_of,
+        " earlier in the manifest; two rows would give one id two results. Give each row its own "
+        "id (or drop the repeated row).", "")
+    for name, value in (("error_type", pa.scalar(errors.DUPLICATE_ROW)), ("error_message", message),
+                        ("fingerprint", pa.scalar(None, pa.string()))):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pc.if_else(dup, value, table.column(name)))
+    return table
+
+
 def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Sequence[str] = (),
                    counters: Any = None) -> pa.Table:
     """Raw manifest rows -> ROW_SCHEMA rows that still need work. Rows from the skip join carry
@@ -229,6 +245,8 @@ def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Seq
     joined = skip.STATE_PREFIX + "attempts" in batch.column_names
     raw = batch.drop_columns(skip.internal_columns(batch))
     table = settings.normalise(raw)
+    if skip.DUPLICATE_OF in batch.column_names:
+        table = _mark_duplicates(table, batch.column(skip.DUPLICATE_OF))
     digests = (batch.column(skip.DIGEST) if skip.DIGEST in batch.column_names
                else settings.digests(raw))
     if joined:
