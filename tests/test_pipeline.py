@@ -200,10 +200,34 @@ def test_family_prepares_on_cpu_and_the_engine_only_runs_the_model(release, pipe
 def test_family_options_and_model_id(release):
     base = family(release)
     assert base.max_images == 1 and base.defaults == EditParams(28, 6.0, 1024, "")
-    assert base.model_id() == f"step1x-edit:auto:float32:sample:{release}"
-    assert family(release, version="v1.0", posterior_mean=True).model_id() == f"step1x-edit:v1.0:float32:mean:{release}"
+    assert base.model_id() == f"step1x-edit[auto]:auto:float32:sample:{release}"
+    assert (family(release, version="v1.0", posterior_mean=True).model_id()
+            == f"step1x-edit[auto]:v1.0:float32:mean:{release}")
+    # the released pipeline followed changes pixels: switching it redoes rows
+    ids = {family(release, variant=v).model_id() for v in (None, "step1x", "realrestorer")}
+    assert len(ids) == 3 and f"step1x-edit[realrestorer]:auto:float32:sample:{release}" in ids
     with pytest.raises(Exception, match="version"):
         family(release, version="v2")
+    with pytest.raises(Exception, match="variant"):
+        family(release, variant="flux")
+
+
+def test_output_is_resized_back_with_the_released_codes_filter(release, pipe):
+    """Both releases return ``Image.resize(input size)`` with Pillow's default filter (bicubic),
+    not the LANCZOS of the way in (Step1X-Edit inference.py output_process_image; RealRestorer
+    pipeline_realrestorer.py)."""
+    from PIL import Image
+
+    fam = family(release)
+    request = EditRequest([picture(8)], "b", 2, EditParams(num_steps=STEPS, size_level=SIZE))
+    row = fam.preparer(release)(request)
+    assert (row.width, row.height) != (96, 72)
+    (out,) = edit_prepared(pipe.engine, [row], max_batch_size=1)
+    released = np.asarray(Image.fromarray(out.image).resize((96, 72)))
+    assert np.array_equal(fam.finish(out.image, [(96, 72)]), released)
+    assert np.array_equal(edit(pipe, [picture(8)], ["b"], seeds=[2])[0].image, released)
+    lanczos = np.asarray(Image.fromarray(out.image).resize((96, 72), Image.Resampling.LANCZOS))
+    assert np.abs(released.astype(int) - lanczos.astype(int)).max() > 1
 
 
 def test_cli_make_tiny_weights_and_edit(tmp_path):

@@ -68,7 +68,12 @@ def release_bytes(release):
 
 @pytest.fixture(scope="module")
 def bundle_pipe(bundle):
-    return load(bundle)
+    return load(bundle)  # a bundle runs as RealRestorer's released pipeline
+
+
+@pytest.fixture(scope="module")
+def bundle_bytes(bundle_pipe):
+    return edit_bytes(bundle_pipe)
 
 
 @pytest.fixture(scope="module")
@@ -109,30 +114,36 @@ def test_bundle_loads_inner_model_keys_and_guidance_in(bundle_g, bundle_g_pipe):
         assert torch.equal(loaded[k], v.float()), k
 
 
-def test_bundle_and_release_from_the_same_tensors_edit_the_same_bytes(bundle_pipe, release_bytes):
+def test_bundle_and_release_from_the_same_tensors_edit_the_same_bytes(bundle, release, bundle_pipe, bundle_bytes,
+                                                                    release_bytes):
+    """Same tensors, same released pipeline followed: same bytes, whichever layout holds them
+    (edits are deterministic: bytes differ only if the model or the pipeline does)."""
     assert bundle_pipe.engine.guidance is None and bundle_pipe.engine.dit.guidance_in is None
-    assert edit_bytes(bundle_pipe) == release_bytes  # edits are deterministic: bytes differ only if the model does
+    assert bundle_pipe.engine.variant.name == "realrestorer" and load(release).engine.variant.name == "step1x"
+    assert edit_bytes(load(bundle, variant="step1x")) == release_bytes
+    assert edit_bytes(load(release, variant="realrestorer")) == bundle_bytes
+    assert bundle_bytes != release_bytes  # the two released pipelines differ on the same weights
 
 
-def test_mask_token_is_tolerated_and_dropped(tmp_path, release_bytes):
+def test_mask_token_is_tolerated_and_dropped(tmp_path, bundle_bytes):
     folder = make_tiny_weights(tmp_path / "rr-mask", seed=0, layout="realrestorer", mask_token=True)
     index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert "inner_model.mask_token" in index["weight_map"]
     pipe = load(folder)
     modules = (pipe.engine.dit, pipe.engine.connector)
     assert not any("mask_token" in k for m in modules for k in m.state_dict())
-    assert edit_bytes(pipe) == release_bytes
+    assert edit_bytes(pipe) == bundle_bytes
 
 
-def test_guidance_in_changes_the_output_and_its_value_matters(tmp_path, bundle_g, bundle_g_pipe, bundle_pipe):
+def test_guidance_in_changes_the_output_and_its_value_matters(tmp_path, bundle_g, bundle_g_pipe, bundle_bytes):
     at_35 = edit_bytes(bundle_g_pipe)
-    assert at_35 != edit_bytes(bundle_pipe)  # the same other tensors without guidance_in
+    assert at_35 != bundle_bytes  # the same other tensors without guidance_in
     at_1 = load(bundle_g, model_guidance=1.0)
     assert at_1.engine.guidance == 1.0 and at_1.engine.model_id.endswith("+guidance=1.0")
     assert edit_bytes(at_1) != at_35
     # the same guidance_in in the release layout is the same model
     release_g = make_tiny_weights(tmp_path / "rel-g", seed=0, guidance=True)
-    assert edit_bytes(load(release_g)) == at_35
+    assert edit_bytes(load(release_g, variant="realrestorer")) == at_35
 
 
 def test_guidance_embedding_is_added_to_vec():
@@ -211,9 +222,10 @@ def test_bad_bundle_keys_are_all_named_in_one_error(bundle, tmp_path):
         EditPipeline.from_pretrained(vae_folder, dtype="float32")
 
 
-def test_preparer_reads_the_bundle_processor_folder(bundle, release, tmp_path):
+@pytest.mark.parametrize("variant", ["realrestorer", "step1x"])
+def test_preparer_reads_the_bundle_processor_folder(bundle, release, tmp_path, variant):
     """The CPU prepare gets only the family's prepare_files: from a bundle, processor/ (tokenizer,
-    image processor) and text_encoder/config.json; its rows equal the release's."""
+    image processor) and text_encoder/config.json; its rows equal the release's in the same variant."""
     small = tmp_path / "staged"
     for path in bundle.rglob("*"):
         rel = path.relative_to(bundle).as_posix()
@@ -224,14 +236,14 @@ def test_preparer_reads_the_bundle_processor_folder(bundle, release, tmp_path):
     assert (small / "processor" / "tokenizer.json").is_file() and (small / "text_encoder" / "config.json").is_file()
     assert not (small / "Qwen2.5-VL-7B-Instruct").exists()
 
-    def prepared(folder):
-        family = Step1XFamily(ModelSpec("step1x", {}, str(folder), dtype="float32"))
+    def prepared(folder, variant):
+        family = Step1XFamily(ModelSpec("step1x", {"variant": variant}, str(folder), dtype="float32"))
         request = EditRequest([picture(1)], "Please dehaze the image", 3, EditParams(num_steps=STEPS, size_level=SIZE))
         return family.preparer(folder)(request)
 
-    want = prepared(release)
-    for folder in (small, bundle):
-        got = prepared(folder)
+    want = prepared(release, variant)
+    for folder, option in ((small, variant), (bundle, variant), (small, None) if variant == "realrestorer" else (release, None)):
+        got = prepared(folder, option)
         assert got.key == want.key and got.meta == want.meta and sorted(got.arrays) == sorted(want.arrays)
         for name, array in want.arrays.items():
             assert np.array_equal(got.arrays[name], array), name

@@ -27,6 +27,12 @@ Two things transformers 5 does differently from the reference's pinned 4.5x, han
   bias, so this equals flash-attention's zeros); ``zero_masked_queries=False`` gives the SDPA/eager
   behaviour of 4.5x instead (masked queries attend, with rope position 1).
 
+RealRestorer's released pipeline (the ``realrestorer`` variant, :mod:`.variant`) differs in three
+of these: its template carries ``Picture 1: `` (its transformers honours ``add_vision_id``), its
+image goes back to PIL by rounding (so the uint8 image unchanged), and its processor keeps the
+pixel limits of the weights' processor folder; its text model runs with SDPA
+(``zero_masked_queries=False``).
+
 Split by where it runs: :class:`Step1XPrompts` is the CPU half (prepare stage: tokenizer, image
 processor, rope positions), :func:`encode_prompts` the GPU half (the Qwen forward). Never imports
 torchvision (its wheel would replace the CPU torch).
@@ -54,6 +60,8 @@ from step1x_batch.models.qwen_vl.processor import (
 )
 from step1x_batch.models.qwen_vl.rope import mrope_positions
 
+from .variant import STEP1X, VARIANTS, Variant
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,6 +84,7 @@ VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 TURN_END = "<|im_end|>\n"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 IMAGE_PAD = "<|image_pad|>"
+VISION_ID = "Picture 1: "  # the chat template's add_vision_id text for the first (only) image
 
 
 @cache
@@ -84,10 +93,12 @@ def load_prefix() -> str:
     return files("step1x_batch.models.step1x").joinpath("prefix.txt").read_bytes().decode("utf-8")
 
 
-def render_prompt(instruction: str, prefix: str | None = None) -> str:
-    """The templated text the reference tokenizes (one ``<|image_pad|>``, before expansion)."""
+def render_prompt(instruction: str, prefix: str | None = None, vision_id: bool = False) -> str:
+    """The templated text the reference tokenizes (one ``<|image_pad|>``, before expansion);
+    ``vision_id``: the chat template's ``add_vision_id`` text before the image (RealRestorer)."""
     prefix = load_prefix() if prefix is None else prefix
-    return SYSTEM_BLOCK + USER_HEADER + prefix + VISION_BLOCK + instruction + TURN_END + ASSISTANT_HEADER
+    vision = (VISION_ID if vision_id else "") + VISION_BLOCK
+    return SYSTEM_BLOCK + USER_HEADER + prefix + vision + instruction + TURN_END + ASSISTANT_HEADER
 
 
 def split_quoted(text: str) -> list[str]:
@@ -128,9 +139,10 @@ def _single_id(tokenizer, text: str) -> int:
 class PromptTokenizer:
     """The token-level half of the conditioner; needs only a tokenizer (testable without a model)."""
 
-    def __init__(self, tokenizer, prefix: str | None = None) -> None:
+    def __init__(self, tokenizer, prefix: str | None = None, vision_id: bool = False) -> None:
         self.tokenizer = tokenizer
         self.prefix = load_prefix() if prefix is None else prefix
+        self.vision_id = vision_id
         self.vision_start_id = _single_id(tokenizer, "<|vision_start|>")
         self.vision_end_id = _single_id(tokenizer, "<|vision_end|>")
         self.image_pad_id = _single_id(tokenizer, IMAGE_PAD)
@@ -140,7 +152,9 @@ class PromptTokenizer:
         self.quote_close_id = _single_id(tokenizer, "”")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else _single_id(tokenizer, "<|endoftext|>")
-        # System block + "user\n" + PREFIX, minus its last token (":" stays, followed by vision_start).
+        # System block + "user\n" + PREFIX, minus its last token (":" stays, followed by vision_start;
+        # with the vision id the pre-tokenizer joins ":" to "Picture", so the drop is the same: both
+        # releases hard-code 217 for Qwen's tokenizer).
         self.prefix_drop = len(self.encode(SYSTEM_BLOCK + USER_HEADER + self.prefix)) - 1
 
     def encode(self, text: str) -> list[int]:
@@ -161,7 +175,7 @@ class PromptTokenizer:
     def input_ids(self, instruction: str, num_image_tokens: int) -> list[int]:
         """Final ids: processor ids (image pad expanded) up to ``<|vision_end|>``, re-tokenized ids
         from ``<|vision_end|>`` on."""
-        text = render_prompt(instruction, self.prefix)
+        text = render_prompt(instruction, self.prefix, self.vision_id)
         expanded = text.replace(IMAGE_PAD, IMAGE_PAD * num_image_tokens, 1)
         old = self.encode(expanded)
         new = self.retokenize(text)
@@ -184,11 +198,15 @@ def qwen_vl_utils_size(height: int, width: int) -> tuple[int, int]:
     return smart_resize(height, width, QWEN_VL_UTILS_FACTOR, QWEN_VL_UTILS_MIN_PIXELS, QWEN_VL_UTILS_MAX_PIXELS)
 
 
-def reference_pil_image(image: np.ndarray) -> Image.Image:
-    """The PIL image the reference hands to the Qwen processor, from the RGB uint8 DiT-size image."""
+def reference_pil_image(image: np.ndarray, round_to_uint8: bool = False) -> Image.Image:
+    """The PIL image the reference hands to the Qwen processor, from the RGB uint8 DiT-size image.
+
+    Both releases turn the VAE's float copy back into PIL: Step1X-Edit truncates (which can lose a
+    level), RealRestorer rounds (``round_to_uint8``), which gives the uint8 image back exactly.
+    """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-    pil = Image.fromarray(float_roundtrip_uint8(image), mode="RGB")
+    pil = Image.fromarray(image if round_to_uint8 else float_roundtrip_uint8(image), mode="RGB")
     height, width = qwen_vl_utils_size(pil.height, pil.width)
     # qwen_vl_utils calls image.resize((w, h)) with Pillow's default filter: bicubic for RGB.
     return pil.resize((width, height), resample=Image.Resampling.BICUBIC)
@@ -210,8 +228,9 @@ class PromptInputs:
 class Step1XPrompts:
     """The CPU half of the conditioner: tokenizer and image processor of the Qwen folder."""
 
-    def __init__(self, tokenizer, image_processor, vision: VisionConfig) -> None:
-        self.prompts = PromptTokenizer(tokenizer)
+    def __init__(self, tokenizer, image_processor, vision: VisionConfig, variant: Variant = VARIANTS[STEP1X]) -> None:
+        self.variant = variant
+        self.prompts = PromptTokenizer(tokenizer, vision_id=variant.vision_id)
         self.image_processor = image_processor
         self.vision = vision
         if (image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size) != (
@@ -223,12 +242,17 @@ class Step1XPrompts:
         self.prefix_drop: int = self.prompts.prefix_drop
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, config_folder: str | os.PathLike | None = None) -> "Step1XPrompts":
-        """The tokenizer and ``preprocessor_config.json`` of ``folder`` and the ``config.json`` of
+    def from_folder(cls, folder: str | os.PathLike, config_folder: str | os.PathLike | None = None,
+                    variant: Variant = VARIANTS[STEP1X]) -> "Step1XPrompts":
+        """The tokenizer and image-processor config of ``folder`` and the ``config.json`` of
         ``config_folder`` (the same Qwen2.5-VL folder in the release; a RealRestorer bundle keeps
-        them in ``processor/`` and ``text_encoder/``)."""
-        processor = build_image_processor(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-        return cls(load_tokenizer(folder), processor, VisionConfig.from_folder(config_folder or folder))
+        them in ``processor/`` and ``text_encoder/``). Pixel limits: Step1X-Edit's fixed ones, or
+        the folder's own for a variant that reads them (RealRestorer)."""
+        if variant.processor_limits_from_folder:
+            processor = build_image_processor(folder)
+        else:
+            processor = build_image_processor(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        return cls(load_tokenizer(folder), processor, VisionConfig.from_folder(config_folder or folder), variant)
 
     def check_text(self, text: str) -> None:
         """Raise ValueError for an instruction the template cannot carry (Qwen placeholder text)."""
@@ -254,7 +278,8 @@ class Step1XPrompts:
     def prepare(self, image: np.ndarray, instruction: str, negative: str, blend: str | None = None,
                 blend_scale: float | None = None) -> PromptInputs:
         """``image`` is the RGB uint8 reference exactly as the VAE sees it (the DiT size)."""
-        pixel_values, grid = vision_inputs(self.image_processor, reference_pil_image(np.asarray(image)))
+        pil = reference_pil_image(np.asarray(image), self.variant.round_to_uint8)
+        pixel_values, grid = vision_inputs(self.image_processor, pil)
         return PromptInputs(pixel_values, grid, self.text(instruction, grid), self.text(negative, grid),
                             self.text(blend, grid) if blend is not None else None,
                             blend_scale if blend is not None else None)

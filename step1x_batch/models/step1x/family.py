@@ -1,7 +1,8 @@
 """Step1X-Edit (v1.0, v1.1) as a model family of the job: one image per row.
 
 ``model.weights`` is the official release folder or a RealRestorer bundle (a Step1X-Edit
-fine-tune for image restoration, in diffusers' layout); :mod:`.release` tells them apart.
+fine-tune for image restoration, in diffusers' layout); :mod:`.release` tells them apart. Which
+released pipeline a run follows (:mod:`.variant`) comes from ``options.variant``, else the layout.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class Step1XOptions(BaseModel):
     # The value a guidance embedder (``guidance_in``, as RealRestorer may have) is fed every step;
     # used only when the weights have one. 3.5: RealRestorer's ``model_guidance`` default.
     model_guidance: float = Field(3.5, allow_inf_nan=False)
+    # Whose released pipeline to follow: Step1X-Edit's or RealRestorer's (vision ids, rounding,
+    # VAE dtype, Euler step, autocast, small sides, processor limits). None: RealRestorer's for a
+    # RealRestorer bundle, Step1X-Edit's for a release folder.
+    variant: Literal["step1x", "realrestorer"] | None = None
 
 
 class Step1XFamily(ModelFamily):
@@ -49,7 +54,8 @@ class Step1XFamily(ModelFamily):
         variant = "" if self.spec.batch_invariant else ":batch-variant"
         # A non-default guidance-embedder value changes outputs of weights that have one.
         guidance = "" if o.model_guidance == 3.5 else f":guidance={o.model_guidance!r}"
-        return (f"step1x-edit:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}{guidance}:"
+        # The variant changes pixels; None is resolved from the layout on the workers ("auto").
+        return (f"step1x-edit[{o.variant or 'auto'}]:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}{guidance}:"
                 f"{self.spec.weights.rstrip('/')}{adapters_id(self.spec.adapters)}")
 
     def preparer(self, folder: Path | None) -> Preparer:
@@ -60,7 +66,8 @@ class Step1XFamily(ModelFamily):
 
         if folder is None:
             raise ValueError("the step1x family needs its weights folder (the Qwen tokenizer and processor)")
-        prompts = load_prompts(Path(folder))  # Qwen2.5-VL-7B-Instruct/, or the bundle's processor/ + text_encoder/
+        # Qwen2.5-VL-7B-Instruct/, or the bundle's processor/ + text_encoder/
+        prompts = load_prompts(Path(folder), self.options.variant)
         return partial(prepare_row, prompts, posterior_mean=self.options.posterior_mean)
 
     def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
@@ -72,11 +79,11 @@ class Step1XFamily(ModelFamily):
             folder, device=device, dtype=self.spec.dtype, version=self.options.version,
             batch_invariant=self.spec.batch_invariant, max_batch_size=self.spec.max_batch_size,
             compile=self.spec.compile, attention=self.spec.attention, model_guidance=self.options.model_guidance,
-            adapters=adapters,
+            adapters=adapters, variant=self.options.variant,
         )
 
     def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        """Back to the input's size, as the reference returns it."""
-        from .prepare import resize
+        """Back to the input's size as both releases return it: Pillow's default filter (bicubic)."""
+        from .prepare import resize_back
 
-        return resize(image, tuple(input_sizes[0]))
+        return resize_back(image, tuple(input_sizes[0]))

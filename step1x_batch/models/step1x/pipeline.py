@@ -50,7 +50,7 @@ from .conditioner import Step1XPrompts, encode_prompts
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
 from .layers import keep_fp8_storage
-from .prepare import prepare_row, prompt_inputs, resize
+from .prepare import prepare_row, prompt_inputs, resize_back
 from .release import (
     BUNDLE_PREFIX,
     BUNDLE_VAE_DIR,
@@ -66,6 +66,7 @@ from .release import (
 )
 from .sampling import denoise, get_schedule
 from .vae import AutoEncoder, AutoEncoderParams
+from .variant import Variant, resolve_variant
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,17 @@ def _bundle_view(dit: Step1XDiT, connector: Connector, ignored: dict[str, torch.
     return view
 
 
-def _load_vae(path: Path, device: torch.device, strict: bool) -> AutoEncoder:
-    """The release's ``vae.safetensors`` (FLUX AE keys), fp32."""
+def _load_vae(path: Path, device: torch.device, strict: bool, dtype: torch.dtype) -> AutoEncoder:
+    """The release's ``vae.safetensors`` (FLUX AE keys), stored fp32, loaded in ``dtype``."""
     header = read_header(path)
     with torch.device("meta"):
         vae = AutoEncoder(AutoEncoderParams.from_state_dict(header_shapes(header)))
-    return load_into(vae, path, device=device, dtype=torch.float32, strict=strict, header=header)
+    return load_into(vae, path, device=device, dtype=dtype, strict=strict, header=header)
 
 
-def _load_bundle_vae(folder: Path, device: torch.device, strict: bool) -> AutoEncoder:
-    """The bundle's ``vae/``: FLUX AE keys under ``inner_model.``, fp32; scale and shift from its
-    ``config.json`` when given (upstream's are FLUX's 0.3611 / 0.1159)."""
+def _load_bundle_vae(folder: Path, device: torch.device, strict: bool, dtype: torch.dtype) -> AutoEncoder:
+    """The bundle's ``vae/``: FLUX AE keys under ``inner_model.``, stored fp32, loaded in ``dtype``;
+    scale and shift from its ``config.json`` when given (upstream's are FLUX's 0.3611 / 0.1159)."""
     files = component_files(folder, any_safetensors=True)
     shapes = _strip(header_shapes(_headers(files)), BUNDLE_PREFIX)
     try:
@@ -182,7 +183,7 @@ def _load_bundle_vae(folder: Path, device: torch.device, strict: bool) -> AutoEn
         vae = AutoEncoder(params)
     view = torch.nn.Module()
     view.add_module(BUNDLE_PREFIX.rstrip("."), vae)
-    load_files_into(view, files, name=folder, device=device, dtype=torch.float32, strict=strict)
+    load_files_into(view, files, name=folder, device=device, dtype=dtype, strict=strict)
     return vae
 
 
@@ -204,8 +205,10 @@ class Step1XEngine:
         max_batch_size: int = 4,
         attention: str = "auto",
         guidance: float | None = None,
+        variant: Variant | None = None,
     ):
         self.dit, self.connector, self.vae, self.encoder = dit, connector, vae, encoder
+        self.variant = variant or resolve_variant("step1x")
         self.version, self.device, self.dtype, self.model_id = version, device, dtype, model_id
         self.batch_invariant, self.max_batch_size = batch_invariant, max_batch_size
         if (guidance is None) != (dit.guidance_in is None):
@@ -232,6 +235,7 @@ class Step1XEngine:
         attention: str = "auto",
         model_guidance: float = 3.5,
         adapters: Sequence[AdapterSpec] = (),
+        variant: str | None = None,
     ) -> "Step1XEngine":
         """Load a release folder or a RealRestorer bundle (:mod:`.release` describes both layouts).
 
@@ -248,7 +252,9 @@ class Step1XEngine:
         ``compile``: regional ``torch.compile`` of every DiT block (one graph per block kind; the
         fixed shapes of batch invariance mean no recompiles); ``attention``: the SDPA kernel
         (:mod:`step1x_batch.models.kernels`; ``auto``: the fastest that runs here); ``adapters``:
-        LoRA files merged into the DiT (:func:`step1x_batch.models.lora.merge_adapters`).
+        LoRA files merged into the DiT (:func:`step1x_batch.models.lora.merge_adapters`);
+        ``variant``: whose released pipeline to follow (:mod:`.variant`: ``step1x`` or
+        ``realrestorer``); None: RealRestorer's for a bundle, Step1X-Edit's for a release folder.
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -259,6 +265,9 @@ class Step1XEngine:
         if version is not None and version not in VERSIONS:
             raise ValueError(f"unknown version {version!r}; expected one of {sorted(VERSIONS)}")
         bundle = detect_layout(folder) == REALRESTORER
+        variant_spec = resolve_variant(variant, folder)
+        # Step1X-Edit runs its VAE in float32; RealRestorer's bundle loader casts it to the run's dtype.
+        vae_dtype = dtype if variant_spec.vae_in_run_dtype else torch.float32
         if bundle:
             if dit_file:
                 raise ValueError(
@@ -294,13 +303,13 @@ class Step1XEngine:
                       header=header)
 
         if bundle:
-            vae = _load_bundle_vae(folder / BUNDLE_VAE_DIR, device, strict)
+            vae = _load_bundle_vae(folder / BUNDLE_VAE_DIR, device, strict, vae_dtype)
         else:
-            vae = _load_vae(folder / VAE_FILE, device, strict)
+            vae = _load_vae(folder / VAE_FILE, device, strict, vae_dtype)
 
         encoder = QwenVLEncoder.from_pretrained(
             qwen_dir or folder / (TEXT_ENCODER_DIR if bundle else QWEN_DIR), device=device, dtype=dtype,
-            zero_masked_queries=True, batch_invariant=batch_invariant,
+            zero_masked_queries=variant_spec.zero_masked_queries, batch_invariant=batch_invariant,
         )
         for module in (dit, connector, vae):
             module.eval().requires_grad_(False)
@@ -312,18 +321,30 @@ class Step1XEngine:
             compile_blocks(dit.double_blocks, dit.single_blocks)
         fingerprint = hashlib.sha256(repr(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
         model_id = f"step1x-edit-{spec.name}/{dit_name}@{fingerprint.hexdigest()[:12]}"
+        if variant_spec.name != "step1x":
+            model_id += f"+{variant_spec.name}"
         guidance = None
         if dit.guidance_in is not None:
             guidance = float(model_guidance)
             model_id += f"+guidance={guidance!r}"
         return cls(dit, connector, vae, encoder, spec, device, dtype, model_id,
                    batch_invariant=batch_invariant, max_batch_size=max_batch_size, attention=attention,
-                   guidance=guidance)
+                   guidance=guidance, variant=variant_spec)
 
     def _autocast(self):
+        """Around the DiT (and Step1X-Edit's VAE encode): Step1X-Edit autocasts to the run's dtype
+        unless float32; RealRestorer to bf16 on CUDA whatever the dtype, and never elsewhere."""
+        if self.variant.autocast_cuda_only:
+            if self.device.type == "cuda":
+                return torch.autocast("cuda", dtype=torch.bfloat16)
+            return contextlib.nullcontext()
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     def encode_text(self, rows: Sequence[Prepared]) -> tuple[Tensor, Tensor]:
         """(embeds (2B, 640, hidden), mask): the B instructions, then the B negative prompts."""
@@ -367,17 +388,21 @@ class Step1XEngine:
         lap("encode_text_ms")
 
         refs = np.stack([r.arrays["ref"] for r in rows])
-        ref = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).float().div(255).mul(2).sub(1)
-        with self._autocast():
-            mean, logvar = self._each(self.vae.encoder, ref).chunk(2, dim=1)
+        ref01 = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).float().div(255)
+        if self.variant.vae_in_run_dtype:  # in the VAE's dtype, no autocast (RealRestorer)
+            mean, logvar = self._each(self.vae.encoder, ref01.to(self.vae_dtype).mul(2).sub(1)).chunk(2, dim=1)
+        else:  # float32 weights under autocast, the posterior in float32 (Step1X-Edit)
+            with self._autocast():
+                mean, logvar = self._each(self.vae.encoder, ref01.mul(2).sub(1)).chunk(2, dim=1)
+            mean, logvar = mean.float(), logvar.float()
         noise = None
         if not first.meta["posterior_mean"]:
             noise = torch.cat([
                 torch.randn((1, *mean.shape[1:]), generator=torch.Generator(dev).manual_seed(posterior_seed(s)),
                             device=dev, dtype=torch.float32)
                 for s in seeds
-            ])
-        ref_tokens = pack(self.vae.latent(mean.float(), logvar.float(), noise)).to(self.dtype)
+            ]).to(mean.dtype)
+        ref_tokens = pack(self.vae.latent(mean, logvar, noise)).to(self.dtype)
         lap("encode_image_ms")
 
         x = torch.cat([
@@ -407,12 +432,17 @@ class Step1XEngine:
 
         timesteps = get_schedule(num_steps, n_img, shift=True)
         with self._autocast(), using_attention(self.attention):
-            x = denoise(velocity, x, timesteps, guidance, self.version.cfg_truncation_t)[:b]
+            x = denoise(velocity, x, timesteps, guidance, self.version.cfg_truncation_t,
+                        step_as_released=self.variant.released_step)[:b]
         lap("denoise_ms")
 
         finite = torch.isfinite(x.float()).flatten(1).all(dim=1).tolist()
-        decoded = self._each(self.vae.decode, unpack(x.float(), h, w))
-        pixels = decoded.clamp(-1, 1).mul(0.5).add(0.5).mul(255).to(torch.uint8)  # truncation, as to_pil_image
+        decoded = self._each(self.vae.decode, unpack(x.float(), h, w).to(self.vae_dtype))
+        unit = decoded.clamp(-1, 1).mul(0.5).add(0.5)  # in the VAE's dtype, as both releases
+        if self.variant.round_to_uint8:  # RealRestorer's _tensor_to_pil
+            pixels = unit.float().clamp(0, 1).mul(255).round().to(torch.uint8)
+        else:  # truncation, as to_pil_image
+            pixels = unit.float().mul(255).to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
         lap("decode_ms")
 
@@ -453,7 +483,9 @@ class EditPipeline:
         """Load a release folder or a RealRestorer bundle (see :meth:`Step1XEngine.from_pretrained`)."""
         engine = Step1XEngine.from_pretrained(path, device, dtype, version, **kwargs)
         qwen_dir = kwargs.get("qwen_dir")
-        return cls(engine, Step1XPrompts.from_folder(qwen_dir) if qwen_dir else load_prompts(path))
+        if qwen_dir:
+            return cls(engine, Step1XPrompts.from_folder(qwen_dir, variant=engine.variant))
+        return cls(engine, load_prompts(path, engine.variant.name))
 
     def edit(
         self,
@@ -491,7 +523,7 @@ class EditPipeline:
             image = None
             if out.image is not None:
                 oh, ow = arrays[i].shape[:2]
-                image = resize(out.image, (ow, oh))
+                image = resize_back(out.image, (ow, oh))
             results[i] = EditResult(image, row.width, row.height, seeds[i], out.batch_size, out.timings_ms,
                                     out.error_type, out.error_message)
         return results  # type: ignore[return-value]

@@ -23,8 +23,12 @@ from .conditioner import PromptInputs, Step1XPrompts
 from step1x_batch.models.qwen_vl.processor import TextInput
 
 
-def model_size(width: int, height: int, size_level: int) -> tuple[int, int]:
-    """Keep the aspect ratio at an area of about ``size_level**2``, both sides floored to x16."""
+def model_size(width: int, height: int, size_level: int, clamp_small_side: bool = False) -> tuple[int, int]:
+    """Keep the aspect ratio at an area of about ``size_level**2``, both sides floored to x16.
+
+    A side that floors under 16: a row error (Step1X-Edit's code would make it 0), or 16 with
+    ``clamp_small_side`` (RealRestorer's ``_resize_image``).
+    """
     r = width / height
     if width > height:
         w = math.ceil(math.sqrt(size_level**2 * r))
@@ -33,6 +37,8 @@ def model_size(width: int, height: int, size_level: int) -> tuple[int, int]:
         h = math.ceil(math.sqrt(size_level**2 / r))
         w = math.ceil(h * r)
     w, h = w // 16 * 16, h // 16 * 16
+    if clamp_small_side:
+        w, h = max(16, w), max(16, h)
     if w < 16 or h < 16:
         raise RowFailure(
             UNSUPPORTED_SIZE,
@@ -42,11 +48,18 @@ def model_size(width: int, height: int, size_level: int) -> tuple[int, int]:
     return w, h
 
 
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` at ``size`` (width, height), LANCZOS as the reference (v1.1); unchanged if equal."""
+def resize(image: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.LANCZOS) -> np.ndarray:
+    """``image`` at ``size`` (width, height); unchanged if equal. LANCZOS: both releases' resize to
+    the model size (Step1X-Edit v1.1, RealRestorer)."""
     if (image.shape[1], image.shape[0]) == size:
         return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+    return np.asarray(Image.fromarray(image).resize(size, resample))
+
+
+def resize_back(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The output back at the input's ``size``, as both releases do it: ``Image.resize(size)`` with
+    Pillow's default filter, bicubic for RGB (not the LANCZOS of the way in)."""
+    return resize(image, size, Image.Resampling.BICUBIC)
 
 
 def _text(inputs: TextInput, prefix: str) -> dict[str, np.ndarray]:
@@ -58,7 +71,7 @@ def prepare_row(prompts: Step1XPrompts, request: EditRequest, *, posterior_mean:
     ids, masks and positions of the instruction and negative prompts."""
     (image,) = request.images
     p = request.params
-    w, h = model_size(image.shape[1], image.shape[0], p.size_level)
+    w, h = model_size(image.shape[1], image.shape[0], p.size_level, prompts.variant.clamp_small_side)
     for text in (request.instruction, p.negative_prompt) + ((p.blend_instruction,) if p.blend_instruction else ()):
         try:
             prompts.check_text(text)

@@ -133,10 +133,12 @@ def prompt_folders(folder: str | os.PathLike) -> tuple[Path, Path]:
     return tokenizer, config
 
 
-def load_prompts(folder: str | os.PathLike):
+def load_prompts(folder: str | os.PathLike, variant: str | None = None):
     """The CPU prepare's :class:`~.conditioner.Step1XPrompts` from a weights folder of either layout
-    (the whole folder, or only its :data:`PREPARE_FILES`)."""
+    (the whole folder, or only its :data:`PREPARE_FILES`); ``variant`` (:mod:`.variant`) None:
+    the one the layout implies."""
     from .conditioner import Step1XPrompts
+    from .variant import resolve_variant
 
     tokenizer, config = prompt_folders(folder)
-    return Step1XPrompts.from_folder(tokenizer, config)
+    return Step1XPrompts.from_folder(tokenizer, config, resolve_variant(variant, folder))
