@@ -6,6 +6,11 @@ oracle gets the tiny areas by monkeypatching the constants and the output size a
 Its text encoder gets the processor's ``mm_token_type_ids`` through a forward pre-hook, so it
 computes the 3-D mrope positions the weights were trained with (stock diffusers on transformers 5
 does not pass them and gets 1-D positions; that mode is tested against the stock oracle).
+
+The oracle's image processor is the one transformers picks for diffusers: the torchvision backend
+where torchvision is installed (a standard GPU install, the family's default ``image_processor``),
+else the PIL backend; the family under test is set to the same one. Both are checked against
+diffusers with that processor in ``test_each_image_processor_equals_diffusers_with_it``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
+from torchvision_cpu import TORCHVISION  # before transformers' image processors are imported
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 from step1x_batch.models.base import EditParams, EditRequest, ModelSpec, Prepared, RowFailure, edit_prepared
@@ -50,7 +56,9 @@ from step1x_batch.models.qwen_image_edit.tiny import SCHEDULER_CONFIG, make_tiny
 from step1x_batch.models.qwen_vl.processor import VisionConfig, build_image_processor
 
 VL_AREA, REF_AREA, SIZE_LEVEL, STEPS = 64 * 64, 96 * 96, 96, 4
-OPTIONS = {"vl_area": VL_AREA, "reference_area": REF_AREA}
+# What diffusers runs here (see the module docstring).
+IMAGE_PROCESSOR = "torchvision" if TORCHVISION is not None else "pil"
+OPTIONS = {"vl_area": VL_AREA, "reference_area": REF_AREA, "image_processor": IMAGE_PROCESSOR}
 
 
 def picture(seed: int, h: int, w: int) -> np.ndarray:
@@ -133,11 +141,28 @@ def batched(engine, rows):
     return out
 
 
+def transformers_image_processor(folder: Path, backend: str | None = None):
+    """transformers' own Qwen2-VL image processor of ``folder``: the backend it picks for diffusers
+    (None), or ``"pil"`` / ``"torchvision"``."""
+    from transformers import AutoImageProcessor
+
+    if backend is None:
+        return AutoImageProcessor.from_pretrained(folder)
+    if backend == "torchvision":
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor.from_pretrained(folder)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil.from_pretrained(folder)
+
+
 class Oracle:
     """diffusers' pipeline on the tiny folder, recording what its processor produced and the
-    transformer's first input (the initial noise, then the reference latents)."""
+    transformer's first input (the initial noise, then the reference latents). ``image_processor``:
+    transformers' choice (None), or its ``"pil"`` / ``"torchvision"`` backend."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype, image_processor: str | None = None):
         from diffusers import QwenImageEditPlusPipeline
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
         from transformers.processing_utils import ProcessorMixin
@@ -162,7 +187,9 @@ class Oracle:
         self.mrope = True
         self.first_input: torch.Tensor | None = None
         tokenizer = AutoTokenizer.from_pretrained(folder / "processor")
-        processor = ImageOnlyProcessor(image_processor=build_image_processor(folder / "processor"), tokenizer=tokenizer)
+        pixels = transformers_image_processor(folder / "processor", image_processor)
+        self.image_processor = pixels.backend
+        processor = ImageOnlyProcessor(image_processor=pixels, tokenizer=tokenizer)
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype)
 
         def pass_mm_token_types(module, args, kwargs):
@@ -197,7 +224,9 @@ class Oracle:
 
 @pytest.fixture(scope="module")
 def oracle(tiny):
-    return Oracle(tiny, torch.float32)
+    oracle = Oracle(tiny, torch.float32)
+    assert oracle.image_processor == IMAGE_PROCESSOR
+    return oracle
 
 
 # --- parity with diffusers -------------------------------------------------------------------------
@@ -218,6 +247,8 @@ def test_each_batched_row_equals_diffusers_alone(rows, batched, oracle, engine):
         np.testing.assert_array_equal(row.arrays["cond_pos"], positions[:, 0].numpy())
         for j in range(len(imgs)):
             np.testing.assert_array_equal(row.arrays[f"image{j}_grid"], cond["image_grid_thw"][j].numpy())
+        np.testing.assert_array_equal(np.concatenate([row.arrays[f"image{j}_pixels"] for j in range(len(imgs))]),
+                                      cond["pixel_values"].numpy())  # the image processor's, bit for bit
         latents, noise = batched[i]
         assert torch.equal(oracle.first_input[:, : noise.shape[1]], noise), f"row {i}: initial noise differs"
         err = rel_err(latents, expected)
@@ -247,6 +278,31 @@ def test_text_positions_1d_equals_stock_diffusers(tiny, oracle, rows, batched, e
         assert rel_err(got, expected) < 1e-4
         # The 3-D positions change the result: the option (and the oracle's hook) matter.
         assert rel_err(batched[i][0], got) > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_each_image_processor_equals_diffusers_with_it(tiny, engine, oracle, backend):
+    """``image_processor: torchvision`` (the default) is diffusers on a standard GPU install
+    (transformers' torchvision backend), ``pil`` diffusers without torchvision: the VL pixel
+    values bit for bit, the final latents to float32 error."""
+    if backend == "torchvision" and TORCHVISION is None:
+        pytest.skip("needs torchvision for the oracle (pip install torchvision, matching torch)")
+    if backend != oracle.image_processor:
+        oracle = Oracle(tiny, torch.float32, backend)
+    assert oracle.image_processor == backend
+    imgs, text, seed, neg = ROWS[0]
+    row = family(image_processor=backend).preparer(tiny)(request(imgs, text, seed, neg))
+    expected = oracle(row, imgs, text, seed, neg)
+    pixels = np.concatenate([row.arrays[f"image{j}_pixels"] for j in range(len(imgs))])
+    np.testing.assert_array_equal(pixels, oracle.calls[0]["pixel_values"].numpy())
+    assert rel_err(engine.generate([row]).latents, expected) < 1e-4
+
+
+def test_the_default_image_processor_is_torchvision():
+    from step1x_batch.models.qwen_image_edit.options import QwenImageEditOptions
+
+    assert QwenImageEditOptions().image_processor == "torchvision"
+    assert family().options.image_processor == IMAGE_PROCESSOR  # the tests' family matches their oracle
 
 
 def test_bf16_psnr_of_batched_rows_vs_diffusers(tiny, rows):
@@ -610,7 +666,8 @@ def test_folder_saved_by_diffusers_loads_in_the_engine(oracle, engine, rows, tmp
 def test_family_options_and_model_id():
     base = family().model_id()
     for change in ({"reference_areas": "macro"}, {"reference_area": 512 * 512}, {"vl_area": 256 * 256},
-                   {"cfg_norm_rescale": False}, {"text_positions": "1d"}):
+                   {"cfg_norm_rescale": False}, {"text_positions": "1d"},
+                   {"image_processor": "pil" if IMAGE_PROCESSOR == "torchvision" else "torchvision"}):
         assert family(**change).model_id() != base, change
     assert family(max_images=3).model_id() == base  # refusing rows changes no pixels
     assert family("bfloat16").model_id() != base
@@ -618,6 +675,8 @@ def test_family_options_and_model_id():
         family(unknown=1)
     with pytest.raises(ValidationError):
         family(max_images=0)
+    with pytest.raises(ValidationError):
+        family(image_processor="lanczos")
     d = QwenImageEditFamily.defaults
     assert (d.num_steps, d.guidance_scale, d.size_level, d.negative_prompt) == (40, 4.0, 1024, " ")
 

@@ -29,13 +29,16 @@ class QwenImageEditFamily(ModelFamily):
         "transformer/config.json", "transformer/*.safetensors",
         "vae/config.json", "vae/*.safetensors",
         "text_encoder/config.json", "text_encoder/*.safetensors",
-        "processor/preprocessor_config.json",
     )
+    # The image processor's config: the released layout, or transformers 5's save_pretrained one.
+    image_processor_files = ("processor/preprocessor_config.json", "processor/processor_config.json")
 
     def weights_problem(self, files) -> str | None:
         tokenizer = [f"{d}/{n}" for d in ("processor", "tokenizer") for n in ("tokenizer.json", "vocab.json")]
         if not any(t in files for t in tokenizer):
             return "has no tokenizer (processor/tokenizer.json or tokenizer/tokenizer.json)"
+        if not any(f in files for f in self.image_processor_files):
+            return f"has no image processor config ({' or '.join(self.image_processor_files)})"
         return super().weights_problem(files)
 
     @property
@@ -54,7 +57,7 @@ class QwenImageEditFamily(ModelFamily):
         if o.scheduler:
             extra += f"scheduler={json.dumps(o.scheduler, sort_keys=True, separators=(',', ':'))}:"
         return (
-            f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:"
+            f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:vl_processor={o.image_processor}:"
             f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:{extra}"
             f"{'' if self.spec.batch_invariant else 'batch-variant:'}{self.spec.weights.rstrip('/')}"
             f"{adapters_id(self.spec.adapters)}"
@@ -67,7 +70,7 @@ class QwenImageEditFamily(ModelFamily):
 
         if folder is None:
             raise ValueError("the qwen-image-edit family needs its weights folder (processor, tokenizer, configs)")
-        return partial(prepare_row, QwenEditPrompts.from_folder(folder), self.options,
+        return partial(prepare_row, QwenEditPrompts.from_folder(folder, self.options.image_processor), self.options,
                        batch_invariant=self.spec.batch_invariant)
 
     def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:

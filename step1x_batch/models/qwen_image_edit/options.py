@@ -21,6 +21,10 @@ class QwenImageEditOptions(BaseModel):
     reference_areas: Literal["fixed", "macro"] = "fixed"
     reference_area: int = Field(REFERENCE_AREA, ge=32 * 32)
     vl_area: int = Field(VL_AREA, ge=32 * 32)  # each image's area for the Qwen2.5-VL encoder
+    # The Qwen2-VL image processor for the encoder's pixels: "torchvision" = transformers'
+    # torchvision backend, which diffusers runs on a standard (GPU) install; "pil" = its PIL
+    # backend, which diffusers runs where torchvision is absent. Both are computed without torchvision.
+    image_processor: Literal["torchvision", "pil"] = "torchvision"
     cfg_norm_rescale: bool = True  # False: plain CFG, as DiffSynth-Studio runs it
     # Text-encoder rope: "mrope" = 3-D positions, as the weights were trained (transformers 4.5x);
     # "1d" = what stock diffusers 0.42 gets on transformers 5 (no mm_token_type_ids reach the model).

@@ -514,15 +514,25 @@ class QwenImageEditPipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
-        *, batch_invariant: bool = True, max_batch_size: int = 4, **options: Any,
+        *, batch_invariant: bool = True, max_batch_size: int = 4, compile: bool = False, attention: str = "auto",
+        adapters: Sequence[AdapterSpec | Mapping[str, Any]] = (), **options: Any,
     ) -> "QwenImageEditPipeline":
-        """Load a folder; ``options`` are the family's (``reference_areas="macro"``, ...)."""
+        """Load a folder, as the job's family does. ``options`` are the family's
+        (``reference_areas="macro"``, ``image_processor="pil"``, ``scheduler={...}``, ...);
+        ``adapters``: LoRA files merged into the transformer, each an :class:`AdapterSpec` or a
+        mapping ``{"path": ..., "scale": 1.0, "format": "auto"}`` (the job's ``model.adapters``
+        with a local path for ``uri``)."""
         from functools import partial
 
-        preparer = partial(prepare_row, QwenEditPrompts.from_folder(path), QwenImageEditOptions(**options),
+        from step1x_batch.models.lora import as_spec
+
+        opts = QwenImageEditOptions(**options)
+        preparer = partial(prepare_row, QwenEditPrompts.from_folder(path, opts.image_processor), opts,
                            batch_invariant=batch_invariant)
-        engine = QwenImageEditEngine.from_pretrained(path, device=device, dtype=dtype, batch_invariant=batch_invariant,
-                                                     max_batch_size=max_batch_size)
+        engine = QwenImageEditEngine.from_pretrained(
+            path, device=device, dtype=dtype, batch_invariant=batch_invariant, max_batch_size=max_batch_size,
+            compile=compile, attention=attention, adapters=[as_spec(a) for a in adapters], scheduler=opts.scheduler,
+        )
         return cls(engine, preparer)
 
     def edit(

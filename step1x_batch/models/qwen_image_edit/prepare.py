@@ -2,8 +2,10 @@
 
 Runs in the job's prepare stage (and in :class:`~.pipeline.QwenImageEditPipeline`), so the GPU
 gets ready arrays. Every number follows diffusers' ``QwenImageEditPlusPipeline`` (the pipeline
-Qwen's README uses): LANCZOS resizes to ``calculate_dimensions`` sizes, the chat template with
-``Picture i:`` blocks, the leading system block dropped from the hidden states. No torch here.
+Qwen's README uses): LANCZOS resizes to ``calculate_dimensions`` sizes, the Qwen2-VL image
+processor it gets (torchvision's by default, as on a standard install), the chat template with
+``Picture i:`` blocks, the leading system block dropped from the hidden states. No torch import
+here (the torchvision image processor imports it when built).
 """
 
 from __future__ import annotations
@@ -109,19 +111,20 @@ class QwenEditPrompts:
         self.control_tokens = sorted(t.content for t in decoder.values() if getattr(t, "special", False))
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "QwenEditPrompts":
-        """A diffusers Qwen-Image-Edit folder: ``processor/`` (tokenizer + preprocessor config;
-        ``tokenizer/`` if the processor has no tokenizer files), ``text_encoder/config.json``,
-        ``vae/config.json``."""
+    def from_folder(cls, folder: str | os.PathLike, image_processor: str = "torchvision") -> "QwenEditPrompts":
+        """A diffusers Qwen-Image-Edit folder: ``processor/`` (tokenizer + image processor config,
+        ``preprocessor_config.json`` or transformers 5's ``processor_config.json``; ``tokenizer/``
+        if the processor has no tokenizer files), ``text_encoder/config.json``, ``vae/config.json``.
+        ``image_processor``: ``"torchvision"`` or ``"pil"`` (the option of that name)."""
         folder = Path(folder)
         processor = folder / "processor"
         has_tokenizer = any((processor / f).is_file() for f in ("tokenizer.json", "vocab.json"))
         tokenizer = load_tokenizer(processor if has_tokenizer else folder / "tokenizer")
-        image_processor = build_image_processor(processor)
+        pixels = build_image_processor(processor, backend=image_processor)
         vision = VisionConfig.from_folder(folder / "text_encoder")
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
         scale = 2 ** len(vae.get("temperal_downsample", [False, True, True]))
-        return cls(tokenizer, image_processor, vision, scale)
+        return cls(tokenizer, pixels, vision, scale)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
