@@ -462,12 +462,12 @@ class RayHead:
                f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
                "--disable-usage-stats"]
         cmd += [f"{k}={v}" for k, v in ports.items()]
+        os.makedirs(temp, exist_ok=True)
         self.log_path = os.path.join(temp, "head.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.address = f"127.0.0.1:{self.gcs_port}"
         self._seen: dict[int, int] = {}
         deadline = time.time() + 120
         while True:
