@@ -196,6 +196,33 @@ def test_peft_lora_edit_equals_diffusers_load_lora_weights_and_fuse_lora(tiny, t
     assert rel_err(base, theirs) > 1e-2  # the adapter really changes the edit
 
 
+def test_pipeline_from_pretrained_takes_adapters_like_the_family(tiny, tmp_path):
+    """``QwenImageEditPipeline.from_pretrained(adapters=...)`` (a mapping, as the config spells one)
+    merges what the family's load merges: the same transformer weights, the same edit."""
+    import numpy as np
+
+    from step1x_batch.models.base import ModelSpec
+    from step1x_batch.models.qwen_image_edit.family import QwenImageEditFamily
+    from step1x_batch.models.qwen_image_edit.pipeline import QwenImageEditPipeline
+    from test_qwen_image_edit import OPTIONS, SIZE_LEVEL, STEPS
+
+    family = QwenImageEditFamily(ModelSpec("qwen-image-edit", OPTIONS, "tiny", "float32", max_batch_size=1))
+    base = family.load(tiny, "cpu")
+    path = write(tmp_path / "peft.safetensors", lora_tensors(random_lora(base.transformer, QWEN_TARGETS, seed=4),
+                                                             "peft", prefix=""))
+    merged = family.load(tiny, "cpu", adapters=[AdapterSpec(path, 0.7)])
+    pipe = QwenImageEditPipeline.from_pretrained(tiny, dtype="float32", max_batch_size=1,
+                                                 adapters=[{"path": str(path), "scale": 0.7}], **OPTIONS)
+    ours, theirs, plain = state(pipe.engine.transformer), state(merged.transformer), state(base.transformer)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sorted(k for k in ours if not torch.equal(ours[k], plain[k])) == sorted(f"{t}.weight" for t in QWEN_TARGETS)
+    images, text, seed = [picture(7, 32, 48)], "make it a cat", 14
+    row = family.preparer(tiny)(request(images, text, seed))
+    expected = merged.edit([row])[0].image
+    got = pipe.edit([images], [text], [seed], num_steps=STEPS, size_level=SIZE_LEVEL)[0].image
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("spelling", ["old", "comfy", "kohya", "diffsynth", "metadata"])
 def test_every_spelling_fuses_the_weights_diffusers_fuses(qwen, diffusers_transformer, tmp_path, spelling):
     """Every weight after our merge == diffusers' fused weights for the same file and scale:
