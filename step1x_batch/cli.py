@@ -90,12 +90,20 @@ def _compact(args: argparse.Namespace) -> int:
             else:
                 import ray
 
-                ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+                from step1x_batch import ray_guard
+
+                # $RAY_ADDRESS (a submitted job) joins its cluster; otherwise a private local Ray,
+                # never a cluster that happens to run on the host (issue 18.7).
+                address = os.environ.get("RAY_ADDRESS") or "local"
+                guard = ray_guard.start() if address == "local" else None
                 try:
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False)
                     result = rowstate.compact(args.output_uri, options, tasks=rowstate.RayTasks(),
                                               run_id=run_id, buckets=args.buckets)
                 finally:
                     ray.shutdown()
+                    if guard is not None:
+                        guard.stop()
     except JobRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

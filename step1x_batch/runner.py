@@ -376,6 +376,28 @@ def _shutdown_ray() -> None:
     _stop_guard()  # whatever of the local Ray outlived the shutdown goes now
 
 
+def _skip_candidates(stages: Any, cfg: JobConfig, pointer: Any, counters: Any) -> list[Any] | None:
+    """The skip join's candidate tables (object refs, nothing fetched), or None when there is
+    no state (a first run streams the manifest) or the graph runs the join itself."""
+    if pointer is None or not hasattr(stages, "skip_candidates"):
+        return None
+    return stages.skip_candidates(cfg, pointer, counters)
+
+
+def _num_rows(table: Any) -> int:
+    return 0 if table is None else table.num_rows
+
+
+def _rows_in(refs: list[Any]) -> int:
+    """How many rows the candidate tables hold, counted where they are (small ints come back)."""
+    import ray
+
+    if not refs:
+        return 0
+    count = ray.remote(num_cpus=0)(_num_rows)
+    return sum(ray.get([count.remote(ref) for ref in refs]))
+
+
 def _poll(counters: Any, timeout_s: float = 5.0) -> dict[str, Any]:
     import ray
 
@@ -458,56 +480,68 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
             compaction_retries = state.storage_retries
             if state.compacted:
                 con.say(state.line(), err=True)
-            ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan)
-            consumer = _Consumer(ds, writer, tally, lease)
-            consumer.start()
-            rate = console.RateMeter()
-            while consumer.is_alive():
-                consumer.join(timeout=1.0)
-                status = _poll(counters)
-                now = time.time()
-                states = tuple((st, now - since) for st, since in (status.get("states") or {}).values())
+            # The skip runs first when the graph takes its result: a run with nothing left to do
+            # starts no edit actor and loads no model (issue 17.6).
+            candidates = _skip_candidates(stages, cfg, state.pointer, counters)
+            nothing_left = candidates is not None and _rows_in(candidates) == 0
+            if nothing_left:
+                counters_snapshot = (_poll(counters).get("values") or {})
                 progress = console.RunProgress(
                     run_id=run_id, elapsed_s=time.monotonic() - start,
-                    ok=tally.by_status.get("ok", 0), error=tally.by_status.get("error", 0),
-                    skipped=int((status.get("values") or {}).get("rows_skipped_done", 0)),
-                    manifest_rows=manifest_rows, actor_states=states, actors_planned=plan.min_size)
-                con.progress(console.progress_line(progress, rate.add(time.monotonic(), progress.done)),
-                             final=not consumer.is_alive())
-                if status.get("fatal"):
-                    stopped = status["fatal"]
-                elif lease is not None and lease.lost.is_set():
-                    stopped = "lease"
-                if stopped:
-                    consumer.stop.set()
-                    break
-            if stopped:
-                con.end_progress()
-                # Ray Data ends the graph itself once its actors have died (or, for a lost lease,
-                # at the next batch the consumer refuses); shutting Ray down under a live iterator
-                # races its cleanup (a second local Ray, or a crash in Ray's core worker).
-                consumer.join(timeout=60)
+                    skipped=int(counters_snapshot.get("rows_skipped_done", 0)), manifest_rows=manifest_rows)
+                con.progress(console.progress_line(progress, 0.0), final=True)
             else:
-                if consumer.error is not None:
+                extra = {} if candidates is None else {"candidates": candidates}
+                ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan, **extra)
+                consumer = _Consumer(ds, writer, tally, lease)
+                consumer.start()
+                rate = console.RateMeter()
+                while consumer.is_alive():
+                    consumer.join(timeout=1.0)
                     status = _poll(counters)
-                    if status.get("fatal"):  # the actors died of it before the poll saw it
+                    now = time.time()
+                    states = tuple((st, now - since) for st, since in (status.get("states") or {}).values())
+                    progress = console.RunProgress(
+                        run_id=run_id, elapsed_s=time.monotonic() - start,
+                        ok=tally.by_status.get("ok", 0), error=tally.by_status.get("error", 0),
+                        skipped=int((status.get("values") or {}).get("rows_skipped_done", 0)),
+                        manifest_rows=manifest_rows, actor_states=states, actors_planned=plan.min_size)
+                    con.progress(console.progress_line(progress, rate.add(time.monotonic(), progress.done)),
+                                 final=not consumer.is_alive())
+                    if status.get("fatal"):
                         stopped = status["fatal"]
-                    else:
-                        raise consumer.error
-                counters_snapshot = (_poll(counters).get("values") or {})
-                try:
-                    ray_stats = ds.stats()
-                except Exception:  # stats are diagnostics only
-                    ray_stats = ""
-                if writer.parts:  # this run's records join the state while the cluster is up
+                    elif lease is not None and lease.lost.is_set():
+                        stopped = "lease"
+                    if stopped:
+                        consumer.stop.set()
+                        break
+                if stopped:
+                    con.end_progress()
+                    # Ray Data ends the graph itself once its actors have died (or, for a lost lease,
+                    # at the next batch the consumer refuses); shutting Ray down under a live iterator
+                    # races its cleanup (a second local Ray, or a crash in Ray's core worker).
+                    consumer.join(timeout=60)
+                else:
+                    if consumer.error is not None:
+                        status = _poll(counters)
+                        if status.get("fatal"):  # the actors died of it before the poll saw it
+                            stopped = status["fatal"]
+                        else:
+                            raise consumer.error
+                    counters_snapshot = (_poll(counters).get("values") or {})
                     try:
-                        compacted = rowstate.compact(cfg.output.uri, out_opts, run_id=run_id,
-                                                     tasks=rowstate.RayTasks())
-                        compaction_s = compacted.seconds
-                        compaction_retries += compacted.storage_retries
-                    except Exception as e:  # the logs are complete; the next start folds them in
-                        notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
-                                                   f"{e}); the next run folds this run's log parts in"))
+                        ray_stats = ds.stats()
+                    except Exception:  # stats are diagnostics only
+                        ray_stats = ""
+                    if writer.parts:  # this run's records join the state while the cluster is up
+                        try:
+                            compacted = rowstate.compact(cfg.output.uri, out_opts, run_id=run_id,
+                                                         tasks=rowstate.RayTasks())
+                            compaction_s = compacted.seconds
+                            compaction_retries += compacted.storage_retries
+                        except Exception as e:  # the logs are complete; the next start folds them in
+                            notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
+                                                       f"{e}); the next run folds this run's log parts in"))
         finally:
             if started:
                 _shutdown_ray()
