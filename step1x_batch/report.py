@@ -329,7 +329,7 @@ def _charts(summary: dict[str, Any]) -> str:
     if buckets:
         rows = sum(ok + err for _, _, ok, err in buckets)
         peak = max((ok + err) / (b - a) for a, b, ok, err in buckets)
-        sub = f"peak {_fmt(peak)} rows/s · {rows:,} row{"" if rows == 1 else "s"} in {len(buckets)} bucket{"" if len(buckets) == 1 else "s"} of {_fmt(buckets[0][1] - buckets[0][0])} s"
+        sub = f"peak {_fmt(peak)} rows/s · {rows:,} row{'' if rows == 1 else 's'} in {len(buckets)} bucket{'' if len(buckets) == 1 else 's'} of {_fmt(buckets[0][1] - buckets[0][0])} s"
         rate = _card("Rows per second over the run", sub, _line_chart(buckets), wide=True)
     else:
         rate = _card("Rows per second over the run", "", '<div class="nodata">no timeline in this summary</div>', True)
