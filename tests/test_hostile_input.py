@@ -405,3 +405,34 @@ def test_a_corrupt_s3_lease_is_taken_over_after_its_ttl(s3_bucket, storage_optio
     taken = leases.acquire(uri, storage_options, "r", ttl_s=2)
     assert taken.took_over and "not a lease document" in taken.took_over
     taken.release()
+
+
+def test_confirm_before_a_part_lands(root):
+    """What a log writer asks before each part: still ours? (a store hiccup is not a loss until
+    the ttl has passed without a renewal)."""
+    uri, opts = root
+    now = [0.0]
+    lease = leases.acquire(uri, opts, "r", ttl_s=60)
+    lease.clock = lambda: now[0]
+    lease._renewed = 0.0
+    assert lease.confirm()
+    real = lease._store
+
+    class Down:
+        def renew(self, *args):
+            raise ConnectionError("the store did not answer")
+
+    lease._store = Down()
+    now[0] = 59.0
+    assert lease.confirm() and not lease.lost.is_set()
+    now[0] = 60.0
+    assert not lease.confirm() and "could not be renewed" in lease.lost_why
+    lease._store = real
+    lease.release()  # lost: leaves the object for its ttl (a later run takes it over)
+
+
+def test_confirm_after_the_lease_was_deleted(root):
+    uri, opts = root
+    lease = leases.acquire(uri, opts, "r", ttl_s=60)
+    _delete(leases.lease_uri(uri), opts)
+    assert not lease.confirm() and "deleted" in lease.lost_why
