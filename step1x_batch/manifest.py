@@ -18,9 +18,23 @@ Row identity (``id``)
 Duplicates
     Two identical rows (same fields, no id) get the same id: they are the same work. Both are
     processed and both are logged (one record per input row); they write the same bytes to the same
-    key, and on a re-run both are skipped. To get two different outputs, make the rows differ
-    (``seed``, ``output_key`` or ``id``). Given ids are trusted to be unique; this is not checked
-    (it would need a pass over the whole manifest).
+    key, and on a re-run both are skipped. Two *different* rows that give the same ``id``, or that
+    would write the same output object (the same ``output_key``, or the ``images/<id>.<ext>`` of a
+    given id), are not allowed: the later one is a DUPLICATE_ROW error naming the earlier one
+    (:func:`mark_duplicates`, within a batch; the skip join compares every row of an id across
+    batches and resumed runs), and a manifest small enough to read whole is refused before the run
+    (:func:`step1x_batch.preflight.check_duplicates`).
+
+Reading JSON Lines and CSV
+    With a fixed schema: every value is read as text as it is written (JSON numbers, lists and
+    objects as their JSON text), and this module types each row's values (so ``{"seed": 7}`` and
+    ``{"seed": "7"}`` in one file are both seed 7). A line that is not a JSON object, has a list
+    where one value goes, or (CSV) has more or fewer fields than the header is one INVALID_ROW
+    error row naming the file and line (:data:`MANIFEST_PROBLEM`); no value can fail the others.
+
+Per-row parameters
+    ``num_steps``, ``size_level`` and ``guidance_scale`` have the config's bounds
+    (:data:`NUM_STEPS_RANGE`, ...): a row may not ask for more work or memory than a config may.
 
 Instruction policy
     Surrounding whitespace is stripped. Empty or whitespace-only -> EMPTY_INSTRUCTION. Longer
