@@ -123,8 +123,7 @@ def test_deterministic_read_failures_are_final_and_say_what_failed(name, uri, co
     assert err.code == code, err.message
     assert not errors.is_transient(err.code)
     assert "attempt" not in err.message  # no retries were made, and none are claimed
-    shown = uri.replace("\x00", "")
-    assert shown.split("/")[-1][:6].replace("\x00", "") in err.message.replace("\x00", "") or code == errors.INVALID_URI
+    assert uri in err.message  # names what it could not read
 
 
 def test_a_refused_connection_is_transient(tmp_path):
@@ -222,7 +221,6 @@ def test_json_lines_with_mixed_types_nested_lists_and_broken_lines(tmp_path):
     assert by_id["7"]["num_steps"] == 10 and not by_id["7"]["error_type"]
     for bad in ("d", "e", "f"):
         assert by_id[bad]["error_type"] == errors.INVALID_ROW, by_id[bad]
-    broken = [r for r in rows if r["id"] not in by_id or r["id"] not in "abcdef7"]
     broken = [r for r in rows if r["error_message"] and "line" in r["error_message"] and r["id"] not in ("e", "f")]
     assert [r["error_message"].split(": ", 1)[1].split(" ")[:2] for r in broken] == [
         ["line", "8"], ["line", "10"], ["line", "11"]]
