@@ -140,6 +140,12 @@ def test_unset_ray_address_never_joins_a_cluster_on_the_host(tmp_path, image_fac
         log = (out / "runs" / "private" / "ray.log").read_text()
         assert "Started a local Ray instance" in log and address not in log
 
+        # `step1x-batch compact` on Ray likewise.
+        compacted = subprocess.run([sys.executable, "-m", "step1x_batch.cli", "compact", str(out)], env=env,
+                                   capture_output=True, text=True, timeout=300)
+        assert compacted.returncode == 0, (compacted.stdout + compacted.stderr)[-3000:]
+        assert "Started a local Ray instance" in compacted.stderr and address not in compacted.stderr
+
         # Joining it is explicit: `auto` (an address, or $RAY_ADDRESS as `ray job submit` sets it).
         joined = subprocess.run(_driver(cfg, env, "--set", "resources.ray_address=auto",
                                         "--set", "runtime.run_id=joined", "--set", "sampling.num_steps=3"),
