@@ -3,8 +3,9 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/edit_dataset.py --config configs/step1x-edit-v1p1.yaml --set sampling.num_steps=20
 
-Inside a Ray job, ``ray.init()`` joins the cluster the job was submitted to ($RAY_ADDRESS); run
-directly, it starts a local Ray. Exit status: 0 done, 1 error budget exceeded, 2 bad config.
+Inside a Ray job it joins the cluster the job was submitted to ($RAY_ADDRESS); run directly, it
+starts a private local Ray (``resources.ray_address: auto`` joins the cluster running on this
+machine instead). Exit status: 0 done, 1 error budget exceeded, 2 bad config.
 """
 
 from __future__ import annotations
