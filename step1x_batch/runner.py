@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
@@ -103,11 +103,13 @@ class LogWriter:
     """Buffers log records and lands them as whole Parquet objects under ``logs/<run_id>/``.
 
     Part names carry a per-writer token (``part-000003-1a2b3c4d.parquet``), so a restarted driver
-    reusing a run_id never overwrites a part that an earlier process wrote.
+    reusing a run_id never overwrites a part that an earlier process wrote. ``confirm`` (the
+    lease's) is asked before each part: a run whose lease is gone (deleted, taken over) lands no
+    more records; the buffered ones are dropped (those rows have no record and are redone).
     """
 
     def __init__(self, output_uri: str, run_id: str, options: StorageOptions | None,
-                 part_rows: int, part_seconds: float) -> None:
+                 part_rows: int, part_seconds: float, confirm: Callable[[], bool] | None = None) -> None:
         self.output_uri = output_uri
         self.run_id = run_id
         self.options = options
@@ -119,6 +121,8 @@ class LogWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
+        self.confirm = confirm
+        self.dropped = 0  # records not landed because the lease was no longer this run's
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -134,6 +138,10 @@ class LogWriter:
 
         self._last_flush = time.monotonic()
         if not self._buffered:
+            return
+        if self.confirm is not None and not self.confirm():
+            self.dropped += self._buffered
+            self._buffer, self._buffered = [], 0
             return
         table = pa.concat_tables(self._buffer, promote_options="permissive")
         uri = part_uri(self.output_uri, self.run_id, f"{len(self.parts):06d}-{self.token}")
@@ -449,7 +457,8 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         notes.append(f"took over the lease from {lease.took_over}")
     if lease is not None and lease.note:
         notes.append(lease.note)
-    writer = LogWriter(cfg.output.uri, run_id, out_opts, rt.log_part_rows, rt.log_part_seconds)
+    writer = LogWriter(cfg.output.uri, run_id, out_opts, rt.log_part_rows, rt.log_part_seconds,
+                       confirm=lease.confirm if lease is not None else None)
     tally = Tally(rt.report_max_rows, started_at)
     counters_snapshot: dict[str, float] = {}
     ray_stats = ""
