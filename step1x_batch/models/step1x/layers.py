@@ -77,17 +77,22 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed entirely in float32, weight multiply included, then cast back."""
+    """RMSNorm computed entirely in float32, weight multiply included, then cast back (Step1X-Edit's
+    fused kernel). ``weight_in_fp32 = False``: the weight multiply after the cast back, in the input's
+    dtype (RealRestorer's code when liger_kernel is absent, as its requirements install it)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(dim))
+        self.weight_in_fp32 = True
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
         rrms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * rrms * self.scale.float()).to(x.dtype)
+        if self.weight_in_fp32:
+            return (x32 * rrms * self.scale.float()).to(x.dtype)
+        return (x32 * rrms).to(x.dtype) * self.scale.to(x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -49,7 +49,7 @@ from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 from .conditioner import Step1XPrompts, encode_prompts
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
-from .layers import keep_fp8_storage
+from .layers import RMSNorm, keep_fp8_storage
 from .prepare import prepare_row, prompt_inputs, resize_back
 from .release import (
     BUNDLE_PREFIX,
@@ -313,6 +313,9 @@ class Step1XEngine:
         )
         for module in (dit, connector, vae):
             module.eval().requires_grad_(False)
+        for norm in dit.modules():
+            if isinstance(norm, RMSNorm):
+                norm.weight_in_fp32 = variant_spec.qk_norm_weight_in_fp32
         if adapters:
             from step1x_batch.models.lora import merge_adapters
 
@@ -388,7 +391,9 @@ class Step1XEngine:
         lap("encode_text_ms")
 
         refs = np.stack([r.arrays["ref"] for r in rows])
-        ref01 = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).float().div(255)
+        # NCHW contiguous, as both releases hand it to the VAE (a channels-last view would pick
+        # other conv kernels: other roundings)
+        ref01 = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).contiguous().float().div(255)
         if self.variant.vae_in_run_dtype:  # in the VAE's dtype, no autocast (RealRestorer)
             mean, logvar = self._each(self.vae.encoder, ref01.to(self.vae_dtype).mul(2).sub(1)).chunk(2, dim=1)
         else:  # float32 weights under autocast, the posterior in float32 (Step1X-Edit)

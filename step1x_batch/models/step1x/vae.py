@@ -74,7 +74,9 @@ class AttnBlock(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         b, c, h, w = x.shape
-        q, k, v = (p(x).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
+        # contiguous (b, 1, hw, c), as the FLUX / RealRestorer code makes them: a strided view
+        # takes another SDPA path on CPU, which rounds differently in bf16
+        q, k, v = (p(x).reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
         return out.transpose(2, 3).reshape(b, c, h, w)
 

@@ -48,15 +48,20 @@ class Variant:
     # The text encoder as flash-attention runs it (masked query rows zero; Step1X-Edit's
     # flash_attention_2) or as SDPA does (RealRestorer's default attention).
     zero_masked_queries: bool
+    # The DiT's QK RMSNorm weight multiply in float32 (Step1X-Edit's fused liger kernel) or after
+    # the cast back, in the run's dtype (RealRestorer's plain-PyTorch path: its requirements do
+    # not install liger_kernel).
+    qk_norm_weight_in_fp32: bool
 
 
 VARIANTS = {
     STEP1X: Variant(STEP1X, vision_id=False, round_to_uint8=False, vae_in_run_dtype=False, released_step=False,
                     autocast_cuda_only=False, clamp_small_side=False, processor_limits_from_folder=False,
-                    zero_masked_queries=True),
+                    zero_masked_queries=True, qk_norm_weight_in_fp32=True),
     REALRESTORER: Variant(REALRESTORER, vision_id=True, round_to_uint8=True, vae_in_run_dtype=True,
                           released_step=True, autocast_cuda_only=True, clamp_small_side=True,
-                          processor_limits_from_folder=True, zero_masked_queries=False),
+                          processor_limits_from_folder=True, zero_masked_queries=False,
+                          qk_norm_weight_in_fp32=False),
 }
 
 
