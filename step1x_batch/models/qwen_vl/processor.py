@@ -217,7 +217,8 @@ class TorchImageProcessor:
 
     def __call__(self, images, return_tensors: str = "np") -> dict[str, np.ndarray]:
         """The processor's call for a list of RGB images: ``pixel_values`` (all patches, float32)
-        and ``image_grid_thw`` (one (1, gh, gw) row per image), as numpy."""
+        and ``image_grid_thw`` (one (1, gh, gw) row per image), always numpy (``return_tensors``
+        is taken for transformers' call signature)."""
         import torch
 
         pixels, grids = [], []
@@ -243,8 +244,8 @@ def build_image_processor(
     """The Qwen2-VL image processor of a processor folder (either layout, see
     :func:`image_processor_config`): patch geometry, mean/std and pixel bounds from the folder,
     ``min_pixels`` / ``max_pixels`` overriding the bounds. ``backend``: ``"pil"`` (transformers'
-    PIL backend, ``resample`` its filter) or ``"torchvision"`` (:class:`TorchImageProcessor`,
-    bicubic only)."""
+    PIL backend, ``resample`` its filter; the default, which the step1x family uses) or
+    ``"torchvision"`` (:class:`TorchImageProcessor`, bicubic only; the qwen-image-edit default)."""
     settings = ImageProcessorSettings.from_config(image_processor_config(config_folder), min_pixels=min_pixels,
                                                   max_pixels=max_pixels)
     if backend == "torchvision":
