@@ -19,9 +19,11 @@ folder and only these adaptations are made there, none of which changes what ups
   ``mm_token_type_ids`` is passed (upstream's pinned 4.57 did it from ``input_ids`` alone): the
   text encoder's forward gets them added; the prompts carry no ``!`` (id 0), so the mask is all ones;
   and its config's ``hidden_size`` (under ``text_config`` in 5) is copied to the top level;
-- no torchvision here: the processor is ``Qwen2_5_VLProcessor`` over transformers' PIL image
-  processor with the bundle's own ``preprocessor_config.json`` values (what upstream's
-  ``AutoProcessor.from_pretrained(processor/)`` reads), without a video processor; its text-only
+- no torchvision here: upstream's ``AutoProcessor.from_pretrained(processor/)`` gives, with its
+  pinned transformers 4.57 and torchvision, ``Qwen2_5_VLProcessor`` over the fast (torchvision)
+  Qwen2-VL image processor with the folder's settings; here the processor class is the same, its
+  image processor this project's plain-torch copy of the torchvision one (tested against
+  transformers' own elsewhere), without a video processor; its text-only
   calls tokenize as 4.57 did (5 refuses an ``<|image_pad|>`` without an image);
 - the VAE posterior sample: upstream draws it with ``torch.randn_like`` from the unseeded global
   generator; here it is given this project's seeded sample (``posterior_seed(seed)``), the one
@@ -48,6 +50,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from step1x_batch.models.qwen_vl.processor import build_image_processor  # noqa: E402
 from step1x_batch.models.step1x.conditioner import PromptTokenizer  # noqa: E402
 from step1x_batch.models.step1x.pipeline import EditPipeline, posterior_seed  # noqa: E402
 from step1x_batch.models.step1x.tiny import TINY_DIT, TINY_QWEN_HIDDEN, TINY_VAE, make_tiny_weights, tiny_connector_params  # noqa: E402
@@ -92,7 +95,26 @@ def scratch_diffusers(checkout: Path, scratch: Path, prefix_drop: int, quote_ids
     return scratch
 
 
-def upstream_pipeline(bundle: Path, dtype: torch.dtype):
+class FastImageProcessor:
+    """transformers' torchvision Qwen2-VL image processor (what upstream's AutoProcessor loads with
+    its pinned transformers 4.57 and torchvision installed), as this project's plain-torch copy
+    of it, behind the call the processor makes (torchvision cannot be installed beside a CPU torch)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.merge_size = processor.merge_size
+
+    @staticmethod
+    def fetch_images(images):
+        return images
+
+    def __call__(self, images=None, **kwargs):
+        from transformers import BatchFeature
+
+        return BatchFeature(self.processor(images=images), tensor_type=kwargs.get("return_tensors"))
+
+
+def upstream_pipeline(bundle: Path, dtype: torch.dtype, image_processor_backend: str):
     """Upstream's RealRestorerPipeline over the tiny bundle, every component in ``dtype`` as its
     ``from_pretrained(torch_dtype=...)`` casts them."""
     import json
@@ -146,9 +168,12 @@ def upstream_pipeline(bundle: Path, dtype: torch.dtype):
         text_encoder.config.hidden_size = text_encoder.config.text_config.hidden_size
     tokenizer = AutoTokenizer.from_pretrained(str(bundle / "processor"), local_files_only=True)
     cfg = json.loads((bundle / "processor" / "preprocessor_config.json").read_text())
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": cfg["min_pixels"], "longest_edge": cfg["max_pixels"]},
-        **{k: cfg[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")})
+    if image_processor_backend == "pil":
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": cfg["min_pixels"], "longest_edge": cfg["max_pixels"]},
+            **{k: cfg[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")})
+    else:
+        image_processor = FastImageProcessor(build_image_processor(bundle / "processor", backend="torchvision"))
     # transformers' processor class checks its video processor's class, which needs torchvision;
     # images only here, so that check is skipped while it is built (the processor itself is stock).
     from transformers.processing_utils import ProcessorMixin
@@ -205,6 +230,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--height", type=int, default=120)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--upstream-image-processor", choices=("torchvision", "pil"), default="torchvision",
+                    help="upstream's image processor: torchvision (its pinned environment) or pil (to see "
+                         "what the choice changes; ours always follows the variant)")
     ap.add_argument("--extra-path", action="append", default=[], help="a folder put on sys.path (einops, httpx)")
     args = ap.parse_args()
 
@@ -228,7 +256,7 @@ def main() -> None:
         seeds = [11 * (i + 1) for i in range(len(PROMPTS))]
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            theirs_pipe = upstream_pipeline(bundle, dtype)
+            theirs_pipe = upstream_pipeline(bundle, dtype, args.upstream_image_processor)
             ours_pipe = EditPipeline.from_pretrained(bundle, dtype=dtype_name, max_batch_size=1)
             assert ours_pipe.engine.variant.name == "realrestorer"
             t0 = time.perf_counter()

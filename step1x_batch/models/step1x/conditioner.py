@@ -29,8 +29,9 @@ Two things transformers 5 does differently from the reference's pinned 4.5x, han
 
 RealRestorer's released pipeline (the ``realrestorer`` variant, :mod:`.variant`) differs in three
 of these: its template carries ``Picture 1: `` (its transformers honours ``add_vision_id``), its
-image goes back to PIL by rounding (so the uint8 image unchanged), and its processor keeps the
-pixel limits of the weights' processor folder; its text model runs with SDPA
+image goes back to PIL by rounding (so the uint8 image unchanged), and its processor is the
+torchvision one (its transformers 4.57 loads that when torchvision is installed, as its requirements
+do) with the pixel limits of the weights' processor folder; its text model runs with SDPA
 (``zero_masked_queries=False``).
 
 Split by where it runs: :class:`Step1XPrompts` is the CPU half (prepare stage: tokenizer, image
@@ -248,10 +249,8 @@ class Step1XPrompts:
         ``config_folder`` (the same Qwen2.5-VL folder in the release; a RealRestorer bundle keeps
         them in ``processor/`` and ``text_encoder/``). Pixel limits: Step1X-Edit's fixed ones, or
         the folder's own for a variant that reads them (RealRestorer)."""
-        if variant.processor_limits_from_folder:
-            processor = build_image_processor(folder)
-        else:
-            processor = build_image_processor(folder, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        limits = {} if variant.processor_limits_from_folder else {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+        processor = build_image_processor(folder, backend=variant.image_processor, **limits)
         return cls(load_tokenizer(folder), processor, VisionConfig.from_folder(config_folder or folder), variant)
 
     def check_text(self, text: str) -> None:

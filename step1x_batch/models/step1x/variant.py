@@ -52,16 +52,20 @@ class Variant:
     # the cast back, in the run's dtype (RealRestorer's plain-PyTorch path: its requirements do
     # not install liger_kernel).
     qk_norm_weight_in_fp32: bool
+    # transformers' Qwen2-VL image processor backend: "pil" (Step1X-Edit's) or "torchvision"
+    # (RealRestorer pins transformers 4.57 with torchvision, whose AutoProcessor loads
+    # Qwen2VLImageProcessor as the fast, torchvision processor).
+    image_processor: str
 
 
 VARIANTS = {
     STEP1X: Variant(STEP1X, vision_id=False, round_to_uint8=False, vae_in_run_dtype=False, released_step=False,
                     autocast_cuda_only=False, clamp_small_side=False, processor_limits_from_folder=False,
-                    zero_masked_queries=True, qk_norm_weight_in_fp32=True),
+                    zero_masked_queries=True, qk_norm_weight_in_fp32=True, image_processor="pil"),
     REALRESTORER: Variant(REALRESTORER, vision_id=True, round_to_uint8=True, vae_in_run_dtype=True,
                           released_step=True, autocast_cuda_only=True, clamp_small_side=True,
                           processor_limits_from_folder=True, zero_masked_queries=False,
-                          qk_norm_weight_in_fp32=False),
+                          qk_norm_weight_in_fp32=False, image_processor="torchvision"),
 }
 
 
