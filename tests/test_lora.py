@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torchvision_cpu import TORCHVISION  # noqa: F401  (before diffusers imports transformers' image processors)
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 from step1x_batch.models.loading import WeightsError
