@@ -94,6 +94,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import (
@@ -352,10 +353,14 @@ def _read_csv(f, convert: pacsv.ConvertOptions, shown: str) -> pa.Table:
     return table.append_column(MANIFEST_PROBLEM, problems)
 
 
-def _read_file(uri: str, options: StorageOptions | None) -> pa.Table:
+def _read_file(uri: str, options: StorageOptions | None, fixed_schema: bool = True) -> pa.Table:
     """One manifest file: Parquet as stored; JSON Lines and CSV with a fixed schema (every
     column text, typed per row by the normaliser; a line that cannot be read is one row with
-    :data:`MANIFEST_PROBLEM` set), so no value in one row can fail the read of the others."""
+    :data:`MANIFEST_PROBLEM` set), so no value in one row can fail the read of the others.
+
+    ``fixed_schema=False``: JSON Lines typed by pyarrow and CSV without the problem rows, for
+    the jobs whose own manifests are not edit rows (a pairs job's images manifest gives a JSON
+    list of instructions)."""
     fmt = manifest_format(uri)
     fs, path = filesystem(uri, options)
     if fmt == "parquet":
@@ -365,8 +370,8 @@ def _read_file(uri: str, options: StorageOptions | None) -> pa.Table:
     convert = csv_convert_options(uri, options) if fmt == "csv" else None
     with fs.open(path, "rb", compression="infer") as f:
         if fmt == "json":
-            return _read_json_lines(f, shown)
-        return _read_csv(f, convert, shown)
+            return _read_json_lines(f, shown) if fixed_schema else pajson.read_json(f)
+        return _read_csv(f, convert, shown) if fixed_schema else pacsv.read_csv(f, convert_options=convert)
 
 
 def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = None) -> pa.Table:
@@ -377,10 +382,13 @@ def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = N
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
-def read_manifest_table(uri: str, options: StorageOptions | None = None) -> pa.Table:
+def read_manifest_table(uri: str, options: StorageOptions | None = None, *,
+                        edit_rows: bool = False) -> pa.Table:
     """The whole manifest as one Arrow table (for small manifests and tests; a job reads large
-    ones with Ray's readers and :func:`step1x_batch.storage.arrow_filesystem`)."""
-    tables = [_read_file(f, options) for f in manifest_files(uri, options)]
+    ones with Ray's readers and :func:`step1x_batch.storage.arrow_filesystem`). ``edit_rows``:
+    read as the edit job reads its manifest (a fixed schema, see :func:`_read_file`); without it,
+    JSON Lines values keep their JSON types (the pairs and catalog jobs' input manifests)."""
+    tables = [_read_file(f, options, fixed_schema=edit_rows) for f in manifest_files(uri, options)]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

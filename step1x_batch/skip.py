@@ -95,12 +95,12 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
 
 
 def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None) -> pa.Table:
-    """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV as
-    text, JSON Lines by pyarrow)."""
+    """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV and
+    JSON Lines with a fixed schema of text columns)."""
     from step1x_batch.manifest import read_manifest_table
 
     if row_groups is None:
-        return read_manifest_table(uri, options)
+        return read_manifest_table(uri, options, edit_rows=True)
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as fh:
         return pq.ParquetFile(fh).read_row_groups(row_groups)

@@ -502,7 +502,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The job's own objects under an output root (the lease, the row state, the logs, the run files,
 # the pairs / catalog / dataset jobs' files): a row's output_key may not name them. Names that
 # start with "_" or "." are the job's too (the lease, its temporary files, preflight probes).
-RESERVED_OUTPUT_PREFIXES = ("state", "logs", "runs", "pairs", "catalog", "dataset")
+# (The pairs job's edited images go to pairs/images/, a row's own output; its manifests and run
+# records are the job's.)
+RESERVED_OUTPUT_PREFIXES = ("state", "logs", "runs", "pairs/manifests", "pairs/runs", "catalog", "dataset")
 
 
 def reserved_output_key(key: str) -> str | None:
@@ -510,8 +512,10 @@ def reserved_output_key(key: str) -> str | None:
     first = key.split("/", 1)[0]
     if first.startswith(("_", ".")):
         return f"'{first}' (names starting with '_' or '.' are the job's own, e.g. _lease.json)"
-    if first.casefold() in RESERVED_OUTPUT_PREFIXES:
-        return f"the job's own '{first}/' area"
+    folded = key.casefold()
+    for prefix in RESERVED_OUTPUT_PREFIXES:
+        if folded == prefix or folded.startswith(prefix + "/"):
+            return f"the job's own '{key[:len(prefix)]}/' area"
     return None
 
 
