@@ -259,18 +259,61 @@ def _id_text(value: Any) -> str | None:
     return text or None
 
 
-def _duplicate_columns(uri: str, options: StorageOptions | None) -> Any:
+def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool) -> Any:
+    """A manifest file's ``id`` and ``output_key`` (``full``: every contract column)."""
     import pyarrow.parquet as pq
 
     from step1x_batch.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
 
     if manifest_format(uri) != "parquet":
         return _read_file(uri, options)
+    wanted = MANIFEST_COLUMNS if full else ("id", "output_key")
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        names = [c for c in pf.schema_arrow.names if c in MANIFEST_COLUMNS]
-        return pf.read(columns=names)
+        return pf.read(columns=[c for c in pf.schema_arrow.names if c in wanted])
+
+
+def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:
+    """Each row's given id and output object key (as the normaliser makes them; None where the
+    row gives neither or its key is unsafe: those are the row's own errors). Vectorised for text
+    and integer ids; Python only for the rows that give an ``output_key``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from step1x_batch.errors import RowError
+    from step1x_batch.manifest import MANIFEST_PROBLEM
+    from step1x_batch.storage import safe_output_key
+
+    n = table.num_rows
+    ok_row = pc.is_null(table.column(MANIFEST_PROBLEM)) if MANIFEST_PROBLEM in table.column_names \
+        else pa.array([True] * n)
+    if "id" not in table.column_names:
+        ids = pa.nulls(n, pa.string())
+    else:
+        col = table.column("id")
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            ids = pc.utf8_trim_whitespace(col.cast(pa.string()))
+            ids = pc.if_else(pc.equal(ids, ""), pa.nulls(n, pa.string()), ids)
+        elif pa.types.is_integer(col.type):
+            ids = col.cast(pa.string())
+        else:
+            ids = pa.array([_id_text(v) for v in col.to_pylist()], pa.string())
+    ids = pc.if_else(ok_row, ids, pa.nulls(n, pa.string()))
+    keys = pc.binary_join_element_wise("images/", ids, f".{image_ext}", "")
+    if "output_key" in table.column_names:
+        raw = table.column("output_key")
+        if not (pa.types.is_string(raw.type) or pa.types.is_large_string(raw.type)):
+            raw = pa.nulls(n, pa.string())  # not text: the row's own error
+        given = pc.and_(ok_row, pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(raw)), 0), False))
+        key_list = keys.to_pylist() if hasattr(keys, "to_pylist") else list(keys)
+        for i, text in zip(pc.indices_nonzero(given).to_pylist(), pc.filter(raw, given).to_pylist()):
+            try:
+                key_list[i] = safe_output_key(text)
+            except RowError:
+                key_list[i] = None
+        return ids, pa.array(key_list, pa.string())
+    return ids, keys
 
 
 def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext: str) -> None:
@@ -278,49 +321,58 @@ def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext
     output object (an ``output_key``, or the ``images/<id>.<ext>`` of a given id), naming both
     rows. Rows that are the same work (equal in every contract column) may repeat. Checked when
     the manifest's size is known and small enough to read (Parquet up to
-    ``_DUPLICATE_CHECK_MAX_ROWS`` rows, CSV / JSON Lines up to the counting limit); larger ones
-    are checked per batch and by the skip join (:func:`step1x_batch.manifest.mark_duplicates`)."""
-    from step1x_batch.errors import RowError
-    from step1x_batch.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
-    from step1x_batch.storage import safe_output_key
+    ``_DUPLICATE_CHECK_MAX_ROWS`` rows, two columns; CSV / JSON Lines up to the counting limit);
+    larger ones are checked per batch and by the skip join
+    (:func:`step1x_batch.manifest.mark_duplicates`, :func:`step1x_batch.skip.duplicate_ids`)."""
+    from step1x_batch.manifest import MANIFEST_COLUMNS
 
     if facts.manifest_rows is None or facts.manifest_rows > _DUPLICATE_CHECK_MAX_ROWS:
         return
-    by_id: dict[str, tuple[str, tuple]] = {}
-    by_key: dict[str, tuple[str, tuple]] = {}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes: list[tuple[str, int]] = []
+    id_parts, key_parts = [], []
+    for uri in facts.manifest_files:
+        table = _duplicate_columns(uri, options, full=False)
+        file_ids, file_keys = _row_keys(table, image_ext)
+        id_parts.append(file_ids)
+        key_parts.append(file_keys)
+        sizes.append((uri, table.num_rows))
+    repeated: set[str] = set()
+    for parts in (id_parts, key_parts):  # sorted, a value equal to its neighbour repeats (faster than hashing)
+        values = pa.chunked_array(parts, pa.string()).drop_null().combine_chunks()
+        if len(values) > 1:
+            values = values.take(pc.array_sort_indices(values))
+            same = pc.equal(values.slice(1), values.slice(0, len(values) - 1))
+            repeated |= set(pc.filter(values.slice(1), same).to_pylist())
+    if not repeated:
+        return
+    ids = pa.chunked_array(id_parts, pa.string()).to_pylist()
+    keys = pa.chunked_array(key_parts, pa.string()).to_pylist()
+    located = [(uri, i) for uri, n in sizes for i in range(n)]
+    # Some value repeats: are the rows the same work? Only now read every contract column.
+    contents: list[tuple] = []
+    for uri in facts.manifest_files:
+        table = _duplicate_columns(uri, options, full=True)
+        contract = [c for c in table.column_names if c in MANIFEST_COLUMNS]
+        cols = [table.column(c).to_pylist() for c in contract]
+        contents += [tuple(repr(col[i]) for col in cols) for i in range(table.num_rows)]
     found: list[str] = []
     count = 0
-    for uri in facts.manifest_files:
-        table = _duplicate_columns(uri, options)
-        contract = [c for c in table.column_names if c in MANIFEST_COLUMNS]
-        if "id" not in contract and "output_key" not in contract:
-            continue
-        cols = {c: table.column(c).to_pylist() for c in contract}
-        problems = table.column(MANIFEST_PROBLEM).to_pylist() if MANIFEST_PROBLEM in table.column_names else None
-        for i in range(table.num_rows):
-            if problems is not None and problems[i]:
-                continue  # an unreadable line: its own error row
-            where = f"row {i + 1} of {redact_uri(uri)}"
-            content = tuple(repr(cols[c][i]) for c in contract)
-            row_id = _id_text(cols["id"][i]) if "id" in cols else None
-            key = None
-            raw_key = cols["output_key"][i] if "output_key" in cols else None
-            try:
-                if isinstance(raw_key, str) and raw_key.strip():
-                    key = safe_output_key(raw_key)
-                elif row_id is not None:
-                    key = safe_output_key(f"images/{row_id}.{image_ext}")
-            except RowError:
-                key = None  # an unsafe key: that row's own error
-            for value, seen, what in ((row_id, by_id, "the id"), (key, by_key, "the output key")):
-                if value is None:
-                    continue
-                first = seen.setdefault(value, (where, content))
-                if first[1] != content:
-                    count += 1
-                    if len(found) < 3:
-                        found.append(f"{where} has {what} {redact(repr(value))[:120]}, as {first[0]} does")
-                    break
+    first_by: dict[tuple[str, str], int] = {}
+    for i, (row_id, key) in enumerate(zip(ids, keys)):
+        for value, what in ((row_id, "the id"), (key, "the output key")):
+            if value is None or value not in repeated:
+                continue
+            j = first_by.setdefault((what, value), i)
+            if contents[j] != contents[i]:
+                count += 1
+                if len(found) < 3:
+                    (fi, ri), (fj, rj) = located[i], located[j]
+                    found.append(f"row {ri + 1} of {redact_uri(fi)} has {what} {redact(repr(value))[:120]}, "
+                                 f"as row {rj + 1} of {redact_uri(fj)} does")
+                break
     if found:
         more = f" (and {count - len(found)} more)" if count > len(found) else ""
         raise PreflightError(
