@@ -423,7 +423,7 @@ def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
     fs, path = arrow_filesystem(f"{out}/dataset/data/train-00000-of-00001.parquet")
     recs = pq.read_table(path, filesystem=fs).to_pylist()
     assert [r["variant"] for r in recs] == [0, 1] and recs[0]["seed"] != recs[1]["seed"]
-    assert recs[0]["model_id"].startswith("step1x-edit:") and recs[0]["num_steps"] == 2
+    assert recs[0]["model_id"].startswith("step1x-edit") and recs[0]["num_steps"] == 2
     assert recs[0]["edited_image"]["bytes"] == read_bytes(recs[0]["edited_image_uri"])
     edits = [decode_image(read_bytes(r["edited_image_uri"]), 10**6) for r in recs]
     source = decode_image(read_bytes(recs[0]["source_image_uri"]), 10**6)
