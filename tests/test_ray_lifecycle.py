@@ -107,6 +107,13 @@ def test_a_killed_driver_leaves_no_ray_behind_and_the_next_run_starts_cleanly(tm
         kill_processes(ray_procs)
         if proc.poll() is None:
             proc.kill()
+    try:
+        _rerun_after_the_kill(cfg, out, env, n)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _rerun_after_the_kill(cfg: Path, out: Path, env: dict[str, str], n: int) -> None:
     killed = read_logs(str(out), run_id="killed").to_pylist()
     assert 0 < len(killed) < n, "the kill landed mid-run"
 
@@ -121,7 +128,6 @@ def test_a_killed_driver_leaves_no_ray_behind_and_the_next_run_starts_cleanly(tm
     ok_ids = [r["id"] for r in everything if r["status"] == "ok"]
     assert len(ok_ids) == len(set(ok_ids)) == n
     assert len([r for r in everything if r["run_id"] == "resumed"]) == n - len(killed)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
