@@ -329,3 +329,15 @@ def test_qk_norm_and_text_attention_as_the_released_code(rr, s1x):
     norm.weight_in_fp32 = False
     assert torch.equal(norm(x), released) and not torch.equal(fused, released)
     assert rr.engine.encoder.zero_masked_queries is False and s1x.engine.encoder.zero_masked_queries is True
+
+
+def test_bundle_layout_check_accepts_either_processor_layout():
+    from step1x_batch.models.step1x.release import layout_problem
+
+    base = {"model_index.json": 1, "transformer/diffusion_pytorch_model.safetensors": 1,
+            "vae/diffusion_pytorch_model.safetensors": 1, "text_encoder/config.json": 1,
+            "text_encoder/model.safetensors": 1, "processor/tokenizer.json": 1}
+    assert layout_problem({**base, "processor/preprocessor_config.json": 1}) is None
+    assert layout_problem({**base, "processor/processor_config.json": 1}) is None  # transformers 5
+    assert layout_problem(base) == ("has no image processor config (processor/preprocessor_config.json or "
+                                    "processor/processor_config.json)")

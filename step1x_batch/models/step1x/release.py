@@ -15,7 +15,8 @@ tokenizer, preprocessor config, weights).
     vae/config.json, vae/diffusion_pytorch_model.safetensors          (fp32)
     text_encoder/config.json, model-0000K-of-0000N.safetensors, model.safetensors.index.json
     processor/  tokenizer.json, tokenizer_config.json, vocab.json, merges.txt,
-                preprocessor_config.json (the tokenizer and the image processor)
+                preprocessor_config.json (the tokenizer and the image processor; a folder saved
+                by transformers 5 has processor_config.json instead: both are read)
 
 Every transformer and VAE key is prefixed ``inner_model.`` (the diffusers wrappers hold the
 original module as ``self.inner_model``); under it the DiT and the connector (``connector.``) are
@@ -57,6 +58,10 @@ BUNDLE_PREFIX = "inner_model."
 # Keys of the bundle's transformer that the model never reads (upstream registers ``mask_token``
 # when the checkpoint has one and never uses it in forward): tolerated, checked for shape, dropped.
 IGNORED_BUNDLE_KEYS = ("mask_token",)
+
+# The Qwen image processor's settings: flat as released, or nested under "image_processor" in the
+# processor_config.json transformers 5's save_pretrained writes (both read by qwen_vl.processor).
+IMAGE_PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")
 
 _RELEASE_MARKERS = (*DIT_FILES, VAE_FILE, QWEN_DIR)
 _BUNDLE_MARKERS = (TRANSFORMER_DIR, TEXT_ENCODER_DIR, PROCESSOR_DIR, MODEL_INDEX)
@@ -106,7 +111,14 @@ def layout_problem(files: Mapping[str, int]) -> str | None:
             return f"has no Step1X-Edit DiT file ({' or '.join(DIT_FILES)})"
         need = [VAE_FILE, f"{QWEN_DIR}/config.json", f"{QWEN_DIR}/*.safetensors"]
     missing = [p for p in need if not has(p)]
-    return f"has no file matching {', '.join(missing)}" if missing else None
+    if missing:
+        return f"has no file matching {', '.join(missing)}"
+    if bundle:  # the image processor's config, as released or as transformers 5 saves it
+        folder = PROCESSOR_DIR if has(f"{PROCESSOR_DIR}/*") else TEXT_ENCODER_DIR
+        configs = [f"{folder}/{name}" for name in IMAGE_PROCESSOR_CONFIGS]
+        if not any(c in files for c in configs):
+            return f"has no image processor config ({' or '.join(configs)})"
+    return None
 
 
 def text_encoder_folder(folder: str | os.PathLike) -> Path:
