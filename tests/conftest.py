@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torchvision_cpu  # noqa: F401  (first: transformers must see the oracles' torchvision)
+
 from step1x_batch.storage import StorageOptions
 
 _ROOT = Path(__file__).resolve().parents[1]

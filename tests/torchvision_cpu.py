@@ -6,18 +6,23 @@ torch, and its import then fails at ``register_fake("torchvision::nms")``. The o
 torchvision's pure-Python transforms, so when the native library does not load, the two operator
 schemas that the import registers fake kernels for (``nms``, ``qnms``) are defined first; no
 kernel is defined, so nothing can call them. In-process only: Ray workers of a job test do not
-run this, which is why CI should install a torchvision that loads (the CPU build beside the CPU
-torch), or none.
+run this. So the tests take torchvision from a side folder, ``.oracles/`` at the repository root
+(``pip install --no-deps --target .oracles torchvision==0.28.0``, the README's test command),
+appended to this process's ``sys.path`` only: the package and the Ray workers never see it
+(Ray hands its workers the driver's script folder and working directory, not its ``sys.path``),
+so a job test still runs what a CPU install without torchvision runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
+ORACLES = Path(__file__).resolve().parents[1] / ".oracles"
 _LIB: torch.library.Library | None = None  # kept alive: dropping it would unregister the schemas
 
 
@@ -30,9 +35,13 @@ def _define_schemas() -> None:
 
 
 def import_torchvision() -> ModuleType | None:
-    """The installed torchvision, made importable on a CPU torch; None when none is installed."""
+    """The installed torchvision (or the one in ``.oracles/``), made importable on a CPU torch;
+    None when there is none."""
     if importlib.util.find_spec("torchvision") is None:
-        return None
+        if not (ORACLES / "torchvision").is_dir():
+            return None
+        sys.path.append(str(ORACLES))  # last: it shadows nothing installed
+        importlib.invalidate_caches()
     try:
         import torchvision
 
