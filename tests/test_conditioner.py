@@ -119,7 +119,27 @@ def test_matches_direct_transformers_call(prompts, plain):
     assert mask.dtype == torch.long and mask[0, :kept].eq(1).all() and mask[0, kept:].eq(0).all()
     torch.testing.assert_close(embeds[0, :kept], plain["direct"][prompts.prefix_drop:], atol=ATOL, rtol=0)
     assert embeds[0, kept:].eq(0).all()
-    assert "torchvision" not in sys.modules
+
+
+@pytest.mark.parametrize("variant", ["step1x", "realrestorer"])
+def test_prepare_needs_no_torchvision(folder, variant):
+    """The CPU prepare of either variant runs where torchvision cannot be imported (the tests'
+    own process may hold the oracles' torchvision, so this runs in a fresh one)."""
+    import subprocess
+
+    script = f"""
+import sys
+sys.modules["torchvision"] = None  # any import of it now raises ImportError
+import numpy as np
+from step1x_batch.models.step1x import conditioner as C
+from step1x_batch.models.step1x.variant import VARIANTS
+prompts = C.Step1XPrompts.from_folder({str(folder)!r}, variant=VARIANTS[{variant!r}])
+out = prompts.prepare(np.zeros((64, 48, 3), np.uint8), "make it red", "")
+print("ok", type(out).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok")
 
 
 def test_dropping_mm_token_type_ids_changes_hidden_states(prompts, plain):
