@@ -21,6 +21,7 @@ pass its parent in --pythonpath (e.g. ``.venv/lib/python3.11/site-packages``), o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,8 @@ def step1x(args, device: torch.device, dtype: torch.dtype) -> list[str]:
              attention_table(device, dtype, params.num_heads, 128, seq, masked=False)]
     lines += edit_table("Step1X-Edit", engine_for, lambda b, n: step1x_rows(size, b, n), forward, fwd_flops,
                         steps * fwd_flops, steps, args.batches, device, not args.no_compile)
+    lines.append(determinism_ab("Step1X-Edit", engine_for, lambda b, n: step1x_rows(size, b, n),
+                                max(args.batches), device))
     return lines
 
 
@@ -218,7 +221,29 @@ def qwen(args, device: torch.device, dtype: torch.dtype) -> list[str]:
              attention_table(device, dtype, heads, 128, seq, masked=True)]
     lines += edit_table("Qwen-Image-Edit", engine_for, rows_for, forward, fwd_flops, steps * fwd_flops, steps,
                         args.batches, device, not args.no_compile)
+    lines.append(determinism_ab("Qwen-Image-Edit", engine_for, rows_for, max(args.batches), device))
     return lines
+
+
+def determinism_ab(name: str, engine_for, rows_for, batch: int, device: torch.device, rounds: int = 3) -> str:
+    """s per 3-step edit with the determinism switches off, then on, alternated ``rounds`` times."""
+    from step1x_batch.models import determinism
+    from step1x_batch.models.base import edit_prepared
+
+    engine = engine_for(False)
+    engine.max_batch_size = batch
+    rows = rows_for(batch, 3)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for on in (False, True):
+            determinism.cuda_deterministic() if on else determinism.cuda_default()
+            times[on].append(time_it(lambda: edit_prepared(engine, rows, batch), device))
+    first = [o.image.tobytes() for o in edit_prepared(engine, rows, batch)]
+    same = first == [o.image.tobytes() for o in edit_prepared(engine, rows, batch)]
+    determinism.cuda_default()
+    off, on = (float(np.median(times[k])) for k in (False, True))
+    return (f"{name} determinism switches, batch {batch}, 3-step edit, median of {rounds} alternated: off {off:.3f} s, "
+            f"on {on:.3f} s, on/off {on / off:.3f}; two runs with them on give the same bytes: {same}")
 
 
 def main() -> None:
@@ -233,7 +258,13 @@ def main() -> None:
     ap.add_argument("--pythonpath", default=None, help="a folder holding diffusers (for the Qwen family)")
     ap.add_argument("--smoke", action="store_true", help="a CPU check of the script: 1 block, narrow, 64^2")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    ap.add_argument("--no-cublas-workspace", action="store_true",
+                    help="leave CUBLAS_WORKSPACE_CONFIG unset (the determinism A/B then runs without it)")
     args = ap.parse_args()
+    if not args.no_cublas_workspace:
+        from step1x_batch.models.determinism import CUBLAS_WORKSPACE
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before the first cuBLAS call
     if args.smoke:
         args.depth, args.width, args.size, args.batches = 1, 256, 64, [1, 2]
     if args.pythonpath:
@@ -241,7 +272,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu_check: {name}, torch {torch.__version__}, {args.dtype}, batch invariant (fixed batch shapes)")
+    print(f"gpu_check: {name}, torch {torch.__version__}, {args.dtype}, batch invariant (fixed batch shapes), "
+          f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG', 'unset')}")
     for family in args.families:
         for line in (step1x if family == "step1x" else qwen)(args, device, dtype):
             print(line, flush=True)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib
 import re
 
+from step1x_batch.models import determinism
 from step1x_batch.models.base import ModelFamily, ModelSpec
+
+determinism.set_cpu_env()  # before MKL's first call: strict CNR, same bytes across processes (issue 24)
 
 FAMILIES: dict[str, str] = {
     "step1x": "step1x_batch.models.step1x.family:Step1XFamily",
