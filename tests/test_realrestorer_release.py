@@ -22,7 +22,7 @@ from step1x_batch.models.base import UNSUPPORTED_SIZE, EditParams, EditRequest, 
 from step1x_batch.models.step1x.conditioner import IMAGE_PAD, load_prefix
 from step1x_batch.models.step1x.pipeline import EditPipeline
 from step1x_batch.models.step1x.prepare import prepare_row
-from step1x_batch.models.step1x.release import load_prompts
+from step1x_batch.models.step1x.conditioner import load_prompts
 from step1x_batch.models.step1x.sampling import denoise, get_schedule, released_step
 from step1x_batch.models.step1x.tiny import make_tiny_weights
 

@@ -61,7 +61,8 @@ from step1x_batch.models.qwen_vl.processor import (
 )
 from step1x_batch.models.qwen_vl.rope import mrope_positions
 
-from .variant import STEP1X, VARIANTS, Variant
+from .release import prompt_folders
+from .variant import STEP1X, VARIANTS, Variant, resolve_variant
 
 if TYPE_CHECKING:
     import torch
@@ -282,6 +283,14 @@ class Step1XPrompts:
         return PromptInputs(pixel_values, grid, self.text(instruction, grid), self.text(negative, grid),
                             self.text(blend, grid) if blend is not None else None,
                             blend_scale if blend is not None else None)
+
+
+def load_prompts(folder: str | os.PathLike, variant: str | None = None) -> Step1XPrompts:
+    """The CPU prepare's :class:`Step1XPrompts` from a weights folder of either layout (the whole
+    folder, or only its ``PREPARE_FILES``); ``variant`` (:mod:`.variant`) None: the one the layout
+    implies."""
+    tokenizer, config = prompt_folders(folder)
+    return Step1XPrompts.from_folder(tokenizer, config, resolve_variant(variant, folder))
 
 
 def encode_prompts(

@@ -62,7 +62,7 @@ class Step1XFamily(ModelFamily):
         from functools import partial
 
         from .prepare import prepare_row
-        from .release import load_prompts
+        from .conditioner import load_prompts
 
         if folder is None:
             raise ValueError("the step1x family needs its weights folder (the Qwen tokenizer and processor)")

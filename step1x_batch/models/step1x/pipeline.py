@@ -46,7 +46,7 @@ from step1x_batch.models.loading import (
 )
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
-from .conditioner import Step1XPrompts, encode_prompts
+from .conditioner import Step1XPrompts, encode_prompts, load_prompts
 from .connector import Connector, ConnectorParams
 from .dit import DiTParams, Step1XDiT
 from .layers import RMSNorm, keep_fp8_storage
@@ -62,7 +62,6 @@ from .release import (
     TRANSFORMER_DIR,
     VAE_FILE,
     detect_layout,
-    load_prompts,
 )
 from .sampling import denoise, get_schedule
 from .vae import AutoEncoder, AutoEncoderParams

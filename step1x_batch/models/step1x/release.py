@@ -24,7 +24,8 @@ one state dict with the release's key names, plus an optional ``guidance_in`` em
 optional ``mask_token`` the model never uses. The text encoder folder has no tokenizer: that is
 in ``processor/``; the vision token ids come from ``text_encoder/config.json``.
 
-Nothing here imports torch: the CPU prepare uses :func:`load_prompts` and :data:`PREPARE_FILES`.
+Nothing here imports torch (nor another module of the family): the CPU prepare uses
+:func:`prompt_folders` (through :func:`.conditioner.load_prompts`) and :data:`PREPARE_FILES`.
 """
 
 from __future__ import annotations
@@ -143,14 +144,3 @@ def prompt_folders(folder: str | os.PathLike) -> tuple[Path, Path]:
     if not (config / "config.json").is_file():
         config = tokenizer
     return tokenizer, config
-
-
-def load_prompts(folder: str | os.PathLike, variant: str | None = None):
-    """The CPU prepare's :class:`~.conditioner.Step1XPrompts` from a weights folder of either layout
-    (the whole folder, or only its :data:`PREPARE_FILES`); ``variant`` (:mod:`.variant`) None:
-    the one the layout implies."""
-    from .conditioner import Step1XPrompts
-    from .variant import resolve_variant
-
-    tokenizer, config = prompt_folders(folder)
-    return Step1XPrompts.from_folder(tokenizer, config, resolve_variant(variant, folder))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .release import REALRESTORER as BUNDLE, detect_layout
+
 STEP1X = "step1x"
 REALRESTORER = "realrestorer"
 
@@ -72,8 +74,6 @@ VARIANTS = {
 def resolve_variant(name: str | None, folder: str | os.PathLike | None = None) -> Variant:
     """``name`` when given; otherwise RealRestorer for a RealRestorer bundle, Step1X-Edit else."""
     if name is None:
-        from .release import REALRESTORER as BUNDLE, detect_layout
-
         name = REALRESTORER if folder is not None and detect_layout(folder) == BUNDLE else STEP1X
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
