@@ -181,7 +181,8 @@ def test_family_options_are_validated_by_the_family(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.options\.posterior_men: Extra inputs are not permitted"):
         load_config(_write(tmp_path, base), ["model.options.posterior_men=true"])
     cfg = load_config(_write(tmp_path, base), ["model.options.version=v1.0"])
-    assert cfg.model.options == {"version": "v1.0", "posterior_mean": False, "model_guidance": 3.5}  # defaults filled in
+    assert cfg.model.options == {"version": "v1.0", "posterior_mean": False, "model_guidance": 3.5,
+                                 "variant": None}  # defaults filled in
     # a plug-in family brings its own options schema
     plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs", "model.options.max_images=5"])
     assert plugin.model.options == {"max_images": 5}
@@ -251,7 +252,8 @@ def test_model_id_model_spec_and_weights_source(tmp_path):
     cfg = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"))
     spec, weights = cfg.model_spec(), cfg.weights_source()
     assert spec.weights == "s3://my-models/step1x-edit-v1p1/" and spec.device == "cuda" and spec.dtype == "bfloat16"
-    assert spec.family == "step1x" and spec.options == {"version": "v1.1", "posterior_mean": False, "model_guidance": 3.5}
+    assert spec.family == "step1x" and spec.options == {"version": "v1.1", "posterior_mean": False, "model_guidance": 3.5,
+                                                      "variant": None}
     assert weights.cache_dir is None and weights.storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
     assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
