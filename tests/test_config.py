@@ -257,7 +257,7 @@ def test_model_id_model_spec_and_weights_source(tmp_path):
     assert weights.cache_dir is None and weights.storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
     assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
-    assert cfg.resolved_model_id() == "step1x-edit:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
+    assert cfg.resolved_model_id() == "step1x-edit[auto]:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
     for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0",
                      "model.batch_invariant=false"):
         other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
