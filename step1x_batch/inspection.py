@@ -434,7 +434,7 @@ def manifest_check(manifest_uri: str, latest: "pa.Table", raw_config: dict[str, 
             f"cannot compute the manifest's fingerprints with the config of run {config_run_id} "
             f"(runs/{config_run_id}/config.yaml): {_describe(e)}"
         ) from None
-    table = read_manifest_table(cfg.input.manifest, options)
+    table = read_manifest_table(cfg.input.manifest, options, edit_rows=True)
     ids: list[str] = []
     fps: list[str | None] = []
     for start in range(0, table.num_rows, batch_rows):

@@ -386,8 +386,8 @@ def _shutdown_ray() -> None:
 
 def _skip_candidates(stages: Any, cfg: JobConfig, pointer: Any, counters: Any) -> list[Any] | None:
     """The skip join's candidate tables (object refs, nothing fetched), or None when there is
-    no state (a first run streams the manifest) or the graph runs the join itself."""
-    if pointer is None or not hasattr(stages, "skip_candidates"):
+    no state (a first run streams the manifest)."""
+    if pointer is None:
         return None
     return stages.skip_candidates(cfg, pointer, counters)
 

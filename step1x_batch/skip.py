@@ -138,11 +138,13 @@ def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: State
     state = read_bucket(output_uri, options, pointer, bucket, columns=STATE_COLUMNS)
     found = take_state(state, rows.column(KEY))
     done = decide(None, rows.column(DIGEST), found, retried)
+    done_errors = skipped_errors(done, found)
     keep = pa.array(~done)
     rows, found = rows.append_column(DUPLICATE_OF, duplicates).filter(keep), found.filter(keep)
     for name in STATE_COLUMNS[1:]:
         rows = rows.append_column(STATE_PREFIX + name, found.column(name))
     add_counters(counters, {"rows_skipped_done": float(int(done.sum())),
+                            "rows_skipped_error": float(done_errors),
                             "normalise_ms": (time.perf_counter() - start) * 1e3,
                             "storage_retries": float(retry_count() - retries)})
     return rows
@@ -177,6 +179,13 @@ def duplicate_ids(rows: pa.Table) -> pa.Array:
         elif first[key][1] != digest:
             out[i] = _describe_row(rows.slice(first[key][0], 1).to_pylist()[0])
     return pa.array(out, pa.string())
+
+
+def skipped_errors(done: Any, state: pa.Table) -> int:
+    """How many of the rows skipped as done are done by an error record: the error budget
+    counts them (``runtime.max_error_fraction`` is over the manifest's rows after the run)."""
+    is_error = np.asarray(pc.fill_null(pc.equal(state.column("status"), "error"), False), dtype=bool)
+    return int((np.asarray(done, dtype=bool) & is_error).sum())
 
 
 def state_rows(batch: pa.Table) -> pa.Table:

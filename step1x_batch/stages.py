@@ -252,9 +252,11 @@ def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Seq
     if joined:
         state = skip.state_rows(batch)
         done = decide(table.column("fingerprint"), digests, state, retried)
+        skipped_errors = skip.skipped_errors(done, state)
         attempts = pc.fill_null(state.column("attempts"), 0)
     else:
         done = np.zeros(batch.num_rows, dtype=bool)
+        skipped_errors = 0
         attempts = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
     keep = pa.array(~done)
     table = table.select(list(_NORMALISED_COLUMNS)).filter(keep)
@@ -264,7 +266,8 @@ def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Seq
     table = table.append_column("attempt", pc.add(pc.filter(attempts, keep), 1).cast(pa.int64()))
     table = table.append_column("started_at", pa.array([_ts(_now())] * table.num_rows, _TS))
     table = table.append_column("source_digest", pc.filter(digests, keep))
-    deltas = {"rows_skipped_done": float(int(done.sum())), "normalise_ms": (time.perf_counter() - start) * 1e3}
+    deltas = {"rows_skipped_done": float(int(done.sum())), "rows_skipped_error": float(skipped_errors),
+              "normalise_ms": (time.perf_counter() - start) * 1e3}
     if not joined:
         deltas["rows_read"] = float(batch.num_rows)  # joined rows were counted by the join
     deltas.update(_retry_delta(retries_before))
@@ -629,10 +632,21 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
                                 fn_kwargs={"options": options}, num_cpus=num_cpus)
 
 
-def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan):
+def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[Any]:
+    """The skip join over the manifest: object refs of the rows not proven done (nothing is
+    fetched). The driver runs it before the graph, so that a run with no row left starts no edit
+    actor and loads no model."""
+    return skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=NormaliseSettings.from_config(cfg),
+                          pointer=state, output_uri=cfg.output.uri, options=cfg.output_storage(),
+                          retried=cfg.runtime.retried_error_types(), counters=counters)
+
+
+def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan,
+                  candidates: list[Any] | None = None):
     """manifest -> skip done (a join with the root's state) -> normalise -> prepare -> edit
     (actor pool) -> write; yields LOG_SCHEMA blocks. Without a state (nothing logged yet) every
-    row is work and the manifest streams straight into normalise."""
+    row is work and the manifest streams straight into normalise. ``candidates``: the join's
+    result when the driver ran it already (:func:`skip_candidates`)."""
     import ray
 
     r = cfg.resources
@@ -642,9 +656,8 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     if state is None:
         ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
     else:
-        candidates = skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=settings, pointer=state,
-                                    output_uri=cfg.output.uri, options=cfg.output_storage(),
-                                    retried=retried, counters=counters)
+        if candidates is None:
+            candidates = skip_candidates(cfg, state, counters)
         ds = ray.data.from_arrow_refs(candidates)
     ds = ds.map_batches(
         normalise_rows,

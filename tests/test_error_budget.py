@@ -55,8 +55,6 @@ def test_retried_rows_that_still_fail_are_said_and_judged_with_the_manifest(root
     assert sorted(r["id"] for r in recs) == ["gone0", "gone1"] and all(r["attempt"] == 2 for r in recs)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the rows_skipped_error counter in skip.probe_bucket and "
-                                       "stages.normalise_rows (issue 17.7 hunk for the lead)")
 def test_the_verdict_is_the_same_however_the_root_was_reached(root, capsys):
     """With a budget below the manifest's 3/7 errors, the first run failed (exit 1): so must a
     retry whose rows still fail, and a no-op rerun that skips every row."""

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import yaml
 
 from step1x_batch.cli import main
 from step1x_batch.rowlog import read_logs
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="needs stages.skip_candidates / build_dataset(candidates=) (issue 17.6 hunk for the lead)")
 def test_a_noop_rerun_loads_no_model(ray_local, tmp_path, image_factory, capsys):
     (tmp_path / "a.png").write_bytes(image_factory.bytes(width=16, height=12))
     rows = [{"id": f"r{i}", "image_uri": "a.png", "instruction": f"edit {i}"} for i in range(5)]
