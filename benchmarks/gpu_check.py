@@ -143,7 +143,7 @@ def step1x(args, device: torch.device, dtype: torch.dtype) -> list[str]:
     lines += edit_table("Step1X-Edit", engine_for, lambda b, n: step1x_rows(size, b, n), forward, fwd_flops,
                         steps * fwd_flops, steps, args.batches, device, not args.no_compile)
     lines.append(determinism_ab("Step1X-Edit", engine_for, lambda b, n: step1x_rows(size, b, n),
-                                max(args.batches), device))
+                                max(args.batches), device, args.ab_rounds))
     return lines
 
 
@@ -221,11 +221,11 @@ def qwen(args, device: torch.device, dtype: torch.dtype) -> list[str]:
              attention_table(device, dtype, heads, 128, seq, masked=True)]
     lines += edit_table("Qwen-Image-Edit", engine_for, rows_for, forward, fwd_flops, steps * fwd_flops, steps,
                         args.batches, device, not args.no_compile)
-    lines.append(determinism_ab("Qwen-Image-Edit", engine_for, rows_for, max(args.batches), device))
+    lines.append(determinism_ab("Qwen-Image-Edit", engine_for, rows_for, max(args.batches), device, args.ab_rounds))
     return lines
 
 
-def determinism_ab(name: str, engine_for, rows_for, batch: int, device: torch.device, rounds: int = 3) -> str:
+def determinism_ab(name: str, engine_for, rows_for, batch: int, device: torch.device, rounds: int) -> str:
     """s per 3-step edit with the determinism switches off, then on, alternated ``rounds`` times."""
     from step1x_batch.models import determinism
     from step1x_batch.models.base import edit_prepared
@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--pythonpath", default=None, help="a folder holding diffusers (for the Qwen family)")
     ap.add_argument("--smoke", action="store_true", help="a CPU check of the script: 1 block, narrow, 64^2")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    ap.add_argument("--ab-rounds", type=int, default=3, help="alternations of the determinism A/B")
     ap.add_argument("--no-cublas-workspace", action="store_true",
                     help="leave CUBLAS_WORKSPACE_CONFIG unset (the determinism A/B then runs without it)")
     args = ap.parse_args()
@@ -266,7 +267,7 @@ def main() -> None:
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before the first cuBLAS call
     if args.smoke:
-        args.depth, args.width, args.size, args.batches = 1, 256, 64, [1, 2]
+        args.depth, args.width, args.size, args.batches, args.ab_rounds = 1, 256, 64, [1, 2], 1
     if args.pythonpath:
         sys.path.insert(1, args.pythonpath)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

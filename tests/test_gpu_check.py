@@ -26,3 +26,6 @@ def test_gpu_check_smoke_runs_without_ray():
         s_edit = float(cells[7])
         assert s_edit > 0  # a measured time, extended from 1 and 3 steps
     assert "auto picks flash" in out and "gpu_check: done" in out
+    ab = [line for line in out.splitlines() if "determinism switches" in line]
+    assert len(ab) == 2 and all("give the same bytes: True" in line for line in ab), out
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in out
