@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from step1x_batch.models.determinism import deterministic_edit
+
 # Row error codes a model reports (the job's registry, step1x_batch.errors, includes them).
 NON_FINITE_OUTPUT = "non_finite_output"
 INVALID_INSTRUCTION = "invalid_instruction"
@@ -274,7 +276,8 @@ def edit_prepared(engine: Engine, rows: Sequence[Prepared], max_batch_size: int)
         for start in range(0, len(idx), max_batch_size):
             chunk = idx[start : start + max_batch_size]
             t0 = time.perf_counter()
-            results = list(engine.edit([rows[i] for i in chunk]))
+            with deterministic_edit(getattr(engine, "device", None)):  # same bytes across processes
+                results = list(engine.edit([rows[i] for i in chunk]))
             if len(results) != len(chunk):
                 raise RuntimeError(f"engine returned {len(results)} outputs for {len(chunk)} rows")
             per_row = (time.perf_counter() - t0) * 1e3 / len(chunk)

@@ -36,8 +36,10 @@ CPU_EDIT_THREADS = 1  # intra-op threads of an edit on the CPU (see cpu_threads)
 
 
 def set_cpu_env() -> None:
-    """Ask MKL for strict CNR (unless the user chose a mode): effective if MKL has not run yet."""
+    """Ask MKL for strict CNR and cuBLAS for a fixed workspace (unless the user chose): effective
+    if neither has run yet, which is why ``step1x_batch.models`` calls this when imported."""
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
 def _mkl():
@@ -110,3 +112,20 @@ def cpu_threads(device: "torch.device | str | None", threads: int = CPU_EDIT_THR
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def deterministic_edit(device: "torch.device | str | None") -> Iterator[None]:
+    """Around every engine call (:func:`step1x_batch.models.base.edit_prepared`, which the job's
+    actors and the in-process pipelines share): on the CPU one intra-op thread
+    (:func:`cpu_threads`), on CUDA the switches of :func:`cuda_deterministic` (set once per
+    process, before the first edit; loading runs no cuBLAS call). Other devices: nothing."""
+    kind = None if device is None else str(device).split(":")[0]
+    if kind == "cuda" and not _CUDA_SET:
+        cuda_deterministic()
+        _CUDA_SET.append(True)
+    with cpu_threads(device):
+        yield
+
+
+_CUDA_SET: list[bool] = []
