@@ -460,7 +460,10 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
     summary.counts = dict(counts)
     summary.failed_by_error_type = dict(sorted(failed_by.items()))
     summary.error_fraction = round(errors_now / attempted, 6) if attempted else 0.0
-    within = summary.error_fraction <= job.runtime.max_error_fraction and (edit is None or edit.ok)
+    # The catalog's own budget (this night's attempts) decides; the edit run's verdict counts only
+    # when it stopped for another reason than its budget (which also counts earlier nights' errors).
+    edit_stopped = edit is not None and not edit.ok and edit.error_fraction <= edit.max_error_fraction
+    within = summary.error_fraction <= job.runtime.max_error_fraction and not edit_stopped
     if within:
         data = _latest_bytes(entries)
         write_bytes(join_uri(out, f"catalog/history/{run_id}.parquet"), data, opts)
