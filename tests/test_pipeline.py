@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from step1x_batch.models.base import EditParams, EditRequest, ModelSpec, Prepared, edit_prepared
+from step1x_batch.models.determinism import deterministic_edit
 from step1x_batch.models.step1x.family import Step1XFamily
 from step1x_batch.models.step1x.pipeline import EditPipeline, image_ids, pack, unpack
 from step1x_batch.models.step1x.prepare import model_size
@@ -131,7 +132,7 @@ def test_noise_is_drawn_as_the_reference(pipe):
     img = picture(3, 64, 64)
     (r,) = edit(pipe, [img], ["x"], seeds=[42], num_steps=0)
     noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(42), dtype=torch.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), deterministic_edit("cpu"):  # the thread count the pipeline decodes with
         expected = pipe.engine.vae.decode(noise).clamp(-1, 1).mul(0.5).add(0.5).mul(255).to(torch.uint8)
     assert np.array_equal(r.image, expected[0].permute(1, 2, 0).numpy())
 

@@ -34,6 +34,7 @@ from torchvision_cpu import TORCHVISION  # before transformers' image processors
 
 import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 from step1x_batch.models.base import EditParams, EditRequest, ModelSpec, Prepared, RowFailure, edit_prepared
+from step1x_batch.models.determinism import deterministic_edit
 from step1x_batch.models.loading import WeightsError
 from step1x_batch.models.qwen_image_edit.family import QwenImageEditFamily
 from step1x_batch.models.qwen_image_edit.pipeline import (
@@ -687,7 +688,8 @@ def test_in_process_pipeline(tiny, engine, rows):
     imgs3, text3, seed3, _ = ROWS[3]
     results = pipe.edit([imgs0, imgs3[0], [picture(0, 400, 2)]], [text0, text3, "x"], [seed0, seed3, 0],
                         [neg0, " ", " "], num_steps=STEPS, size_level=SIZE_LEVEL)
-    expected = engine.edit([rows[0]])[0].image, engine.edit([rows[3]])[0].image
+    with deterministic_edit("cpu"):  # the thread count the pipeline edits with (edit_prepared's)
+        expected = engine.edit([rows[0]])[0].image, engine.edit([rows[3]])[0].image
     np.testing.assert_array_equal(results[0].image, expected[0])
     np.testing.assert_array_equal(results[1].image, expected[1])
     assert results[2].image is None and results[2].error_type == "unsupported_size"
