@@ -384,14 +384,6 @@ def _shutdown_ray() -> None:
     _stop_guard()  # whatever of the local Ray outlived the shutdown goes now
 
 
-def _skip_candidates(stages: Any, cfg: JobConfig, pointer: Any, counters: Any) -> list[Any] | None:
-    """The skip join's candidate tables (object refs, nothing fetched), or None when there is
-    no state (a first run streams the manifest)."""
-    if pointer is None:
-        return None
-    return stages.skip_candidates(cfg, pointer, counters)
-
-
 def _num_rows(table: Any) -> int:
     return 0 if table is None else table.num_rows
 
@@ -491,7 +483,8 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
                 con.say(state.line(), err=True)
             # The skip runs first when the graph takes its result: a run with nothing left to do
             # starts no edit actor and loads no model (issue 17.6).
-            candidates = _skip_candidates(stages, cfg, state.pointer, counters)
+            # None without a state: a first run streams the manifest straight into the graph.
+            candidates = None if state.pointer is None else stages.skip_candidates(cfg, state.pointer, counters)
             nothing_left = candidates is not None and _rows_in(candidates) == 0
             if nothing_left:
                 counters_snapshot = (_poll(counters).get("values") or {})
@@ -500,8 +493,7 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
                     skipped=int(counters_snapshot.get("rows_skipped_done", 0)), manifest_rows=manifest_rows)
                 con.progress(console.progress_line(progress, 0.0), final=True)
             else:
-                extra = {} if candidates is None else {"candidates": candidates}
-                ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan, **extra)
+                ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan, candidates=candidates)
                 consumer = _Consumer(ds, writer, tally, lease)
                 consumer.start()
                 rate = console.RateMeter()

@@ -307,12 +307,7 @@ def test_preflight_refuses_a_small_manifest_with_duplicates_naming_both_rows(tmp
 # The lease (items 1 and 2)
 
 
-@pytest.fixture(params=["s3", "local"])
-def root(request, tmp_path):
-    if request.param == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"{bucket}/out", request.getfixturevalue("storage_options")
-    return str(tmp_path / "out"), None
+from test_lease import root  # noqa: E402,F401  (the lease tests' root: S3 and local)
 
 
 def _delete(uri: str, opts) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -120,12 +121,12 @@ def deterministic_edit(device: "torch.device | str | None") -> Iterator[None]:
     actors and the in-process pipelines share): on the CPU one intra-op thread
     (:func:`cpu_threads`), on CUDA the switches of :func:`cuda_deterministic` (set once per
     process, before the first edit; loading runs no cuBLAS call). Other devices: nothing."""
-    kind = None if device is None else str(device).split(":")[0]
-    if kind == "cuda" and not _CUDA_SET:
-        cuda_deterministic()
-        _CUDA_SET.append(True)
+    if device is not None and str(device).split(":")[0] == "cuda":
+        _cuda_once()
     with cpu_threads(device):
         yield
 
 
-_CUDA_SET: list[bool] = []
+@functools.cache
+def _cuda_once() -> None:
+    cuda_deterministic()
