@@ -70,12 +70,12 @@ def plain_loop(manifest: Path, out: Path, log_part_rows: int = 1000) -> tuple[in
     """The same work in one process, no Ray: returns (rows, seconds)."""
     import pyarrow.json as pajson
 
-    from step1x_batch.images import decode_image, encode_image
-    from step1x_batch.manifest import normalize_batch
+    from step1x_batch.io.images import decode_image, encode_image
+    from step1x_batch.rows.manifest import normalize_batch
     from step1x_batch.models import load_family
     from step1x_batch.models.base import EditParams, EditRequest, ModelSpec
-    from step1x_batch.rowlog import part_uri, write_log_part
-    from step1x_batch.storage import join_uri, read_bytes, write_bytes
+    from step1x_batch.rows.log import part_uri, write_log_part
+    from step1x_batch.io.storage import join_uri, read_bytes, write_bytes
 
     start = time.perf_counter()
     family = load_family(ModelSpec("null"))
@@ -118,8 +118,8 @@ def plain_loop(manifest: Path, out: Path, log_part_rows: int = 1000) -> tuple[in
 def overhead(args: argparse.Namespace) -> dict:
     import ray
 
-    from step1x_batch.config import parse_config
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.job.runner import run_job
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipe-", dir=args.tmp))
     try:
@@ -208,8 +208,8 @@ def _kind(pid: int) -> str:
 
 def memrun(args: argparse.Namespace) -> None:
     """Child process: run the job, sampling peak RSS; prints one JSON line."""
-    from step1x_batch.config import parse_config
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.job.runner import run_job
 
     peaks: dict[int, tuple[str, int]] = {}
     concurrent = {"workers_rss_kb": 0, "workers": 0, "all_rss_kb": 0}

@@ -67,9 +67,9 @@ def manifest_rows(start: int, stop: int, images: Path, changed_from: int | None 
 
 def _log_chunk(args: tuple) -> int:
     """Normalise one chunk of the first manifest as the job does and write its records."""
-    from step1x_batch.config import parse_config
-    from step1x_batch.rowlog import part_uri, write_log_part
-    from step1x_batch.stages import NormaliseSettings
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.rows.log import part_uri, write_log_part
+    from step1x_batch.job.stages import NormaliseSettings
 
     manifest, out, images, start, stop, part_rows, errors_every = args
     cfg = parse_config(job_config(manifest, out, images, "built"))
@@ -104,7 +104,7 @@ def build(work: Path, rows: int, changed: float) -> dict:
     """The built root (cached): images, both manifests, the log, the compacted state."""
     from PIL import Image
 
-    from step1x_batch import rowstate
+    from step1x_batch.rows import state as rowstate
 
     marker = work / "built.json"
     if marker.exists():
@@ -157,8 +157,8 @@ def peak_rss_mib() -> float:
 
 def driver(config_path: str, result_path: str) -> int:
     """The job's driver process: run the job, then report this process's own peak RSS."""
-    from step1x_batch.config import load_config
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.config import load_config
+    from step1x_batch.job.runner import run_job
 
     summary = run_job(load_config(config_path))
     Path(result_path).write_text(json.dumps({"peak_rss_mib": peak_rss_mib(), "processed": summary.rows_processed,
@@ -169,7 +169,8 @@ def driver(config_path: str, result_path: str) -> int:
 def driver_fold(root: str, result_path: str) -> int:
     """The baseline, in a fresh process: what a start did before the state existed -- read every
     log part into the driver and fold it there (here with the vectorised fold, not a Python loop)."""
-    from step1x_batch import rowlog, rowstate
+    from step1x_batch.rows import log as rowlog
+    from step1x_batch.rows import state as rowstate
 
     t = time.perf_counter()
     tables = [rowstate.records_as_state(rowlog.read_part(uri, None, rowstate.RECORD_COLUMNS))
@@ -197,7 +198,7 @@ def main() -> int:
 
     import yaml
 
-    from step1x_batch.rowlog import read_logs
+    from step1x_batch.rows.log import read_logs
 
     work = Path(args.workdir) / f"n{args.rows}"
     info = build(work, args.rows, args.changed)

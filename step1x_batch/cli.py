@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Sequence
 
-from step1x_batch.entrypoint import add_config_arguments, config_overrides
-from step1x_batch.inspection import add_inspection_commands, storage_arguments
+from step1x_batch.job.entrypoint import add_config_arguments, config_overrides
+from step1x_batch.job.inspection import add_inspection_commands, storage_arguments
 
 
 def _make_tiny_weights(args: argparse.Namespace) -> int:
@@ -48,19 +48,19 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from step1x_batch.runner import run_config
+    from step1x_batch.job.runner import run_config
 
     return run_config(args.config, config_overrides(args))
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from step1x_batch.synthesize import run_config
+    from step1x_batch.recipes.synthesize import run_config
 
     return run_config(args.config, config_overrides(args))
 
 
 def _rerender(args: argparse.Namespace) -> int:
-    from step1x_batch.catalog import run_config
+    from step1x_batch.recipes.catalog import run_config
 
     return run_config(args.config, config_overrides(args))
 
@@ -70,11 +70,11 @@ def _compact(args: argparse.Namespace) -> int:
     ``state/`` was deleted), holding the root's lease like a run."""
     import datetime as dt
 
-    from step1x_batch import lease as leases
-    from step1x_batch import rowstate
+    from step1x_batch.job import lease as leases
+    from step1x_batch.rows import state as rowstate
     from step1x_batch.errors import JobRefused, redact, redact_uri
-    from step1x_batch.inspection import storage_options
-    from step1x_batch.rowlog import log_part_keys
+    from step1x_batch.job.inspection import storage_options
+    from step1x_batch.rows.log import log_part_keys
 
     options = storage_options(args.endpoint_url, args.region)
     run_id = f"compact-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
@@ -90,7 +90,7 @@ def _compact(args: argparse.Namespace) -> int:
             else:
                 import ray
 
-                from step1x_batch import ray_guard
+                from step1x_batch.job import ray_guard
 
                 # $RAY_ADDRESS (a submitted job) joins its cluster; otherwise a private local Ray,
                 # never a cluster that happens to run on the host (issue 18.7).

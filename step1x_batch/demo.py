@@ -207,9 +207,9 @@ def make_weights(folder: str | os.PathLike, family: str = "step1x") -> Path:
 
 def main(workdir: str | None = None, family: str = "step1x") -> int:
     """Prepare everything under ``workdir`` and run the job; returns the exit status."""
-    from step1x_batch.config import parse_config
-    from step1x_batch.entrypoint import exit_status, operated
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.job.entrypoint import exit_status, operated
+    from step1x_batch.job.runner import run_job
 
     if family not in FAMILIES:
         raise ValueError(f"the demo runs one of {', '.join(FAMILIES)}, not {family!r}")

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import re
 
-from step1x_batch.models.base import (  # noqa: F401 - the model-side codes, re-exported here
-    INVALID_INSTRUCTION,
-    MODEL_ERROR_CODES,
-    NON_FINITE_OUTPUT,
-    TOO_MANY_IMAGES,
-    UNSUPPORTED_SIZE,
-)
+# The foundation layer (docs/architecture.md): the standard library only, so every layer (the model
+# families on a GPU machine without Ray included) can name a row error code.
+
+# Codes a model family reports (it raises models.base.RowFailure with one of them).
+NON_FINITE_OUTPUT = "non_finite_output"
+INVALID_INSTRUCTION = "invalid_instruction"
+UNSUPPORTED_SIZE = "unsupported_size"
+TOO_MANY_IMAGES = "too_many_images"
+MODEL_ERROR_CODES = frozenset({NON_FINITE_OUTPUT, INVALID_INSTRUCTION, UNSUPPORTED_SIZE, TOO_MANY_IMAGES})
 
 MISSING_OBJECT = "missing_object"
 EMPTY_OBJECT = "empty_object"

@@ -36,7 +36,7 @@ from PIL import Image
 
 import torchvision_cpu  # noqa: F401  (first: transformers must see the oracles' torchvision)
 
-from step1x_batch.storage import StorageOptions
+from step1x_batch.io.storage import StorageOptions
 
 _ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ class LeaseDeleterEngine(SeededEngine):
     def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
         self.n += 1
         if self.n == self.options.on_call:
-            from step1x_batch.storage import filesystem
+            from step1x_batch.io.storage import filesystem
 
             fs, path = filesystem(self.options.lease_uri)
             fs.rm(path)

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from step1x_batch.config import parse_config
-from step1x_batch.rowlog import read_logs
+from step1x_batch.job.config import parse_config
+from step1x_batch.rows.log import read_logs
 
 
 def _run(raw: dict):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(raw))
 

@@ -1,8 +1,9 @@
 """Module boundaries that deployment depends on.
 
 GPU machines may lack Ray, so the model packages must import without it; model packages import
-nothing from the job side; the Ray stages know models only through the family interface; and no
-module of the package imports itself back through others (a test walks every import statement).
+nothing from the job side (only the foundation, ``errors``); the Ray stages know models only through
+the family interface; the layers of docs/architecture.md import only downwards; and no module of the
+package imports itself back through others (a test walks every import statement).
 """
 
 import ast
@@ -48,7 +49,7 @@ def test_model_packages_import_without_ray_and_nothing_from_the_job_side():
         for name in names:
             importlib.import_module(name)
         job_side = sorted(m for m in sys.modules if m.startswith("step1x_batch.")
-                          and not m.startswith("step1x_batch.models"))
+                          and not m.startswith("step1x_batch.models") and m != "step1x_batch.errors")
         print("job side:", ",".join(job_side))
     """)
     assert proc.returncode == 0, proc.stderr
@@ -58,8 +59,8 @@ def test_model_packages_import_without_ray_and_nothing_from_the_job_side():
 def test_ray_side_imports_no_model_internals():
     proc = run("""
         import sys, importlib
-        for name in ["step1x_batch.stages", "step1x_batch.runner", "step1x_batch.config",
-                     "step1x_batch.manifest", "step1x_batch.synthesize", "step1x_batch.catalog"]:
+        for name in ["step1x_batch.job.stages", "step1x_batch.job.runner", "step1x_batch.job.config",
+                     "step1x_batch.rows.manifest", "step1x_batch.recipes.synthesize", "step1x_batch.recipes.catalog"]:
             importlib.import_module(name)
         leaked = sorted(m for m in sys.modules if m.startswith("step1x_batch.models")
                         and m not in ("step1x_batch.models", "step1x_batch.models.base",
@@ -137,9 +138,40 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     graph = import_graph()
-    assert "step1x_batch.models.base" in graph["step1x_batch.stages"]  # edges are really read
+    assert "step1x_batch.models.base" in graph["step1x_batch.job.stages"]  # edges are really read
     assert "step1x_batch.models.step1x.conditioner" in graph["step1x_batch.models.step1x.prepare"]
 
 
 def test_no_import_cycles_in_the_package():
     assert cycles(import_graph()) == []
+
+
+# The layers of docs/architecture.md, lowest first: a module imports only its own layer or lower.
+LAYERS = ["errors", "models", "io", "rows", "job", "recipes", "cli"]
+
+
+def layer_of(module: str) -> int:
+    """A module's layer: its first name under the package (``cli`` and ``demo`` are the top)."""
+    parts = module.split(".")
+    if len(parts) == 1:  # the package's own __init__
+        return 0
+    top = parts[1]
+    return LAYERS.index(top) if top in LAYERS else LAYERS.index("cli")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert upward_imports({"step1x_batch.rows.log": {"step1x_batch.job.lease"}}) == [
+        ("step1x_batch.rows.log", "step1x_batch.job.lease")]
+    assert upward_imports({"step1x_batch.job.lease": {"step1x_batch.rows.log"}}) == []
+    assert layer_of("step1x_batch.demo") == layer_of("step1x_batch.cli") == len(LAYERS) - 1
+    assert layer_of("step1x_batch.models.step1x.dit") == 1
+
+
+def test_every_import_goes_to_the_same_layer_or_a_lower_one():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} == set(range(len(LAYERS)))  # every layer has modules
+    assert upward_imports(graph) == []

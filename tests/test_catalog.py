@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from step1x_batch import errors
-from step1x_batch.catalog import (
+from step1x_batch.recipes.catalog import (
     LATEST_KEY,
     CatalogJob,
     parse_catalog_config,
@@ -28,9 +28,9 @@ from step1x_batch.catalog import (
     render_key,
     run_catalog,
 )
-from step1x_batch.config import ConfigError
-from step1x_batch.images import decode_image
-from step1x_batch.rowlog import read_logs
+from step1x_batch.job.config import ConfigError
+from step1x_batch.io.images import decode_image
+from step1x_batch.rows.log import read_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "put the {product} on a {background} background"
@@ -228,7 +228,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
     raw4 = _raw(_catalog(tmp_path, items4), out, "n4", max_error_fraction=0.4)
     cfg_path = tmp_path / "n4.yaml"
     cfg_path.write_text(yaml.safe_dump(raw4))
-    from step1x_batch.catalog import main
+    from step1x_batch.recipes.catalog import main
 
     assert main(["--config", str(cfg_path)]) == 1
     assert Path(out, LATEST_KEY).read_bytes() == latest_bytes
@@ -247,7 +247,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
     assert len(sku6) == 1 and sku6[0]["status"] == "error" and sku6[0]["run_id"] == "n3"
 
     # A crash inside the edit run: latest untouched, the run json says so, the error propagates.
-    import step1x_batch.runner as runner
+    import step1x_batch.job.runner as runner
 
     def boom(cfg, facts=None):
         raise RuntimeError("the cluster went away")
@@ -261,7 +261,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
 
 
 def test_missing_columns_refused_up_front(tmp_path):
-    from step1x_batch.catalog import InputError
+    from step1x_batch.recipes.catalog import InputError
 
     manifest = _catalog(tmp_path, [{"item_id": "a", "image_uri": "a.png", "product": "x", "background": "y"}])
     cj: CatalogJob = parse_catalog_config(_raw(manifest, str(tmp_path / "out"), "m"))

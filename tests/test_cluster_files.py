@@ -114,7 +114,7 @@ def test_rayjobs_name_the_three_jobs_and_their_files_exist():
 
 
 def test_edit_dataset_config_is_a_valid_job_config():
-    from step1x_batch.config import load_config
+    from step1x_batch.job.config import load_config
 
     cfg = load_config(str(ROOT / "configs" / "step1x-edit-v1p1.yaml"))
     assert cfg.resources.num_gpus_per_actor >= 1  # the GPU RayJob runs the GPU config

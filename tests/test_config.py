@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from step1x_batch.config import (
+from step1x_batch.job.config import (
     ConfigError,
     JobConfig,
     apply_overrides,
@@ -280,7 +280,7 @@ def _cfg(**resources) -> JobConfig:
 
 
 def test_actor_plan_keeps_cpus_for_io_tasks():
-    from step1x_batch.stages import plan_actors
+    from step1x_batch.job.stages import plan_actors
 
     p = plan_actors(_cfg(), {"CPU": 2.0})  # 1 CPU kept for tasks, 2 actors of 0.5 at most
     assert (p.min_size, p.max_size, p.num_cpus, p.num_gpus) == (1, 2, 0.5, 0.0) and not p.note

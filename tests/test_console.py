@@ -13,8 +13,8 @@ import textwrap
 
 import pyarrow as pa
 
-from step1x_batch.console import Console, RateMeter, RunProgress, progress_line
-from step1x_batch.runner import Tally
+from step1x_batch.job.console import Console, RateMeter, RunProgress, progress_line
+from step1x_batch.job.runner import Tally
 
 
 def test_progress_line_counts_eta_and_actors():
@@ -98,7 +98,7 @@ def test_ray_output_keeps_everything_a_process_prints_off_the_terminal(tmp_path)
     Console still reaches the real stdout."""
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
-        from step1x_batch.console import ray_output
+        from step1x_batch.job.console import ray_output
         logging.basicConfig()
         with ray_output({str(tmp_path / "ray.log")!r}) as con:
             os.write(1, b"C-level stdout\\n")
@@ -141,7 +141,7 @@ def test_timeline_buckets_rows_by_when_they_finished():
 
 
 def _summary(**kw):
-    from step1x_batch.runner import RunSummary
+    from step1x_batch.job.runner import RunSummary
 
     base = dict(run_id="r", ok=True, rows_read=1, rows_processed=1, rows_skipped=0, by_status={"ok": 1},
                 by_error_type={}, error_fraction=0.0, max_error_fraction=0.1, wall_s=30.0,
@@ -170,7 +170,7 @@ def test_what_became_of_retried_rows_is_said():
 
 
 def test_error_fraction_counts_the_manifests_rows_after_the_run():
-    from step1x_batch.runner import error_fraction
+    from step1x_batch.job.runner import error_fraction
 
     # a first run: 2 of 8 rows fail
     assert error_fraction(2, 8, 0, 0) == 0.25

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from step1x_batch.cli import main
-from step1x_batch.rowlog import read_logs
+from step1x_batch.rows.log import read_logs
 
 OK = [{"id": f"ok{i}", "image_uri": "a.png", "instruction": f"edit {i}"} for i in range(4)]
 MISSING = [{"id": f"gone{i}", "image_uri": f"gone-{i}.png", "instruction": "edit"} for i in range(2)]

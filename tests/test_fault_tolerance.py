@@ -31,10 +31,10 @@ import yaml
 
 from conftest import FlakyProxy, make_bucket
 from step1x_batch import errors
-from step1x_batch.config import parse_config
-from step1x_batch.images import decode_image
-from step1x_batch.rowlog import read_logs
-from step1x_batch.storage import StorageOptions, filesystem, read_bytes, write_bytes
+from step1x_batch.job.config import parse_config
+from step1x_batch.io.images import decode_image
+from step1x_batch.rows.log import read_logs
+from step1x_batch.io.storage import StorageOptions, filesystem, read_bytes, write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 36
@@ -55,7 +55,7 @@ def _config(manifest: str, output: str, **sections) -> dict:
 
 
 def _run(raw: dict):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(raw))
 
@@ -260,7 +260,7 @@ def test_transient_storage_errors_are_retried(ray_local, s3_server, rule_proxy, 
 
 def test_output_not_writable_is_a_clear_error_and_nothing_false_is_ok(
         ray_local, s3_server, rule_proxy, dataset, undisturbed, tmp_path, capsys):
-    from step1x_batch.runner import run_config
+    from step1x_batch.job.runner import run_config
 
     bucket = make_bucket(s3_server)
     manifest = _upload(bucket, dataset)
@@ -321,7 +321,7 @@ def test_local_output_that_cannot_be_written(tmp_path):
     """A local output root whose ``images`` is a regular file (root ignores chmod, so this is the
     portable 'cannot write here'): write_failed rows that name the object and the cause, no ok."""
     from step1x_batch.models.base import ModelSpec
-    from step1x_batch.stages import ROW_SCHEMA, WriteSettings, write_outputs
+    from step1x_batch.job.stages import ROW_SCHEMA, WriteSettings, write_outputs
 
     out = tmp_path / "out"
     out.mkdir()

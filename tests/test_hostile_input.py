@@ -25,10 +25,10 @@ import pyarrow as pa
 import pytest
 
 from step1x_batch import errors
-from step1x_batch import lease as leases
-from step1x_batch.config import DEFAULT_RETRY_ERROR_TYPES, SamplingConfig
+from step1x_batch.job import lease as leases
+from step1x_batch.job.config import DEFAULT_RETRY_ERROR_TYPES, SamplingConfig
 from step1x_batch.errors import RowError
-from step1x_batch.manifest import (
+from step1x_batch.rows.manifest import (
     GUIDANCE_SCALE_RANGE,
     NUM_STEPS_RANGE,
     SIZE_LEVEL_RANGE,
@@ -36,7 +36,7 @@ from step1x_batch.manifest import (
     read_manifest_table,
 )
 from step1x_batch.models.base import EditParams
-from step1x_batch.storage import StorageOptions, read_bytes, safe_output_key, write_bytes
+from step1x_batch.io.storage import StorageOptions, read_bytes, safe_output_key, write_bytes
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: connections are refused
 
@@ -158,7 +158,7 @@ def test_a_fifo_is_refused_at_once_even_with_a_writer_waiting(faults):
 
 
 def test_the_input_byte_limit_is_a_config_key():
-    from step1x_batch.config import InputConfig
+    from step1x_batch.job.config import InputConfig
 
     assert InputConfig(manifest="m.jsonl").max_image_bytes == 256 * 1024 * 1024
     with pytest.raises(Exception):
@@ -275,7 +275,7 @@ def test_a_second_row_with_an_earlier_rows_id_or_output_key_is_an_error_naming_i
 
 
 def test_the_skip_join_finds_a_given_id_repeated_in_any_batch():
-    from step1x_batch import skip
+    from step1x_batch.job import skip
 
     rows = pa.table({"id": ["a", "b", "a", "a", None, None],
                      "image_uri": ["x.png", "x.png", "y.png", "x.png", "n.png", "n.png"],
@@ -289,7 +289,7 @@ def test_the_skip_join_finds_a_given_id_repeated_in_any_batch():
 
 
 def test_preflight_refuses_a_small_manifest_with_duplicates_naming_both_rows(tmp_path):
-    from step1x_batch.preflight import PreflightError, check_duplicates, check_manifest
+    from step1x_batch.job.preflight import PreflightError, check_duplicates, check_manifest
 
     path = tmp_path / "m.jsonl"
     rows = [{"id": "a", "image_uri": "x.png", "instruction": "i"},

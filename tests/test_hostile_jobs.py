@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 
 from step1x_batch import errors
-from step1x_batch import lease as leases
-from step1x_batch.config import parse_config
-from step1x_batch.rowlog import read_logs
-from step1x_batch.storage import StorageOptions, filesystem, read_bytes
+from step1x_batch.job import lease as leases
+from step1x_batch.job.config import parse_config
+from step1x_batch.rows.log import read_logs
+from step1x_batch.io.storage import StorageOptions, filesystem, read_bytes
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -54,7 +54,7 @@ def _config(manifest_uri: str, output_uri: str, **sections) -> dict:
 
 
 def _run(raw: dict):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(raw))
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageFile
 from conftest import draw_rgb
 from step1x_batch import errors
 from step1x_batch.errors import RowError
-from step1x_batch.images import decode_image, encode_image, image_extension, image_format
+from step1x_batch.io.images import decode_image, encode_image, image_extension, image_format
 
 W, H = 48, 32
 LIMIT = 10_000_000

@@ -20,7 +20,7 @@ import yaml
 
 from conftest import free_port, make_bucket
 from step1x_batch.cli import main
-from step1x_batch.inspection import (
+from step1x_batch.job.inspection import (
     INTERRUPTED,
     RUNNING,
     SUCCEEDED,
@@ -30,8 +30,8 @@ from step1x_batch.inspection import (
     read_lease,
     root_status,
 )
-from step1x_batch.rowlog import part_uri, read_logs, write_log_part
-from step1x_batch.storage import StorageOptions, filesystem, write_bytes
+from step1x_batch.rows.log import part_uri, read_logs, write_log_part
+from step1x_batch.io.storage import StorageOptions, filesystem, write_bytes
 
 OK_ROWS = [
     {"image_uri": "a.png", "instruction": "make it red"},
@@ -80,8 +80,8 @@ def _latest(recs: list[dict]) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def job(ray_local, s3_server, tmp_path_factory, image_factory) -> dict:
     """One finished run on S3: 4 ok rows and 4 error rows of three types."""
-    from step1x_batch.runner import run_job
-    from step1x_batch.config import parse_config
+    from step1x_batch.job.runner import run_job
+    from step1x_batch.job.config import parse_config
 
     options = StorageOptions(endpoint_url=s3_server, max_attempts=3)
     bucket = make_bucket(s3_server)
@@ -138,7 +138,7 @@ def test_status_counts_of_a_finished_run(job, capsys):
 
 
 def test_status_with_a_manifest_counts_never_attempted_and_changed_rows(job, capsys):
-    from step1x_batch.storage import write_bytes
+    from step1x_batch.io.storage import write_bytes
 
     recs = job["records"]
     # The manifest grew two rows after the run, and one done row's image got a new version marker.

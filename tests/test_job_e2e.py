@@ -25,11 +25,11 @@ import pytest
 from PIL import Image
 
 from step1x_batch import errors
-from step1x_batch.config import parse_config
+from step1x_batch.job.config import parse_config
 from step1x_batch.models.base import EditOutput, EditRequest, ModelFamily, Prepared
-from step1x_batch.images import decode_image
-from step1x_batch.rowlog import LOG_SCHEMA, read_logs
-from step1x_batch.storage import filesystem, read_bytes, write_bytes
+from step1x_batch.io.images import decode_image
+from step1x_batch.rows.log import LOG_SCHEMA, read_logs
+from step1x_batch.io.storage import filesystem, read_bytes, write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def _config(manifest: str, output: str, **sections) -> dict:
 
 
 def _run(raw: dict):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(raw))
 
@@ -331,7 +331,7 @@ def test_storage_retries_are_counted(ray_local, s3_bucket, flaky_s3, image_facto
 
 
 def test_skip_rules_on_the_folded_state():
-    from step1x_batch.rowstate import decide, fold, records_as_state, take_state
+    from step1x_batch.rows.state import decide, fold, records_as_state, take_state
 
     def recs(*rows):
         cols = list(zip(*rows))
@@ -373,7 +373,7 @@ def test_skip_rules_on_the_folded_state():
 
 
 def test_error_budget_fails_loudly_after_logging(ray_local, tmp_path, image_factory, capsys):
-    from step1x_batch.runner import main
+    from step1x_batch.job.runner import main
 
     manifest = _local_dataset(tmp_path / "in", image_factory, n_good=2)  # 2 ok, 2 error
     cfg = tmp_path / "job.yaml"
@@ -443,7 +443,7 @@ class NonFiniteEditor(ModelFamily):
 
 
 def _stage_batch(instructions: list[str], error_first: bool = True) -> pa.Table:
-    from step1x_batch.stages import ROW_SCHEMA
+    from step1x_batch.job.stages import ROW_SCHEMA
 
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     rows = []
@@ -463,8 +463,8 @@ def _stage_batch(instructions: list[str], error_first: bool = True) -> pa.Table:
 @pytest.mark.parametrize("mode", ["per-row", "batch-raises"])
 def test_edit_stage_turns_engine_failures_into_rows(mode):
     from step1x_batch.models.base import ModelSpec
-    from step1x_batch.stages import EditStage
-    from step1x_batch.weights_cache import WeightsSource
+    from step1x_batch.job.stages import EditStage
+    from step1x_batch.io.weights import WeightsSource
 
     fake = FakeEngine(mode)
     stage = EditStage(ModelSpec("null", max_batch_size=8), WeightsSource(), engine=fake)

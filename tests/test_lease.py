@@ -13,9 +13,9 @@ import time
 import boto3
 import pytest
 
-from step1x_batch import lease as leases
+from step1x_batch.job import lease as leases
 from step1x_batch.errors import JobRefused
-from step1x_batch.storage import StorageOptions, read_bytes
+from step1x_batch.io.storage import StorageOptions, read_bytes
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -151,7 +151,7 @@ def test_local_stale_lease_renewed_in_between_is_put_back(tmp_path):
 def test_the_store_clock_is_read_from_any_date_header_a_proxy_passes_on():
     import datetime as dt
 
-    from step1x_batch.lease import _store_now
+    from step1x_batch.job.lease import _store_now
 
     utc = dt.timezone.utc
     assert _store_now("Tue, 01 Dec 2026 22:00:00 GMT") == dt.datetime(2026, 12, 1, 22, tzinfo=utc)

@@ -7,9 +7,9 @@ import os
 
 import pyarrow as pa
 
-from step1x_batch import lease as leases
-from step1x_batch.rowlog import read_logs
-from step1x_batch.runner import LogWriter
+from step1x_batch.job import lease as leases
+from step1x_batch.rows.log import read_logs
+from step1x_batch.job.runner import LogWriter
 
 
 def _records(ids: list[str]) -> pa.Table:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from step1x_batch import errors
-from step1x_batch.manifest import (
+from step1x_batch.rows.manifest import (
     NORMALIZED_COLUMNS,
     NORMALIZED_SCHEMA,
     SEED_LIMIT,
@@ -30,7 +30,7 @@ from step1x_batch.manifest import (
     resolve_image_uri,
 )
 from step1x_batch.models.base import EditParams
-from step1x_batch.storage import write_bytes
+from step1x_batch.io.storage import write_bytes
 
 DEFAULTS = EditParams(num_steps=28, guidance_scale=6.0, size_level=1024, negative_prompt="")
 MANIFEST = "s3://bkt/sets/one/manifest.parquet"
@@ -370,7 +370,7 @@ def test_local_manifest_relative_paths(tmp_path):
 
 
 def test_change_marker_folds_into_fingerprint_not_id():
-    from step1x_batch.manifest import marker_text
+    from step1x_batch.rows.manifest import marker_text
 
     base = norm(pa.table({"image_uri": ["a.png"] * 4, "instruction": ["x", "y", "z", "w"]}))
     marked = norm(pa.table({"image_uri": ["a.png"] * 4, "instruction": ["x", "y", "z", "w"],
@@ -397,7 +397,7 @@ def test_change_marker_folds_into_fingerprint_not_id():
 
 
 def test_fill_template_and_fields():
-    from step1x_batch.manifest import fill_template, template_fields
+    from step1x_batch.rows.manifest import fill_template, template_fields
 
     assert template_fields("put the {product} on {bg}, {bg} only {{literal}}") == ["product", "bg"]
     assert fill_template("put the {product} on {bg} ({n})", {"product": "mug", "bg": "sand", "n": 3}) == (
@@ -413,7 +413,7 @@ def test_fill_template_and_fields():
 
 
 def test_write_manifest_round_trip(tmp_path):
-    from step1x_batch.manifest import write_manifest
+    from step1x_batch.rows.manifest import write_manifest
 
     uri = str(tmp_path / "w" / "m.parquet")
     write_manifest(pa.table({"image_uri": ["a.png"], "instruction": ["x"], "seed": [3]}), uri)

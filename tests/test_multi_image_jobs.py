@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from step1x_batch import errors
-from step1x_batch.config import parse_config
-from step1x_batch.images import decode_image
-from step1x_batch.rowlog import read_logs
-from step1x_batch.storage import read_bytes, write_bytes
+from step1x_batch.job.config import parse_config
+from step1x_batch.io.images import decode_image
+from step1x_batch.rows.log import read_logs
+from step1x_batch.io.storage import read_bytes, write_bytes
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -58,7 +58,7 @@ def _job(manifest: str, out: str, model: dict, run_id: str, **sections) -> dict:
 
 
 def _run(raw: dict):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(raw))
 

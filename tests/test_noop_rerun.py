@@ -8,7 +8,7 @@ import json
 import yaml
 
 from step1x_batch.cli import main
-from step1x_batch.rowlog import read_logs
+from step1x_batch.rows.log import read_logs
 
 
 def test_a_noop_rerun_loads_no_model(ray_local, tmp_path, image_factory, capsys):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from step1x_batch.rowlog import read_logs
-from step1x_batch.storage import write_bytes
+from step1x_batch.rows.log import read_logs
+from step1x_batch.io.storage import write_bytes
 
 from conftest import kill_marked, make_bucket
 
@@ -161,7 +161,7 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
         assert late.returncode == 0, late.stdout + late.stderr
         assert f"took over the lease on {output} from run {holder}" in late.stderr
         summary = json.loads(subprocess.run(
-            [sys.executable, "-c", f"from step1x_batch.storage import read_bytes; import sys; "
+            [sys.executable, "-c", f"from step1x_batch.io.storage import read_bytes; import sys; "
              f"sys.stdout.write(read_bytes('{output}/runs/run-d/summary.json').decode())"],
             env=env, capture_output=True, text=True, check=True).stdout)
         assert any(f"took over the lease from run {holder}" in note for note in summary["notes"])
@@ -176,7 +176,7 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
     assert all(len(v) == 1 and v[0].endswith(":ok") for v in per_id.values()), per_id
     by_run = {v[0].split(":")[0] for v in per_id.values()}
     assert by_run == {holder, "run-d"}  # the killed run's rows kept, the rest done by the taker
-    from step1x_batch import lease
+    from step1x_batch.job import lease
 
     assert lease.read_holder(output, None) is None  # released at the end
 
@@ -200,7 +200,7 @@ def test_model_that_fails_to_load_in_the_actor_stops_with_one_sentence(tmp_path,
     assert "/models/tiny/vae.safetensors: safetensors header is corrupt (HeaderTooLarge)" in err[0]
     summary = json.loads((tmp_path / "out" / "runs" / "noload" / "summary.json").read_text())
     assert summary["status"] == "stopped"
-    from step1x_batch.inspection import root_status
+    from step1x_batch.job.inspection import root_status
 
     assert [r.state for r in root_status(str(tmp_path / "out")).runs] == ["stopped"]
     assert "HeaderTooLarge" in (tmp_path / "out" / "runs" / "noload" / "ray.log").read_text()  # the details

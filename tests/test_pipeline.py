@@ -254,8 +254,8 @@ def test_placeholder_text_in_instruction_is_a_row_error(pipe):
 def test_weights_staged_from_object_storage(release, pipe, s3_bucket, storage_options, tmp_path):
     """What the job's stages do on a node: only the prepare files for CPU prepare, the whole
     release for the engine; the edit equals the local release's."""
-    from step1x_batch.storage import filesystem
-    from step1x_batch.weights_cache import WeightsSource
+    from step1x_batch.io.storage import filesystem
+    from step1x_batch.io.weights import WeightsSource
 
     fs, root = filesystem(s3_bucket, storage_options)
     fs.put(str(release) + "/", f"{root}/releases/tiny/", recursive=True)

@@ -15,8 +15,8 @@ import boto3
 import pytest
 import yaml
 
-from step1x_batch import runner
-from step1x_batch.storage import write_bytes
+from step1x_batch.job import runner
+from step1x_batch.io.storage import write_bytes
 
 from conftest import free_port, make_bucket
 
@@ -172,7 +172,7 @@ def test_truncated_weights_file_in_object_storage(tmp_path, capsys, s3_server, t
 
 
 def test_safetensors_header_checks(tmp_path):
-    from step1x_batch.preflight import safetensors_problem
+    from step1x_batch.job.preflight import safetensors_problem
     from safetensors.numpy import save_file
     import numpy as np
 
@@ -198,8 +198,8 @@ def test_missing_adapter(tmp_path, capsys, tiny_step1x):
 
 
 def test_checks_pass_and_report_the_row_count(tmp_path, s3_server):
-    from step1x_batch.config import load_config
-    from step1x_batch.preflight import check_job
+    from step1x_batch.job.config import load_config
+    from step1x_batch.job.preflight import check_job
 
     manifest = _manifest(tmp_path / "in" / "m.jsonl", [ROW, {**ROW, "id": "r2"}, {**ROW, "id": "r3"}])
     bucket = make_bucket(s3_server)

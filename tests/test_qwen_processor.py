@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from torchvision_cpu import TORCHVISION  # before transformers' image processors are imported
 
-from step1x_batch import preflight
+from step1x_batch.job import preflight
 from step1x_batch.models.base import EditParams, EditRequest, ModelSpec
 from step1x_batch.models.qwen_image_edit.family import QwenImageEditFamily
 from step1x_batch.models.qwen_image_edit.prepare import calculate_dimensions, resize

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import RayHead
 
-from step1x_batch.rowlog import read_logs
+from step1x_batch.rows.log import read_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)

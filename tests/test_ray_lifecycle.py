@@ -28,7 +28,7 @@ import pytest
 import yaml
 from conftest import RayHead, descendants, kill_processes, still_running
 
-from step1x_batch.rowlog import read_logs
+from step1x_batch.rows.log import read_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 

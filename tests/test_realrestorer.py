@@ -261,8 +261,8 @@ def test_family_passes_model_guidance_and_names_it(bundle_g):
 
 
 def test_realrestorer_config_validates_and_its_task_prompts_read():
-    from step1x_batch.config import load_config
-    from step1x_batch.synthesize import read_templates
+    from step1x_batch.job.config import load_config
+    from step1x_batch.recipes.synthesize import read_templates
 
     cfg = load_config(str(ROOT / "configs" / "realrestorer.yaml"))
     assert cfg.model.family == "step1x" and cfg.model.weights.rstrip("/").endswith("/RealRestorer")

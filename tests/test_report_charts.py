@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from step1x_batch import report
-from step1x_batch.report import array_data_uri, render_report
+from step1x_batch.job import report
+from step1x_batch.job.report import array_data_uri, render_report
 
 EVIL = "<script>alert(1)</script>"
 

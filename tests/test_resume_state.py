@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from step1x_batch import rowstate
-from step1x_batch.config import parse_config
-from step1x_batch.rowlog import read_logs
-from step1x_batch.rowstate import iter_state, read_pointer
+from step1x_batch.rows import state as rowstate
+from step1x_batch.job.config import parse_config
+from step1x_batch.rows.log import read_logs
+from step1x_batch.rows.state import iter_state, read_pointer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _config(manifest: Path, out: Path, run_id: str, **runtime) -> dict:
 
 
 def _run(manifest: Path, out: Path, run_id: str, **runtime):
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.runner import run_job
 
     return run_job(parse_config(_config(manifest, out, run_id, **runtime)))
 
@@ -203,7 +203,7 @@ def test_a_damaged_state_is_rebuilt_from_the_logs(ray_local, tmp_path, images):
 
 def test_the_compact_command_rebuilds_the_state(tmp_path, capsys):
     from step1x_batch.cli import main
-    from step1x_batch.rowlog import part_uri, write_log_part
+    from step1x_batch.rows.log import part_uri, write_log_part
 
     out = tmp_path / "out"
     write_log_part(pa.table({"id": ["a", "b"], "fingerprint": ["fa", "fb"], "status": ["ok", "ok"],
@@ -229,7 +229,7 @@ def _catalog(tmp_path: Path, images: Path, items: list[dict], run_id: str) -> di
 
 
 def test_catalog_publishes_from_the_state(ray_local, tmp_path, images, monkeypatch):
-    from step1x_batch.catalog import load_catalog_config, read_latest, run_catalog
+    from step1x_batch.recipes.catalog import load_catalog_config, read_latest, run_catalog
 
     items = [{"sku": f"sku-{i}", "photo": str(images / f"p{i % 3}.png"), "name": f"item {i}", "etag": "v1"}
              for i in range(8)]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from step1x_batch.rowlog import (
+from step1x_batch.rows.log import (
     LOG_SCHEMA,
     conform,
     log_dir,
@@ -41,7 +41,7 @@ def rec(id_, fp, status="ok", minutes=0, **kw):
 
 
 def test_schema_matches_design():
-    # source_digest: the raw-row digest the skip compares first (step1x_batch.row_digest)
+    # source_digest: the raw-row digest the skip compares first (step1x_batch.rows.digest)
     assert LOG_SCHEMA.names == DESIGN_COLUMNS + ["source_digest", "extra"]
     ts = pa.timestamp("us", tz="UTC")
     assert LOG_SCHEMA.field("started_at").type == ts == LOG_SCHEMA.field("finished_at").type

@@ -18,14 +18,15 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from step1x_batch import rowlog, rowstate
-from step1x_batch.config import parse_config
-from step1x_batch.row_digest import row_digests, settings_key
-from step1x_batch.rowlog import part_uri, write_log_part
-from step1x_batch.rowstate import STATE_SCHEMA, compact, decide, iter_state, latest_records, read_pointer
-from step1x_batch.skip import row_keys
-from step1x_batch.stages import NormaliseSettings
-from step1x_batch.storage import write_bytes
+from step1x_batch.rows import log as rowlog
+from step1x_batch.rows import state as rowstate
+from step1x_batch.job.config import parse_config
+from step1x_batch.rows.digest import row_digests, settings_key
+from step1x_batch.rows.log import part_uri, write_log_part
+from step1x_batch.rows.state import STATE_SCHEMA, compact, decide, iter_state, latest_records, read_pointer
+from step1x_batch.job.skip import row_keys
+from step1x_batch.job.stages import NormaliseSettings
+from step1x_batch.io.storage import write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -182,7 +183,7 @@ def test_an_unreadable_part_is_left_for_the_next_compaction(tmp_path, s3_bucket,
 
 _COMPACT = """
 import sys
-from step1x_batch import rowstate
+from step1x_batch.rows import state as rowstate
 print(rowstate.compact(sys.argv[1], buckets=int(sys.argv[2])).line(), flush=True)
 """
 

@@ -31,9 +31,9 @@ import yaml
 
 from conftest import kill_marked, make_bucket
 from step1x_batch import errors
-from step1x_batch.config import ConfigError, load_config
-from step1x_batch.rowlog import read_logs
-from step1x_batch.storage import write_bytes
+from step1x_batch.job.config import ConfigError, load_config
+from step1x_batch.rows.log import read_logs
+from step1x_batch.io.storage import write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_report_escapes_row_text(planted_job):
 
 def test_report_escapes_every_field():
     """render_report on hostile values in every field it shows (no Ray)."""
-    from step1x_batch.report import render_report
+    from step1x_batch.job.report import render_report
 
     evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
     summary = {"run_id": evil, "ok": False, "rows_processed": 1, "by_status": {"error": 1},

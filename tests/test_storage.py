@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from step1x_batch import errors, storage
+from step1x_batch import errors
+from step1x_batch.io import storage
 from step1x_batch.errors import RowError, redact, redact_uri
-from step1x_batch.storage import (
+from step1x_batch.io.storage import (
     StorageOptions,
     arrow_filesystem,
     filesystem,

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from step1x_batch.config import ConfigError
-from step1x_batch.images import decode_image
-from step1x_batch.manifest import SEED_LIMIT
-from step1x_batch.storage import arrow_filesystem, read_bytes, write_bytes
-from step1x_batch.synthesize import (
+from step1x_batch.job.config import ConfigError
+from step1x_batch.io.images import decode_image
+from step1x_batch.rows.manifest import SEED_LIMIT
+from step1x_batch.io.storage import arrow_filesystem, read_bytes, write_bytes
+from step1x_batch.recipes.synthesize import (
     expand_pairs,
     export_dataset,
     pair_id,
@@ -243,7 +243,7 @@ def _pick_images(folder: Path, per_split: int) -> list[str]:
 def test_pairs_end_to_end_rerun_and_export_modes(ray_local, tmp_path):
     import datasets
 
-    from step1x_batch.synthesize import main
+    from step1x_batch.recipes.synthesize import main
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save
 
-from step1x_batch import weights_cache
-from step1x_batch.storage import StorageOptions
-from step1x_batch.weights_cache import (
+from step1x_batch.io import weights as weights_cache
+from step1x_batch.io.storage import StorageOptions
+from step1x_batch.io.weights import (
     MARKER_NAME,
     ChecksumMismatchError,
     StagingError,
@@ -94,7 +94,7 @@ def _stage(uri, cache, endpoint, **kw) -> pathlib.Path:
 
 
 def test_staged_copy_is_byte_identical_and_marked(release_uri, flaky_s3, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="step1x_batch.weights_cache")
+    caplog.set_level(logging.INFO, logger="step1x_batch.io.weights")
     folder = _stage(release_uri, tmp_path / "cache", flaky_s3.endpoint)
 
     assert folder == tmp_path / "cache" / cache_key(release_uri)
@@ -199,7 +199,7 @@ def test_crash_mid_download_is_detected_and_redone(release_uri, flaky_s3, tmp_pa
     assert not (dest / MARKER_NAME).exists()
     assert list(dest.rglob("*.partial")), "the crash should have left a partial file"
 
-    caplog.set_level(logging.INFO, logger="step1x_batch.weights_cache")
+    caplog.set_level(logging.INFO, logger="step1x_batch.io.weights")
     gets_before = _object_gets(flaky_s3, release_uri)
     folder = _stage(release_uri, cache, flaky_s3.endpoint, lock_timeout_s=10)  # lock was freed
     assert folder == dest
@@ -226,7 +226,7 @@ def test_damaged_cache_is_redone(release_uri, flaky_s3, tmp_path, damage, caplog
         victim.unlink()
     else:
         marker_path.write_text("{not json")
-    caplog.set_level(logging.WARNING, logger="step1x_batch.weights_cache")
+    caplog.set_level(logging.WARNING, logger="step1x_batch.io.weights")
     before = _object_gets(flaky_s3, release_uri)
 
     assert _stage(release_uri, cache, flaky_s3.endpoint) == folder
@@ -338,7 +338,7 @@ def test_other_fsspec_schemes_stage_too(tmp_path):
 def test_credentials_stay_out_of_logs_and_marker(release_uri, s3_server, tmp_path, monkeypatch, caplog):
     secret = "FAKEsecretVALUE0123456789abcdefXYZ"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any credentials
-    caplog.set_level(logging.DEBUG, logger="step1x_batch.weights_cache")
+    caplog.set_level(logging.DEBUG, logger="step1x_batch.io.weights")
     folder = stage_weights(release_uri, tmp_path / "cache", StorageOptions(endpoint_url=s3_server))
     assert secret not in caplog.text
     assert secret not in (folder / MARKER_NAME).read_text()

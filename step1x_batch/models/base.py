@@ -12,8 +12,8 @@ through this module, split by where the work runs:
 * ``finish`` (CPU write tasks): model-size pixels -> the pixels to encode (resized back to the
   input's size for families whose reference does that).
 
-Nothing here imports Ray, torch or any job module: model packages run on GPU machines that have
-only torch and transformers.
+Nothing here imports Ray, torch or any job module (only the foundation, :mod:`step1x_batch.errors`):
+model packages run on GPU machines that have only torch and transformers.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from step1x_batch.errors import (  # noqa: F401 - the codes a family reports, named here for families
+    INVALID_INSTRUCTION,
+    MODEL_ERROR_CODES,
+    NON_FINITE_OUTPUT,
+    TOO_MANY_IMAGES,
+    UNSUPPORTED_SIZE,
+)
 from step1x_batch.models.determinism import deterministic_edit
-
-# Row error codes a model reports (the job's registry, step1x_batch.errors, includes them).
-NON_FINITE_OUTPUT = "non_finite_output"
-INVALID_INSTRUCTION = "invalid_instruction"
-UNSUPPORTED_SIZE = "unsupported_size"
-TOO_MANY_IMAGES = "too_many_images"
-MODEL_ERROR_CODES = frozenset({NON_FINITE_OUTPUT, INVALID_INSTRUCTION, UNSUPPORTED_SIZE, TOO_MANY_IMAGES})
 
 
 @dataclass(frozen=True)

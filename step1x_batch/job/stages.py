@@ -31,11 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from step1x_batch import errors, skip
-from step1x_batch.config import JobConfig
+from step1x_batch import errors
+from step1x_batch.job import skip
+from step1x_batch.job.config import JobConfig
 from step1x_batch.errors import RowError
-from step1x_batch.images import decode_image, encode_image
-from step1x_batch.manifest import NORMALIZED_SCHEMA, normalize_batch
+from step1x_batch.io.images import decode_image, encode_image
+from step1x_batch.rows.manifest import NORMALIZED_SCHEMA, normalize_batch
 from step1x_batch.models import load_family
 from step1x_batch.models.base import (
     AdapterRef,
@@ -51,12 +52,12 @@ from step1x_batch.models.base import (
     RowFailure,
     edit_prepared,
 )
-from step1x_batch.counters import add_counters
-from step1x_batch.row_digest import row_digests, settings_key
-from step1x_batch.rowlog import LOG_SCHEMA
-from step1x_batch.rowstate import StatePointer, decide
-from step1x_batch.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
-from step1x_batch.weights_cache import WeightsSource
+from step1x_batch.job.counters import add_counters
+from step1x_batch.rows.digest import row_digests, settings_key
+from step1x_batch.rows.log import LOG_SCHEMA
+from step1x_batch.rows.state import StatePointer, decide
+from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
+from step1x_batch.io.weights import WeightsSource
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -114,7 +115,7 @@ def _message(exc: BaseException) -> str:
 
 def _storage_retries() -> dict[str, float]:
     """This process's storage retry counter (storage.retry_count is per process, monotonic)."""
-    from step1x_batch import storage
+    from step1x_batch.io import storage
 
     return {"storage_retries": float(storage.retry_count())}
 
@@ -193,17 +194,17 @@ class NormaliseSettings:
         )
 
     def digests(self, raw: pa.Table) -> pa.Array:
-        """Each raw row's digest (:mod:`step1x_batch.row_digest`) over the contract columns: the
+        """Each raw row's digest (:mod:`step1x_batch.rows.digest`) over the contract columns: the
         extra columns only travel into the log's ``extra``, they change no fingerprint."""
-        from step1x_batch.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
+        from step1x_batch.rows.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
 
         contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS or c == MANIFEST_PROBLEM]
         return pa.array(row_digests(raw.select(contract), self.digest_key()), pa.uint64())
 
     def digest_key(self) -> int:
-        """The settings part of every row's digest (:mod:`step1x_batch.row_digest`): what
+        """The settings part of every row's digest (:mod:`step1x_batch.rows.digest`): what
         normalisation reads besides the row (the manifest's folder, not its name)."""
-        from step1x_batch.manifest import FINGERPRINT_VERSION, manifest_base
+        from step1x_batch.rows.manifest import FINGERPRINT_VERSION, manifest_base
 
         return settings_key(FINGERPRINT_VERSION, manifest_base(self.manifest_uri), self.defaults,
                             self.seed_base, self.model_id, self.image_format, self.max_instruction_chars,
@@ -377,7 +378,7 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
 def staged_adapter(weights: WeightsSource, adapter: AdapterRef):
     """The adapter as a local file, refused if its bytes are not the ones the job's model id was
     made from (a file replaced while the job runs would give rows of two different models)."""
-    from step1x_batch.weights_cache import sha256_file
+    from step1x_batch.io.weights import sha256_file
 
     path = weights.local_file(adapter.uri)
     digest = sha256_file(path)
@@ -422,7 +423,7 @@ class EditStage:
             self.counters.set_state.remote(self.worker, state)  # fire and forget
 
     def _load(self, spec: ModelSpec, weights: WeightsSource) -> Engine:
-        from step1x_batch.weights_cache import format_bytes
+        from step1x_batch.io.weights import format_bytes
 
         # local_folder / local_file stage object-storage files once per node (file lock).
         self._state("staging weights")
@@ -615,8 +616,8 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     """
     import ray
 
-    from step1x_batch.manifest import manifest_files, manifest_format, read_manifest_file
-    from step1x_batch.storage import arrow_filesystem
+    from step1x_batch.rows.manifest import manifest_files, manifest_format, read_manifest_file
+    from step1x_batch.io.storage import arrow_filesystem
 
     files = manifest_files(uri, options)  # FileNotFoundError / ValueError (mixed formats)
     fmt = manifest_format(files[0])

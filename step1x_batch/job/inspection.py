@@ -14,7 +14,7 @@ turn them into text for people; :func:`add_inspection_commands` wires both into 
 Counting rules
     A *row* of the output root is an ``id``; its deciding record is its latest record (by
     ``finished_at``; a record without one counts as oldest; ties go to the later log part), the
-    same order :mod:`step1x_batch.rowstate` fold uses. *Done*: that record is ``ok``.
+    same order :mod:`step1x_batch.rows.state` fold uses. *Done*: that record is ``ok``.
     *Error row*: it is an ``error``. Per run, counts are of records (one per input row the run
     processed, as in its ``summary.json``).
 
@@ -39,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 if TYPE_CHECKING:  # heavy imports stay out of the CLI's start-up
     import pyarrow as pa
 
-    from step1x_batch.storage import StorageOptions
+    from step1x_batch.io.storage import StorageOptions
 
 __all__ = [
     "InspectionError",
@@ -164,7 +164,7 @@ class RootStatus:
 def storage_options(endpoint_url: str | None = None, region: str | None = None) -> "StorageOptions":
     """Options for inspecting a root: the given endpoint / region (credentials only from the
     environment), and few attempts per request so an unreachable store fails in seconds."""
-    from step1x_batch.storage import StorageOptions
+    from step1x_batch.io.storage import StorageOptions
 
     return StorageOptions(endpoint_url=endpoint_url or None, region=region or None,
                           max_attempts=_MAX_ATTEMPTS, connect_timeout=_CONNECT_TIMEOUT_S)
@@ -210,7 +210,7 @@ def _describe(exc: BaseException, limit: int = 240) -> str:
 def _check_root(output_uri: str, options: "StorageOptions | None") -> tuple[Any, str]:
     """The root's filesystem and path, or InspectionError when it is absent or unreachable."""
     from step1x_batch.errors import redact_uri
-    from step1x_batch.storage import filesystem, resolved_endpoint
+    from step1x_batch.io.storage import filesystem, resolved_endpoint
 
     shown = redact_uri(output_uri)
     try:
@@ -239,8 +239,8 @@ def read_lease(output_uri: str, options: "StorageOptions | None" = None,
     """The lease object ``<output_uri>/_lease.json`` (None when there is none), with its age by
     its own ``renewed_at``; it tells a live run from a killed one."""
     from step1x_batch.errors import MISSING_OBJECT, RowError
-    from step1x_batch.lease import lease_uri, parse_document
-    from step1x_batch.storage import read_bytes
+    from step1x_batch.job.lease import lease_uri, parse_document
+    from step1x_batch.io.storage import read_bytes
 
     try:
         data = read_bytes(lease_uri(output_uri), options)
@@ -271,7 +271,7 @@ def read_records(output_uri: str, options: "StorageOptions | None" = None,
                  columns: Sequence[str] | None = None, notes: list[str] | None = None) -> "pa.Table":
     """Every readable log record under the root (``columns`` only); a damaged part is skipped
     and named in ``notes`` instead of a Python warning."""
-    from step1x_batch.rowlog import read_logs
+    from step1x_batch.rows.log import read_logs
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -315,7 +315,7 @@ def list_runs(output_uri: str, options: "StorageOptions | None" = None, *,
     """Every run under the root (a ``runs/<run_id>/`` folder, log records naming it, or the
     lease's run), sorted by run id, with its state, counts and times."""
     from step1x_batch.errors import redact_uri
-    from step1x_batch.storage import filesystem, join_uri, read_bytes
+    from step1x_batch.io.storage import filesystem, join_uri, read_bytes
 
     notes = notes if notes is not None else []
     fs, root = filesystem(output_uri, options)
@@ -390,7 +390,7 @@ def _config_of(output_uri: str, options: "StorageOptions | None", runs: Sequence
     """(run id, raw config) of the newest run with a readable ``config.yaml``."""
     import yaml
 
-    from step1x_batch.storage import join_uri, read_bytes
+    from step1x_batch.io.storage import join_uri, read_bytes
 
     problems = []
     for run in reversed(runs):
@@ -417,9 +417,9 @@ def manifest_check(manifest_uri: str, latest: "pa.Table", raw_config: dict[str, 
     exactly as a run with ``raw_config`` (a run's config snapshot) reading ``manifest_uri`` would."""
     import copy
 
-    from step1x_batch.config import parse_config
-    from step1x_batch.manifest import read_manifest_table
-    from step1x_batch.stages import NormaliseSettings
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.rows.manifest import read_manifest_table
+    from step1x_batch.job.stages import NormaliseSettings
 
     raw = copy.deepcopy(raw_config)
     raw.setdefault("input", {})
@@ -487,7 +487,7 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from step1x_batch.rowstate import iter_state
+    from step1x_batch.rows.state import iter_state
 
     rows = done = 0
     error_types: dict[str, int] = {}
@@ -509,7 +509,7 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
     )
     if manifest_uri:
         run_id, raw = _config_of(output_uri, options, runs)
-        from step1x_batch.rowstate import STATE_SCHEMA
+        from step1x_batch.rows.state import STATE_SCHEMA
 
         latest = pa.concat_tables(latest_parts) if latest_parts else STATE_SCHEMA.empty_table().select(
             ["id", "fingerprint", "status", "error_type"])

@@ -52,10 +52,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from step1x_batch.config import ConfigError, JobConfig, parse_config, read_raw_config
+from step1x_batch.job.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
-from step1x_batch.images import image_extension
-from step1x_batch.manifest import (
+from step1x_batch.io.images import image_extension
+from step1x_batch.rows.manifest import (
     fill_template,
     image_columns,
     image_sources,
@@ -65,10 +65,10 @@ from step1x_batch.manifest import (
     template_fields,
     write_manifest,
 )
-from step1x_batch.rowlog import part_uri, write_log_part
-from step1x_batch.rowstate import latest_records
-from step1x_batch.stages import NormaliseSettings
-from step1x_batch.storage import StorageOptions, join_uri, read_bytes, write_bytes
+from step1x_batch.rows.log import part_uri, write_log_part
+from step1x_batch.rows.state import latest_records
+from step1x_batch.job.stages import NormaliseSettings
+from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
 
 __all__ = [
     "CatalogConfig",
@@ -372,8 +372,8 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_catalog(cj: CatalogJob) -> CatalogSummary:
     """Plan, render what changed, publish when the run is within its error budget."""
-    from step1x_batch.preflight import Preflight
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.preflight import Preflight
+    from step1x_batch.job.runner import run_job
 
     job = cj.job
     opts = job.output_storage()
@@ -482,7 +482,7 @@ def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing published,
     2 a config, input or cluster problem); for ``step1x-batch rerender CONFIG``."""
-    from step1x_batch.entrypoint import exit_status, operated
+    from step1x_batch.job.entrypoint import exit_status, operated
 
     def run() -> bool:
         cj = load_catalog_config(path, overrides)
@@ -501,6 +501,6 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/rerender_catalog.py --config X [--set k=v ...]``."""
-    from step1x_batch.entrypoint import job_main
+    from step1x_batch.job.entrypoint import job_main
 
     return job_main("Re-render the catalog items that changed and publish latest.", run_config, argv)

@@ -20,11 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from step1x_batch.errors import CODES, redact
-from step1x_batch.manifest import GUIDANCE_SCALE_RANGE, NUM_STEPS_RANGE, SIZE_LEVEL_RANGE
+from step1x_batch.rows.manifest import GUIDANCE_SCALE_RANGE, NUM_STEPS_RANGE, SIZE_LEVEL_RANGE
 from step1x_batch.models import family_class
 from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
-from step1x_batch.storage import StorageOptions
-from step1x_batch.weights_cache import WeightsSource
+from step1x_batch.io.storage import StorageOptions
+from step1x_batch.io.weights import WeightsSource
 
 __all__ = [
     "ConfigError",
@@ -282,7 +282,7 @@ class JobConfig(_Section):
     def adapter_refs(self) -> tuple[AdapterRef, ...]:
         """``model.adapters`` with the sha256 of each file's bytes (staged once on this node and
         hashed on first use), so the model id changes when an adapter's content changes."""
-        from step1x_batch.weights_cache import sha256_file
+        from step1x_batch.io.weights import sha256_file
 
         refs = []
         for a in self.model.adapters:

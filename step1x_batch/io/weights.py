@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 from filelock import FileLock, Timeout
 
 from step1x_batch.errors import redact, redact_uri
-from step1x_batch.storage import (
+from step1x_batch.io.storage import (
     _STREAM_ERRORS,
     StorageOptions,
     _with_retries,

@@ -18,15 +18,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from step1x_batch.console import format_rate, plural
-from step1x_batch.storage import StorageOptions, read_bytes, write_bytes
+from step1x_batch.job.console import format_rate, plural
+from step1x_batch.io.storage import StorageOptions, read_bytes, write_bytes
 
 THUMB = 160  # pixels on the longer side
 
 
 def thumbnail_data_uri(data: bytes, max_pixels: int = 40_000_000, size: int = THUMB) -> str | None:
     """A small JPEG data URI of an encoded image, or None when it cannot be decoded."""
-    from step1x_batch.images import decode_image
+    from step1x_batch.io.images import decode_image
 
     try:
         image = decode_image(data, max_pixels)

@@ -11,7 +11,7 @@ Flow (``jobs/synthesize_pairs.py --config configs/synthesize-pairs.yaml``):
    hash(source image URI, instruction, variant); identical rows collapse to one.
 2. **Edit.** The expansion is written as an ordinary edit manifest,
    ``pairs/manifests/<content hash>.parquet`` under ``output.uri``, with output keys
-   ``pairs/images/<id>.<ext>``, and run by the dataset job (:func:`step1x_batch.runner.run_job`)
+   ``pairs/images/<id>.<ext>``, and run by the dataset job (:func:`step1x_batch.job.runner.run_job`)
    with the same resume rules: a second run edits nothing; changing a pixel-changing parameter
    redoes the rows in place.
 3. **Export** (only when the edit run stayed within its error budget). The row log is joined to the
@@ -72,10 +72,10 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from step1x_batch.config import ConfigError, JobConfig, parse_config, read_raw_config
+from step1x_batch.job.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import RowError, redact_uri
-from step1x_batch.images import image_extension
-from step1x_batch.manifest import (
+from step1x_batch.io.images import image_extension
+from step1x_batch.rows.manifest import (
     SEED_LIMIT,
     image_columns,
     image_sources,
@@ -83,9 +83,9 @@ from step1x_batch.manifest import (
     read_manifest_table,
     write_manifest,
 )
-from step1x_batch.rowstate import latest_records
-from step1x_batch.stages import NormaliseSettings
-from step1x_batch.storage import (
+from step1x_batch.rows.state import latest_records
+from step1x_batch.job.stages import NormaliseSettings
+from step1x_batch.io.storage import (
     StorageOptions,
     exists,
     filesystem,
@@ -729,8 +729,8 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     """Expand, edit (resumable), export; print what happened and where the dataset is."""
-    from step1x_batch.preflight import Preflight
-    from step1x_batch.runner import run_job
+    from step1x_batch.job.preflight import Preflight
+    from step1x_batch.job.runner import run_job
 
     job = sj.job
     try:
@@ -764,8 +764,8 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing exported,
     2 a config, input or cluster problem); for ``step1x-batch synthesize CONFIG``."""
-    from step1x_batch.entrypoint import exit_status, operated
-    from step1x_batch.preflight import check_file
+    from step1x_batch.job.entrypoint import exit_status, operated
+    from step1x_batch.job.preflight import check_file
 
     def run() -> bool:
         sj = load_synthesize_config(path, overrides)
@@ -783,6 +783,6 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/synthesize_pairs.py --config X [--set k=v ...]``."""
-    from step1x_batch.entrypoint import job_main
+    from step1x_batch.job.entrypoint import job_main
 
     return job_main("Make synthetic image-editing training pairs on Ray.", run_config, argv)

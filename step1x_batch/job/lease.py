@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from step1x_batch.errors import JobRefused, redact, redact_uri
-from step1x_batch.storage import StorageOptions, is_local, join_uri, s3_client, split_s3_uri
+from step1x_batch.io.storage import StorageOptions, is_local, join_uri, s3_client, split_s3_uri
 
 LEASE_KEY = "_lease.json"
 

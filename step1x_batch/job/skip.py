@@ -1,13 +1,13 @@
 """The skip as a partition-wise join on the cluster: which manifest rows still need work.
 
-The compacted state (:mod:`step1x_batch.rowstate`) is partitioned by a hash of the id. A map
+The compacted state (:mod:`step1x_batch.rows.state`) is partitioned by a hash of the id. A map
 task per piece of the manifest (a file, or a run of a Parquet file's row groups) reads it,
-computes each row's join key (its id) and its raw-row digest (:mod:`step1x_batch.row_digest`) -- vectorised, no per-row Python for rows
+computes each row's join key (its id) and its raw-row digest (:mod:`step1x_batch.rows.digest`) -- vectorised, no per-row Python for rows
 that carry a plain id -- and splits the block by the same hash. One probe task per bucket reads
 that bucket's state file, looks every row up (Arrow's hash lookup), drops the rows whose digest
 proves them done, and returns the rest with their id's state columns attached. Those candidate
 rows enter the Ray Data graph; the normalise stage computes their fingerprints and drops the
-ones done after all (:func:`step1x_batch.rowstate.decide`), so attempt numbers and
+ones done after all (:func:`step1x_batch.rows.state.decide`), so attempt numbers and
 ``runtime.retry_error_types`` mean what they always meant.
 
 No process holds more than one bucket of the state, and the driver holds only object refs: its
@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from step1x_batch.counters import add_counters
-from step1x_batch.manifest import MAX_ID_CHARS
-from step1x_batch.rowstate import RayTasks, StatePointer, decide, read_bucket, split_by_bucket, take_state
-from step1x_batch.storage import StorageOptions, filesystem
+from step1x_batch.job.counters import add_counters
+from step1x_batch.rows.manifest import MAX_ID_CHARS
+from step1x_batch.rows.state import RayTasks, StatePointer, decide, read_bucket, split_by_bucket, take_state
+from step1x_batch.io.storage import StorageOptions, filesystem
 
 KEY = "__skip_key"
 DIGEST = "__skip_digest"
@@ -71,7 +71,7 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
     """The manifest as pieces for the map tasks: (file, Parquet row groups or None for the whole
     file). A few Parquet files are cut by row groups (their footers are read here); many files
     give one piece each."""
-    from step1x_batch.manifest import manifest_files, manifest_format
+    from step1x_batch.rows.manifest import manifest_files, manifest_format
 
     files = manifest_files(uri, options)
     if len(files) > max_footers or manifest_format(files[0]) != "parquet":
@@ -97,7 +97,7 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
 def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None) -> pa.Table:
     """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV and
     JSON Lines with a fixed schema of text columns)."""
-    from step1x_batch.manifest import read_manifest_table
+    from step1x_batch.rows.manifest import read_manifest_table
 
     if row_groups is None:
         return read_manifest_table(uri, options, edit_rows=True)
@@ -110,7 +110,7 @@ def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions 
                 buckets: int, counters: Any = None) -> list[Any]:
     """Map task: read a piece of the manifest, key and digest every row, split it by bucket (the
     last return value is a placeholder, so that there are always several)."""
-    from step1x_batch.storage import retry_count
+    from step1x_batch.io.storage import retry_count
 
     start, retries = time.perf_counter(), retry_count()
     block = read_piece(uri, options, row_groups)
@@ -127,7 +127,7 @@ def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: State
                  retried: Sequence[str], counters: Any, *tables: pa.Table) -> pa.Table:
     """Reduce task: the rows of one bucket that are not proven done by their digest, with their
     id's state columns (``__state_*``) attached."""
-    from step1x_batch.storage import retry_count
+    from step1x_batch.io.storage import retry_count
 
     start, retries = time.perf_counter(), retry_count()
     tables = [t for t in tables if t is not None and t.num_rows]

@@ -6,7 +6,7 @@ other writer left half-written, which :func:`read_logs` skips with a warning).
 
 Resume rule (DESIGN.md): a row is done when its id's latest ``ok`` record has the same
 ``fingerprint`` (its bytes are the ones in the output object now). The fold of every record into
-the deciding record of each id is :mod:`step1x_batch.rowstate`, compacted so that a start never
+the deciding record of each id is :mod:`step1x_batch.rows.state`, compacted so that a start never
 re-reads every part.
 """
 
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import redact_uri
-from step1x_batch.storage import StorageOptions, filesystem, join_uri, read_bytes, write_bytes
+from step1x_batch.io.storage import StorageOptions, filesystem, join_uri, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ LOG_SCHEMA = pa.schema(
         ("preprocess_ms", pa.float64()),
         ("edit_ms", pa.float64()),
         ("write_ms", pa.float64()),
-        ("source_digest", pa.uint64()),  # of the raw manifest row (step1x_batch.row_digest)
+        ("source_digest", pa.uint64()),  # of the raw manifest row (step1x_batch.rows.digest)
         ("extra", pa.string()),  # JSON object of the manifest's extra columns
     ]
 )

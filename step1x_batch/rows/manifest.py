@@ -23,7 +23,7 @@ Duplicates
     given id), are not allowed: the later one is a DUPLICATE_ROW error naming the earlier one
     (:func:`mark_duplicates`, within a batch; the skip join compares every row of an id across
     batches and resumed runs), and a manifest small enough to read whole is refused before the run
-    (:func:`step1x_batch.preflight.check_duplicates`).
+    (:func:`step1x_batch.job.preflight.check_duplicates`).
 
 Reading JSON Lines and CSV
     With a fixed schema: every value is read as text as it is written (JSON numbers, lists and
@@ -108,8 +108,8 @@ from step1x_batch.errors import (
     redact_uri,
 )
 from step1x_batch.models.base import EditParams
-from step1x_batch.images import image_extension, image_format as canonical_format
-from step1x_batch.storage import StorageOptions, filesystem, parent_uri, safe_output_key
+from step1x_batch.io.images import image_extension, image_format as canonical_format
+from step1x_batch.io.storage import StorageOptions, filesystem, parent_uri, safe_output_key
 
 MANIFEST_REQUIRED = ("instruction",)  # and one of IMAGE_COLUMNS
 IMAGE_COLUMNS = ("image_uri", "image_uris")
@@ -385,7 +385,7 @@ def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = N
 def read_manifest_table(uri: str, options: StorageOptions | None = None, *,
                         edit_rows: bool = False) -> pa.Table:
     """The whole manifest as one Arrow table (for small manifests and tests; a job reads large
-    ones with Ray's readers and :func:`step1x_batch.storage.arrow_filesystem`). ``edit_rows``:
+    ones with Ray's readers and :func:`step1x_batch.io.storage.arrow_filesystem`). ``edit_rows``:
     read as the edit job reads its manifest (a fixed schema, see :func:`_read_file`); without it,
     JSON Lines values keep their JSON types (the pairs and catalog jobs' input manifests)."""
     tables = [_read_file(f, options, fixed_schema=edit_rows) for f in manifest_files(uri, options)]
@@ -613,7 +613,7 @@ def fill_template(template: str, row: Mapping[str, Any]) -> str:
 
 def write_manifest(table: pa.Table, uri: str, options: StorageOptions | None = None) -> None:
     """Write ``table`` as one Parquet manifest object at ``uri`` (whole or not at all)."""
-    from step1x_batch.storage import write_bytes
+    from step1x_batch.io.storage import write_bytes
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -918,7 +918,7 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
     """Make the second of two rows that would share an output object, or an id given in the
     manifest, a DUPLICATE_ROW error naming the first (in order). Rows that are the same work
     (same id, output key and fingerprint: a repeated line) are left alone: they write the same
-    bytes. Only ``rows`` are compared (one batch); :func:`step1x_batch.preflight.check_duplicates`
+    bytes. Only ``rows`` are compared (one batch); :func:`step1x_batch.job.preflight.check_duplicates`
     checks a whole manifest small enough to read, and the skip join every id across batches."""
     by_key: dict[str, dict[str, Any]] = {}
     by_id: dict[str, dict[str, Any]] = {}
@@ -942,7 +942,7 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
 
 
 def _reserved_names() -> set[str]:
-    from step1x_batch.rowlog import LOG_SCHEMA  # local import: rowlog is independent of manifests
+    from step1x_batch.rows.log import LOG_SCHEMA  # local import: rowlog is independent of manifests
 
     return set(NORMALIZED_COLUMNS) | set(LOG_SCHEMA.names)
 
@@ -970,7 +970,7 @@ def normalize_batch(
     ``extra``). A row that is invalid here keeps every column, has ``error_type`` /
     ``error_message`` set and ``fingerprint`` null.
 
-    ``manifest_uri`` should be absolute (see :func:`step1x_batch.storage.absolute_uri`): relative
+    ``manifest_uri`` should be absolute (see :func:`step1x_batch.io.storage.absolute_uri`): relative
     image paths are resolved against :func:`manifest_base` of it. ``image_quality`` is folded into
     the fingerprint (see :func:`fingerprint`); ``max_images`` is the model family's limit.
     """

@@ -16,8 +16,8 @@ import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
-    from step1x_batch.config import JobConfig
-    from step1x_batch.preflight import Preflight, RequiredColumns
+    from step1x_batch.job.config import JobConfig
+    from step1x_batch.job.preflight import Preflight, RequiredColumns
 
 RunConfig = Callable[[str, Sequence[str]], int]
 
@@ -53,7 +53,8 @@ def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,
     """Check everything before any side effect, then hold the output root's lease while ``run``
     runs (``run`` gets the checks' findings). A failed check or a held lease raises
     :class:`~step1x_batch.errors.JobRefused` (exit status 2) with nothing written."""
-    from step1x_batch import lease, preflight
+    from step1x_batch.job import lease
+    from step1x_batch.job import preflight
 
     columns = preflight.DATASET_COLUMNS if required_columns is None else required_columns
     facts = preflight.check_job(cfg, required_columns=columns, extra=extra_checks)

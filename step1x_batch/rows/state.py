@@ -20,7 +20,7 @@ without one counting as oldest, ties to the record folded later), its latest ``o
 associative -- the state of (logs A + logs B) is the fold of (state of A) then B -- so a
 compaction reads only the previous state and the parts written since. The skip rule built on
 it (:func:`decide`): a row is done when its fingerprint (or raw-row digest, see
-:mod:`step1x_batch.row_digest`) equals the latest ``ok`` record's, or equals the deciding
+:mod:`step1x_batch.rows.digest`) equals the latest ``ok`` record's, or equals the deciding
 record's when that is an error of a final type (one this run does not retry).
 
 Compaction runs as tasks (:class:`RayTasks` on a cluster, :class:`LocalTasks` in one process):
@@ -48,8 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import redact_uri
-from step1x_batch.rowlog import log_part_keys, read_part
-from step1x_batch.storage import StorageOptions, exists, filesystem, join_uri, read_bytes, write_bytes
+from step1x_batch.rows.log import log_part_keys, read_part
+from step1x_batch.io.storage import StorageOptions, exists, filesystem, join_uri, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def _split_parts(output_uri: str, options: StorageOptions | None, parts: list[st
     """Map task: read log parts (in order), their records as state rows split by bucket; the last
     return value says which parts could not be read (left for the next compaction) and how many
     storage retries the reads took."""
-    from step1x_batch.storage import retry_count
+    from step1x_batch.io.storage import retry_count
 
     retries = retry_count()
     tables, unreadable = [], []
@@ -368,7 +368,7 @@ def _split_bucket(output_uri: str, options: StorageOptions | None, version: str,
                   buckets: int) -> list[Any]:
     """Map task (re-partitioning): one bucket file of the previous version split by the new count
     (plus an empty last value, so that the task always has several return values)."""
-    from step1x_batch.storage import retry_count
+    from step1x_batch.io.storage import retry_count
 
     retries = retry_count()
     table = _load_bucket(bucket_uri(output_uri, version, bucket), options)
@@ -380,7 +380,7 @@ def _fold_bucket(output_uri: str, options: StorageOptions | None, version: str, 
     """Reduce task: fold the previous state of this bucket (its file when the bucket count is
     unchanged, else the first ``n_previous`` tables) and the new records that hash to it, write
     the new bucket file; return (ids, new records folded, storage retries)."""
-    from step1x_batch.storage import retry_count
+    from step1x_batch.io.storage import retry_count
 
     retries = retry_count()
     inputs = []

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from step1x_batch.errors import JobRefused, redact, redact_uri
-from step1x_batch.storage import (
+from step1x_batch.io.storage import (
     StorageOptions,
     filesystem,
     is_local,
@@ -131,7 +131,7 @@ def _columns_and_rows(uri: str, options: StorageOptions | None) -> tuple[list[st
     """(column names, row count if cheaply known, whether it has at least one row) of one file."""
     import pyarrow.parquet as pq
 
-    from step1x_batch.manifest import manifest_format
+    from step1x_batch.rows.manifest import manifest_format
 
     fs, path = filesystem(uri, options)
     fmt = manifest_format(path)
@@ -169,7 +169,7 @@ def _count_text_rows(files: list[str], options: StorageOptions | None) -> int | 
     ones, whose total the progress line then does without."""
     import csv
 
-    from step1x_batch.manifest import manifest_format
+    from step1x_batch.rows.manifest import manifest_format
 
     if len(files) > 64:
         return None
@@ -199,7 +199,7 @@ def check_manifest(uri: str, options: StorageOptions | None,
     """The manifest exists, has the ``required`` columns (each a group of alternatives, e.g.
     ``("image_uri", "image_uris")``; as a mapping, keyed by the setting that names the column, so
     the message says what to change) and at least one row."""
-    from step1x_batch.manifest import manifest_files
+    from step1x_batch.rows.manifest import manifest_files
 
     check_bucket(uri, options, "input.manifest")
     shown = redact_uri(uri)
@@ -263,7 +263,7 @@ def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool) -> 
     """A manifest file's ``id`` and ``output_key`` (``full``: every contract column)."""
     import pyarrow.parquet as pq
 
-    from step1x_batch.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
+    from step1x_batch.rows.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
 
     if manifest_format(uri) != "parquet":
         return _read_file(uri, options)
@@ -282,8 +282,8 @@ def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:
     import pyarrow.compute as pc
 
     from step1x_batch.errors import RowError
-    from step1x_batch.manifest import MANIFEST_PROBLEM
-    from step1x_batch.storage import safe_output_key
+    from step1x_batch.rows.manifest import MANIFEST_PROBLEM
+    from step1x_batch.io.storage import safe_output_key
 
     n = table.num_rows
     ok_row = pc.is_null(table.column(MANIFEST_PROBLEM)) if MANIFEST_PROBLEM in table.column_names \
@@ -323,8 +323,8 @@ def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext
     the manifest's size is known and small enough to read (Parquet up to
     ``_DUPLICATE_CHECK_MAX_ROWS`` rows, two columns; CSV / JSON Lines up to the counting limit);
     larger ones are checked per batch and by the skip join
-    (:func:`step1x_batch.manifest.mark_duplicates`, :func:`step1x_batch.skip.duplicate_ids`)."""
-    from step1x_batch.manifest import MANIFEST_COLUMNS
+    (:func:`step1x_batch.rows.manifest.mark_duplicates`, :func:`step1x_batch.job.skip.duplicate_ids`)."""
+    from step1x_batch.rows.manifest import MANIFEST_COLUMNS
 
     if facts.manifest_rows is None or facts.manifest_rows > _DUPLICATE_CHECK_MAX_ROWS:
         return
@@ -569,11 +569,11 @@ DATASET_COLUMNS: tuple[tuple[str, ...], ...] = (("instruction",), ("image_uri", 
 def check_job(cfg: Any, *, manifest: str | None = None,
               required_columns: RequiredColumns = DATASET_COLUMNS,
               extra: Callable[[], None] | None = None) -> Preflight:
-    """Every check for a job config (``cfg`` a :class:`~step1x_batch.config.JobConfig`), in the
+    """Every check for a job config (``cfg`` a :class:`~step1x_batch.job.config.JobConfig`), in the
     order a person would fix things: the input, the output, the weights."""
     facts = check_manifest(manifest or cfg.input.manifest, cfg.input.storage, required_columns)
     if required_columns is DATASET_COLUMNS:  # an edit manifest: one row per output object and id
-        from step1x_batch.images import image_extension
+        from step1x_batch.io.images import image_extension
 
         check_duplicates(facts, cfg.input.storage, image_extension(cfg.output.format))
     if extra is not None:

@@ -8,8 +8,8 @@ Resume rules (the same for a re-run after a crash and for a nightly incremental 
   ``write_failed`` and ``edit_failed`` are retried). Done rows are not processed and get no new
   record: their one record is the earlier run's, so the union of all runs' logs holds exactly one
   deciding record per row. ``summary.json`` counts them as ``skipped``. The decision runs on the
-  cluster against the root's compacted row state (:mod:`step1x_batch.rowstate`,
-  :mod:`step1x_batch.skip`): parts no state covers (a killed run's) are folded in when a run
+  cluster against the root's compacted row state (:mod:`step1x_batch.rows.state`,
+  :mod:`step1x_batch.job.skip`): parts no state covers (a killed run's) are folded in when a run
   starts, this run's parts when it ends.
 * The driver writes the log itself, streaming the graph's output: a part lands every
   ``runtime.log_part_rows`` rows or ``runtime.log_part_seconds`` seconds, as one whole object under
@@ -36,11 +36,11 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from step1x_batch.config import JobConfig, config_to_yaml, load_config
-from step1x_batch.console import format_rate, plural
+from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
+from step1x_batch.job.console import format_rate, plural
 from step1x_batch import errors
 from step1x_batch.errors import JobRefused
-from step1x_batch.storage import StorageOptions, join_uri, write_bytes
+from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
 
 
 @dataclass
@@ -134,7 +134,7 @@ class LogWriter:
             self.flush()
 
     def flush(self) -> None:
-        from step1x_batch.rowlog import part_uri, write_log_part
+        from step1x_batch.rows.log import part_uri, write_log_part
 
         self._last_flush = time.monotonic()
         if not self._buffered:
@@ -243,7 +243,7 @@ _guard: Any = None  # the watchdog of the local Ray this process started (ray_gu
 
 def init_ray(cfg: JobConfig) -> bool:
     """Connect to a cluster (:func:`ray_address`) or start a private local Ray, which a watchdog
-    ties to this process's life (:mod:`step1x_batch.ray_guard`: a killed driver leaves no Ray
+    ties to this process's life (:mod:`step1x_batch.job.ray_guard`: a killed driver leaves no Ray
     process behind).
 
     Returns True when this call started or connected Ray (and so should shut it down).
@@ -262,7 +262,7 @@ def init_ray(cfg: JobConfig) -> bool:
     if root:  # workers must import step1x_batch from the same source tree
         path = os.environ.get("PYTHONPATH", "")
         env["env_vars"] = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
-    from step1x_batch import ray_guard
+    from step1x_batch.job import ray_guard
 
     _guard = ray_guard.start()
     try:
@@ -320,7 +320,7 @@ _MAX_RAY_LOG_BYTES = 64 * 1024 * 1024  # the tail of a longer ray.log is kept
 def _local_ray_log(paths: dict[str, str]) -> tuple[str, bool]:
     """Where Ray's output goes during the run: the run folder itself when it is local, else a
     temporary file uploaded at the end. Returns (path, uploaded at the end)."""
-    from step1x_batch.storage import is_local
+    from step1x_batch.io.storage import is_local
 
     if is_local(paths["ray_log"]):
         return paths["ray_log"].removeprefix("file://"), False
@@ -416,7 +416,7 @@ def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
     rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2) when
     the model fails to load in an edit actor or another run took the lease over.
     """
-    from step1x_batch import lease as leases
+    from step1x_batch.job import lease as leases
 
     held_already = leases.held_for(cfg.output.uri)
     if held_already is not None:
@@ -430,8 +430,12 @@ def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
 def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
     import ray
 
-    from step1x_batch import console, report, rowstate, stages, storage
-    from step1x_batch.counters import make_counters
+    from step1x_batch.job import console
+    from step1x_batch.job import report
+    from step1x_batch.rows import state as rowstate
+    from step1x_batch.job import stages
+    from step1x_batch.io import storage
+    from step1x_batch.job.counters import make_counters
 
     start = time.monotonic()
     started_at = _dt.datetime.now(_dt.timezone.utc)
@@ -639,8 +643,8 @@ def error_fraction(errors_now: int, processed: int, skipped: int, skipped_errors
 
 
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
-    """Load a config, run the job, and return its exit status (see :mod:`step1x_batch.entrypoint`)."""
-    from step1x_batch.entrypoint import exit_status, operated
+    """Load a config, run the job, and return its exit status (see :mod:`step1x_batch.job.entrypoint`)."""
+    from step1x_batch.job.entrypoint import exit_status, operated
 
     def run() -> bool:
         cfg = load_config(path, overrides)
@@ -651,6 +655,6 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/edit_dataset.py --config X [--set k=v ...]``."""
-    from step1x_batch.entrypoint import job_main
+    from step1x_batch.job.entrypoint import job_main
 
     return job_main("Edit every row of a manifest on Ray.", run_config, argv)
