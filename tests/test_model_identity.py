@@ -7,10 +7,10 @@ pixel marks (issue 19): the derivation may change, these strings may not.
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from step1x_batch.models import load_family
-from step1x_batch.models.base import AdapterRef, ModelFamily, ModelSpec
+from step1x_batch.models import FAMILIES, family_class, load_family
+from step1x_batch.models.base import AdapterRef, ModelFamily, ModelSpec, option, pixel_marks, unmarked_options
 
 WEIGHTS = "s3://models/weights/"
 ADAPTERS = (
@@ -92,3 +92,79 @@ def test_a_plugin_family_keeps_the_generic_id():
         'plugin:bfloat16:{"label":"x","strength":2.0}:/w')
     assert _Plugin(ModelSpec("x", weights="/w/", batch_invariant=False)).model_id() == (
         'plugin:bfloat16:{"label":"x","strength":1.0}:batch-variant:/w')
+
+
+# --- the id is derived from the options' marks ---------------------------------------------------
+
+# A value other than the default for every option of every registered family: a new option
+# without an entry here fails test_every_option_has_a_changed_value.
+CHANGED = {
+    "step1x": {"version": "v1.0", "posterior_mean": True, "model_guidance": 4.0, "variant": "realrestorer"},
+    "qwen-image-edit": {
+        "max_images": 3, "reference_areas": "macro", "reference_area": 512 * 512, "vl_area": 256 * 256,
+        "image_processor": "pil", "cfg_norm_rescale": False, "text_positions": "1d", "square_input": 512,
+        "scheduler": {"base_shift": 1.0986},
+    },
+    "null": {"max_images": 3},
+}
+
+
+def _family(name: str, **options):
+    return load_family(ModelSpec(name, weights="" if name == "null" else WEIGHTS, options=options))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_option_of_a_registered_family_is_marked(name):
+    assert unmarked_options(family_class(name).Options) == [], "mark it: option(..., pixels=True/False)"
+
+
+def test_an_unmarked_option_is_found():
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        marked: int = option(1, pixels=True)
+        forgotten: int = 2
+
+    assert unmarked_options(Options) == ["forgotten"]
+    assert pixel_marks(Options) == {"marked": True, "forgotten": None}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_option_has_a_changed_value(name):
+    assert set(CHANGED[name]) == set(family_class(name).Options.model_fields)
+
+
+def _cases(pixels: bool):
+    for name in sorted(FAMILIES):
+        marks = pixel_marks(family_class(name).Options)
+        for field, value in CHANGED[name].items():
+            if marks[field] is pixels:
+                yield pytest.param(name, field, value, id=f"{name}-{field}")
+
+
+@pytest.mark.parametrize(("name", "field", "value"), list(_cases(pixels=True)))
+def test_changing_a_pixel_option_changes_the_id(name, field, value):
+    assert getattr(_family(name).options, field) != value
+    assert _family(name, **{field: value}).model_id() != _family(name).model_id()
+
+
+@pytest.mark.parametrize(("name", "field", "value"), list(_cases(pixels=False)))
+def test_changing_another_option_keeps_the_id(name, field, value):
+    assert _family(name, **{field: value}).model_id() == _family(name).model_id()
+
+
+def test_max_images_is_not_a_pixel_option():
+    assert pixel_marks(family_class("qwen-image-edit").Options)["max_images"] is False
+    assert pixel_marks(family_class("null").Options)["max_images"] is False
+
+
+# --- the weights' licence (the pairs dataset card) -----------------------------------------------
+
+
+def test_weights_license_per_family():
+    assert _family("step1x").weights_license() == "apache-2.0"
+    assert _family("step1x", variant="step1x").weights_license() == "apache-2.0"
+    assert _family("step1x", variant="realrestorer").weights_license() == "other"  # non-commercial research
+    assert _family("qwen-image-edit").weights_license() == "apache-2.0"
+    assert _family("null").weights_license() == "other"
+    assert _Plugin(ModelSpec("x")).weights_license() == "other"

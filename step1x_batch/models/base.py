@@ -28,7 +28,8 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 from step1x_batch.errors import (  # noqa: F401 - the codes a family reports, named here for families
     INVALID_INSTRUCTION,
@@ -66,7 +67,12 @@ class EditRequest:
 
 
 class RowFailure(Exception):
-    """A failure of one row (never of its batch): becomes an ``error`` record with ``code``."""
+    """A failure of one row (never of its batch), the model side's one exception name.
+
+    A ``RowFailure(code, message)`` raised by a family's ``prepare`` or reported by its ``edit``
+    becomes, on the job side, a :class:`step1x_batch.errors.RowError` and an ``error`` row with
+    ``error_type=code`` and ``error_message=message`` (docs/architecture.md, the family interface).
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(code, message)
@@ -133,6 +139,34 @@ class Engine(Protocol):
         ...
 
 
+_PIXELS = "changes_pixels"  # the json_schema_extra key of an option's mark
+
+
+def option(default: Any = PydanticUndefined, *, pixels: bool, **kwargs: Any) -> Any:
+    """A field of a family's ``Options``, marked as changing pixels or not.
+
+    The model id (hence every row's fingerprint) holds exactly the fields marked ``pixels=True``,
+    so a new option must say which it is (tests/test_model_identity.py fails on an unmarked one
+    in a registered family). ``kwargs`` are pydantic ``Field``'s.
+    """
+    extra = {**(kwargs.pop("json_schema_extra", None) or {}), _PIXELS: bool(pixels)}
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def pixel_marks(options: type[BaseModel]) -> dict[str, bool | None]:
+    """Each field of an options class -> its mark: True (changes pixels), False, None (unmarked)."""
+    marks: dict[str, bool | None] = {}
+    for name, info in options.model_fields.items():
+        extra = info.json_schema_extra
+        marks[name] = extra.get(_PIXELS) if isinstance(extra, dict) else None
+    return marks
+
+
+def unmarked_options(options: type[BaseModel]) -> list[str]:
+    """The fields of an options class that do not say whether they change pixels."""
+    return [name for name, mark in pixel_marks(options).items() if mark is None]
+
+
 class NoOptions(BaseModel):
     """A family without options of its own."""
 
@@ -197,6 +231,17 @@ class ModelSpec:
 Preparer = Callable[[EditRequest], Prepared]
 
 
+@dataclass(frozen=True)
+class IdParts:
+    """The parts of a model id every family has besides its options (derived once, in
+    :meth:`ModelFamily.model_id`; a family only arranges them around its pixel options)."""
+
+    dtype: str
+    batch_variant: bool  # ``batch_invariant`` off: outputs may differ in the last bits with the batching
+    weights: str  # the weights' URI, without a trailing slash
+    adapters: str  # :func:`adapters_id`: "" without adapters
+
+
 class ModelFamily(abc.ABC):
     """One model family. Instances are cheap (no weights): the job makes one in every process."""
 
@@ -226,13 +271,33 @@ class ModelFamily(abc.ABC):
 
     def model_id(self) -> str:
         """The model identity folded into every row's fingerprint: every setting that changes
-        pixels (weights, dtype, options), so changing one redoes the rows it affects."""
+        pixels (weights, dtype, the options marked ``pixels=True``, adapters), so changing one
+        redoes the rows it affects; ``spec.model_id`` overrides it."""
         if self.spec.model_id:
             return self.spec.model_id
-        options = json.dumps(self.options.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        weights = self.spec.weights.rstrip("/")
-        variant = "" if self.spec.batch_invariant else ":batch-variant"
-        return f"{self.name}:{self.spec.dtype}:{options}{variant}:{weights}{adapters_id(self.spec.adapters)}"
+        parts = IdParts(self.spec.dtype, not self.spec.batch_invariant, self.spec.weights.rstrip("/"),
+                        adapters_id(self.spec.adapters))
+        return self.format_model_id(self.pixel_options(), parts)
+
+    def pixel_options(self) -> dict[str, Any]:
+        """The options that change pixels, by name (an unmarked field counts as one: a plugin
+        family that marks nothing keeps every option in its id)."""
+        marks = pixel_marks(self.Options)
+        return {name: getattr(self.options, name) for name, mark in marks.items() if mark is not False}
+
+    def format_model_id(self, pixels: Mapping[str, Any], parts: IdParts) -> str:
+        """Arrange a model id from the pixel options and the common parts. This default (a
+        family's name, dtype, its pixel options as JSON, weights, adapters) is overridden by
+        families whose id format predates it: ids must stay byte-identical across releases."""
+        options = json.dumps(self.options.model_dump(mode="json", include=set(pixels)), sort_keys=True,
+                             separators=(",", ":"))
+        variant = ":batch-variant" if parts.batch_variant else ""
+        return f"{self.name}:{parts.dtype}:{options}{variant}:{parts.weights}{parts.adapters}"
+
+    def weights_license(self) -> str:
+        """The weights' licence as a Hugging Face licence identifier (the pairs dataset card's
+        ``license``); "other" unless the family knows its weights' terms."""
+        return "other"
 
     def weights_problem(self, files: Mapping[str, int]) -> str | None:
         """What a weights listing (``{relative path: size}``) lacks for ``load``, as the end of a

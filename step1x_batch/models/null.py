@@ -4,17 +4,26 @@ whole job without a model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from step1x_batch.models.base import EditOutput, EditRequest, Engine, ModelFamily, Prepared, Preparer
+from step1x_batch.models.base import (
+    EditOutput,
+    EditRequest,
+    Engine,
+    IdParts,
+    ModelFamily,
+    Prepared,
+    Preparer,
+    option,
+)
 
 
 class NullOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_images: int = Field(1, ge=1, le=64)  # the first image is returned
+    max_images: int = option(1, pixels=False, ge=1, le=64)  # the first image is returned
 
 
 class NullEngine:
@@ -38,8 +47,8 @@ class NullFamily(ModelFamily):
     def max_images(self) -> int:
         return self.options.max_images
 
-    def model_id(self) -> str:
-        return self.spec.model_id or "null"
+    def format_model_id(self, pixels: Mapping[str, Any], parts: IdParts) -> str:
+        return "null"  # the input, whatever the dtype, weights or batching
 
     def preparer(self, folder: Path | None) -> Preparer:
         return _prepare

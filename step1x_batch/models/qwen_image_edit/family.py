@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from step1x_batch.models.base import AdapterSpec, EditParams, Engine, ModelFamily, Preparer, adapters_id
+from step1x_batch.models.base import AdapterSpec, EditParams, Engine, IdParts, ModelFamily, Preparer
 
 from .options import QwenImageEditOptions
 
@@ -45,23 +45,23 @@ class QwenImageEditFamily(ModelFamily):
     def max_images(self) -> int:
         return self.options.max_images
 
-    def model_id(self) -> str:
-        """Every option that changes pixels (not ``max_images``: it only refuses rows)."""
-        if self.spec.model_id:
-            return self.spec.model_id
-        o = self.options
-        refs = "macro" if o.reference_areas == "macro" else f"fixed{o.reference_area}"
+    def format_model_id(self, pixels: Mapping[str, Any], parts: IdParts) -> str:
+        refs = "macro" if pixels["reference_areas"] == "macro" else f"fixed{pixels['reference_area']}"
         extra = ""
-        if o.square_input:
-            extra += f"square={o.square_input}:"
-        if o.scheduler:
-            extra += f"scheduler={json.dumps(o.scheduler, sort_keys=True, separators=(',', ':'))}:"
+        if pixels["square_input"]:
+            extra += f"square={pixels['square_input']}:"
+        if pixels["scheduler"]:
+            extra += f"scheduler={json.dumps(pixels['scheduler'], sort_keys=True, separators=(',', ':'))}:"
         return (
-            f"qwen-image-edit:{self.spec.dtype}:refs={refs}:vl={o.vl_area}:vl_processor={o.image_processor}:"
-            f"cfg_norm={'on' if o.cfg_norm_rescale else 'off'}:text_pos={o.text_positions}:{extra}"
-            f"{'' if self.spec.batch_invariant else 'batch-variant:'}{self.spec.weights.rstrip('/')}"
-            f"{adapters_id(self.spec.adapters)}"
+            f"qwen-image-edit:{parts.dtype}:refs={refs}:vl={pixels['vl_area']}:"
+            f"vl_processor={pixels['image_processor']}:cfg_norm={'on' if pixels['cfg_norm_rescale'] else 'off'}:"
+            f"text_pos={pixels['text_positions']}:{extra}{'batch-variant:' if parts.batch_variant else ''}"
+            f"{parts.weights}{parts.adapters}"
         )
+
+    def weights_license(self) -> str:
+        """Qwen-Image-Edit-2511's weights are Apache-2.0."""
+        return "apache-2.0"
 
     def preparer(self, folder: Path | None) -> Preparer:
         from functools import partial

@@ -8,14 +8,15 @@ released pipeline a run follows (:mod:`.variant`) comes from ``options.variant``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from step1x_batch.models.base import AdapterSpec, EditParams, Engine, ModelFamily, Preparer, adapters_id
+from step1x_batch.models.base import AdapterSpec, EditParams, Engine, IdParts, ModelFamily, Preparer, option
 
 from .release import PREPARE_FILES
+from .variant import REALRESTORER
 
 
 class Step1XOptions(BaseModel):
@@ -23,15 +24,15 @@ class Step1XOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: Literal["v1.0", "v1.1"] | None = None  # None: detected from the weights' keys
-    posterior_mean: bool = False  # VAE encode: the posterior mean instead of a seeded sample
+    version: Literal["v1.0", "v1.1"] | None = option(None, pixels=True)  # None: detected from the weights' keys
+    posterior_mean: bool = option(False, pixels=True)  # VAE encode: the posterior mean instead of a seeded sample
     # The value a guidance embedder (``guidance_in``, as RealRestorer may have) is fed every step;
     # used only when the weights have one. 3.5: RealRestorer's ``model_guidance`` default.
-    model_guidance: float = Field(3.5, allow_inf_nan=False)
+    model_guidance: float = option(3.5, pixels=True, allow_inf_nan=False)
     # Whose released pipeline to follow: Step1X-Edit's or RealRestorer's (vision ids, rounding,
     # VAE dtype, Euler step, autocast, small sides, processor limits). None: RealRestorer's for a
     # RealRestorer bundle, Step1X-Edit's for a release folder.
-    variant: Literal["step1x", "realrestorer"] | None = None
+    variant: Literal["step1x", "realrestorer"] | None = option(None, pixels=True)
 
 
 class Step1XFamily(ModelFamily):
@@ -46,17 +47,19 @@ class Step1XFamily(ModelFamily):
 
         return layout_problem(files)
 
-    def model_id(self) -> str:
-        if self.spec.model_id:
-            return self.spec.model_id
-        o = self.options
-        mode = "mean" if o.posterior_mean else "sample"
-        variant = "" if self.spec.batch_invariant else ":batch-variant"
+    def format_model_id(self, pixels: Mapping[str, Any], parts: IdParts) -> str:
+        mode = "mean" if pixels["posterior_mean"] else "sample"
+        variant = ":batch-variant" if parts.batch_variant else ""
         # A non-default guidance-embedder value changes outputs of weights that have one.
-        guidance = "" if o.model_guidance == 3.5 else f":guidance={o.model_guidance!r}"
+        guidance = "" if pixels["model_guidance"] == 3.5 else f":guidance={pixels['model_guidance']!r}"
         # The variant changes pixels; None is resolved from the layout on the workers ("auto").
-        return (f"step1x-edit[{o.variant or 'auto'}]:{o.version or 'auto'}:{self.spec.dtype}:{mode}{variant}{guidance}:"
-                f"{self.spec.weights.rstrip('/')}{adapters_id(self.spec.adapters)}")
+        return (f"step1x-edit[{pixels['variant'] or 'auto'}]:{pixels['version'] or 'auto'}:{parts.dtype}:{mode}"
+                f"{variant}{guidance}:{parts.weights}{parts.adapters}")
+
+    def weights_license(self) -> str:
+        """Step1X-Edit's weights are Apache-2.0; RealRestorer's are for non-commercial academic
+        research only, which no Hugging Face identifier names ("other")."""
+        return "other" if self.options.variant == REALRESTORER else "apache-2.0"
 
     def preparer(self, folder: Path | None) -> Preparer:
         from functools import partial
