@@ -47,3 +47,14 @@ def test_the_code_cites_the_architecture_page_not_the_old_sketch():
     citing = [p for p in (ROOT / "step1x_batch").rglob("*.py") if "DESIGN.md" in p.read_text()]
     assert citing == []
     assert any("docs/architecture.md" in p.read_text() for p in (ROOT / "step1x_batch").rglob("*.py"))
+
+
+def test_the_readme_layout_table_names_every_folder():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    package = ROOT / "step1x_batch"
+    folders = sorted(p.parent.relative_to(ROOT).as_posix() for p in package.rglob("__init__.py") if p.parent != package)
+    assert "step1x_batch/job" in folders and "step1x_batch/models/step1x" in folders
+    for folder in folders:
+        assert f"| `{folder}/`" in table, f"README's layout table lacks {folder}/"
+    assert "docs/architecture.md" in table
