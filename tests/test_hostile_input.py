@@ -32,6 +32,7 @@ from step1x_batch.rows.manifest import (
     GUIDANCE_SCALE_RANGE,
     NUM_STEPS_RANGE,
     SIZE_LEVEL_RANGE,
+    NormalizeSettings,
     normalize_batch,
     read_manifest_table,
 )
@@ -193,8 +194,9 @@ DEFAULTS = EditParams(num_steps=28, guidance_scale=6.0, size_level=512)
 
 
 def _normalise(table: pa.Table, manifest: str) -> list[dict]:
-    out = normalize_batch(table, manifest_uri=manifest, defaults=DEFAULTS, default_seed_base=0,
-                          model_id="m", image_format="png", max_instruction_chars=200, max_images=2)
+    settings = NormalizeSettings(manifest_uri=manifest, defaults=DEFAULTS, seed_base=0, model_id="m",
+                                 image_format="png", max_instruction_chars=200, max_images=2)
+    out = normalize_batch(table, settings)
     return out.to_pylist()
 
 

@@ -26,11 +26,11 @@ from step1x_batch.job.inspection import (
     SUCCEEDED,
     error_rows,
     format_status,
-    latest_by_id,
     read_lease,
     root_status,
 )
 from step1x_batch.rows.log import part_uri, read_logs, write_log_part
+from step1x_batch.rows.state import latest_per_id
 from step1x_batch.io.storage import StorageOptions, filesystem, write_bytes
 
 OK_ROWS = [
@@ -340,7 +340,7 @@ def test_retry_errors_redoes_only_the_named_type(job, image_factory, capsys):
     assert all(latest[i]["status"] == "ok" for i in missing_ids)
     assert Counter(r["id"] for r in after if r["id"] in other_error_ids) == {i: 1 for i in other_error_ids}
     # the code under test agrees
-    assert {r["id"]: r["status"] for r in latest_by_id(read_logs(output, options)).to_pylist()} == {
+    assert {r["id"]: r["status"] for r in latest_per_id(read_logs(output, options)).to_pylist()} == {
         i: r["status"] for i, r in latest.items()}
 
     st = root_status(output, options)

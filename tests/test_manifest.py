@@ -18,6 +18,7 @@ from step1x_batch.rows.manifest import (
     NORMALIZED_COLUMNS,
     NORMALIZED_SCHEMA,
     SEED_LIMIT,
+    NormalizeSettings,
     csv_convert_options,
     derive_seed,
     extra_columns,
@@ -37,12 +38,12 @@ MANIFEST = "s3://bkt/sets/one/manifest.parquet"
 
 
 def norm_arrow(batch, **kw) -> pa.Table:
-    args = dict(manifest_uri=MANIFEST, defaults=DEFAULTS, default_seed_base=0, model_id="m1",
+    args = dict(manifest_uri=MANIFEST, defaults=DEFAULTS, seed_base=0, model_id="m1",
                 image_format="png", max_instruction_chars=100)
     args.update(kw)
     if isinstance(batch, pd.DataFrame):
         batch = pa.Table.from_pandas(batch, preserve_index=False)
-    return normalize_batch(batch, **args)
+    return normalize_batch(batch, NormalizeSettings(**args))
 
 
 def norm(batch, **kw) -> pd.DataFrame:
@@ -226,8 +227,8 @@ def test_derived_seed_depends_on_id_and_base():
     assert derive_seed("abc", 0) == derive_seed("abc", 0)
     assert derive_seed("abc", 0) != derive_seed("abc", 1)
     assert derive_seed("abc", 0) != derive_seed("abd", 0)
-    a = norm(rows_table(), default_seed_base=0)
-    b = norm(rows_table(), default_seed_base=1)
+    a = norm(rows_table(), seed_base=0)
+    b = norm(rows_table(), seed_base=1)
     given = [i % 4 == 0 for i in range(12)]
     for g, sa, sb in zip(given, a["seed"], b["seed"]):
         assert (sa == sb) == g  # given seeds stay, derived ones move
@@ -250,7 +251,7 @@ def test_fingerprint_changes_exactly_with_pixel_changing_inputs():
     assert changed(df) == [False, True, True, False]  # rows 0 and 3 set num_steps=10 themselves
     assert changed(norm(rows_table(4), model_id="m2")) == [True] * 4
     assert changed(norm(rows_table(4), image_format="webp")) == [True] * 4
-    assert changed(norm(rows_table(4), default_seed_base=5)) == [False, True, True, True]
+    assert changed(norm(rows_table(4), seed_base=5)) == [False, True, True, True]
     # quality matters for lossy formats only
     assert changed(norm(rows_table(4), image_quality=80)) == [False] * 4
     j90 = norm(rows_table(4), image_format="jpeg", image_quality=90)["fingerprint"].tolist()

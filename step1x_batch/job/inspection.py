@@ -2,19 +2,19 @@
 
 Why a separate, Ray-free module: the questions people ask about an output root ("did last
 night's run finish?", "which rows failed, and why?", "what of this manifest is still to do?")
-must be answered in a second from a laptop, from the files a job leaves behind (DESIGN.md,
+must be answered in a second from a laptop, from the files a job leaves behind (docs/architecture.md,
 output layout): the row log ``logs/<run_id>/part-*.parquet``, the run files
 ``runs/<run_id>/config.yaml`` (written when a run starts) and ``runs/<run_id>/summary.json``
 (written at its end), and the lease ``_lease.json`` (present while a run writes).
 
-The data functions (:func:`root_status`, :func:`error_rows`, :func:`latest_by_id`, ...) return
+The data functions (:func:`root_status`, :func:`error_rows`, :func:`manifest_check`, ...) return
 dataclasses and Arrow tables so tests and scripts can check numbers; the ``format_*`` functions
 turn them into text for people; :func:`add_inspection_commands` wires both into the CLI.
 
 Counting rules
     A *row* of the output root is an ``id``; its deciding record is its latest record (by
-    ``finished_at``; a record without one counts as oldest; ties go to the later log part), the
-    same order :mod:`step1x_batch.rows.state` fold uses. *Done*: that record is ``ok``.
+    ``finished_at``; a record without one counts as oldest; ties go to the later log part): the
+    state's own rule, :func:`step1x_batch.rows.state.latest_per_id`. *Done*: that record is ``ok``.
     *Error row*: it is an ``error``. Per run, counts are of records (one per input row the run
     processed, as in its ``summary.json``).
 
@@ -51,7 +51,6 @@ __all__ = [
     "storage_options",
     "read_lease",
     "read_records",
-    "latest_by_id",
     "list_runs",
     "manifest_check",
     "root_status",
@@ -281,26 +280,6 @@ def read_records(output_uri: str, options: "StorageOptions | None" = None,
     return table
 
 
-def latest_by_id(records: "pa.Table") -> "pa.Table":
-    """One record per ``id``: its latest by ``finished_at`` (missing times count as oldest; ties
-    go to the record read later, i.e. the later log part), like the fold of ``rowstate``."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if records.num_rows == 0:
-        return records
-    times = records.column("finished_at")
-    if pa.types.is_timestamp(times.type):
-        times = pc.cast(times, pa.int64())
-    t = np.asarray(pc.fill_null(times, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False), dtype=np.int64)
-    frame = pd.DataFrame({"id": records.column("id").to_pandas(), "t": t,
-                          "i": np.arange(records.num_rows)})
-    keep = frame.sort_values(["t", "i"], kind="stable").drop_duplicates("id", keep="last")
-    return records.take(pa.array(np.sort(keep["i"].to_numpy())))
-
-
 def _count(values: Sequence[Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     for v in values:
@@ -418,8 +397,8 @@ def manifest_check(manifest_uri: str, latest: "pa.Table", raw_config: dict[str, 
     import copy
 
     from step1x_batch.job.config import parse_config
-    from step1x_batch.rows.manifest import read_manifest_table
-    from step1x_batch.job.stages import NormaliseSettings
+    from step1x_batch.job.stages import normalize_settings
+    from step1x_batch.rows.manifest import normalize_batch, read_manifest_table
 
     raw = copy.deepcopy(raw_config)
     raw.setdefault("input", {})
@@ -428,7 +407,7 @@ def manifest_check(manifest_uri: str, latest: "pa.Table", raw_config: dict[str, 
     raw["input"]["manifest"] = manifest_uri
     try:
         cfg = parse_config(raw)  # resolves a local manifest path as the job does
-        settings = NormaliseSettings.from_config(cfg)
+        settings = normalize_settings(cfg)
     except Exception as e:  # noqa: BLE001 - e.g. a family plug-in not importable here
         raise InspectionError(
             f"cannot compute the manifest's fingerprints with the config of run {config_run_id} "
@@ -438,7 +417,7 @@ def manifest_check(manifest_uri: str, latest: "pa.Table", raw_config: dict[str, 
     ids: list[str] = []
     fps: list[str | None] = []
     for start in range(0, table.num_rows, batch_rows):
-        norm = settings.normalise(table.slice(start, batch_rows))
+        norm = normalize_batch(table.slice(start, batch_rows), settings)
         ids.extend(norm.column("id").to_pylist())
         fps.extend(norm.column("fingerprint").to_pylist())
 
@@ -526,6 +505,7 @@ def error_rows(output_uri: str, options: "StorageOptions | None" = None,
     import pyarrow.compute as pc
 
     from step1x_batch.errors import redact_uri
+    from step1x_batch.rows.state import latest_per_id
 
     _check_root(output_uri, options)
     cols = sorted(set(ERROR_COLUMNS) | {"status"})
@@ -535,7 +515,7 @@ def error_rows(output_uri: str, options: "StorageOptions | None" = None,
             f"no runs under {redact_uri(output_uri)}: it has no runs/<run_id>/ or "
             "logs/<run_id>/ folders; give the output.uri of a job that has run"
         )
-    latest = latest_by_id(records)
+    latest = latest_per_id(records)
     mask = pc.equal(latest.column("status"), "error")
     if types:
         mask = pc.and_(mask, pc.is_in(latest.column("error_type"), value_set=pa.array(list(types), pa.string())))

@@ -27,9 +27,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.job.counters import add_counters
-from step1x_batch.rows.manifest import MAX_ID_CHARS
+from step1x_batch.errors import redact_uri
+from step1x_batch.rows.digest import manifest_row_digests
+from step1x_batch.rows.manifest import (
+    MAX_ID_CHARS,
+    NormalizeSettings,
+    manifest_files,
+    manifest_format,
+    normalize_batch,
+    read_manifest_table,
+)
 from step1x_batch.rows.state import RayTasks, StatePointer, decide, read_bucket, split_by_bucket, take_state
-from step1x_batch.io.storage import StorageOptions, filesystem
+from step1x_batch.io.storage import StorageOptions, filesystem, retry_count
 
 KEY = "__skip_key"
 DIGEST = "__skip_digest"
@@ -44,7 +53,7 @@ def internal_columns(table: pa.Table) -> list[str]:
     return [c for c in table.column_names if c.startswith("__skip_") or c.startswith(STATE_PREFIX)]
 
 
-def row_keys(batch: pa.Table, settings: Any) -> pa.Array:
+def row_keys(batch: pa.Table, settings: NormalizeSettings) -> pa.Array:
     """Each row's id as normalisation will give it: a plain text or integer ``id`` as it is,
     vectorised; any other row is normalised (Python) to learn its id."""
     n = batch.num_rows
@@ -61,7 +70,7 @@ def row_keys(batch: pa.Table, settings: Any) -> pa.Array:
     missing = pc.is_null(keys)
     if pc.any(missing).as_py():
         slow = np.flatnonzero(np.asarray(missing.to_numpy(zero_copy_only=False), dtype=bool))
-        ids = settings.normalise(batch.take(pa.array(slow))).column("id").combine_chunks()
+        ids = normalize_batch(batch.take(pa.array(slow)), settings).column("id").combine_chunks()
         keys = pc.replace_with_mask(keys, missing, ids)
     return keys
 
@@ -71,8 +80,6 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
     """The manifest as pieces for the map tasks: (file, Parquet row groups or None for the whole
     file). A few Parquet files are cut by row groups (their footers are read here); many files
     give one piece each."""
-    from step1x_batch.rows.manifest import manifest_files, manifest_format
-
     files = manifest_files(uri, options)
     if len(files) > max_footers or manifest_format(files[0]) != "parquet":
         return [(f, None) for f in files]
@@ -97,8 +104,6 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
 def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None) -> pa.Table:
     """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV and
     JSON Lines with a fixed schema of text columns)."""
-    from step1x_batch.rows.manifest import read_manifest_table
-
     if row_groups is None:
         return read_manifest_table(uri, options, edit_rows=True)
     fs, path = filesystem(uri, options)
@@ -106,16 +111,14 @@ def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] |
         return pq.ParquetFile(fh).read_row_groups(row_groups)
 
 
-def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions | None, settings: Any,
-                buckets: int, counters: Any = None) -> list[Any]:
+def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions | None,
+                settings: NormalizeSettings, buckets: int, counters: Any = None) -> list[Any]:
     """Map task: read a piece of the manifest, key and digest every row, split it by bucket (the
     last return value is a placeholder, so that there are always several)."""
-    from step1x_batch.io.storage import retry_count
-
     start, retries = time.perf_counter(), retry_count()
     block = read_piece(uri, options, row_groups)
     keys = row_keys(block, settings)
-    digests = settings.digests(block)
+    digests = manifest_row_digests(block, settings)
     block = block.append_column(KEY, keys).append_column(DIGEST, digests)
     out = split_by_bucket(block, buckets, key=KEY)
     add_counters(counters, {"rows_read": float(len(keys)), "normalise_ms": (time.perf_counter() - start) * 1e3,
@@ -127,8 +130,6 @@ def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: State
                  retried: Sequence[str], counters: Any, *tables: pa.Table) -> pa.Table:
     """Reduce task: the rows of one bucket that are not proven done by their digest, with their
     id's state columns (``__state_*``) attached."""
-    from step1x_batch.io.storage import retry_count
-
     start, retries = time.perf_counter(), retry_count()
     tables = [t for t in tables if t is not None and t.num_rows]
     if not tables:
@@ -151,8 +152,6 @@ def probe_bucket(output_uri: str, options: StorageOptions | None, pointer: State
 
 
 def _describe_row(row: dict[str, Any]) -> str:
-    from step1x_batch.errors import redact_uri
-
     image = row.get("image_uri") if row.get("image_uri") is not None else row.get("image_uris")
     return f"the row with image {redact_uri(str(image))[:200]}" if image is not None else "another row"
 
@@ -193,7 +192,7 @@ def state_rows(batch: pa.Table) -> pa.Table:
     return pa.table({name: batch.column(STATE_PREFIX + name) for name in STATE_COLUMNS[1:]})
 
 
-def skip_join(manifest_uri: str, input_options: StorageOptions | None, *, settings: Any,
+def skip_join(manifest_uri: str, input_options: StorageOptions | None, *, settings: NormalizeSettings,
               pointer: StatePointer, output_uri: str, options: StorageOptions | None,
               retried: Sequence[str], counters: Any, cpus_per_task: float = 1.0) -> list[Any]:
     """Run the join over the manifest; returns object refs of the candidate tables, one per

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +36,14 @@ from step1x_batch.job import skip
 from step1x_batch.job.config import JobConfig
 from step1x_batch.errors import RowError
 from step1x_batch.io.images import decode_image, encode_image
-from step1x_batch.rows.manifest import NORMALIZED_SCHEMA, normalize_batch
+from step1x_batch.rows.manifest import (
+    NORMALIZED_SCHEMA,
+    NormalizeSettings,
+    manifest_files,
+    manifest_format,
+    normalize_batch,
+    read_manifest_file,
+)
 from step1x_batch.models import load_family
 from step1x_batch.models.base import (
     AdapterRef,
@@ -53,11 +60,19 @@ from step1x_batch.models.base import (
     edit_prepared,
 )
 from step1x_batch.job.counters import add_counters
-from step1x_batch.rows.digest import row_digests, settings_key
+from step1x_batch.rows.digest import manifest_row_digests, settings_digest_key
 from step1x_batch.rows.log import LOG_SCHEMA
 from step1x_batch.rows.state import StatePointer, decide
-from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, safe_output_key, write_bytes
-from step1x_batch.io.weights import WeightsSource
+from step1x_batch.io import storage
+from step1x_batch.io.storage import (
+    StorageOptions,
+    arrow_filesystem,
+    join_uri,
+    read_bytes,
+    safe_output_key,
+    write_bytes,
+)
+from step1x_batch.io.weights import WeightsSource, format_bytes, sha256_file
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -115,8 +130,6 @@ def _message(exc: BaseException) -> str:
 
 def _storage_retries() -> dict[str, float]:
     """This process's storage retry counter (storage.retry_count is per process, monotonic)."""
-    from step1x_batch.io import storage
-
     return {"storage_retries": float(storage.retry_count())}
 
 
@@ -153,62 +166,39 @@ def preparer_for(spec: ModelSpec, weights: WeightsSource) -> Preparer:
 # Stage 1: normalise + skip done (Ray tasks, fused with the read).
 
 
-@dataclass(frozen=True)
-class NormaliseSettings:
-    manifest_uri: str
-    defaults: EditParams
-    seed_base: int
-    model_id: str
-    image_format: str
-    max_instruction_chars: int
-    image_quality: int | None = None
-    max_images: int = 1
+def normalize_settings(cfg: JobConfig, manifest_uri: str | None = None) -> NormalizeSettings:
+    """The job's normalisation settings, the only builder from a config: the jobs built on this
+    one (pairs, catalog) use it to predict the fingerprints the row log will hold."""
+    family = family_for(cfg.model_spec())
+    return NormalizeSettings(
+        manifest_uri=manifest_uri or cfg.input.manifest,
+        defaults=cfg.edit_defaults(),
+        seed_base=cfg.sampling.seed_base,
+        model_id=family.model_id(),
+        image_format=cfg.output.format,
+        max_instruction_chars=cfg.runtime.max_instruction_chars,
+        image_quality=cfg.output.quality,
+        max_images=family.max_images,
+    )
+
+
+class NormaliseSettings(NormalizeSettings):
+    """Deprecated spelling, kept until recipes/catalog.py and recipes/synthesize.py call
+    :func:`normalize_settings`: the same settings, with the old method names."""
 
     @classmethod
     def from_config(cls, cfg: JobConfig, manifest_uri: str | None = None) -> "NormaliseSettings":
-        """The job's normalisation; jobs built on this one (pairs, catalog) use it to predict the
-        fingerprints the row log will hold."""
-        family = family_for(cfg.model_spec())
-        return cls(
-            manifest_uri=manifest_uri or cfg.input.manifest,
-            defaults=cfg.edit_defaults(),
-            seed_base=cfg.sampling.seed_base,
-            model_id=family.model_id(),
-            image_format=cfg.output.format,
-            max_instruction_chars=cfg.runtime.max_instruction_chars,
-            image_quality=cfg.output.quality,
-            max_images=family.max_images,
-        )
+        settings = normalize_settings(cfg, manifest_uri)
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(NormalizeSettings)})
 
     def normalise(self, batch: pa.Table) -> pa.Table:
-        return normalize_batch(
-            batch,
-            manifest_uri=self.manifest_uri,
-            defaults=self.defaults,
-            default_seed_base=self.seed_base,
-            model_id=self.model_id,
-            image_format=self.image_format,
-            max_instruction_chars=self.max_instruction_chars,
-            image_quality=self.image_quality,
-            max_images=self.max_images,
-        )
+        return normalize_batch(batch, self)
 
     def digests(self, raw: pa.Table) -> pa.Array:
-        """Each raw row's digest (:mod:`step1x_batch.rows.digest`) over the contract columns: the
-        extra columns only travel into the log's ``extra``, they change no fingerprint."""
-        from step1x_batch.rows.manifest import MANIFEST_COLUMNS, MANIFEST_PROBLEM
-
-        contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS or c == MANIFEST_PROBLEM]
-        return pa.array(row_digests(raw.select(contract), self.digest_key()), pa.uint64())
+        return manifest_row_digests(raw, self)
 
     def digest_key(self) -> int:
-        """The settings part of every row's digest (:mod:`step1x_batch.rows.digest`): what
-        normalisation reads besides the row (the manifest's folder, not its name)."""
-        from step1x_batch.rows.manifest import FINGERPRINT_VERSION, manifest_base
-
-        return settings_key(FINGERPRINT_VERSION, manifest_base(self.manifest_uri), self.defaults,
-                            self.seed_base, self.model_id, self.image_format, self.max_instruction_chars,
-                            self.image_quality, self.max_images)
+        return settings_digest_key(self)
 
 
 def _with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -234,7 +224,7 @@ def _mark_duplicates(table: pa.Table, duplicate_of: pa.ChunkedArray) -> pa.Table
     return table
 
 
-def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Sequence[str] = (),
+def normalise_rows(batch: pa.Table, *, settings: NormalizeSettings, retried: Sequence[str] = (),
                    counters: Any = None) -> pa.Table:
     """Raw manifest rows -> ROW_SCHEMA rows that still need work. Rows from the skip join carry
     their id's state (``__state_*``): those done by fingerprint are counted and dropped; rows
@@ -245,11 +235,11 @@ def normalise_rows(batch: pa.Table, *, settings: NormaliseSettings, retried: Seq
         return ROW_SCHEMA.empty_table()
     joined = skip.STATE_PREFIX + "attempts" in batch.column_names
     raw = batch.drop_columns(skip.internal_columns(batch))
-    table = settings.normalise(raw)
+    table = normalize_batch(raw, settings)
     if skip.DUPLICATE_OF in batch.column_names:
         table = _mark_duplicates(table, batch.column(skip.DUPLICATE_OF))
     digests = (batch.column(skip.DIGEST) if skip.DIGEST in batch.column_names
-               else settings.digests(raw))
+               else manifest_row_digests(raw, settings))
     if joined:
         state = skip.state_rows(batch)
         done = decide(table.column("fingerprint"), digests, state, retried)
@@ -378,8 +368,6 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
 def staged_adapter(weights: WeightsSource, adapter: AdapterRef):
     """The adapter as a local file, refused if its bytes are not the ones the job's model id was
     made from (a file replaced while the job runs would give rows of two different models)."""
-    from step1x_batch.io.weights import sha256_file
-
     path = weights.local_file(adapter.uri)
     digest = sha256_file(path)
     if digest != adapter.sha256:
@@ -423,8 +411,6 @@ class EditStage:
             self.counters.set_state.remote(self.worker, state)  # fire and forget
 
     def _load(self, spec: ModelSpec, weights: WeightsSource) -> Engine:
-        from step1x_batch.io.weights import format_bytes
-
         # local_folder / local_file stage object-storage files once per node (file lock).
         self._state("staging weights")
         adapters = [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in spec.adapters]
@@ -616,9 +602,6 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     """
     import ray
 
-    from step1x_batch.rows.manifest import manifest_files, manifest_format, read_manifest_file
-    from step1x_batch.io.storage import arrow_filesystem
-
     files = manifest_files(uri, options)  # FileNotFoundError / ValueError (mixed formats)
     fmt = manifest_format(files[0])
     if fmt == "parquet":
@@ -637,7 +620,7 @@ def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[
     """The skip join over the manifest: object refs of the rows not proven done (nothing is
     fetched). The driver runs it before the graph, so that a run with no row left starts no edit
     actor and loads no model."""
-    return skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=NormaliseSettings.from_config(cfg),
+    return skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=normalize_settings(cfg),
                           pointer=state, output_uri=cfg.output.uri, options=cfg.output_storage(),
                           retried=cfg.runtime.retried_error_types(), counters=counters)
 
@@ -651,7 +634,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     import ray
 
     r = cfg.resources
-    settings = NormaliseSettings.from_config(cfg)
+    settings = normalize_settings(cfg)
     spec, weights = cfg.model_spec(), cfg.weights_source()
     retried = cfg.runtime.retried_error_types()
     if state is None:

@@ -24,6 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from step1x_batch.rows.manifest import (
+    FINGERPRINT_VERSION,
+    MANIFEST_COLUMNS,
+    MANIFEST_PROBLEM,
+    NormalizeSettings,
+    manifest_base,
+)
+
 DIGEST_VERSION = 1
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 _NULL = np.uint64(0x5BD1E9955BD1E995)
@@ -90,3 +98,18 @@ def row_digests(batch: pa.Table, key: int) -> np.ndarray:
                 v = np.where(col.is_null().to_numpy(zero_copy_only=False), _NULL ^ v, v)
             h = _mix(h, v)
     return h
+
+
+def settings_digest_key(settings: NormalizeSettings) -> int:
+    """The settings part of every row's digest: what normalisation reads besides the row (the
+    manifest's folder, not its name)."""
+    return settings_key(FINGERPRINT_VERSION, manifest_base(settings.manifest_uri), settings.defaults,
+                        settings.seed_base, settings.model_id, settings.image_format,
+                        settings.max_instruction_chars, settings.image_quality, settings.max_images)
+
+
+def manifest_row_digests(raw: pa.Table, settings: NormalizeSettings) -> pa.Array:
+    """Each raw manifest row's digest over the contract columns (uint64): the extra columns only
+    travel into the log's ``extra``, they change no fingerprint."""
+    contract = [c for c in raw.column_names if c in MANIFEST_COLUMNS or c == MANIFEST_PROBLEM]
+    return pa.array(row_digests(raw.select(contract), settings_digest_key(settings)), pa.uint64())

@@ -4,10 +4,10 @@ Layout: ``<output_uri>/logs/<run_id>/part-*.parquet``. A part is written whole o
 (:func:`write_log_part`), so a killed job leaves only complete parts (plus, at worst, a part some
 other writer left half-written, which :func:`read_logs` skips with a warning).
 
-Resume rule (DESIGN.md): a row is done when its id's latest ``ok`` record has the same
-``fingerprint`` (its bytes are the ones in the output object now). The fold of every record into
-the deciding record of each id is :mod:`step1x_batch.rows.state`, compacted so that a start never
-re-reads every part.
+Resume rule (docs/architecture.md, "The row contract and the resume rule"): a row is done when
+its id's latest ``ok`` record has the same ``fingerprint`` (its bytes are the ones in the output
+object now). The fold of every record into the deciding record of each id is
+:mod:`step1x_batch.rows.state`, compacted so that a start never re-reads every part.
 """
 
 from __future__ import annotations

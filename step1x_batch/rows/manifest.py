@@ -1,8 +1,9 @@
 """The manifest: finding its files, reading them, and turning raw rows into validated work.
 
 A manifest is Parquet, JSON Lines or CSV (one file, a folder of them, or a glob; any fsspec URI)
-with the columns of DESIGN.md. :func:`normalize_batch` is a pure function of one batch of rows,
-so it gives the same answer however the manifest is split into batches, on any worker.
+with the columns of the row contract (docs/architecture.md). :func:`normalize_batch` is a pure
+function of one batch of rows and one :class:`NormalizeSettings`, so it gives the same answer
+however the manifest is split into batches, on any worker.
 
 Row identity (``id``)
     A given ``id`` is kept (as text). Otherwise the id is a content hash: the first 20 hex digits
@@ -88,8 +89,9 @@ import math
 import os
 import posixpath
 import re
-from dataclasses import fields
-from typing import Any, Iterable, Mapping
+import string
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -109,7 +111,8 @@ from step1x_batch.errors import (
 )
 from step1x_batch.models.base import EditParams
 from step1x_batch.io.images import image_extension, image_format as canonical_format
-from step1x_batch.io.storage import StorageOptions, filesystem, parent_uri, safe_output_key
+from step1x_batch.io.storage import StorageOptions, filesystem, parent_uri, safe_output_key, write_bytes
+from step1x_batch.rows.log import LOG_SCHEMA
 
 MANIFEST_REQUIRED = ("instruction",)  # and one of IMAGE_COLUMNS
 IMAGE_COLUMNS = ("image_uri", "image_uris")
@@ -574,8 +577,6 @@ def template_fields(template: str) -> list[str]:
     ``["object", "colour"]``). Raises ValueError for malformed braces and for positional
     (``{}``, ``{0}``), attribute (``{a.b}``) or index (``{a[0]}``) fields: a template may only
     name columns."""
-    import string
-
     fields: list[str] = []
     try:
         parsed = list(string.Formatter().parse(template))
@@ -613,8 +614,6 @@ def fill_template(template: str, row: Mapping[str, Any]) -> str:
 
 def write_manifest(table: pa.Table, uri: str, options: StorageOptions | None = None) -> None:
     """Write ``table`` as one Parquet manifest object at ``uri`` (whole or not at all)."""
-    from step1x_batch.io.storage import write_bytes
-
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue(), options)
@@ -670,18 +669,43 @@ def fingerprint(
 # --- normalisation -------------------------------------------------------------------------------
 
 
-class _Context:
-    def __init__(self, base: str, defaults: EditParams, default_seed_base: int, model_id: str,
-                 fmt: str, quality: int | None, max_chars: int, max_images: int) -> None:
-        self.base = base
-        self.defaults = defaults
-        self.default_seed_base = default_seed_base
-        self.model_id = model_id
-        self.fmt = fmt
-        self.ext = image_extension(fmt)
-        self.quality = quality
-        self.max_chars = max_chars
-        self.max_images = max_images
+@dataclass(frozen=True)
+class NormalizeSettings:
+    """Everything normalisation reads besides the rows: the one settings object of the row
+    contract (docs/architecture.md). Build it from a job config with
+    :func:`step1x_batch.job.stages.normalize_settings`; the digest of a raw row covers these
+    fields too (:func:`step1x_batch.rows.digest.settings_digest_key`)."""
+
+    manifest_uri: str  # absolute (storage.absolute_uri): relative image paths resolve against its folder
+    defaults: EditParams  # the job's parameters for a row that sets none
+    seed_base: int  # derived seeds change with it (derive_seed)
+    model_id: str
+    image_format: str  # the output format, as configured (``jpg`` or ``jpeg``)
+    max_instruction_chars: int  # <= 0: no limit
+    image_quality: int | None = None  # folded into the fingerprint for lossy formats
+    max_images: int = 1  # the model family's limit of input images per row
+
+    def __post_init__(self) -> None:
+        # Derived once per settings object, not per row; an unknown format fails here.
+        output_format = canonical_format(self.image_format)
+        object.__setattr__(self, "output_format", output_format)
+        object.__setattr__(self, "output_extension", image_extension(output_format))
+        object.__setattr__(self, "base", manifest_base(self.manifest_uri))
+        object.__setattr__(self, "instruction_limit", int(self.max_instruction_chars or 0))
+
+
+class _FirstError:
+    """A row's error: the first problem found wins (later checks still run, to fill the id)."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self) -> None:
+        self.code: str | None = None
+        self.message: str | None = None
+
+    def __call__(self, code: str, message: str) -> None:
+        if self.code is None:
+            self.code, self.message = code, message
 
 
 def _as_list(value: Any) -> tuple[list[Any] | None, str | None]:
@@ -701,7 +725,8 @@ def _as_list(value: Any) -> tuple[list[Any] | None, str | None]:
     return list(value), None
 
 
-def _image_inputs(raw: Mapping[str, Any], ctx: _Context, fail) -> tuple[list[str] | None, list[str | None], Any]:
+def _image_inputs(raw: Mapping[str, Any], settings: NormalizeSettings,
+                  fail: _FirstError) -> tuple[list[str] | None, list[str | None], Any]:
     """(resolved URIs or None, change markers aligned with them, the identity value)."""
     single, many = raw.get("image_uri"), raw.get("image_uris")
     if many is not None and single is not None:
@@ -736,58 +761,57 @@ def _image_inputs(raw: Mapping[str, Any], ctx: _Context, fail) -> tuple[list[str
             fail(INVALID_ROW, f"image {i} of {len(uris)} in image_uris is not a usable URI "
                  f"({redact(repr(uri))[:80]}).")
             return None, [], repr(uris)
-        resolved.append(resolve_image_uri(uri, ctx.base))
-    if len(resolved) > ctx.max_images:
+        resolved.append(resolve_image_uri(uri, settings.base))
+    if len(resolved) > int(settings.max_images):
         fail(TOO_MANY_IMAGES, f"the row has {len(resolved)} input images; this model takes at most "
-             f"{ctx.max_images} per row.")
+             f"{int(settings.max_images)} per row.")
     return resolved, etags, (resolved[0] if len(resolved) == 1 else resolved)
 
 
-def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> dict[str, Any]:
-    error: list[tuple[str, str]] = []  # the first problem found wins
+def _blank(value: Any) -> bool:
+    """Null or whitespace-only text: a cell the row leaves to the default."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
-    def fail(code: str, message: str) -> None:
-        if not error:
-            error.append((code, message))
 
-    identity: dict[str, Any] = {}
-    problem = raw.get(MANIFEST_PROBLEM)
-    if problem:  # the line could not be read as a row (JSON Lines / CSV): its place names it
-        fail(INVALID_ROW, str(problem))
-        identity["manifest_problem"] = str(problem)
-    image_uris, image_etags, shown = _image_inputs(raw, ctx, fail)
-    identity["image_uri" if not isinstance(shown, list) else "image_uris"] = shown
-    # instruction
+def _instruction(raw: Mapping[str, Any], max_chars: int, fail: _FirstError,
+                 identity: dict[str, Any]) -> str | None:
+    """The stripped instruction, or None when it is missing or not text (the row's error)."""
     raw_instruction = raw.get("instruction")
-    instruction = None
     if raw_instruction is None:
         fail(EMPTY_INSTRUCTION, "instruction is missing; give the edit to apply in the "
              "'instruction' column.")
-    elif not isinstance(raw_instruction, str):
+        return None
+    if not isinstance(raw_instruction, str):
         fail(INVALID_ROW, f"instruction is not text ({type(raw_instruction).__name__}); give the "
              "edit to apply as text.")
         identity["instruction"] = repr(raw_instruction)
-    else:
-        instruction = raw_instruction.strip()
-        identity["instruction"] = instruction
-        if not instruction:
-            fail(EMPTY_INSTRUCTION, "instruction is empty or only whitespace; give the edit to "
-                 "apply in the 'instruction' column.")
-        elif ctx.max_chars > 0 and len(instruction) > ctx.max_chars:
-            fail(INSTRUCTION_TOO_LONG, f"instruction is {len(instruction)} characters, over the "
-                 f"limit of {ctx.max_chars}; shorten it (long instructions are rejected, not "
-                 "truncated).")
-    # parameters given by the row
-    given: dict[str, Any] = {}
-    parsers = {
-        "seed": lambda v: _parse_int(v, 0, _MAX_GIVEN_SEED),
-        "num_steps": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), NUM_STEPS_RANGE),
-        "size_level": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), SIZE_LEVEL_RANGE),
-        "guidance_scale": lambda v: _in_range(_parse_float(v, -math.inf), GUIDANCE_SCALE_RANGE),
-    }
-    for name, parse in parsers.items():
+        return None
+    instruction = raw_instruction.strip()
+    identity["instruction"] = instruction
+    if not instruction:
+        fail(EMPTY_INSTRUCTION, "instruction is empty or only whitespace; give the edit to "
+             "apply in the 'instruction' column.")
+    elif max_chars > 0 and len(instruction) > max_chars:
+        fail(INSTRUCTION_TOO_LONG, f"instruction is {len(instruction)} characters, over the "
+             f"limit of {max_chars}; shorten it (long instructions are rejected, not "
+             "truncated).")
+    return instruction
+
+
+_NUMBER_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "seed": lambda v: _parse_int(v, 0, _MAX_GIVEN_SEED),
+    "num_steps": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), NUM_STEPS_RANGE),
+    "size_level": lambda v: _in_range(_parse_int(v, -_MAX_GIVEN_SEED, _MAX_GIVEN_SEED), SIZE_LEVEL_RANGE),
+    "guidance_scale": lambda v: _in_range(_parse_float(v, -math.inf), GUIDANCE_SCALE_RANGE),
+}
+
+
+def _given_numbers(raw: Mapping[str, Any], fail: _FirstError, identity: dict[str, Any],
+                   given: dict[str, Any]) -> None:
+    """The seed and numeric parameters the row sets (parsed, within the config's bounds)."""
+    for name, parse in _NUMBER_PARSERS.items():
         value = raw.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if _blank(value):
             continue
         try:
             given[name] = parse(value)
@@ -795,86 +819,150 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             identity[name] = repr(value)
             fail(INVALID_ROW, f"{name} {redact(repr(value))[:80]} is invalid ({exc}); fix or "
                  "remove it to use the default.")
+
+
+def _given_blend(raw: Mapping[str, Any], max_chars: int, fail: _FirstError,
+                 identity: dict[str, Any], given: dict[str, Any]) -> None:
+    """The blend instruction and scale the row sets; a scale needs an instruction to blend with."""
     blend = raw.get("blend_instruction")
-    if blend is not None and not (isinstance(blend, str) and not blend.strip()):
+    if not _blank(blend):
         if not isinstance(blend, str):
             identity["blend_instruction"] = repr(blend)
             fail(INVALID_ROW, f"blend_instruction is not text ({type(blend).__name__}).")
-        elif ctx.max_chars > 0 and len(blend.strip()) > ctx.max_chars:
+        elif max_chars > 0 and len(blend.strip()) > max_chars:
             fail(INSTRUCTION_TOO_LONG, f"blend_instruction is {len(blend.strip())} characters, over the "
-                 f"limit of {ctx.max_chars}; shorten it.")
+                 f"limit of {max_chars}; shorten it.")
         else:
             given["blend_instruction"] = blend.strip()
     scale = raw.get("blend_scale")
-    if scale is not None and not (isinstance(scale, str) and not scale.strip()):
-        try:
-            given["blend_scale"] = _parse_float(scale, -math.inf)
-        except (ValueError, OverflowError) as exc:
-            identity["blend_scale"] = repr(scale)
-            fail(INVALID_ROW, f"blend_scale {redact(repr(scale))[:80]} is invalid ({exc}).")
-        else:
-            if "blend_instruction" not in given and "blend_instruction" not in identity:
-                fail(INVALID_ROW, "blend_scale is given without a blend_instruction to blend with; add "
-                     "the blend_instruction (e.g. the neutral version of the instruction) or drop the scale.")
+    if _blank(scale):
+        return
+    try:
+        given["blend_scale"] = _parse_float(scale, -math.inf)
+    except (ValueError, OverflowError) as exc:
+        identity["blend_scale"] = repr(scale)
+        fail(INVALID_ROW, f"blend_scale {redact(repr(scale))[:80]} is invalid ({exc}).")
+        return
+    if "blend_instruction" not in given and "blend_instruction" not in identity:
+        fail(INVALID_ROW, "blend_scale is given without a blend_instruction to blend with; add "
+             "the blend_instruction (e.g. the neutral version of the instruction) or drop the scale.")
+
+
+def _given_negative_prompt(raw: Mapping[str, Any], fail: _FirstError, identity: dict[str, Any],
+                           given: dict[str, Any]) -> None:
+    """The negative prompt the row sets (any text, kept as written)."""
     negative = raw.get("negative_prompt")
-    if negative is not None:
-        if isinstance(negative, str):
-            given["negative_prompt"] = negative
-        else:
-            identity["negative_prompt"] = repr(negative)
-            fail(INVALID_ROW, f"negative_prompt is not text ({type(negative).__name__}).")
+    if negative is None:
+        return
+    if isinstance(negative, str):
+        given["negative_prompt"] = negative
+    else:
+        identity["negative_prompt"] = repr(negative)
+        fail(INVALID_ROW, f"negative_prompt is not text ({type(negative).__name__}).")
+
+
+def _given_output_key(raw: Mapping[str, Any], fail: _FirstError, identity: dict[str, Any]) -> str | None:
+    """The row's own output key, made safe; None when it gives none (or an unsafe one)."""
     raw_key = raw.get("output_key")
-    output_key = None
-    if raw_key is not None and not (isinstance(raw_key, str) and not raw_key.strip()):
-        identity["output_key"] = raw_key if isinstance(raw_key, str) else repr(raw_key)
-        try:
-            output_key = safe_output_key(raw_key)
-        except RowError as exc:
-            fail(exc.code, exc.message)
-        else:
-            identity["output_key"] = output_key
-    identity.update(given)
-    # id
+    if _blank(raw_key):
+        return None
+    identity["output_key"] = raw_key if isinstance(raw_key, str) else repr(raw_key)
+    try:
+        output_key = safe_output_key(raw_key)
+    except RowError as exc:
+        fail(exc.code, exc.message)
+        return None
+    identity["output_key"] = output_key
+    return output_key
+
+
+def _given_id(raw: Mapping[str, Any], fail: _FirstError) -> str | None:
+    """The row's own id as text (an integral float without its ``.0``); None when it gives none
+    or an unusable one."""
     raw_id = raw.get("id")
-    row_id = None
-    if raw_id is not None:
-        text = str(raw_id).strip() if not isinstance(raw_id, float) else (
-            str(int(raw_id)) if raw_id.is_integer() else str(raw_id))
-        if isinstance(raw_id, (bytes, bytearray, list, dict, bool)):
-            fail(INVALID_ROW, f"id has an unusable type ({type(raw_id).__name__}); give text.")
-        elif _CONTROL_CHARS.search(text) or len(text) > _MAX_ID_CHARS:
-            fail(INVALID_ROW, f"id {redact(repr(text))[:80]} contains control characters or is "
-                 f"longer than {_MAX_ID_CHARS} characters.")
-        elif text:
-            row_id = text
-    given_id = row_id is not None
-    if row_id is None:
-        row_id = _sha256(_canonical(identity))[:20]
-    # defaults, seed, output key
-    params = EditParams(
-        num_steps=given.get("num_steps", ctx.defaults.num_steps),
-        guidance_scale=given.get("guidance_scale", ctx.defaults.guidance_scale),
-        size_level=given.get("size_level", ctx.defaults.size_level),
-        negative_prompt=given.get("negative_prompt", ctx.defaults.negative_prompt or ""),
+    if raw_id is None:
+        return None
+    text = str(raw_id).strip() if not isinstance(raw_id, float) else (
+        str(int(raw_id)) if raw_id.is_integer() else str(raw_id))
+    if isinstance(raw_id, (bytes, bytearray, list, dict, bool)):
+        fail(INVALID_ROW, f"id has an unusable type ({type(raw_id).__name__}); give text.")
+    elif _CONTROL_CHARS.search(text) or len(text) > _MAX_ID_CHARS:
+        fail(INVALID_ROW, f"id {redact(repr(text))[:80]} contains control characters or is "
+             f"longer than {_MAX_ID_CHARS} characters.")
+    elif text:
+        return text
+    return None
+
+
+def _edit_params(given: Mapping[str, Any], defaults: EditParams) -> EditParams:
+    """The row's parameters: what it sets, else the job's defaults."""
+    return EditParams(
+        num_steps=given.get("num_steps", defaults.num_steps),
+        guidance_scale=given.get("guidance_scale", defaults.guidance_scale),
+        size_level=given.get("size_level", defaults.size_level),
+        negative_prompt=given.get("negative_prompt", defaults.negative_prompt or ""),
         blend_instruction=given.get("blend_instruction"),
         blend_scale=given.get("blend_scale", 1.0),
     )
+
+
+def _default_output_key(row_id: str, extension: str, fail: _FirstError) -> str | None:
+    """``images/<id>.<ext>`` for a row that names no output key (an id that makes it unsafe is
+    the row's error)."""
+    try:
+        return safe_output_key(f"images/{row_id}.{extension}")
+    except RowError as exc:
+        fail(exc.code, f"the default output key from id {redact(repr(row_id))[:80]} is "
+             f"unsafe ({exc.message}); give a plain id or an output_key.")
+        return None
+
+
+def _error_message(row_id: str, image_uris: list[str] | None, image_uri: str | None, message: str) -> str:
+    """A row error as people read it: the row, its input(s) (credentials redacted), the problem."""
+    where = ""
+    if image_uris and len(image_uris) > 1:
+        where = f" (image_uris {', '.join(redact_uri(u) for u in image_uris)})"
+    elif image_uri:
+        where = f" (image_uri {redact_uri(image_uri)})"
+    return redact(f"Row {row_id}{where}: {message}")
+
+
+def _normalize_row(raw: Mapping[str, Any], extras: list[str], settings: NormalizeSettings) -> dict[str, Any]:
+    """One raw row -> one :data:`NORMALIZED_SCHEMA` row (plus ``_given_id``). Every check runs,
+    so the id covers every field the row sets; the first problem found is the row's error."""
+    fail = _FirstError()
+    identity: dict[str, Any] = {}  # what the content-hash id covers
+    given: dict[str, Any] = {}  # the parameters the row itself sets
+    problem = raw.get(MANIFEST_PROBLEM)
+    if problem:  # the line could not be read as a row (JSON Lines / CSV): its place names it
+        fail(INVALID_ROW, str(problem))
+        identity["manifest_problem"] = str(problem)
+    image_uris, image_etags, shown = _image_inputs(raw, settings, fail)
+    identity["image_uri" if not isinstance(shown, list) else "image_uris"] = shown
+    max_chars = settings.instruction_limit
+    instruction = _instruction(raw, max_chars, fail, identity)
+    _given_numbers(raw, fail, identity, given)
+    _given_blend(raw, max_chars, fail, identity, given)
+    _given_negative_prompt(raw, fail, identity, given)
+    output_key = _given_output_key(raw, fail, identity)
+    identity.update(given)
+    row_id = _given_id(raw, fail)
+    given_id = row_id is not None
+    if row_id is None:
+        row_id = _sha256(_canonical(identity))[:20]
+    params = _edit_params(given, settings.defaults)
     seed = given.get("seed")
     if seed is None:
-        seed = derive_seed(row_id, ctx.default_seed_base)
+        seed = derive_seed(row_id, settings.seed_base)
     if output_key is None and "output_key" not in identity:
-        try:
-            output_key = safe_output_key(f"images/{row_id}.{ctx.ext}")
-        except RowError as exc:
-            fail(exc.code, f"the default output key from id {redact(repr(row_id))[:80]} is "
-                 f"unsafe ({exc.message}); give a plain id or an output_key.")
+        output_key = _default_output_key(row_id, settings.output_extension, fail)
     raw_uri = raw.get("image_uri")
+    image_uri = image_uris[0] if image_uris else (raw_uri if isinstance(raw_uri, str) else None)
     out: dict[str, Any] = {
         "id": row_id,
-        "image_uri": image_uris[0] if image_uris else (raw_uri if isinstance(raw_uri, str) else None),
+        "image_uri": image_uri,
         "image_uris": image_uris,
-        "instruction": instruction if instruction is not None else (
-            raw_instruction if isinstance(raw_instruction, str) else None),
+        "instruction": instruction,
         "seed": seed,
         **{name: getattr(params, name) for name in _PARAM_FIELDS},  # asdict() deep-copies: slow per row
         "output_key": output_key,
@@ -883,15 +971,9 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
         "error_message": None,
         "_given_id": given_id,  # for the duplicate check; not a column
     }
-    if error:
-        code, message = error[0]
-        where = ""
-        if image_uris and len(image_uris) > 1:
-            where = f" (image_uris {', '.join(redact_uri(u) for u in image_uris)})"
-        elif out["image_uri"]:
-            where = f" (image_uri {redact_uri(out['image_uri'])})"
-        out["error_type"] = code
-        out["error_message"] = redact(f"Row {row_id}{where}: {message}")
+    if fail.code is not None:
+        out["error_type"] = fail.code
+        out["error_message"] = _error_message(row_id, image_uris, image_uri, fail.message)
     else:
         out["fingerprint"] = fingerprint(
             image_uris=image_uris,
@@ -899,9 +981,9 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], ctx: _Context) -> 
             instruction=instruction,
             params=params,
             seed=seed,
-            model_id=ctx.model_id,
-            image_format=ctx.fmt,
-            image_quality=ctx.quality,
+            model_id=settings.model_id,
+            image_format=settings.output_format,
+            image_quality=settings.image_quality,
         )
     out["extra"] = (
         _canonical({name: _jsonable(raw.get(name)) for name in extras}) if extras else None
@@ -941,24 +1023,11 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
             by_id.setdefault(row["id"], row)
 
 
-def _reserved_names() -> set[str]:
-    from step1x_batch.rows.log import LOG_SCHEMA  # local import: rowlog is independent of manifests
-
-    return set(NORMALIZED_COLUMNS) | set(LOG_SCHEMA.names)
+# Extra columns whose name is a normalised or log column travel only in ``extra``.
+_RESERVED_NAMES = frozenset(NORMALIZED_COLUMNS) | frozenset(LOG_SCHEMA.names)
 
 
-def normalize_batch(
-    batch: pa.Table,
-    *,
-    manifest_uri: str,
-    defaults: EditParams,
-    default_seed_base: int,
-    model_id: str,
-    image_format: str,
-    max_instruction_chars: int,
-    image_quality: int | None = None,
-    max_images: int = 1,
-) -> pa.Table:
+def normalize_batch(batch: pa.Table, settings: NormalizeSettings) -> pa.Table:
     """Validate one batch of raw manifest rows and turn it into work (see the module docstring
     for the id, seed, duplicate, image and instruction policies).
 
@@ -969,26 +1038,18 @@ def normalize_batch(
     came, except any whose name clashes with a normalised or log column (those are only in
     ``extra``). A row that is invalid here keeps every column, has ``error_type`` /
     ``error_message`` set and ``fingerprint`` null.
-
-    ``manifest_uri`` should be absolute (see :func:`step1x_batch.io.storage.absolute_uri`): relative
-    image paths are resolved against :func:`manifest_base` of it. ``image_quality`` is folded into
-    the fingerprint (see :func:`fingerprint`); ``max_images`` is the model family's limit.
     """
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
-    fmt = canonical_format(image_format)
-    ctx = _Context(manifest_base(manifest_uri), defaults, int(default_seed_base), model_id, fmt,
-                   image_quality, int(max_instruction_chars or 0), int(max_images))
     names = list(batch.schema.names)
     cols = {n: batch.column(n).to_pylist() for n in names}
     extras = extra_columns(names)
-    rows = [_normalize_row({name: cols[name][i] for name in names}, extras, ctx)
+    rows = [_normalize_row({name: cols[name][i] for name in names}, extras, settings)
             for i in range(batch.num_rows)]
     mark_duplicates(rows)
-    reserved = _reserved_names()
     table = pa.Table.from_pydict({name: [r[name] for r in rows] for name in NORMALIZED_COLUMNS},
                                  schema=NORMALIZED_SCHEMA)
     for name in extras:
-        if name not in reserved:
+        if name not in _RESERVED_NAMES:
             table = table.append_column(name, batch.column(name))
     return table

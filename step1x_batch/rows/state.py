@@ -49,7 +49,15 @@ import pyarrow.parquet as pq
 
 from step1x_batch.errors import redact_uri
 from step1x_batch.rows.log import log_part_keys, read_part
-from step1x_batch.io.storage import StorageOptions, exists, filesystem, join_uri, read_bytes, write_bytes
+from step1x_batch.io.storage import (
+    StorageOptions,
+    exists,
+    filesystem,
+    join_uri,
+    read_bytes,
+    retry_count,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,24 +122,47 @@ def _times(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(col.cast(pa.int64()), _MIN_TIME).to_numpy(), dtype=np.int64)
 
 
+def _id_codes(ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """Each row's id as a group number (in order of first appearance), and how many ids."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    encoded = pc.dictionary_encode(ids, null_encoding="encode")
+    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64), len(encoded.dictionary)
+
+
+def _deciding_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The resume rule's order (docs/architecture.md): each id's deciding record is its latest by
+    ``finished_at`` (a missing time counts as oldest), ties going to the row read later.
+    Returns (each row's id code, the codes, their deciding rows, how many ids)."""
+    codes, ids = _id_codes(table.column("id"))
+    rows = np.arange(table.num_rows, dtype=np.int64)
+    groups, deciding = _last_per_group(codes, _times(table.column("finished_at")), rows)
+    return codes, groups, deciding, ids
+
+
+def latest_per_id(records: pa.Table) -> pa.Table:
+    """One record per ``id`` (any columns, ``id`` and ``finished_at`` among them): its deciding
+    one, as :func:`fold` picks it; in the order the records came."""
+    if records.num_rows == 0:
+        return records
+    _, _, deciding, _ = _deciding_rows(records)
+    return records.take(pa.array(np.sort(deciding)))
+
+
 def fold(tables: Sequence[pa.Table]) -> pa.Table:
     """Fold state rows (any number per id; later tables and rows fold later) into one row per id."""
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return STATE_SCHEMA.empty_table()
     t = pa.concat_tables([x.select(STATE_SCHEMA.names).cast(STATE_SCHEMA) for x in tables]).combine_chunks()
-    n = t.num_rows
-    encoded = pc.dictionary_encode(t.column("id")).combine_chunks()
-    codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
-    rows = np.arange(n, dtype=np.int64)
-    groups, deciding = _last_per_group(codes, _times(t.column("finished_at")), rows)
+    codes, groups, deciding, ids = _deciding_rows(t)
     has_ok = np.asarray(pc.is_valid(t.column("ok_fingerprint")).to_numpy(), dtype=bool)
-    ok_row = np.full(len(encoded.dictionary), -1, dtype=np.int64)
+    ok_row = np.full(ids, -1, dtype=np.int64)
     if has_ok.any():
         sel = np.flatnonzero(has_ok)
         g_ok, r_ok = _last_per_group(codes[sel], _times(t.column("ok_finished_at"))[sel], sel)
         ok_row[g_ok] = r_ok
-    attempts = np.bincount(codes, weights=t.column("attempts").to_numpy(), minlength=len(encoded.dictionary))
+    attempts = np.bincount(codes, weights=t.column("attempts").to_numpy(), minlength=ids)
     out = t.take(pa.array(deciding)).select(["id"] + [nm for nm, _ in _DECIDING])
     ok_take = pa.array(ok_row[groups], mask=ok_row[groups] < 0)
     cols = {name: out.column(name) for name in out.column_names}
@@ -350,8 +381,6 @@ def _split_parts(output_uri: str, options: StorageOptions | None, parts: list[st
     """Map task: read log parts (in order), their records as state rows split by bucket; the last
     return value says which parts could not be read (left for the next compaction) and how many
     storage retries the reads took."""
-    from step1x_batch.io.storage import retry_count
-
     retries = retry_count()
     tables, unreadable = [], []
     for key in parts:
@@ -368,8 +397,6 @@ def _split_bucket(output_uri: str, options: StorageOptions | None, version: str,
                   buckets: int) -> list[Any]:
     """Map task (re-partitioning): one bucket file of the previous version split by the new count
     (plus an empty last value, so that the task always has several return values)."""
-    from step1x_batch.io.storage import retry_count
-
     retries = retry_count()
     table = _load_bucket(bucket_uri(output_uri, version, bucket), options)
     return [*split_by_bucket(table, buckets), {"unreadable": [], "retries": retry_count() - retries}]
@@ -380,8 +407,6 @@ def _fold_bucket(output_uri: str, options: StorageOptions | None, version: str, 
     """Reduce task: fold the previous state of this bucket (its file when the bucket count is
     unchanged, else the first ``n_previous`` tables) and the new records that hash to it, write
     the new bucket file; return (ids, new records folded, storage retries)."""
-    from step1x_batch.io.storage import retry_count
-
     retries = retry_count()
     inputs = []
     if previous_uri is not None:
