@@ -19,11 +19,15 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from step1x_batch.job.lease import Lease
+    from step1x_batch.job.preflight import Preflight
 
 DEFAULT_WORKDIR = "step1x-demo"
 FAMILIES = ("step1x", "qwen-image-edit")
@@ -208,7 +212,7 @@ def make_weights(folder: str | os.PathLike, family: str = "step1x") -> Path:
 def main(workdir: str | None = None, family: str = "step1x") -> int:
     """Prepare everything under ``workdir`` and run the job; returns the exit status."""
     from step1x_batch.job.config import parse_config
-    from step1x_batch.job.entrypoint import exit_status, operated
+    from step1x_batch.job.entrypoint import check_lease_and_run, exit_status
     from step1x_batch.job.runner import run_job
 
     if family not in FAMILIES:
@@ -229,11 +233,11 @@ def main(workdir: str | None = None, family: str = "step1x") -> int:
     print(f"  config:        {work / f'demo{s}.yaml'}")
     cfg = parse_config(raw)
 
-    def run(facts) -> bool:
-        summary = run_job(cfg, facts)
+    def run(facts: "Preflight", lease: "Lease") -> bool:
+        summary = run_job(cfg, facts, lease)
         print(f"open the report: {summary.paths['report']}")
         if summary.rows_processed == 0 and summary.rows_skipped:
             print(f"(every row was already done by an earlier run; delete {work / f'output{s}'} to redo them)")
         return summary.ok
 
-    return exit_status(lambda: operated(cfg, run, job="demo"))
+    return exit_status(lambda: check_lease_and_run(cfg, run, job="demo"))

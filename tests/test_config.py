@@ -16,6 +16,7 @@ from step1x_batch.job.config import (
     load_config,
     parse_config,
 )
+from step1x_batch.job.runner import pin_adapters
 from step1x_batch.models.base import EditParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_adapters_enter_the_model_id_by_content_and_scale(tmp_path):
     b.write_bytes(b"adapter one")  # the same bytes under another name
     base = {**MINIMAL, "model": {"family": "qwen-image-edit", "weights": "/w"}}
     def model_id(*adapters):
-        return parse_config({**base, "model": {**base["model"], "adapters": list(adapters)}}).resolved_model_id()
+        return pin_adapters(parse_config({**base, "model": {**base["model"], "adapters": list(adapters)}})).family().model_id()
     plain = model_id()
     one = model_id({"uri": str(a)})
     assert one != plain and "+lora[" in one
@@ -70,6 +71,37 @@ def test_adapters_enter_the_model_id_by_content_and_scale(tmp_path):
         parse_config({**base, "model": {**base["model"], "adapters": [{"uri": str(a), "format": "ckpt"}]}})
     relative = parse_config({**base, "model": {**base["model"], "adapters": [{"uri": "a.safetensors"}]}}, tmp_path)
     assert relative.model.adapters[0].uri == str(a)
+
+
+def test_parsing_stages_no_adapter_and_the_digest_is_pinned_once(tmp_path):
+    """A config is parsing and validation: the adapter's file is hashed by the driver's
+    pin_adapters, once, and every later spec carries that digest."""
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"adapter one")
+    cfg = parse_config({**MINIMAL, "model": {"family": "qwen-image-edit", "weights": "/w",
+                                             "adapters": [{"uri": str(path)}]}})
+    assert cfg.model.adapters[0].sha256 is None
+    with pytest.raises(RuntimeError, match=r"model.adapters\[0\] has no content digest yet"):
+        cfg.model_spec()
+    pinned = pin_adapters(cfg).model_spec().adapters[0].sha256
+    assert len(pinned) == 64
+    path.write_bytes(b"adapter two")  # the run keeps the digest it pinned
+    assert pin_adapters(cfg).model_spec().adapters[0].sha256 == pinned
+    assert cfg.model_copy(deep=True).model_spec().adapters[0].sha256 == pinned  # a job built on it
+
+
+def test_retry_error_types_this_run_and_its_old_name():
+    """``--retry-errors`` sets runtime.retry_error_types_this_run; a config with the old name
+    redo_error_types still works."""
+    new = parse_config({**MINIMAL, "runtime": {"retry_error_types_this_run": ["missing_object"]}})
+    old = parse_config({**MINIMAL, "runtime": {"redo_error_types": ["missing_object"]}})
+    assert new.runtime.retry_error_types_this_run == old.runtime.retry_error_types_this_run == ["missing_object"]
+    assert "missing_object" in old.runtime.retried_error_types() and "read_failed" in old.runtime.retried_error_types()
+    assert "redo_error_types" not in config_to_yaml(old)
+    with pytest.raises(ConfigError, match="set only one of them"):
+        parse_config({**MINIMAL, "runtime": {"redo_error_types": [], "retry_error_types_this_run": []}})
+    with pytest.raises(ConfigError, match="unknown error type"):
+        parse_config({**MINIMAL, "runtime": {"redo_error_types": ["no_such_type"]}})
 
 
 def test_qwen_image_edit_config_is_the_official_recipe():
@@ -257,22 +289,22 @@ def test_model_id_model_spec_and_weights_source(tmp_path):
     assert weights.cache_dir is None and weights.storage == cfg.input.storage  # $STEP1X_WEIGHTS_CACHE
     pinned = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.cache_dir=/mnt/nvme/cache"])
     assert pinned.weights_source().cache_dir == "/mnt/nvme/cache"
-    assert cfg.resolved_model_id() == "step1x-edit[auto]:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
+    assert cfg.family().model_id() == "step1x-edit[auto]:v1.1:bfloat16:sample:s3://my-models/step1x-edit-v1p1"
     for override in ("model.dtype=float16", "model.options.posterior_mean=true", "model.options.version=v1.0",
                      "model.batch_invariant=false"):
         other = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
-        assert other.resolved_model_id() != cfg.resolved_model_id(), override  # changes pixels
+        assert other.family().model_id() != cfg.family().model_id(), override  # changes pixels
     for override in ("model.compile=true", "model.attention=math"):  # rounding only, like the GPU model
         same = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), [override])
-        assert same.resolved_model_id() == cfg.resolved_model_id(), override
+        assert same.family().model_id() == cfg.family().model_id(), override
         assert (same.model_spec().compile, same.model_spec().attention) != (False, "auto")
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.attention=fastest"])
     named = load_config(str(CONFIGS / "step1x-edit-v1p1.yaml"), ["model.model_id=mine"])
-    assert named.model_spec().model_id == "mine" and named.resolved_model_id() == "mine"
-    assert load_config(_write(tmp_path, MINIMAL)).resolved_model_id() == "null"
+    assert named.model_spec().model_id == "mine" and named.family().model_id() == "mine"
+    assert load_config(_write(tmp_path, MINIMAL)).family().model_id() == "null"
     plugin = load_config(_write(tmp_path, MINIMAL), ["model.family=job_plugins:MeanOfInputs"])
-    assert plugin.resolved_model_id().startswith("mean-of-inputs:")
+    assert plugin.family().model_id().startswith("mean-of-inputs:")
 
 
 def _cfg(**resources) -> JobConfig:

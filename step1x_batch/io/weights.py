@@ -416,21 +416,7 @@ def _stage(
 ) -> None:
     shown = redact_uri(uri)
     objects = _list_objects(fs, base, shown, include)
-    if checksums:
-        missing = sorted(set(checksums) - set(objects))
-        if missing:
-            raise StagingError(
-                f"the checksum list names {len(missing)} file(s) not found under {shown}: "
-                f"{', '.join(missing[:5])}"
-            )
-    total = sum(objects.values())
-    dest.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dest).free
-    if total > free:
-        raise StagingError(
-            f"not enough space in {dest.parent} for {shown}: needs {format_bytes(total)}, "
-            f"{format_bytes(free)} free; point the weights cache at a larger local disk"
-        )
+    total = _check_room(objects, checksums, dest, shown)
     log.info(
         "weights: staging %d files (%s) from %s to %s", len(objects), format_bytes(total), shown, dest
     )
@@ -439,31 +425,8 @@ def _stage(
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="weights") as pool:
         for rel in sorted(objects):
             size = objects[rel]
-            final = dest / rel
-            partial = final.with_name(final.name + PARTIAL_SUFFIX)
-            final.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            try:
-                _download_file(fs, f"{base}/{rel}", size, partial, pool, options, chunk_bytes, rel)
-                got = partial.stat().st_size
-                if got != size:
-                    raise StagingError(
-                        f"{rel} from {shown}: downloaded {got} bytes, the listing says {size}"
-                    )
-                entry = {"path": rel, "size": size}
-                if checksums and rel in checksums:
-                    digest = _sha256_file(partial)
-                    if digest != checksums[rel]:
-                        raise ChecksumMismatchError(
-                            f"checksum mismatch for {rel} from {shown}: sha256 {digest}, the "
-                            f"checksum list says {checksums[rel]}; the object is corrupt or the "
-                            "list belongs to another release"
-                        )
-                    entry["sha256"] = digest
-                os.replace(partial, final)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+            entry = _stage_file(fs, base, rel, size, dest, pool, options, checksums, chunk_bytes, shown)
             seconds = time.perf_counter() - t0
             files.append(entry)
             if progress is not None:
@@ -483,6 +446,60 @@ def _stage(
         format_bytes(total), seconds, _rate(total, seconds), dest,
         f"; {unchecked} file(s) checked by size only" if checksums and unchecked else "",
     )
+
+
+def _check_room(objects: Mapping[str, int], checksums: Mapping[str, str] | None, dest: pathlib.Path,
+                shown: str) -> int:
+    """Before any byte moves: every checksummed file is listed and the disk holds the total
+    (returned)."""
+    if checksums:
+        missing = sorted(set(checksums) - set(objects))
+        if missing:
+            raise StagingError(
+                f"the checksum list names {len(missing)} file(s) not found under {shown}: "
+                f"{', '.join(missing[:5])}"
+            )
+    total = sum(objects.values())
+    dest.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise StagingError(
+            f"not enough space in {dest.parent} for {shown}: needs {format_bytes(total)}, "
+            f"{format_bytes(free)} free; point the weights cache at a larger local disk"
+        )
+    return total
+
+
+def _stage_file(fs, base: str, rel: str, size: int, dest: pathlib.Path, pool: ThreadPoolExecutor,
+                options: StorageOptions, checksums: Mapping[str, str] | None, chunk_bytes: int,
+                shown: str) -> dict[str, Any]:
+    """One object downloaded beside its final name, its size and checksum checked, then renamed
+    into place; its marker entry."""
+    final = dest / rel
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_file(fs, f"{base}/{rel}", size, partial, pool, options, chunk_bytes, rel)
+        got = partial.stat().st_size
+        if got != size:
+            raise StagingError(
+                f"{rel} from {shown}: downloaded {got} bytes, the listing says {size}"
+            )
+        entry: dict[str, Any] = {"path": rel, "size": size}
+        if checksums and rel in checksums:
+            digest = _sha256_file(partial)
+            if digest != checksums[rel]:
+                raise ChecksumMismatchError(
+                    f"checksum mismatch for {rel} from {shown}: sha256 {digest}, the "
+                    f"checksum list says {checksums[rel]}; the object is corrupt or the "
+                    "list belongs to another release"
+                )
+            entry["sha256"] = digest
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return entry
 
 
 # --- the entry point -----------------------------------------------------------------------------
@@ -546,20 +563,8 @@ def stage_weights(
             f"into {dest}; raise lock_timeout_s or check that process"
         ) from None
     try:
-        waited = time.perf_counter() - waited
-        if dest.exists():
-            problem = _cache_problem(dest, uri, wanted)
-            if problem is None:
-                log.info(
-                    "weights: using the staged copy of %s at %s%s",
-                    shown, dest, f" (waited {waited:.1f} s for the lock)" if waited > 1 else "",
-                )
-                return dest
-            log.warning(
-                "weights: the cached copy of %s at %s is unusable (%s); removing it and "
-                "downloading again", shown, dest, problem,
-            )
-            shutil.rmtree(dest)
+        if _reusable(dest, uri, wanted, time.perf_counter() - waited):
+            return dest
         fs, base = filesystem(uri, options)
         try:
             _stage(fs, base.rstrip("/"), uri, dest, options, wanted, chunk_bytes, max_concurrency, include,
@@ -571,6 +576,27 @@ def stage_weights(
         return dest
     finally:
         lock.release()
+
+
+def _reusable(dest: pathlib.Path, uri: str, wanted: dict[str, str] | None, waited: float) -> bool:
+    """True when ``dest`` holds a complete copy of ``uri`` (checked against ``wanted``); an
+    unusable copy is removed, to be downloaded again. Called under the node's lock."""
+    if not dest.exists():
+        return False
+    shown = redact_uri(uri)
+    problem = _cache_problem(dest, uri, wanted)
+    if problem is None:
+        log.info(
+            "weights: using the staged copy of %s at %s%s",
+            shown, dest, f" (waited {waited:.1f} s for the lock)" if waited > 1 else "",
+        )
+        return True
+    log.warning(
+        "weights: the cached copy of %s at %s is unusable (%s); removing it and "
+        "downloading again", shown, dest, problem,
+    )
+    shutil.rmtree(dest)
+    return False
 
 
 @dataclass(frozen=True)
@@ -595,6 +621,11 @@ class WeightsSource:
             raise ValueError(f"{redact_uri(uri)} does not name a file")
         folder = stage_weights(parent, default_cache_dir(self.cache_dir), self.storage, include=[name])
         return folder / name
+
+    def file_sha256(self, uri: str) -> str:
+        """The sha256 of one file's bytes (an adapter's), staged first like :meth:`local_file`: the
+        content, not the path, names an adapter in the model id (docs/architecture.md)."""
+        return _sha256_file(self.local_file(uri))
 
     def local_folder(self, include: Sequence[str] | None = None,
                      progress: Progress | None = None) -> pathlib.Path | None:

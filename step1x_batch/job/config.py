@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from step1x_batch.errors import CODES, redact
 from step1x_batch.rows.manifest import GUIDANCE_SCALE_RANGE, NUM_STEPS_RANGE, SIZE_LEVEL_RANGE
-from step1x_batch.models import family_class
+from step1x_batch.models import family_class, load_family
 from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
-from step1x_batch.io.storage import StorageOptions
+from step1x_batch.io.storage import StorageOptions, is_local
 from step1x_batch.io.weights import WeightsSource
 
 __all__ = [
@@ -95,7 +95,16 @@ class AdapterConfig(_Section):
     # (what diffusers and PEFT do): so scale 1.0 is the adapter as its authors' inference loads it.
     scale: float = Field(1.0, allow_inf_nan=False)
     format: Literal["auto", "peft", "diffusers", "kohya", "diffsynth", "step1x"] = "auto"
-    _sha256: str | None = PrivateAttr(None)
+    _sha256: str | None = PrivateAttr(None)  # the file's content digest: pinned by the driver, not parsed
+
+    @property
+    def sha256(self) -> str | None:
+        """The sha256 of the file's bytes once pinned (:func:`step1x_batch.job.runner.pin_adapters`)."""
+        return self._sha256
+
+    def pin(self, sha256: str) -> None:
+        """Record the file's content digest, which names the adapter in the model id."""
+        self._sha256 = sha256
 
 
 # Keys an older config may still carry, and where they live now.
@@ -219,9 +228,10 @@ class RuntimeConfig(_Section):
     log_part_rows: int = Field(1000, ge=1)  # a log part lands at least every this many rows ...
     log_part_seconds: float = Field(30.0, gt=0.0)  # ... or this often, whichever comes first
     retry_error_types: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ERROR_TYPES))
-    # Error rows of these types are redone by this run as well (`run CONFIG --retry-errors T1,T2`,
+    # Error rows of these types are retried by this run as well (`run CONFIG --retry-errors T1,T2`,
     # e.g. after re-uploading missing images); final types stay final for every other run.
-    redo_error_types: list[str] = Field(default_factory=list)
+    # Formerly redo_error_types (still accepted).
+    retry_error_types_this_run: list[str] = Field(default_factory=list)
     # Console: one progress line and the summary; Ray's own output goes to runs/<run_id>/ray.log.
     # True (`-v`): Ray's logs (and, with progress_bars, Ray Data's bars) on the console as well.
     verbose: bool = False
@@ -234,7 +244,18 @@ class RuntimeConfig(_Section):
     allow_unlocked: bool = False
     report_max_rows: int = Field(60, ge=0)
 
-    @field_validator("redo_error_types")
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """``redo_error_types``, the old name of ``retry_error_types_this_run``, is still accepted."""
+        if isinstance(data, dict) and "redo_error_types" in data:
+            if "retry_error_types_this_run" in data:
+                raise ValueError("runtime.redo_error_types is the old name of runtime.retry_error_types_this_run; "
+                                 "set only one of them")
+            data = {("retry_error_types_this_run" if k == "redo_error_types" else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("retry_error_types_this_run")
     @classmethod
     def _known_error_types(cls, value: list[str]) -> list[str]:
         unknown = [v for v in value if v not in CODES]
@@ -244,7 +265,7 @@ class RuntimeConfig(_Section):
 
     def retried_error_types(self) -> list[str]:
         """The error types this run redoes: the transient ones and those asked for this run."""
-        return sorted(set(self.retry_error_types) | set(self.redo_error_types))
+        return sorted(set(self.retry_error_types) | set(self.retry_error_types_this_run))
 
     @field_validator("run_id")
     @classmethod
@@ -279,21 +300,23 @@ class JobConfig(_Section):
     def model_spec(self) -> ModelSpec:
         return self.model.spec(self.device(), self.adapter_refs())
 
-    def adapter_refs(self) -> tuple[AdapterRef, ...]:
-        """``model.adapters`` with the sha256 of each file's bytes (staged once on this node and
-        hashed on first use), so the model id changes when an adapter's content changes."""
-        from step1x_batch.io.weights import sha256_file
+    def family(self) -> ModelFamily:
+        """The model family this job edits with; ``family().model_id()`` is the one route to the
+        model id written into fingerprints (docs/architecture.md). Cheap: no weights are read."""
+        return load_family(self.model_spec())
 
-        refs = []
-        for a in self.model.adapters:
-            if a._sha256 is None:
-                a._sha256 = sha256_file(self.weights_source().local_file(a.uri))
-            refs.append(AdapterRef(a.uri, a.scale, a.format, a._sha256))
-        return tuple(refs)
+    def adapter_refs(self) -> tuple[AdapterRef, ...]:
+        """``model.adapters`` with the sha256 of each file's bytes, so the model id changes when an
+        adapter's content changes. The driver pins the digests first (parsing stages nothing)."""
+        unpinned = [i for i, a in enumerate(self.model.adapters) if a.sha256 is None]
+        if unpinned:
+            raise RuntimeError(f"model.adapters[{unpinned[0]}] has no content digest yet: pin the adapters "
+                               "(step1x_batch.job.runner.pin_adapters) before deriving the model id")
+        return tuple(AdapterRef(a.uri, a.scale, a.format, a.sha256) for a in self.model.adapters)
 
     def resolved_model_id(self) -> str:
-        """The model identity written into fingerprints (the family derives it)."""
-        return self.model.family_class()(self.model_spec()).model_id()
+        """Deprecated: ``family().model_id()``, kept while recipes/ still call it."""
+        return self.family().model_id()
 
     def edit_defaults(self) -> EditParams:
         """Per-row defaults: ``sampling.*`` where set, else the model family's recipe."""
@@ -311,15 +334,10 @@ class JobConfig(_Section):
 # Loading
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _absolute(uri: str, base: Path) -> str:
-    """Local paths become absolute (Ray workers do not share the driver's working directory)."""
-    if not uri or not _is_local(uri):
-        return uri
-    if uri.startswith("file://"):
+    """Plain local paths become absolute against ``base`` (Ray workers do not share the driver's
+    working directory); a URI with a scheme (``file://``, ``s3://``) is kept as written."""
+    if not uri or not is_local(uri) or "://" in uri:
         return uri
     path = Path(os.path.expanduser(uri))
     return str(path if path.is_absolute() else (base / path).resolve())

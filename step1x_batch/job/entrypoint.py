@@ -5,7 +5,8 @@ One place for the three jobs (dataset edit, synthetic pairs, catalog) and their 
 0 done, 1 error budget exceeded (every row was logged), 2 a config, input, weights or cluster
 problem found before any row ran (or the output root in use by another run, or a model that
 failed to load), printed as one line without a traceback. Every job runs through
-:func:`operated`: the pre-flight checks, then the output root's lease.
+:func:`check_lease_and_run`: the pre-flight checks, then the output root's lease, then the run
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     from step1x_batch.job.config import JobConfig
+    from step1x_batch.job.lease import Lease
     from step1x_batch.job.preflight import Preflight, RequiredColumns
 
 RunConfig = Callable[[str, Sequence[str]], int]
@@ -47,21 +49,31 @@ def one_line(message: str) -> str:
     return "; ".join(lines)
 
 
-def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,
-             required_columns: "RequiredColumns | None" = None,
-             extra_checks: Callable[[], None] | None = None) -> bool:
+def check_lease_and_run(cfg: "JobConfig", run: Callable[["Preflight", "Lease"], bool], *, job: str,
+                        required_columns: "RequiredColumns | None" = None,
+                        extra_checks: Callable[[], None] | None = None) -> bool:
     """Check everything before any side effect, then hold the output root's lease while ``run``
-    runs (``run`` gets the checks' findings). A failed check or a held lease raises
-    :class:`~step1x_batch.errors.JobRefused` (exit status 2) with nothing written."""
-    from step1x_batch.job import lease
-    from step1x_batch.job import preflight
+    runs, with the adapters pinned (``run`` gets the checks' findings and the lease). A failed
+    check or a held lease raises :class:`~step1x_batch.errors.JobRefused` (exit status 2) with
+    nothing written."""
+    from step1x_batch.job import lease, preflight, runner
 
     columns = preflight.DATASET_COLUMNS if required_columns is None else required_columns
     facts = preflight.check_job(cfg, required_columns=columns, extra=extra_checks)
     with lease.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                     ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked, job=job,
-                    say=lambda message: print(message, file=sys.stderr, flush=True)):
-        return run(facts)
+                    say=lambda message: print(message, file=sys.stderr, flush=True)) as held:
+        runner.pin_adapters(cfg)  # before a job built on the edit job derives the model id
+        return run(facts, held)
+
+
+def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,
+             required_columns: "RequiredColumns | None" = None,
+             extra_checks: Callable[[], None] | None = None) -> bool:
+    """The old name of :func:`check_lease_and_run`, whose ``run`` got the findings only. Kept
+    while recipes/ call it (their run_job then finds the lease through ``lease.held_for``)."""
+    return check_lease_and_run(cfg, lambda facts, _lease: run(facts), job=job,
+                               required_columns=required_columns, extra_checks=extra_checks)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, flag: bool = False) -> None:
@@ -74,7 +86,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, flag: bool = False) ->
                         help="override a config value, e.g. sampling.num_steps=20 (repeatable)")
     parser.add_argument("--retry-errors", default=None, metavar="T1,T2",
                         help="also redo the error rows of these types (e.g. missing_object after "
-                             "re-uploading the images); sets runtime.redo_error_types")
+                             "re-uploading the images); sets runtime.retry_error_types_this_run")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray's own logs on the console (they always go to runs/<run_id>/ray.log)")
 
@@ -84,7 +96,7 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.set)
     if args.retry_errors:
         types = [t.strip() for t in args.retry_errors.split(",") if t.strip()]
-        overrides.append(f"runtime.redo_error_types={json.dumps(types)}")
+        overrides.append(f"runtime.retry_error_types_this_run={json.dumps(types)}")
     if args.verbose:
         overrides.append("runtime.verbose=true")
     return overrides

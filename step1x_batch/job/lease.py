@@ -477,7 +477,10 @@ def _forget(lease: Lease) -> None:
 
 
 def read_holder(output_uri: str, options: StorageOptions | None) -> Holder | None:
-    """The lease on an output root now, if any (for ``status``)."""
+    """The lease on an output root now, if any: its document (:attr:`Holder.doc`, ``{}`` when
+    torn or foreign) and its age by the store's clock. The one public reader of the lease object
+    (``status`` and ``inspect`` read it here; a run's take and renewals through the same store);
+    None as well on a store without the conditional writes a lease needs."""
     try:
         return _store(output_uri, options).read()
     except _Unsupported:
@@ -488,7 +491,9 @@ def read_holder(output_uri: str, options: StorageOptions | None) -> Holder | Non
 def held(output_uri: str, options: StorageOptions | None, run_id: str, *, ttl_s: float,
          allow_unlocked: bool = False, job: str = "edit",
          say: Callable[[str], None] | None = None) -> Iterator[Lease]:
-    """Hold the output root's lease for the duration of a run (renewed in the background)."""
+    """Hold the output root's lease for the duration of a run (renewed in the background). The
+    holder passes the lease on as an argument (``run_job(cfg, facts, lease)``); :func:`held_for`
+    is for observers only."""
     lease = acquire(output_uri, options, run_id, ttl_s=ttl_s, allow_unlocked=allow_unlocked, job=job)
     if say and lease.took_over:
         say(f"note: took over the lease on {redact_uri(output_uri)} from {lease.took_over}")
@@ -504,9 +509,10 @@ def held(output_uri: str, options: StorageOptions | None, run_id: str, *, ttl_s:
         lease.release()
 
 
-_HELD: dict[str, Lease] = {}
+_HELD: dict[str, Lease] = {}  # for held_for only; the driver gets its lease as an argument
 
 
 def held_for(output_uri: str) -> Lease | None:
-    """The lease this process holds on ``output_uri`` (jobs that wrap the edit run hold it)."""
+    """The lease this process holds on ``output_uri``, for observers (a test watching a run from
+    another thread) and the jobs built on the edit job that do not pass their lease on yet."""
     return _HELD.get(output_uri.rstrip("/"))

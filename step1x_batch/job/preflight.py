@@ -31,9 +31,9 @@ import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from step1x_batch.errors import JobRefused, redact, redact_uri
+from step1x_batch.errors import JobRefused, RowError, redact, redact_uri
 from step1x_batch.io.storage import (
     StorageOptions,
     filesystem,
@@ -42,8 +42,12 @@ from step1x_batch.io.storage import (
     join_uri,
     resolved_endpoint,
     s3_client,
+    safe_output_key,
     split_s3_uri,
 )
+
+if TYPE_CHECKING:
+    from step1x_batch.job.config import JobConfig
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit on the JSON header
 _MANIFEST_SAMPLE_BYTES = 1 << 20
@@ -281,9 +285,7 @@ def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from step1x_batch.errors import RowError
     from step1x_batch.rows.manifest import MANIFEST_PROBLEM
-    from step1x_batch.io.storage import safe_output_key
 
     n = table.num_rows
     ok_row = pc.is_null(table.column(MANIFEST_PROBLEM)) if MANIFEST_PROBLEM in table.column_names \
@@ -566,11 +568,11 @@ def check_file(uri: str, options: StorageOptions | None, where: str, *, safetens
 DATASET_COLUMNS: tuple[tuple[str, ...], ...] = (("instruction",), ("image_uri", "image_uris"))
 
 
-def check_job(cfg: Any, *, manifest: str | None = None,
+def check_job(cfg: "JobConfig", *, manifest: str | None = None,
               required_columns: RequiredColumns = DATASET_COLUMNS,
               extra: Callable[[], None] | None = None) -> Preflight:
-    """Every check for a job config (``cfg`` a :class:`~step1x_batch.job.config.JobConfig`), in the
-    order a person would fix things: the input, the output, the weights."""
+    """Every check for a job config, in the order a person would fix things: the input, the
+    output, the weights."""
     facts = check_manifest(manifest or cfg.input.manifest, cfg.input.storage, required_columns)
     if required_columns is DATASET_COLUMNS:  # an edit manifest: one row per output object and id
         from step1x_batch.io.images import image_extension

@@ -36,11 +36,20 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
-from step1x_batch.job.console import format_rate, plural
+import step1x_batch
 from step1x_batch import errors
 from step1x_batch.errors import JobRefused
-from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
+from step1x_batch.io import storage
+from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_bytes
+from step1x_batch.job import console, ray_guard, report, stages
+from step1x_batch.job import lease as leases
+from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
+from step1x_batch.job.console import format_rate, plural
+from step1x_batch.job.counters import make_counters
+from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
+from step1x_batch.job.preflight import Preflight
+from step1x_batch.rows import state as rowstate
+from step1x_batch.rows.log import part_uri, write_log_part
 
 
 @dataclass
@@ -134,8 +143,6 @@ class LogWriter:
             self.flush()
 
     def flush(self) -> None:
-        from step1x_batch.rows.log import part_uri, write_log_part
-
         self._last_flush = time.monotonic()
         if not self._buffered:
             return
@@ -223,8 +230,6 @@ class Tally:
 
 def _package_root() -> str | None:
     """The folder holding ``step1x_batch`` when it runs from a source tree (not pip-installed)."""
-    import step1x_batch
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(step1x_batch.__file__)))
     return None if "site-packages" in root or "dist-packages" in root else root
 
@@ -238,7 +243,7 @@ def ray_address(cfg: JobConfig) -> str:
     return cfg.resources.ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-_guard: Any = None  # the watchdog of the local Ray this process started (ray_guard.Guard)
+_guard: ray_guard.Guard | None = None  # the watchdog of the local Ray this process started
 
 
 def init_ray(cfg: JobConfig) -> bool:
@@ -262,8 +267,6 @@ def init_ray(cfg: JobConfig) -> bool:
     if root:  # workers must import step1x_batch from the same source tree
         path = os.environ.get("PYTHONPATH", "")
         env["env_vars"] = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
-    from step1x_batch.job import ray_guard
-
     _guard = ray_guard.start()
     try:
         ray.init(
@@ -320,8 +323,6 @@ _MAX_RAY_LOG_BYTES = 64 * 1024 * 1024  # the tail of a longer ray.log is kept
 def _local_ray_log(paths: dict[str, str]) -> tuple[str, bool]:
     """Where Ray's output goes during the run: the run folder itself when it is local, else a
     temporary file uploaded at the end. Returns (path, uploaded at the end)."""
-    from step1x_batch.io.storage import is_local
-
     if is_local(paths["ray_log"]):
         return paths["ray_log"].removeprefix("file://"), False
     fd, path = tempfile.mkstemp(prefix="step1x-ray-", suffix=".log")
@@ -407,171 +408,259 @@ def _poll(counters: Any, timeout_s: float = 5.0) -> dict[str, Any]:
         return {}
 
 
-def run_job(cfg: JobConfig, facts: Any = None) -> RunSummary:
+@dataclass
+class _Run:
+    """One run's state, handed from step to step: :func:`prepare`, :func:`start`, :func:`stream`,
+    :func:`finish`, :func:`publish` (docs/architecture.md)."""
+
+    cfg: JobConfig
+    lease: leases.Lease
+    paths: dict[str, str]
+    writer: LogWriter
+    tally: Tally
+    notes: list[str]
+    manifest_rows: int | None
+    clock_start: float  # time.monotonic() when the run began
+    started_at: _dt.datetime
+    driver_retries: int  # storage retries of this process before the run
+    ray_log: str
+    upload_log: bool  # ray_log is a temporary file, uploaded at the end
+    plan: Any = None  # stages.ActorPlan
+    counters: Any = None  # the run's counters actor
+    state: Any = None  # rowstate's compaction result before the run
+    candidates: list[Any] | None = None  # the skip join's result (None: no state, every row is work)
+    consumer: "_Consumer | None" = None
+    stopped: str | None = None  # why the run stopped early (an actor's fatal error, "lease")
+    counters_snapshot: dict[str, float] = field(default_factory=dict)
+    ray_stats: str = ""
+    compaction_s: float | None = None
+    compaction_retries: int = 0
+
+
+def run_job(cfg: JobConfig, facts: Preflight | None = None, lease: leases.Lease | None = None) -> RunSummary:
     """Run the job a config describes; show one progress line, print the summary and where
     everything is. ``facts`` are the pre-flight checks' findings (the manifest's row count).
 
-    Holds the output root's lease for the run (unless the calling job already holds it). Returns
-    the summary; ``summary.ok`` is False (and a loud message is printed) when the share of error
-    rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2) when
-    the model fails to load in an edit actor or another run took the lease over.
+    Holds the output root's lease for the run, unless the caller passes the one it holds (or,
+    for the jobs that do not pass it yet, holds it through :func:`~step1x_batch.job.lease.held`).
+    Returns the summary; ``summary.ok`` is False (and a loud message is printed) when the share of
+    error rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2)
+    when the model fails to load in an edit actor or another run took the lease over.
     """
-    from step1x_batch.job import lease as leases
-
-    held_already = leases.held_for(cfg.output.uri)
-    if held_already is not None:
-        return _run_job(cfg, facts, held_already)
+    lease = lease if lease is not None else leases.held_for(cfg.output.uri)
+    if lease is not None:
+        return _run_leased(cfg, facts, lease)
     with leases.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                      ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked,
                      say=lambda m: _print(m, err=True)) as held:
-        return _run_job(cfg, facts, held)
+        return _run_leased(cfg, facts, held)
 
 
-def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
-    import ray
+def _run_leased(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease) -> RunSummary:
+    run = prepare(cfg, facts, lease)
+    rt = cfg.runtime
+    with console.ray_output(run.ray_log, verbose=rt.verbose, interval_s=rt.progress_seconds) as con:
+        started = init_ray(cfg)
+        try:
+            if start(run, con):
+                stream(run, con)
+        finally:
+            _end_ray(run, started)
+    summary, payload = finish(run)
+    publish(run, summary, payload)
+    return summary
 
-    from step1x_batch.job import console
-    from step1x_batch.job import report
-    from step1x_batch.rows import state as rowstate
-    from step1x_batch.job import stages
-    from step1x_batch.io import storage
-    from step1x_batch.job.counters import make_counters
 
-    start = time.monotonic()
+def pin_adapters(cfg: JobConfig) -> JobConfig:
+    """Stage each ``model.adapters`` file on this node and pin its sha256 in the config, once,
+    before anything derives the model id (parsing a config stages nothing)."""
+    source = cfg.weights_source()
+    for adapter in cfg.model.adapters:
+        if adapter.sha256 is None:
+            adapter.pin(source.file_sha256(adapter.uri))
+    return cfg
+
+
+def prepare(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease) -> _Run:
+    """Before Ray: the adapters pinned, the config snapshot written, the log writer (which asks
+    the lease before each part) and the tally made."""
+    clock_start = time.monotonic()
     started_at = _dt.datetime.now(_dt.timezone.utc)
     driver_retries = storage.retry_count()  # the driver's own reads and writes (logs, snapshot)
     paths = run_paths(cfg)
-    out_opts = cfg.output_storage()
-    run_id = cfg.runtime.run_id
-    rt = cfg.runtime
-    compaction_s: float | None = None
-    compaction_retries = 0
+    out_opts, rt = cfg.output_storage(), cfg.runtime
+    pin_adapters(cfg)
     write_bytes(paths["config"], config_to_yaml(cfg).encode(), out_opts)
-
-    notes: list[str] = []
-    if lease is not None and lease.took_over:
-        notes.append(f"took over the lease from {lease.took_over}")
-    if lease is not None and lease.note:
-        notes.append(lease.note)
-    writer = LogWriter(cfg.output.uri, run_id, out_opts, rt.log_part_rows, rt.log_part_seconds,
-                       confirm=lease.confirm if lease is not None else None)
-    tally = Tally(rt.report_max_rows, started_at)
-    counters_snapshot: dict[str, float] = {}
-    ray_stats = ""
-    stopped: str | None = None
+    notes = [note for note in (lease.took_over and f"took over the lease from {lease.took_over}", lease.note)
+             if note]
+    writer = LogWriter(cfg.output.uri, rt.run_id, out_opts, rt.log_part_rows, rt.log_part_seconds,
+                       confirm=lease.confirm)
     ray_log, upload_log = _local_ray_log(paths)
-    manifest_rows = getattr(facts, "manifest_rows", None)
-    with console.ray_output(ray_log, verbose=rt.verbose, interval_s=rt.progress_seconds) as con:
-        started = init_ray(cfg)
-        try:
-            from ray.data import DataContext
+    return _Run(cfg=cfg, lease=lease, paths=paths, writer=writer, tally=Tally(rt.report_max_rows, started_at),
+                notes=notes, manifest_rows=getattr(facts, "manifest_rows", None), clock_start=clock_start,
+                started_at=started_at, driver_retries=driver_retries, ray_log=ray_log, upload_log=upload_log)
 
-            ctx = DataContext.get_current()
-            ctx.enable_progress_bars = rt.progress_bars and rt.verbose
-            ctx.print_on_execution_start = rt.verbose
-            plan = stages.plan_actors(cfg, ray.cluster_resources())
-            if plan.note:
-                notes.append(plan.note)
-                con.say(f"note: {plan.note}", err=True)
-            counters = make_counters()
-            # Records no state holds yet (a killed run's) are folded in first, on the cluster.
-            try:
-                state = rowstate.compact(cfg.output.uri, out_opts, tasks=rowstate.RayTasks(), run_id=run_id)
-            except rowstate.StateError as e:  # derived data: rebuilt from the logs
-                notes.append(f"{e}; rebuilt it from the logs")
-                con.say(f"warning: {e}; rebuilding it from the logs", err=True)
-                state = rowstate.compact(cfg.output.uri, out_opts, tasks=rowstate.RayTasks(), run_id=run_id,
-                                         rebuild=True)
-            compaction_retries = state.storage_retries
-            if state.compacted:
-                con.say(state.line(), err=True)
-            # The skip runs first when the graph takes its result: a run with nothing left to do
-            # starts no edit actor and loads no model (issue 17.6).
-            # None without a state: a first run streams the manifest straight into the graph.
-            candidates = None if state.pointer is None else stages.skip_candidates(cfg, state.pointer, counters)
-            nothing_left = candidates is not None and _rows_in(candidates) == 0
-            if nothing_left:
-                counters_snapshot = (_poll(counters).get("values") or {})
-                progress = console.RunProgress(
-                    run_id=run_id, elapsed_s=time.monotonic() - start,
-                    skipped=int(counters_snapshot.get("rows_skipped_done", 0)), manifest_rows=manifest_rows)
-                con.progress(console.progress_line(progress, 0.0), final=True)
-            else:
-                ds = stages.build_dataset(cfg, state=state.pointer, counters=counters, plan=plan, candidates=candidates)
-                consumer = _Consumer(ds, writer, tally, lease)
-                consumer.start()
-                rate = console.RateMeter()
-                while consumer.is_alive():
-                    consumer.join(timeout=1.0)
-                    status = _poll(counters)
-                    now = time.time()
-                    states = tuple((st, now - since) for st, since in (status.get("states") or {}).values())
-                    progress = console.RunProgress(
-                        run_id=run_id, elapsed_s=time.monotonic() - start,
-                        ok=tally.by_status.get("ok", 0), error=tally.by_status.get("error", 0),
-                        skipped=int((status.get("values") or {}).get("rows_skipped_done", 0)),
-                        manifest_rows=manifest_rows, actor_states=states, actors_planned=plan.min_size)
-                    con.progress(console.progress_line(progress, rate.add(time.monotonic(), progress.done)),
-                                 final=not consumer.is_alive())
-                    if status.get("fatal"):
-                        stopped = status["fatal"]
-                    elif lease is not None and lease.lost.is_set():
-                        stopped = "lease"
-                    if stopped:
-                        consumer.stop.set()
-                        break
-                if stopped:
-                    con.end_progress()
-                    # Ray Data ends the graph itself once its actors have died (or, for a lost lease,
-                    # at the next batch the consumer refuses); shutting Ray down under a live iterator
-                    # races its cleanup (a second local Ray, or a crash in Ray's core worker).
-                    consumer.join(timeout=60)
-                else:
-                    if consumer.error is not None:
-                        status = _poll(counters)
-                        if status.get("fatal"):  # the actors died of it before the poll saw it
-                            stopped = status["fatal"]
-                        else:
-                            raise consumer.error
-                    counters_snapshot = (_poll(counters).get("values") or {})
-                    try:
-                        ray_stats = ds.stats()
-                    except Exception:  # stats are diagnostics only
-                        ray_stats = ""
-                    if writer.parts:  # this run's records join the state while the cluster is up
-                        try:
-                            compacted = rowstate.compact(cfg.output.uri, out_opts, run_id=run_id,
-                                                         tasks=rowstate.RayTasks())
-                            compaction_s = compacted.seconds
-                            compaction_retries += compacted.storage_retries
-                        except Exception as e:  # the logs are complete; the next start folds them in
-                            notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
-                                                       f"{e}); the next run folds this run's log parts in"))
-        finally:
-            if started:
-                _shutdown_ray()
-            if stopped:  # still inside the redirect: whatever the graph prints as it ends goes to ray.log
-                consumer.join(timeout=30 if started else 180)
-    if upload_log:
-        _upload_ray_log(ray_log, paths["ray_log"], out_opts)
-    if stopped == "lease":
-        lease.check()  # raises LeaseLost with the sentence
-    if stopped:
-        notes.append(stopped)
 
-    wall = time.monotonic() - start
+def start(run: _Run, con: console.Console) -> bool:
+    """On Ray: plan the actors, fold earlier runs' records into the state, run the skip. False
+    when no row is left to do: such a run starts no edit actor and loads no model (issue 17.6)."""
+    import ray
+    from ray.data import DataContext
+
+    cfg, rt = run.cfg, run.cfg.runtime
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = rt.progress_bars and rt.verbose
+    ctx.print_on_execution_start = rt.verbose
+    run.plan = stages.plan_actors(cfg, ray.cluster_resources())
+    if run.plan.note:
+        run.notes.append(run.plan.note)
+        con.say(f"note: {run.plan.note}", err=True)
+    run.counters = make_counters()
+    run.state = _compact_before(run, con)
+    # None without a state: a first run streams the manifest straight into the graph.
+    pointer = run.state.pointer
+    run.candidates = None if pointer is None else stages.skip_candidates(cfg, pointer, run.counters)
+    if run.candidates is not None and _rows_in(run.candidates) == 0:
+        _show_nothing_left(run, con)
+        return False
+    return True
+
+
+def _compact_before(run: _Run, con: console.Console) -> Any:
+    """Records no state holds yet (a killed run's) are folded in first, on the cluster."""
+    cfg = run.cfg
+    uri, opts, run_id = cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id
+    try:
+        state = rowstate.compact(uri, opts, tasks=rowstate.RayTasks(), run_id=run_id)
+    except rowstate.StateError as e:  # derived data: rebuilt from the logs
+        run.notes.append(f"{e}; rebuilt it from the logs")
+        con.say(f"warning: {e}; rebuilding it from the logs", err=True)
+        state = rowstate.compact(uri, opts, tasks=rowstate.RayTasks(), run_id=run_id, rebuild=True)
+    run.compaction_retries = state.storage_retries
+    if state.compacted:
+        con.say(state.line(), err=True)
+    return state
+
+
+def _show_nothing_left(run: _Run, con: console.Console) -> None:
+    run.counters_snapshot = (_poll(run.counters).get("values") or {})
+    progress = console.RunProgress(
+        run_id=run.cfg.runtime.run_id, elapsed_s=time.monotonic() - run.clock_start,
+        skipped=int(run.counters_snapshot.get("rows_skipped_done", 0)), manifest_rows=run.manifest_rows)
+    con.progress(console.progress_line(progress, 0.0), final=True)
+
+
+def stream(run: _Run, con: console.Console) -> None:
+    """Stream the graph's output into the log (a consumer thread) while this thread keeps the
+    progress line, the lease and the actors' health; then fold this run's parts into the state."""
+    cfg = run.cfg
+    ds = stages.build_dataset(cfg, state=run.state.pointer, counters=run.counters, plan=run.plan,
+                              candidates=run.candidates)
+    run.consumer = consumer = _Consumer(ds, run.writer, run.tally, run.lease)
+    consumer.start()
+    run.stopped = _follow(run, con, consumer)
+    if run.stopped:
+        con.end_progress()
+        # Ray Data ends the graph itself once its actors have died (or, for a lost lease, at the
+        # next batch the consumer refuses); shutting Ray down under a live iterator races its
+        # cleanup (a second local Ray, or a crash in Ray's core worker).
+        consumer.join(timeout=60)
+        return
+    if consumer.error is not None:
+        status = _poll(run.counters)
+        if not status.get("fatal"):
+            raise consumer.error
+        run.stopped = status["fatal"]  # the actors died of it before the poll saw it
+    run.counters_snapshot = (_poll(run.counters).get("values") or {})
+    try:
+        run.ray_stats = ds.stats()
+    except Exception:  # stats are diagnostics only
+        run.ray_stats = ""
+    if run.writer.parts:  # this run's records join the state while the cluster is up
+        _compact_after(run)
+
+
+def _follow(run: _Run, con: console.Console, consumer: _Consumer) -> str | None:
+    """The progress line, once a second, until the graph ends; why the run must stop early (an
+    actor's fatal error, ``"lease"`` when the lease was lost), or None."""
+    rate = console.RateMeter()
+    while consumer.is_alive():
+        consumer.join(timeout=1.0)
+        status = _poll(run.counters)
+        progress = _progress(run, status)
+        con.progress(console.progress_line(progress, rate.add(time.monotonic(), progress.done)),
+                     final=not consumer.is_alive())
+        stopped = status.get("fatal") or ("lease" if run.lease.lost.is_set() else None)
+        if stopped:
+            consumer.stop.set()
+            return stopped
+    return None
+
+
+def _progress(run: _Run, status: dict[str, Any]) -> console.RunProgress:
+    now = time.time()
+    states = tuple((st, now - since) for st, since in (status.get("states") or {}).values())
+    return console.RunProgress(
+        run_id=run.cfg.runtime.run_id, elapsed_s=time.monotonic() - run.clock_start,
+        ok=run.tally.by_status.get("ok", 0), error=run.tally.by_status.get("error", 0),
+        skipped=int((status.get("values") or {}).get("rows_skipped_done", 0)),
+        manifest_rows=run.manifest_rows, actor_states=states, actors_planned=run.plan.min_size)
+
+
+def _compact_after(run: _Run) -> None:
+    cfg = run.cfg
+    try:
+        compacted = rowstate.compact(cfg.output.uri, cfg.output_storage(), run_id=cfg.runtime.run_id,
+                                     tasks=rowstate.RayTasks())
+        run.compaction_s = compacted.seconds
+        run.compaction_retries += compacted.storage_retries
+    except Exception as e:  # the logs are complete; the next start folds them in
+        run.notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
+                                       f"{e}); the next run folds this run's log parts in"))
+
+
+def _end_ray(run: _Run, started: bool) -> None:
+    """Stop the Ray this run started; a stopped run's consumer is joined while Ray's output still
+    goes to ray.log (whatever the graph prints as it ends)."""
+    if started:
+        _shutdown_ray()
+    if run.stopped:
+        run.consumer.join(timeout=30 if started else 180)
+
+
+def finish(run: _Run) -> tuple[RunSummary, dict[str, Any]]:
+    """After Ray: ray.log uploaded, the summary counted and written (``summary.json``,
+    ``ray_stats.txt``). Raises LeaseLost or :class:`JobStopped` for a run that stopped early."""
+    paths, out_opts = run.paths, run.cfg.output_storage()
+    if run.upload_log:
+        _upload_ray_log(run.ray_log, paths["ray_log"], out_opts)
+    if run.stopped == "lease":
+        run.lease.check()  # raises LeaseLost with the sentence
+    if run.stopped:
+        run.notes.append(run.stopped)
+    wall = time.monotonic() - run.clock_start
+    summary = _summary(run, wall)
+    if run.ray_stats:
+        write_bytes(paths["ray_stats"], run.ray_stats.encode(), out_opts)
+    payload = _summary_document(run, summary, wall)
+    write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
+    if run.stopped:
+        raise JobStopped(f"{run.stopped}; the run stopped (its finished rows are logged, see {paths['ray_log']})")
+    return summary, payload
+
+
+def _summary(run: _Run, wall: float) -> RunSummary:
+    tally, snapshot, rt = run.tally, run.counters_snapshot, run.cfg.runtime
     processed = tally.processed
-    errors_n = tally.by_status.get("error", 0)
-    skipped = int(counters_snapshot.get("rows_skipped_done", 0))
-    skipped_errors = int(counters_snapshot.get("rows_skipped_error", 0))
-    fraction = error_fraction(errors_n, processed, skipped, skipped_errors)
-    ok = fraction <= rt.max_error_fraction and not stopped
-    stage_ms = {"normalise": round(counters_snapshot.get("normalise_ms", 0.0), 1)}
+    skipped = int(snapshot.get("rows_skipped_done", 0))
+    skipped_errors = int(snapshot.get("rows_skipped_error", 0))
+    fraction = error_fraction(tally.by_status.get("error", 0), processed, skipped, skipped_errors)
+    stage_ms = {"normalise": round(snapshot.get("normalise_ms", 0.0), 1)}
     stage_ms.update({k: round(v, 1) for k, v in tally.stage_ms.items()})
-    summary = RunSummary(
-        run_id=run_id,
-        ok=ok,
-        rows_read=int(counters_snapshot.get("rows_read", 0)),
+    return RunSummary(
+        run_id=rt.run_id,
+        ok=fraction <= rt.max_error_fraction and not run.stopped,
+        rows_read=int(snapshot.get("rows_read", 0)),
         rows_processed=processed,
         rows_skipped=skipped,
         by_status=dict(tally.by_status),
@@ -581,56 +670,67 @@ def _run_job(cfg: JobConfig, facts: Any, lease: Any) -> RunSummary:
         wall_s=round(wall, 3),
         rows_per_s=round(processed / wall, 3) if wall > 0 else 0.0,
         stage_ms=stage_ms,
-        storage_retries=(int(counters_snapshot.get("storage_retries", 0)) + compaction_retries
-                         + storage.retry_count() - driver_retries),
-        log_parts=len(writer.parts),
-        output_uri=cfg.output.uri,
-        paths=paths,
-        notes=notes,
+        storage_retries=(int(snapshot.get("storage_retries", 0)) + run.compaction_retries
+                         + storage.retry_count() - run.driver_retries),
+        log_parts=len(run.writer.parts),
+        output_uri=run.cfg.output.uri,
+        paths=run.paths,
+        notes=run.notes,
         rows_skipped_error=skipped_errors,
         rows_retried=tally.retried,
         retried_still_failing=dict(sorted(tally.retried_errors.items())),
     )
-    if ray_stats:
-        write_bytes(paths["ray_stats"], ray_stats.encode(), out_opts)
+
+
+def _summary_document(run: _Run, summary: RunSummary, wall: float) -> dict[str, Any]:
+    """``summary.json``: the summary, the run's status and times, and the report's series."""
+    processed = summary.rows_processed
     payload = asdict(summary)
-    payload["status"] = "stopped" if stopped else "succeeded" if ok else "failed"
-    payload["started_at"] = started_at.isoformat(timespec="seconds")
+    payload["status"] = "stopped" if run.stopped else "succeeded" if summary.ok else "failed"
+    payload["started_at"] = run.started_at.isoformat(timespec="seconds")
     payload["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    payload["model_id"] = stages.family_for(cfg.model_spec()).model_id()
-    payload["manifest"] = cfg.input.manifest
-    payload["manifest_rows"] = manifest_rows
+    payload["model_id"] = run.cfg.family().model_id()
+    payload["manifest"] = run.cfg.input.manifest
+    payload["manifest_rows"] = run.manifest_rows
     payload["stage_ms_per_row"] = {
-        k: round(v / processed, 3) if processed else 0.0 for k, v in stage_ms.items()
+        k: round(v / processed, 3) if processed else 0.0 for k, v in summary.stage_ms.items()
     }
-    payload["timeline"] = tally.timeline(wall)
-    payload["state_compaction_s"] = None if compaction_s is None else round(compaction_s, 3)
-    write_bytes(paths["summary"], (json.dumps(payload, indent=2) + "\n").encode(), out_opts)
-    if stopped:
-        raise JobStopped(f"{stopped}; the run stopped (its finished rows are logged, see {paths['ray_log']})")
+    payload["timeline"] = run.tally.timeline(wall)
+    payload["state_compaction_s"] = None if run.compaction_s is None else round(run.compaction_s, 3)
+    return payload
+
+
+def publish(run: _Run, summary: RunSummary, payload: dict[str, Any]) -> None:
+    """The report (``report.html``) and the console's summary, paths and verdict."""
+    cfg, rt = run.cfg, run.cfg.runtime
     try:
         report.write_report(
-            payload, tally.sample()[: rt.report_max_rows], paths["report"],
-            input_storage=cfg.input.storage, output_storage=out_opts, max_pixels=rt.max_pixels,
+            payload, run.tally.sample()[: rt.report_max_rows], run.paths["report"],
+            input_storage=cfg.input.storage, output_storage=cfg.output_storage(), max_pixels=rt.max_pixels,
         )
     except Exception as e:  # the report is for people; a failure there must not hide the result
         _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)
+    _print_summary(summary, rt.max_error_fraction)
 
+
+def _print_summary(summary: RunSummary, max_error_fraction: float) -> None:
     _print(summary.line())
     retried = summary.retried_line()
     if retried:
         _print(retried)
     for name in ("outputs", "log", "summary", "report"):
-        _print(f"  {name + ':':9} {paths[name]}")
-    if not ok:
-        rows, errs = processed + skipped, errors_n + skipped_errors
-        earlier = f" ({skipped_errors} of them from earlier runs)" if skipped_errors else ""
-        _print(
-            f"FAILED: {errs} of {plural(rows, 'row')} are errors{earlier} ({fraction:.1%}), more than "
-            f"runtime.max_error_fraction={rt.max_error_fraction:g}; see {paths['report']}",
-            err=True,
-        )
-    return summary
+        _print(f"  {name + ':':9} {summary.paths[name]}")
+    if summary.ok:
+        return
+    skipped, skipped_errors = summary.rows_skipped, summary.rows_skipped_error
+    rows, errs = summary.rows_processed + skipped, summary.by_status.get("error", 0) + skipped_errors
+    fraction = error_fraction(summary.by_status.get("error", 0), summary.rows_processed, skipped, skipped_errors)
+    earlier = f" ({skipped_errors} of them from earlier runs)" if skipped_errors else ""
+    _print(
+        f"FAILED: {errs} of {plural(rows, 'row')} are errors{earlier} ({fraction:.1%}), more than "
+        f"runtime.max_error_fraction={max_error_fraction:g}; see {summary.paths['report']}",
+        err=True,
+    )
 
 
 def error_fraction(errors_now: int, processed: int, skipped: int, skipped_errors: int) -> float:
@@ -644,17 +744,14 @@ def error_fraction(errors_now: int, processed: int, skipped: int, skipped_errors
 
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load a config, run the job, and return its exit status (see :mod:`step1x_batch.job.entrypoint`)."""
-    from step1x_batch.job.entrypoint import exit_status, operated
 
     def run() -> bool:
         cfg = load_config(path, overrides)
-        return operated(cfg, lambda facts: run_job(cfg, facts).ok, job="edit")
+        return check_lease_and_run(cfg, lambda facts, lease: run_job(cfg, facts, lease).ok, job="edit")
 
     return exit_status(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/edit_dataset.py --config X [--set k=v ...]``."""
-    from step1x_batch.job.entrypoint import job_main
-
     return job_main("Edit every row of a manifest on Ray.", run_config, argv)
