@@ -41,6 +41,16 @@ def test_second_run_refused_naming_the_holder(root):
     second.release()
 
 
+def _wait_until_stale(uri: str, opts, timeout_s: float = 30.0) -> None:
+    """Wait (no fixed sleep) until the store itself says the lease was not renewed for its ttl:
+    on S3 by the server's clock (``Last-Modified`` against ``Date``, 1 s resolution)."""
+    store = leases._store(uri, opts)  # one client for every look
+    deadline = time.monotonic() + timeout_s
+    while not store.read().stale():
+        assert time.monotonic() < deadline, f"the lease on {uri} never went stale"
+        time.sleep(0.05)
+
+
 def _race(uri: str, opts, n: int, prefix: str) -> tuple[list, list]:
     """``n`` threads try to take the lease at the same instant: (the leases won, the refused)."""
     won, refused = [], []
@@ -70,10 +80,10 @@ def test_racing_takers_exactly_one_wins(root):
 
 def test_stale_lease_taken_over_and_the_old_holder_learns_it(root):
     uri, opts = root
-    old = leases.acquire(uri, opts, "old", ttl_s=5)
+    old = leases.acquire(uri, opts, "old", ttl_s=2)  # S3 ages in whole seconds: 2 s is never stale at once
     with pytest.raises(leases.LeaseHeld):
-        leases.acquire(uri, opts, "early", ttl_s=5)
-    time.sleep(6.5)  # not renewed for longer than its ttl (S3: by the server's clock)
+        leases.acquire(uri, opts, "early", ttl_s=2)
+    _wait_until_stale(uri, opts)  # not renewed for longer than its ttl (S3: by the server's clock)
     new = leases.acquire(uri, opts, "new", ttl_s=60)
     assert new.took_over and "run old" in new.took_over
     assert old.renew() is False and old.lost.is_set()
@@ -87,8 +97,8 @@ def test_stale_lease_taken_over_and_the_old_holder_learns_it(root):
 
 def test_racing_takers_of_a_stale_lease_exactly_one_wins(root):
     uri, opts = root
-    leases.acquire(uri, opts, "old", ttl_s=2)
-    time.sleep(3.5)
+    leases.acquire(uri, opts, "old", ttl_s=1)
+    _wait_until_stale(uri, opts)
     takers, refused = _race(uri, opts, 3, "new")
     assert len(takers) == 1 and len(refused) == 2
     assert json.loads(read_bytes(leases.lease_uri(uri), opts))["token"] == takers[0].token
@@ -100,8 +110,13 @@ def test_racing_takers_of_a_stale_lease_exactly_one_wins(root):
 
 def test_renewal_keeps_a_live_lease(root):
     uri, opts = root
-    with leases.held(uri, opts, "live", ttl_s=1.5) as lease:
-        time.sleep(3.5)  # more than twice the ttl: only the renewals keep it
+    ttl = 1.5  # renewed every 0.5 s: by S3's whole-second clock, at most 1 s old
+    store = leases._store(uri, opts)
+    with leases.held(uri, opts, "live", ttl_s=ttl) as lease:
+        until = time.monotonic() + 2 * ttl + 0.2  # more than twice the ttl: only the renewals keep it
+        while time.monotonic() < until:
+            assert not store.read().stale(), "a renewed lease went stale"
+            time.sleep(0.25)
         with pytest.raises(leases.LeaseHeld):
             leases.acquire(uri, opts, "intruder", ttl_s=1.5)
         assert not lease.lost.is_set()
@@ -140,8 +155,10 @@ def test_local_stale_lease_renewed_in_between_is_put_back(tmp_path):
     uri = str(tmp_path / "out")
     old = leases.acquire(uri, None, "old", ttl_s=1)
     path = leases.lease_uri(uri)
+    renewed = time.time() - 2  # not renewed for longer than its ttl, as if 2 s had passed
+    os.utime(path, (renewed, renewed))
     stale = leases._LocalStore(path).read()
-    time.sleep(1.2)
+    assert stale.stale()  # what a taker read
     assert old.renew()  # the holder came back before the taker's rename
     assert leases._LocalStore(path).replace(stale, b"{}") is None
     assert json.loads(open(path, "rb").read())["token"] == old.token
