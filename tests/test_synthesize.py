@@ -31,6 +31,7 @@ from step1x_batch.recipes.synthesize import (
     run_synthesize,
     split_of,
     variant_seeds,
+    weights_license,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,33 @@ def test_config_sections_and_errors(tmp_path):
         parse_synthesize_config({**raw, "sampling": {"num_step": 3}})
     shipped = parse_synthesize_config(yaml.safe_load((ROOT / "configs/synthesize-pairs.yaml").read_text()))
     assert shipped.pairs.weights_license == "apache-2.0" and shipped.job.resources.num_gpus_per_actor == 1
+
+
+def test_weights_license_follows_the_family(tmp_path):
+    """The card's weights licence is the family's (RealRestorer's non-commercial weights: "other",
+    Step1X-Edit's and Qwen-Image-Edit's: apache-2.0) unless ``pairs.weights_license`` says."""
+    manifest = _jsonl(tmp_path / "images.jsonl", [{"image_uri": "a.png", "instruction": "make it red"}])
+    raw = _raw(manifest, str(tmp_path / "out"))
+    step1x = {"family": "step1x", "weights": str(tmp_path / "weights")}
+    models = {
+        "apache-2.0": [step1x, {**step1x, "options": {"variant": "step1x"}},
+                       {"family": "qwen-image-edit", "weights": str(tmp_path / "weights")}],
+        "other": [{**step1x, "options": {"variant": "realrestorer"}}, {"family": "null"}],
+    }
+    for expected, configs in models.items():
+        for model in configs:
+            assert weights_license(parse_synthesize_config({**raw, "model": model})) == expected, model
+    chosen = parse_synthesize_config({**raw, "model": models["other"][0], "pairs": {"weights_license": "cc-by-nc-4.0"}})
+    assert weights_license(chosen) == "cc-by-nc-4.0"  # a value in the config wins
+
+    # the card and dataset_info of a RealRestorer-variant job (no Ray: nothing edited, nothing exported)
+    sj = parse_synthesize_config({**raw, "model": models["other"][0]})
+    result = export_dataset(sj, prepare_work(sj))
+    assert result.rows == 0 and result.by_error_type == {"not_done": 1}
+    info = json.loads((tmp_path / "out/dataset/dataset_info.json").read_text())
+    assert info["model"]["weights_license"] == "other" and info["model"]["model_id"].startswith("step1x-edit[realrestorer]")
+    card = (tmp_path / "out/dataset/README.md").read_text()
+    assert "weights licence: other" in card and "- model weights: other" in card and "apache-2.0" not in card
 
 
 def test_templates_files(tmp_path, s3_bucket):
@@ -267,14 +295,14 @@ def test_pairs_end_to_end_rerun_and_export_modes(ray_local, tmp_path):
     assert info["counts"]["failed"] == 4 and info["counts"]["by_error_type"] == {"missing_object": 4}
     assert info["counts"]["by_split"] == {"train": 8, "validation": 8}
     assert info["counts"]["duplicates_dropped"] == 4  # the duplicate image's 2 x 2 rows
-    assert info["model"]["weights_license"] == "apache-2.0" and info["name"] == "unit-pairs"
+    assert info["model"]["weights_license"] == "other" and info["name"] == "unit-pairs"  # the null family's
     assert info["source_manifest"] == manifest and info["created_at"]
     card = (out / "dataset/README.md").read_text()
     front = _front_matter(card)
     assert front["license"] == "other" and front["task_categories"] == ["image-to-image"]
     assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"},
                                                  {"split": "validation", "path": "data/validation-*.parquet"}]
-    assert "missing_object 4" in card and "apache-2.0" in card
+    assert "missing_object 4" in card and "- model weights: other" in card
     loading = card.split("## Loading", 1)[1]
     assert 'pair["edited_image"]      # a PIL.Image.Image' in loading and "edited_image_uri" in loading
     assert "self-contained" in card and "not embedded" not in card
@@ -432,6 +460,7 @@ def test_tiny_step1x_pairs_on_s3(ray_local, s3_bucket, tmp_path):
     assert not np.array_equal(edits[0], edits[1])  # another seed, other noise
     card = read_bytes(f"{out}/dataset/README.md").decode()
     assert _front_matter(card)["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*.parquet"}]
+    assert "- model weights: apache-2.0" in card  # Step1X-Edit's licence, from the family
 
 
 def test_job_entry_point_refuses_bad_inputs(tmp_path):

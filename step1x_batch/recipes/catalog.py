@@ -50,11 +50,17 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from step1x_batch.job.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
 from step1x_batch.io.images import image_extension
+from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
+from step1x_batch.job.config import JobConfig
+from step1x_batch.job.entrypoint import exit_status, job_main, operated
+from step1x_batch.job.runner import RunSummary
+from step1x_batch.recipes.section import RecipeSection
+from step1x_batch.recipes.work import normalise_like_the_job, run_edit_job
+from step1x_batch.rows.log import part_uri, write_log_part
 from step1x_batch.rows.manifest import (
     fill_template,
     image_columns,
@@ -65,10 +71,7 @@ from step1x_batch.rows.manifest import (
     template_fields,
     write_manifest,
 )
-from step1x_batch.rows.log import part_uri, write_log_part
-from step1x_batch.rows.state import latest_records
-from step1x_batch.job.stages import NormaliseSettings
-from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
+from step1x_batch.rows.state import LatestRecords, latest_records
 
 __all__ = [
     "CatalogConfig",
@@ -151,34 +154,17 @@ class InputError(ValueError):
 # Config
 
 
+CATALOG_SECTION = RecipeSection("catalog", CatalogConfig)
+
+
 def parse_catalog_config(raw: Any, base_dir: str | os.PathLike | None = None) -> CatalogJob:
-    """Validate a raw mapping: ``catalog`` here, every other section by :func:`parse_config`."""
-    if not isinstance(raw, dict):
-        raise ConfigError("invalid config: the top level must be a mapping")
-    raw = dict(raw)
-    section = raw.pop("catalog", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError("catalog: must be a mapping")
-    try:
-        catalog = CatalogConfig.model_validate(section)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"catalog.{loc}: {err['msg']}" if loc else f"catalog: {err['msg']}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
-    job = parse_config(raw, base_dir)
-    if job.output.storage is not None and job.output.storage != job.input.storage:
-        raise ConfigError(
-            "output.storage: the work manifest is written under output.uri and read back with "
-            "input.storage; use one storage for both (leave output.storage unset)"
-        )
-    return CatalogJob(job, catalog)
+    """Validate a raw mapping: ``catalog`` here, every other section by the edit job's parser."""
+    return CatalogJob(*CATALOG_SECTION.parse(raw, base_dir))
 
 
 def load_catalog_config(path: str, overrides: Sequence[str] = ()) -> CatalogJob:
     """Read a YAML config, apply ``--set`` overrides, validate."""
-    return parse_catalog_config(read_raw_config(path, overrides))
+    return CatalogJob(*CATALOG_SECTION.load(path, overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +218,6 @@ class Plan:
     rows: int
 
 
-def _normalise(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
-    """The edit job's own normalisation (same arguments as its normalise stage)."""
-    return NormaliseSettings.from_config(job, manifest_uri).normalise(table)
-
-
 def _invalid(item: str | None, raw: dict[str, Any], code: str, message: str, image_uri: Any,
              instruction: Any) -> dict[str, Any]:
     # A stand-in fingerprint of what the row asks for (``raw``: its relevant columns only): the
@@ -256,6 +237,34 @@ def _invalid(item: str | None, raw: dict[str, Any], code: str, message: str, ima
 def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: str) -> Plan:
     """Read the catalog and decide, item by item, what must be rendered."""
     job, c = cj.job, cj.catalog
+    table = _read_catalog(job, c)
+    rows = table.to_pylist()
+    counts = collections.Counter(_item_id(r[c.item_id_column]) for r in rows)
+    passthrough = [p for p in _PASSTHROUGH if p in table.column_names]
+    relevant = _relevant_columns(c, passthrough)
+    base = manifest_base(job.input.manifest)
+    work_rows: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
+    for raw in rows:
+        item = _item_id(raw[c.item_id_column])
+        source = image_sources(raw[c.image_column], base)  # one URI, or a list of them
+        try:
+            work_rows.append(_work_row(raw, item, source, counts, c, passthrough))
+        except RowError as e:
+            text = raw.get(c.instruction_column) if c.instruction_column else None
+            asked = {k: raw.get(k) for k in relevant}
+            first = source[0] if isinstance(source, list) else source
+            invalid.append(_invalid(item, asked, e.code, e.message, first, text))
+    catalog_ids = {i for i in counts if i is not None}
+    if not work_rows:
+        return Plan(pa.table({}), {}, [], invalid, catalog_ids, len(rows))
+    work, normalised = _with_render_keys(work_rows, job, work_uri)
+    items, unchanged, send = _decide(work_rows, normalised, latest)
+    return Plan(work.take(pa.array(send, pa.int64())), items, unchanged, invalid, catalog_ids, len(rows))
+
+
+def _read_catalog(job: JobConfig, c: CatalogConfig) -> pa.Table:
+    """The catalog manifest, refused whole (:class:`InputError`) when a named column is missing."""
     try:
         table = read_manifest_table(job.input.manifest, job.input.storage)
     except (ValueError, FileNotFoundError) as e:
@@ -267,52 +276,56 @@ def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: st
             f"the catalog {redact_uri(job.input.manifest)} has no column(s) {missing}; it has "
             f"{table.column_names} (set the catalog.*_column options)"
         )
-    rows = table.to_pylist()
-    counts = collections.Counter(_item_id(r[c.item_id_column]) for r in rows)
-    base = manifest_base(job.input.manifest)
-    passthrough = [p for p in _PASSTHROUGH if p in table.column_names]
+    return table
+
+
+def _relevant_columns(c: CatalogConfig, passthrough: list[str]) -> list[str]:
+    """The columns a row's request is made of (what an invalid row's stand-in fingerprint hashes)."""
     relevant = [c.item_id_column, c.image_column, c.instruction_column, c.change_marker_column]
     relevant += template_fields(c.instruction_template or "") + passthrough
-    relevant = [k for k in dict.fromkeys(relevant) if k]
-    work_rows: list[dict[str, Any]] = []
-    invalid: list[dict[str, Any]] = []
-    for raw in rows:
-        item = _item_id(raw[c.item_id_column])
-        source = image_sources(raw[c.image_column], base)  # one URI, or a list of them
-        try:
-            if item is None:
-                raise RowError(INVALID_ROW, f"the row has no item id (column {c.item_id_column!r})")
-            if counts[item] > 1:
-                raise RowError(INVALID_ROW, f"item id {item!r} appears {counts[item]} times in the "
-                               "catalog; each item must appear once")
-            instruction = (fill_template(c.instruction_template, raw) if c.instruction_template
-                           else raw[c.instruction_column])
-            marker = None
-            if c.change_marker_column:
-                marker = marker_text(raw[c.change_marker_column])
-                if marker is None:
-                    raise RowError(INVALID_ROW, f"the change marker (column {c.change_marker_column!r}) "
-                                   "is empty; without it a changed image cannot be noticed")
-        except RowError as e:
-            text = raw.get(c.instruction_column) if c.instruction_column else None
-            asked = {k: raw.get(k) for k in relevant}
-            first = source[0] if isinstance(source, list) else source
-            invalid.append(_invalid(item, asked, e.code, e.message, first, text))
-            continue
-        row = {"id": item, **image_columns(source), "instruction": instruction, "image_etag": marker,
-               "image_etags": [marker] * len(source) if isinstance(source, list) else None}
-        row.update({p: raw[p] for p in passthrough})
-        work_rows.append(row)
-    catalog_ids = {i for i in counts if i is not None}
-    if not work_rows:
-        return Plan(pa.table({}), {}, [], invalid, catalog_ids, len(rows))
+    return [k for k in dict.fromkeys(relevant) if k]
+
+
+def _work_row(raw: dict[str, Any], item: str | None, source: Any, counts: collections.Counter,
+              c: CatalogConfig, passthrough: list[str]) -> dict[str, Any]:
+    """One catalog row as an edit manifest row; :class:`RowError` when it cannot be work."""
+    if item is None:
+        raise RowError(INVALID_ROW, f"the row has no item id (column {c.item_id_column!r})")
+    if counts[item] > 1:
+        raise RowError(INVALID_ROW, f"item id {item!r} appears {counts[item]} times in the "
+                       "catalog; each item must appear once")
+    instruction = (fill_template(c.instruction_template, raw) if c.instruction_template
+                   else raw[c.instruction_column])
+    marker = None
+    if c.change_marker_column:
+        marker = marker_text(raw[c.change_marker_column])
+        if marker is None:
+            raise RowError(INVALID_ROW, f"the change marker (column {c.change_marker_column!r}) "
+                           "is empty; without it a changed image cannot be noticed")
+    row = {"id": item, **image_columns(source), "instruction": instruction, "image_etag": marker,
+           "image_etags": [marker] * len(source) if isinstance(source, list) else None}
+    row.update({p: raw[p] for p in passthrough})
+    return row
+
+
+def _with_render_keys(work_rows: list[dict[str, Any]], job: JobConfig,
+                      work_uri: str) -> tuple[pa.Table, pa.Table]:
+    """(the work with each row's render key, its normalisation): the key names the fingerprint,
+    so the rows are normalised once for the fingerprints (output keys are not part of them) and
+    again with the keys (an id unsafe in a key becomes an error row there)."""
     work = pa.Table.from_pylist(work_rows)
-    first = _normalise(work, job, work_uri)  # fingerprints (output keys are not part of them)
+    first = normalise_like_the_job(work, job, work_uri)
     ext = image_extension(job.output.format)
     fps = first.column("fingerprint").to_pylist()
     keys = [render_key(r["id"], fp, ext) if fp else None for r, fp in zip(work_rows, fps)]
     work = work.append_column("output_key", pa.array(keys, pa.string()))
-    normalised = _normalise(work, job, work_uri)  # now with the render keys (an unsafe id: error row)
+    return work, normalise_like_the_job(work, job, work_uri)
+
+
+def _decide(work_rows: list[dict[str, Any]], normalised: pa.Table, latest: dict[str, dict[str, Any]]
+            ) -> tuple[dict[str, dict[str, Any]], list[str], list[int]]:
+    """(items, the unchanged ones, the indices of the rows to send): an item whose fingerprint is
+    the published one is unchanged."""
     items: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
     send = []
@@ -326,7 +339,7 @@ def plan_catalog(cj: CatalogJob, latest: dict[str, dict[str, Any]], work_uri: st
             unchanged.append(r["id"])
         else:
             send.append(i)
-    return Plan(work.take(pa.array(send, pa.int64())), items, unchanged, invalid, catalog_ids, len(rows))
+    return items, unchanged, send
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,106 +385,149 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_catalog(cj: CatalogJob) -> CatalogSummary:
     """Plan, render what changed, publish when the run is within its error budget."""
-    from step1x_batch.job.preflight import Preflight
-    from step1x_batch.job.runner import run_job
-
     job = cj.job
-    opts = job.output_storage()
-    run_id = job.runtime.run_id
-    out = job.output.uri
+    out, opts, run_id = job.output.uri, job.output_storage(), job.runtime.run_id
     started = _now()
-    latest_uri = join_uri(out, LATEST_KEY)
-    run_json = join_uri(out, f"catalog/runs/{run_id}.json")
     work_uri = join_uri(out, f"catalog/manifests/{run_id}.parquet")
     latest = read_latest(out, opts)
     plan = plan_catalog(cj, latest, work_uri)
-    summary = CatalogSummary(
-        run_id=run_id, status="failed", published=False, counts={}, failed_by_error_type={},
-        error_fraction=0.0, max_error_fraction=job.runtime.max_error_fraction,
-        latest_uri=latest_uri, run_json=run_json, model_id=job.resolved_model_id(),
-        catalog=redact_uri(job.input.manifest), started_at=started.isoformat(timespec="seconds"),
-    )
+    summary = _new_summary(job, started)
     _print(f"catalog: {plan.rows} rows, {len(plan.unchanged)} unchanged, {plan.work.num_rows} to "
            f"render or check, {len(plan.invalid)} invalid")
-
-    # Rows that cannot be work are error records of this run (once per distinct bad row).
     ids = set(plan.items) | {r["id"] for r in plan.invalid}
+    new_invalid = _log_invalid(plan, ids, job, summary.model_id)
+    edit = _render(plan, work_uri, job, summary)
+    verdict = _classify(plan, latest, latest_records(out, opts, ids), run_id)
+    _count_run(summary, verdict, plan, edit, new_invalid)
+    if _within_budget(summary, edit):
+        _publish(verdict.entries, summary, job)
+    _finish(summary, opts)
+    _print(summary.line(), err=not summary.published)
+    return summary
+
+
+def _new_summary(job: JobConfig, started: _dt.datetime) -> CatalogSummary:
+    """The run's summary before anything is known: ``failed`` until it publishes."""
+    out = job.output.uri
+    return CatalogSummary(
+        run_id=job.runtime.run_id, status="failed", published=False, counts={}, failed_by_error_type={},
+        error_fraction=0.0, max_error_fraction=job.runtime.max_error_fraction,
+        latest_uri=join_uri(out, LATEST_KEY), run_json=join_uri(out, f"catalog/runs/{job.runtime.run_id}.json"),
+        model_id=job.resolved_model_id(), catalog=redact_uri(job.input.manifest),
+        started_at=started.isoformat(timespec="seconds"),
+    )
+
+
+def _log_invalid(plan: Plan, ids: set[str], job: JobConfig, model_id: str) -> list[dict[str, Any]]:
+    """Rows that cannot be work become error records of this run, once per distinct bad row
+    (one already in the log from an earlier night is not written again); returns the new ones."""
+    out, opts, run_id = job.output.uri, job.output_storage(), job.runtime.run_id
     errored_before = latest_records(out, opts, ids).errored if plan.invalid else set()
     new_invalid = [r for r in plan.invalid if (r["id"], r["fingerprint"]) not in errored_before]
     if new_invalid:
         now = _now()
         recs = [{**r, "run_id": run_id, "attempt": 1, "started_at": now, "finished_at": now,
-                 "model_id": summary.model_id} for r in new_invalid]
+                 "model_id": model_id} for r in new_invalid]
         write_log_part(pa.Table.from_pylist(recs), part_uri(out, run_id, f"catalog-{uuid.uuid4().hex[:8]}"), opts)
+    return new_invalid
 
-    edit = None
-    if plan.work.num_rows:
-        write_manifest(plan.work, work_uri, opts)
-        inner = job.model_copy(deep=True)
-        inner.input.manifest = work_uri
-        try:
-            edit = run_job(inner, Preflight(manifest_rows=plan.work.num_rows))
-        except BaseException as e:
-            summary.status = "crashed"
-            summary.notes.append(redact(f"edit run crashed: {type(e).__name__}: {e}"))
-            _finish(summary, opts)
-            raise
-        summary.edit = asdict(edit)
 
-    # Classify every item against latest and the row log.
-    latest_log = latest_records(out, opts, ids)
-    ok, err = latest_log.ok, latest_log.error
-    counts = collections.Counter({k: 0 for k in ("new", "changed", "unchanged", "failed", "removed",
-                                                 "rendered", "reused")})
-    failed_by: collections.Counter[str] = collections.Counter()
-    entries: dict[str, dict[str, Any]] = {}
+def _render(plan: Plan, work_uri: str, job: JobConfig, summary: CatalogSummary) -> RunSummary | None:
+    """The edit run on the rows to render (None when there are none); a crash is written to the
+    run json (``crashed``, ``latest`` untouched) and raised."""
+    if not plan.work.num_rows:
+        return None
+    write_manifest(plan.work, work_uri, job.output_storage())
+    try:
+        edit = run_edit_job(job, work_uri, plan.work.num_rows)
+    except BaseException as e:
+        summary.status = "crashed"
+        summary.notes.append(redact(f"edit run crashed: {type(e).__name__}: {e}"))
+        _finish(summary, job.output_storage())
+        raise
+    summary.edit = asdict(edit)
+    return edit
+
+
+@dataclass
+class Verdict:
+    """Every item of the catalog against ``latest`` and the row state."""
+
+    counts: collections.Counter[str]  # new, changed, unchanged, failed, removed, rendered, reused
+    failed_by: collections.Counter[str]  # error type -> items
+    entries: dict[str, dict[str, Any]]  # the ``latest`` to publish: item_id -> entry
+
+
+def _classify(plan: Plan, latest: dict[str, dict[str, Any]], state: LatestRecords, run_id: str) -> Verdict:
+    """Each item's count and the entry it gets in ``latest``: its new render, or its previous one
+    (unchanged, failed); an item gone from the catalog gets none. ``state``: the row state's
+    latest records of the catalog's items."""
+    ok, err = state.ok, state.error
+    v = Verdict(collections.Counter({k: 0 for k in ("new", "changed", "unchanged", "failed", "removed",
+                                                    "rendered", "reused")}), collections.Counter(), {})
     for item, info in plan.items.items():
         prev = latest.get(item)
         if item in plan.unchanged:
-            counts["unchanged"] += 1
-            entries[item] = prev
+            v.counts["unchanged"] += 1
+            v.entries[item] = prev
             continue
         rec = ok.get((item, info["fingerprint"])) if info["fingerprint"] else None
         if rec is None:
-            counts["failed"] += 1
+            v.counts["failed"] += 1
             last = err.get(item)
-            failed_by[last["error_type"] if last else "not_done"] += 1
+            v.failed_by[last["error_type"] if last else "not_done"] += 1
             if prev:
-                entries[item] = prev  # keeps its previous render
+                v.entries[item] = prev  # keeps its previous render
             continue
-        counts["changed" if prev else "new"] += 1
-        counts["rendered" if rec["run_id"] == run_id else "reused"] += 1
-        entries[item] = {"item_id": item, "output_uri": rec["output_uri"],
-                         "fingerprint": info["fingerprint"], "rendered_at": rec["finished_at"],
-                         "run_id": rec["run_id"], "image_uri": info["image_uri"],
-                         "image_uris": info["image_uris"], "instruction": info["instruction"],
-                         "change_marker": info["change_marker"]}
+        v.counts["changed" if prev else "new"] += 1
+        v.counts["rendered" if rec["run_id"] == run_id else "reused"] += 1
+        v.entries[item] = _latest_entry(item, info, rec)
     for r in plan.invalid:
-        counts["failed"] += 1
-        failed_by[r["error_type"]] += 1
-        if r["id"] in latest and r["id"] not in entries:
-            entries[r["id"]] = latest[r["id"]]
-    counts["removed"] = sum(1 for item in latest if item not in plan.catalog_ids)
+        v.counts["failed"] += 1
+        v.failed_by[r["error_type"]] += 1
+        if r["id"] in latest and r["id"] not in v.entries:
+            v.entries[r["id"]] = latest[r["id"]]
+    v.counts["removed"] = sum(1 for item in latest if item not in plan.catalog_ids)
+    return v
+
+
+def _latest_entry(item: str, info: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """An item's ``latest`` entry for its ``ok`` record ``rec`` (of this run or an earlier one)."""
+    return {"item_id": item, "output_uri": rec["output_uri"], "fingerprint": info["fingerprint"],
+            "rendered_at": rec["finished_at"], "run_id": rec["run_id"], "image_uri": info["image_uri"],
+            "image_uris": info["image_uris"], "instruction": info["instruction"],
+            "change_marker": info["change_marker"]}
+
+
+def _count_run(summary: CatalogSummary, verdict: Verdict, plan: Plan, edit: RunSummary | None,
+               new_invalid: list[dict[str, Any]]) -> None:
+    """The summary's counts and this night's error fraction: errors written by this run over rows
+    attempted by this run."""
+    counts = verdict.counts
     counts["items"] = plan.rows
     counts["processed"] = edit.rows_processed if edit else 0
     counts["skipped_done"] = edit.rows_skipped if edit else 0
     attempted = counts["processed"] + len(new_invalid)
     errors_now = (edit.by_status.get("error", 0) if edit else 0) + len(new_invalid)
     summary.counts = dict(counts)
-    summary.failed_by_error_type = dict(sorted(failed_by.items()))
+    summary.failed_by_error_type = dict(sorted(verdict.failed_by.items()))
     summary.error_fraction = round(errors_now / attempted, 6) if attempted else 0.0
-    # The catalog's own budget (this night's attempts) decides; the edit run's verdict counts only
-    # when it stopped for another reason than its budget (which also counts earlier nights' errors).
+
+
+def _within_budget(summary: CatalogSummary, edit: RunSummary | None) -> bool:
+    """The catalog's own budget (this night's attempts) decides; the edit run's verdict counts only
+    when it stopped for another reason than its budget (which also counts earlier nights' errors)."""
     edit_stopped = edit is not None and not edit.ok and edit.error_fraction <= edit.max_error_fraction
-    within = summary.error_fraction <= job.runtime.max_error_fraction and not edit_stopped
-    if within:
-        data = _latest_bytes(entries)
-        write_bytes(join_uri(out, f"catalog/history/{run_id}.parquet"), data, opts)
-        write_bytes(latest_uri, data, opts)  # the publication: one whole-object put
-        summary.status, summary.published = "published", True
-    _finish(summary, opts)
-    _print(summary.line(), err=not summary.published)
-    return summary
+    return summary.error_fraction <= summary.max_error_fraction and not edit_stopped
+
+
+def _publish(entries: dict[str, dict[str, Any]], summary: CatalogSummary, job: JobConfig) -> None:
+    """The history snapshot, then ``latest`` itself: one whole-object put each."""
+    opts = job.output_storage()
+    data = _latest_bytes(entries)
+    write_bytes(join_uri(job.output.uri, f"catalog/history/{summary.run_id}.parquet"), data, opts)
+    write_bytes(summary.latest_uri, data, opts)  # the publication
+    summary.status, summary.published = "published", True
 
 
 def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
@@ -482,25 +538,25 @@ def _finish(summary: CatalogSummary, opts: StorageOptions | None) -> None:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing published,
     2 a config, input or cluster problem); for ``step1x-batch rerender CONFIG``."""
-    from step1x_batch.job.entrypoint import exit_status, operated
 
     def run() -> bool:
         cj = load_catalog_config(path, overrides)
-        c = cj.catalog
-        named = {"catalog.item_id_column": c.item_id_column, "catalog.image_column": c.image_column,
-                 "catalog.instruction_column": c.instruction_column,
-                 "catalog.change_marker_column": c.change_marker_column}
-        if c.instruction_template:
-            named |= {f"catalog.instruction_template ({{{f}}})": f for f in template_fields(c.instruction_template)}
-        required = {setting: (name,) for setting, name in named.items() if name}
         return operated(cj.job, lambda facts: run_catalog(cj).published, job="rerender",
-                        required_columns=required)
+                        required_columns=_required_columns(cj.catalog))
 
     return exit_status(run)
 
 
+def _required_columns(c: CatalogConfig) -> dict[str, tuple[str, ...]]:
+    """The catalog columns the pre-flight checks for, keyed by the setting that names each."""
+    required = CATALOG_SECTION.required_columns({
+        "item_id_column": c.item_id_column, "image_column": c.image_column,
+        "instruction_column": c.instruction_column, "change_marker_column": c.change_marker_column})
+    if c.instruction_template:
+        required |= {f"catalog.instruction_template ({{{f}}})": (f,) for f in template_fields(c.instruction_template)}
+    return required
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/rerender_catalog.py --config X [--set k=v ...]``."""
-    from step1x_batch.job.entrypoint import job_main
-
     return job_main("Re-render the catalog items that changed and publish latest.", run_config, argv)

@@ -64,17 +64,28 @@ import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from step1x_batch.job.config import ConfigError, JobConfig, parse_config, read_raw_config
 from step1x_batch.errors import RowError, redact_uri
 from step1x_batch.io.images import image_extension
+from step1x_batch.io.storage import (
+    StorageOptions,
+    exists,
+    filesystem,
+    join_uri,
+    read_bytes,
+    write_bytes,
+)
+from step1x_batch.job.config import JobConfig
+from step1x_batch.job.entrypoint import exit_status, job_main, operated
+from step1x_batch.job.preflight import check_file
+from step1x_batch.recipes.section import RecipeSection, local_path
+from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.manifest import (
     SEED_LIMIT,
     image_columns,
@@ -84,15 +95,6 @@ from step1x_batch.rows.manifest import (
     write_manifest,
 )
 from step1x_batch.rows.state import latest_records
-from step1x_batch.job.stages import NormaliseSettings
-from step1x_batch.io.storage import (
-    StorageOptions,
-    exists,
-    filesystem,
-    join_uri,
-    read_bytes,
-    write_bytes,
-)
 
 __all__ = [
     "PairsConfig",
@@ -109,6 +111,7 @@ __all__ = [
     "prepare_work",
     "export_dataset",
     "run_synthesize",
+    "weights_license",
     "run_config",
     "main",
 ]
@@ -147,7 +150,9 @@ class PairsConfig(BaseModel):
     name: str = "step1x-edit-synthetic-pairs"
     description: str = ""
     license: str = "other"  # the dataset's licence (Hugging Face identifier)
-    weights_license: str = "apache-2.0"  # the editing model's weights (Step1X-Edit: Apache-2.0)
+    # The editing model's weights; None: the family's (ModelFamily.weights_license: Step1X-Edit
+    # and Qwen-Image-Edit apache-2.0, RealRestorer's non-commercial weights "other").
+    weights_license: str | None = None
     source_images_license: str = "unspecified"  # say what the source images allow
 
     @model_validator(mode="before")
@@ -177,41 +182,30 @@ class SynthesizeJob:
 # Config
 
 
-def _section_error(name: str, err: ValidationError) -> ConfigError:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{name}.{loc}: {e['msg']}" if loc else f"{name}: {e['msg']}")
-    return ConfigError("invalid config:\n  " + "\n  ".join(lines))
+PAIRS_SECTION = RecipeSection("pairs", PairsConfig)
 
 
 def parse_synthesize_config(raw: Any, base_dir: str | os.PathLike | None = None) -> SynthesizeJob:
-    """Validate a raw mapping: ``pairs`` here, every other section by :func:`parse_config`."""
-    if not isinstance(raw, dict):
-        raise ConfigError("invalid config: the top level must be a mapping")
-    raw = dict(raw)
-    section = raw.pop("pairs", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError("pairs: must be a mapping")
-    try:
-        pairs = PairsConfig.model_validate(section)
-    except ValidationError as e:
-        raise _section_error("pairs", e) from None
-    job = parse_config(raw, base_dir)
-    if pairs.templates and "://" not in pairs.templates:
-        base = Path(base_dir) if base_dir is not None else Path.cwd()
-        pairs.templates = str((base / os.path.expanduser(pairs.templates)).resolve())
-    if job.output.storage is not None and job.output.storage != job.input.storage:
-        raise ConfigError(
-            "output.storage: the work manifest is written under output.uri and read back with "
-            "input.storage; use one storage for both (leave output.storage unset)"
-        )
+    """Validate a raw mapping: ``pairs`` here, every other section by the edit job's parser; a
+    local templates file is taken relative to ``base_dir``."""
+    job, pairs = PAIRS_SECTION.parse(raw, base_dir)
+    if pairs.templates:
+        pairs.templates = local_path(pairs.templates, base_dir)
     return SynthesizeJob(job, pairs)
 
 
 def load_synthesize_config(path: str, overrides: Sequence[str] = ()) -> SynthesizeJob:
     """Read a YAML config, apply ``--set`` overrides (``pairs.variants=4`` too), validate."""
-    return parse_synthesize_config(read_raw_config(path, overrides))
+    job, pairs = PAIRS_SECTION.load(path, overrides)
+    return SynthesizeJob(job, pairs)
+
+
+def weights_license(sj: SynthesizeJob) -> str:
+    """The licence the dataset card gives the model's weights: ``pairs.weights_license`` when
+    set, else the family's own."""
+    if sj.pairs.weights_license is not None:
+        return sj.pairs.weights_license
+    return job_family(sj.job).weights_license()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,12 +349,6 @@ def _work_table(rows: list[dict[str, Any]]) -> pa.Table:
              "instruction": pa.string(), "seed": pa.int64(), "output_key": pa.string(), "variant": pa.int64()}
     data = {c: [r.get(c) for r in rows] for c in columns}
     return pa.table({c: pa.array(data[c], types.get(c)) for c in columns})
-
-
-def normalise_like_the_job(table: pa.Table, job: JobConfig, manifest_uri: str) -> pa.Table:
-    """The edit job's own normalisation of ``table`` (same arguments as the job's normalise
-    stage), so the fingerprints here are the ones the row log will hold."""
-    return NormaliseSettings.from_config(job, manifest_uri).normalise(table)
 
 
 @dataclass
@@ -529,7 +517,18 @@ class ExportResult:
 def _card(info: dict[str, Any]) -> str:
     """The dataset card: Hugging Face YAML front matter, then what a person needs to know."""
     splits = [s for s in SPLITS if info["counts"]["by_split"].get(s)]
-    front = {
+    lines = ["---", yaml.safe_dump(_front_matter(info, splits), sort_keys=False).rstrip(), "---", "",
+             f"# {info['name']}", ""]
+    if info["description"]:
+        lines += [info["description"], ""]
+    lines += _card_contents(info, splits) + _card_columns(info) + _card_provenance(info)
+    lines += _card_loading(info, splits)
+    return "\n".join(lines)
+
+
+def _front_matter(info: dict[str, Any], splits: list[str]) -> dict[str, Any]:
+    """The card's metadata: what the Hub shows and how it finds the splits."""
+    return {
         "pretty_name": info["name"],
         "license": info["license"],
         "task_categories": ["image-to-image"],
@@ -540,15 +539,13 @@ def _card(info: dict[str, Any]) -> str:
             "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in splits],
         }],
     }
+
+
+def _card_contents(info: dict[str, Any], splits: list[str]) -> list[str]:
+    """What the pairs are and how many, per split, with the planned pairs left out and why."""
     c, p, m = info["counts"], info["parameters"], info["model"]
     errs = ", ".join(f"{k} {v}" for k, v in c["by_error_type"].items()) or "none"
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {info['name']}", "",
-    ]
-    if info["description"]:
-        lines += [info["description"], ""]
-    lines += [
         "Synthetic instruction-based image-editing pairs: each source image edited with "
         f"{'a sample of ' + str(p['instructions_per_image']) if p['instructions_per_image'] else 'every one of its'} "
         f"instruction(s), {p['variants']} seed(s) per instruction, by {m['model_id']}.", "",
@@ -558,16 +555,22 @@ def _card(info: dict[str, Any]) -> str:
     for s in splits:
         lines.append(f"| {s} | {c['by_split'][s]} | {c['sources_by_split'][s]} | "
                      f"{len(info['files'][s])} |")
-    lines += [
+    return lines + [
         "",
         f"{c['rows']} pairs from {c['sources']} source images and {c['instructions']} distinct "
         f"instructions. {c['failed']} planned pairs are not included because their edit failed "
         f"(by error type: {errs}); {c['duplicates_dropped']} duplicate rows were dropped.", "",
+    ]
+
+
+def _card_columns(info: dict[str, Any]) -> list[str]:
+    """The columns, and whether the image bytes are in the files (``pairs.embed_bytes``)."""
+    return [
         "## Columns", "",
         "- `source_image`, `edited_image`: the source image and the edited image, `datasets` `Image` "
         "features (`{bytes, path}` structs in the Parquet files, `path` the image's URI); " + (
             "the bytes are the image files as stored, so the dataset is self-contained"
-            if p["embed_bytes"] else
+            if info["parameters"]["embed_bytes"] else
             "**the bytes are not embedded** (`pairs.embed_bytes: false`): `datasets` opens `path` "
             "to decode, which works for local paths and public URLs, not for private object storage"),
         "- `source_image_uri`, `edited_image_uri`: the same images' URIs as text",
@@ -579,6 +582,13 @@ def _card(info: dict[str, Any]) -> str:
         "- `model_id`: the model that made the edit; `id`: a stable hash of (source, instruction, variant)",
         "- `split`: `train` or `validation`, by a hash of the source image (all pairs of one source share a split)",
         "",
+    ]
+
+
+def _card_provenance(info: dict[str, Any]) -> list[str]:
+    """How the pairs were made (model, sampling, instructions) and the three licences."""
+    p, m = info["parameters"], info["model"]
+    return [
         "## How it was made", "",
         f"- model: `{m['model_id']}` (family {m['family']}); weights licence: {m['weights_license']}",
         f"- sampling: {p['num_steps']} steps, guidance {p['guidance_scale']}, size level "
@@ -593,6 +603,13 @@ def _card(info: dict[str, Any]) -> str:
         f"- model weights: {m['weights_license']}",
         f"- source images: {info['source_images_license']}",
         "",
+    ]
+
+
+def _card_loading(info: dict[str, Any], splits: list[str]) -> list[str]:
+    """How to load the dataset, with ``datasets`` and without."""
+    embedded = info["parameters"]["embed_bytes"]
+    return [
         "## Loading", "",
         "```python",
         "from datasets import load_dataset",
@@ -607,10 +624,9 @@ def _card(info: dict[str, Any]) -> str:
         "images too (the features are in the Parquet schema metadata). Without `datasets` (pyarrow, "
         "pandas) the image columns read as `{bytes, path}` structs: "
         + ("`PIL.Image.open(io.BytesIO(row[\"edited_image\"][\"bytes\"]))`."
-           if p["embed_bytes"] else "open `row[\"edited_image_uri\"]`."),
+           if embedded else "open `row[\"edited_image_uri\"]`."),
         "",
     ]
-    return "\n".join(lines)
 
 
 def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> ExportResult:
@@ -623,39 +639,14 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
     for s, part in by_split.items():
         n = math.ceil(len(part) / p.max_shard_rows)
         files[s] = [f"data/{s}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
-    params = job.edit_defaults()
     info: dict[str, Any] = {
         "name": p.name,
         "description": p.description,
         "license": p.license,
         "source_images_license": p.source_images_license,
-        "counts": {
-            "rows": len(rows),
-            "by_split": {s: len(v) for s, v in by_split.items()},
-            "sources": len({r["source_image_uri"] for r in rows}),
-            "sources_by_split": {s: len({r["source_image_uri"] for r in v}) for s, v in by_split.items()},
-            "instructions": len({r["instruction"] for r in rows}),
-            "planned": work.table.num_rows,
-            "failed": sum(failed.values()),
-            "by_error_type": failed,
-            "duplicates_dropped": work.expansion.duplicates_dropped + work.table.num_rows
-            - len(rows) - sum(failed.values()),
-        },
-        "parameters": {
-            "num_steps": params.num_steps, "guidance_scale": params.guidance_scale,
-            "size_level": params.size_level, "negative_prompt": params.negative_prompt,
-            "seed_base": job.sampling.seed_base, "variants": p.variants,
-            "instructions_per_image": p.instructions_per_image, "sample_seed": p.sample_seed,
-            "instruction_source": (f"templates file {redact_uri(p.templates)}" if p.templates
-                                   else f"manifest column {p.instruction_column!r}"),
-            "validation_fraction": p.validation_fraction, "embed_bytes": p.embed_bytes,
-            "image_format": job.output.format, "max_shard_rows": p.max_shard_rows,
-        },
-        "model": {
-            "model_id": job.resolved_model_id(), "family": job.model.family,
-            "options": job.model.options, "weights": redact_uri(job.model.weights) if job.model.weights else None,
-            "weights_license": p.weights_license,
-        },
+        "counts": _export_counts(rows, failed, by_split, work),
+        "parameters": _export_parameters(sj),
+        "model": _export_model(sj),
         "source_manifest": redact_uri(job.input.manifest),
         "work_manifest": redact_uri(work.uri),
         "files": files,
@@ -682,6 +673,49 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
     write_bytes(card_uri, _card(info).encode("utf-8"), opts)  # the card last
     result.unchanged = False
     return result
+
+
+def _export_counts(rows: list[dict[str, Any]], failed: dict[str, int], by_split: dict[str, list],
+                   work: Work) -> dict[str, Any]:
+    """The pairs exported (per split, sources, instructions), planned, failed and dropped."""
+    return {
+        "rows": len(rows),
+        "by_split": {s: len(v) for s, v in by_split.items()},
+        "sources": len({r["source_image_uri"] for r in rows}),
+        "sources_by_split": {s: len({r["source_image_uri"] for r in v}) for s, v in by_split.items()},
+        "instructions": len({r["instruction"] for r in rows}),
+        "planned": work.table.num_rows,
+        "failed": sum(failed.values()),
+        "by_error_type": failed,
+        "duplicates_dropped": work.expansion.duplicates_dropped + work.table.num_rows
+        - len(rows) - sum(failed.values()),
+    }
+
+
+def _export_parameters(sj: SynthesizeJob) -> dict[str, Any]:
+    """The sampling and expansion settings the pairs were made with."""
+    job, p = sj.job, sj.pairs
+    params = job.edit_defaults()
+    return {
+        "num_steps": params.num_steps, "guidance_scale": params.guidance_scale,
+        "size_level": params.size_level, "negative_prompt": params.negative_prompt,
+        "seed_base": job.sampling.seed_base, "variants": p.variants,
+        "instructions_per_image": p.instructions_per_image, "sample_seed": p.sample_seed,
+        "instruction_source": (f"templates file {redact_uri(p.templates)}" if p.templates
+                               else f"manifest column {p.instruction_column!r}"),
+        "validation_fraction": p.validation_fraction, "embed_bytes": p.embed_bytes,
+        "image_format": job.output.format, "max_shard_rows": p.max_shard_rows,
+    }
+
+
+def _export_model(sj: SynthesizeJob) -> dict[str, Any]:
+    """The model that made the edits: its id (the row log's), family, options, weights' licence."""
+    model = sj.job.model
+    return {
+        "model_id": job_family(sj.job).model_id(), "family": model.family,
+        "options": model.options, "weights": redact_uri(model.weights) if model.weights else None,
+        "weights_license": weights_license(sj),
+    }
 
 
 def _export_unchanged(info_uri: str, fp: str, uris: list[str], opts: StorageOptions) -> bool:
@@ -729,9 +763,6 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     """Expand, edit (resumable), export; print what happened and where the dataset is."""
-    from step1x_batch.job.preflight import Preflight
-    from step1x_batch.job.runner import run_job
-
     job = sj.job
     try:
         work = prepare_work(sj)
@@ -741,9 +772,7 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     _print(f"pairs: {e.images} images x instructions x {sj.pairs.variants} variants -> "
            f"{work.table.num_rows} edit rows ({e.duplicates_dropped} duplicates dropped); "
            f"manifest {work.uri}")
-    inner = job.model_copy(deep=True)
-    inner.input.manifest = work.uri
-    edit = run_job(inner, Preflight(manifest_rows=work.table.num_rows))
+    edit = run_edit_job(job, work.uri, work.table.num_rows)
     summary = SynthesizeSummary(job.runtime.run_id, edit.ok, work.table.num_rows, e.images,
                                 e.duplicates_dropped, work.uri, asdict(edit))
     if not edit.ok:
@@ -764,15 +793,12 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing exported,
     2 a config, input or cluster problem); for ``step1x-batch synthesize CONFIG``."""
-    from step1x_batch.job.entrypoint import exit_status, operated
-    from step1x_batch.job.preflight import check_file
 
     def run() -> bool:
         sj = load_synthesize_config(path, overrides)
         p = sj.pairs
-        required = {"pairs.image_column": (p.image_column,)}
-        if not p.templates:
-            required["pairs.instruction_column"] = (p.instruction_column,)
+        required = PAIRS_SECTION.required_columns({
+            "image_column": p.image_column, "instruction_column": None if p.templates else p.instruction_column})
         templates = (lambda: check_file(p.templates, p.templates_storage or sj.job.input.storage,
                                         "pairs.templates", safetensors=False)) if p.templates else None
         return operated(sj.job, lambda facts: run_synthesize(sj).ok, job="synthesize",
@@ -783,6 +809,4 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/synthesize_pairs.py --config X [--set k=v ...]``."""
-    from step1x_batch.job.entrypoint import job_main
-
     return job_main("Make synthetic image-editing training pairs on Ray.", run_config, argv)
