@@ -11,19 +11,26 @@ inherit it, so they reach the same server with no extra configuration):
 - ``AWS_CONFIG_FILE`` / ``AWS_SHARED_CREDENTIALS_FILE`` pointing at empty files (a developer's
   ``~/.aws`` cannot leak in); ``AWS_PROFILE`` removed.
 
-No Ray here: tests that need Ray start it in their own files.
+Ray: ``ray_local`` gives a module the session's one shared local Ray (:class:`SharedRay`);
+tests that must own a Ray (a subprocess driver, ``RayHead``) start their own.
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+import json
 import logging
 import os
 import signal
 import socketserver
 import struct
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +44,7 @@ from PIL import Image
 import torchvision_cpu  # noqa: F401  (first: transformers must see the oracles' torchvision)
 
 from step1x_batch.io.storage import StorageOptions
+from step1x_batch.job.lease import LEASE_KEY
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,29 +337,73 @@ def free_port() -> int:
         return s.server_address[1]
 
 
-__all__ = ["FlakyProxy", "ImageFactory", "draw_rgb", "make_bucket", "free_port"]
+__all__ = ["FlakyProxy", "ImageFactory", "SharedRay", "draw_rgb", "expire_local_lease", "make_bucket", "free_port"]
+
+
+_RAY_INIT = {
+    "address": "local",  # a private Ray, never a cluster another test (or a person) started
+    "num_cpus": 2,  # like the CI machine
+    "include_dashboard": False,
+    "log_to_driver": False,
+    # workers import the package and tests/ plug-ins (``job_plugins:...``) by name
+    "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join([str(_ROOT), str(_ROOT / "tests")])}},
+}
+
+
+class SharedRay:
+    """The one local Ray this test session shares: started on first use, restarted only when a
+    test shut it down (or left another Ray in its place), stopped at the end of the session.
+    Starting Ray costs seconds; a dozen modules each starting their own was most of the wait."""
+
+    def __init__(self) -> None:
+        self.gcs_address: str | None = None
+
+    def ensure(self) -> None:
+        """Make this session's Ray the one this process is connected to."""
+        import ray
+
+        if ray.is_initialized():
+            if ray.get_runtime_context().gcs_address == self.gcs_address:
+                return
+            ray.shutdown()  # another Ray (a job's own): not the shared one
+        ray.init(**_RAY_INIT)
+        self.gcs_address = ray.get_runtime_context().gcs_address
+
+    def stop(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self.gcs_address = None
+
+
+@pytest.fixture(scope="session")
+def shared_ray(s3_server) -> Iterator[SharedRay]:
+    """The session's :class:`SharedRay`; its workers inherit the moto environment."""
+    ray = SharedRay()
+    try:
+        yield ray
+    finally:
+        ray.stop()
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server) -> Iterator[None]:
-    """One local Ray per test module (2 CPUs, like the CI machine). Workers inherit the moto
-    environment and import the package and tests/ plug-ins (``job_plugins:...``) by name.
-    ``address="local"``: a private Ray, never a cluster another test (or a person) started."""
-    import ray
+def ray_local(shared_ray: SharedRay) -> Iterator[None]:
+    """A local Ray for this module's tests (2 CPUs, like the CI machine): the session's shared one
+    (see :class:`SharedRay`), so a module starts none of its own. Workers inherit the moto
+    environment and import the package and tests/ plug-ins (``job_plugins:...``) by name."""
+    shared_ray.ensure()
+    yield
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(_ROOT), str(_ROOT / "tests")])}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+
+def expire_local_lease(output_dir: Path | str) -> None:
+    """Age a killed driver's lease on a local output root past its ttl, as waiting the ttl out
+    would (its mtime is its last renewal, and the killed driver renews it no more): the re-run
+    takes it over now, not after a fixed sleep. The ttl is the lease's own (``ttl_s``)."""
+    lease = Path(output_dir) / LEASE_KEY
+    ttl_s = float(json.loads(lease.read_bytes())["ttl_s"])
+    renewed = time.time() - ttl_s - 1.0
+    os.utime(lease, (renewed, renewed))
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -439,12 +491,6 @@ class RayHead:
     its process group, then every process it had under it."""
 
     def __init__(self, env: dict[str, str], temp: str, *, dashboard: bool = True) -> None:
-        import subprocess
-        import sys
-        import time
-        import urllib.error
-        import urllib.request
-
         ray = str(Path(sys.executable).parent / "ray")
         self.temp, self.env = temp, env
         self.dashboard_port = free_port()
@@ -493,9 +539,6 @@ class RayHead:
         self._seen.update(descendants(self.proc.pid))
 
     def stop(self) -> None:
-        import subprocess
-        import time
-
         self._seen.update(descendants(self.proc.pid))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:

@@ -8,6 +8,7 @@ failures, and the tiny Step1X model from an S3 manifest to S3 outputs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import expire_local_lease
 from step1x_batch import errors
 from step1x_batch.job.config import parse_config
 from step1x_batch.models.base import EditOutput, EditRequest, ModelFamily, Prepared
@@ -582,7 +584,7 @@ def test_driver_sigkill_then_rerun(ray_local, tmp_path, image_factory):
     assert not (out / "runs" / "killed" / "summary.json").exists()
     assert all(r["status"] == "ok" for r in killed)
 
-    time.sleep(3.5)  # the killed driver's lease is not renewed: it expires, the re-run takes over
+    expire_local_lease(out)  # the killed driver renews its lease no more: it expires, the re-run takes over
     summary = _run({**raw, "runtime": {**raw["runtime"], "run_id": "resumed", "log_part_seconds": 30.0},
                     "resources": {"edit_batch_size": 100, "io_batch_size": 100}})
     assert summary.ok and summary.rows_skipped == len(killed)
@@ -624,9 +626,6 @@ def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, t
                        runtime={"log_part_rows": 4, "log_part_seconds": 0.2, "run_id": run_id,
                                 "lease_ttl_s": 3})
 
-    clean = tmp_path / "clean"
-    assert _run(job(clean, "clean", 8, 8)).by_status == {"ok": 12}
-
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump(job(out, "killed", 2, 2)))  # small calls: parts land one by one
@@ -635,20 +634,26 @@ def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, t
            "STEP1X_TEST_MARKER": marker}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/edit_dataset.py"), "--config", str(cfg)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    logs = out / "logs" / "killed"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if logs.exists() and list(logs.glob("part-*.parquet")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        _kill_tree(proc, marker)
+    # The clean reference runs in this process while the driver above starts its own Ray (the
+    # two are independent: other output roots, other Rays); it must have ended before the compare.
+    clean = tmp_path / "clean"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        clean_run = pool.submit(_run, job(clean, "clean", 8, 8))
+        logs = out / "logs" / "killed"
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline and proc.poll() is None:
+                if logs.exists() and list(logs.glob("part-*.parquet")):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            _kill_tree(proc, marker)
+        assert clean_run.result().by_status == {"ok": 12}
     killed = read_logs(str(out), run_id="killed").num_rows
     assert 0 < killed < 12, "the kill landed mid-run"
-    time.sleep(3.5)  # until the killed driver's lease expires
+    expire_local_lease(out)  # the killed driver's lease expires
     resumed = _run(job(out, "resumed", 3, 5))
     assert resumed.ok and resumed.rows_skipped == killed and resumed.rows_processed == 12 - killed
     for r in rows:

@@ -150,7 +150,7 @@ def test_a_run_killed_while_compacting_then_a_correct_run(ray_local, tmp_path, i
     import sys
     import time
 
-    from conftest import kill_marked
+    from conftest import expire_local_lease, kill_marked
 
     out = tmp_path / "out"
     rows = _rows(images, 12)
@@ -179,7 +179,7 @@ def test_a_run_killed_while_compacting_then_a_correct_run(ray_local, tmp_path, i
         kill_marked(marker)
     assert read_pointer(str(out)) == before  # the half-written version was never published
     assert len(read_logs(str(out), run_id="r2").to_pylist()) == 2  # its records landed before
-    time.sleep(3.5)  # the killed driver's lease expires
+    expire_local_lease(out)  # the killed driver's lease expires
     third = _run(manifest, out, "r3", lease_ttl_s=3)
     assert third.rows_processed == 0 and third.rows_skipped == 12
     after = read_pointer(str(out))
