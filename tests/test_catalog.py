@@ -155,6 +155,24 @@ def test_plan_decides_per_item(tmp_path):
     assert fp([_item(0)], output={"format": "webp"}) != base
 
 
+def test_plan_pins_adapters_before_the_fingerprints(tmp_path):
+    """Called without the entry point (which pins them), planning stages and hashes the adapters
+    itself: the fingerprints follow an adapter's content."""
+    manifest = _catalog(tmp_path, [_item(0)])
+    adapter = tmp_path / "style.safetensors"
+    work_uri = str(tmp_path / "out/catalog/manifests/a.parquet")
+
+    def fingerprint(content: bytes) -> str:
+        adapter.write_bytes(content)
+        raw = _raw(manifest, str(tmp_path / "out"), "a")
+        raw["model"] = {"family": "step1x", "weights": str(tmp_path / "weights"), "adapters": [{"uri": str(adapter)}]}
+        cj = parse_catalog_config(raw)
+        assert cj.job.model.adapters[0].sha256 is None  # parsing stages nothing
+        return plan_catalog(cj, {}, work_uri).items["sku-0"]["fingerprint"]
+
+    assert fingerprint(b"one") == fingerprint(b"one") != fingerprint(b"two")
+
+
 # --------------------------------------------------------------------------------------------
 # The nights, end to end.
 
@@ -249,7 +267,7 @@ def test_catalog_nights(ray_local, tmp_path, monkeypatch):
     # A crash inside the edit run: latest untouched, the run json says so, the error propagates.
     import step1x_batch.job.runner as runner
 
-    def boom(cfg, facts=None):
+    def boom(cfg, facts=None, lease=None):
         raise RuntimeError("the cluster went away")
 
     monkeypatch.setattr(runner, "run_job", boom)

@@ -130,15 +130,17 @@ def test_weights_license_follows_the_family(tmp_path):
     for expected, configs in models.items():
         for model in configs:
             assert weights_license(parse_synthesize_config({**raw, "model": model})) == expected, model
-    chosen = parse_synthesize_config({**raw, "model": models["other"][0], "pairs": {"weights_license": "cc-by-nc-4.0"}})
+    realrestorer = models["other"][0]
+    chosen = parse_synthesize_config({**raw, "model": realrestorer, "pairs": {"weights_license": "cc-by-nc-4.0"}})
     assert weights_license(chosen) == "cc-by-nc-4.0"  # a value in the config wins
 
     # the card and dataset_info of a RealRestorer-variant job (no Ray: nothing edited, nothing exported)
-    sj = parse_synthesize_config({**raw, "model": models["other"][0]})
+    sj = parse_synthesize_config({**raw, "model": realrestorer})
     result = export_dataset(sj, prepare_work(sj))
     assert result.rows == 0 and result.by_error_type == {"not_done": 1}
     info = json.loads((tmp_path / "out/dataset/dataset_info.json").read_text())
-    assert info["model"]["weights_license"] == "other" and info["model"]["model_id"].startswith("step1x-edit[realrestorer]")
+    assert info["model"]["weights_license"] == "other"
+    assert info["model"]["model_id"].startswith("step1x-edit[realrestorer]")
     card = (tmp_path / "out/dataset/README.md").read_text()
     assert "weights licence: other" in card and "- model weights: other" in card and "apache-2.0" not in card
 

@@ -33,6 +33,9 @@ not attempted again: it stays ``failed`` without counting against each night's b
 Runs of one catalog must not overlap (one nightly schedule): two runs publishing at once would
 race on ``latest``. Superseded renders stay in storage; a lifecycle rule may delete objects under
 ``renders/`` that no ``latest`` or history snapshot references.
+
+The ``catalog`` section is parsed by the recipes' shared parser (``recipes/section.py``), the plan
+normalised and the edit run started through ``recipes/work.py``: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
 from step1x_batch.io.images import image_extension
 from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
 from step1x_batch.job.config import JobConfig
-from step1x_batch.job.entrypoint import exit_status, job_main, operated
+from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
+from step1x_batch.job.lease import Lease
 from step1x_batch.job.runner import RunSummary
 from step1x_batch.recipes.section import RecipeSection
-from step1x_batch.recipes.work import normalise_like_the_job, run_edit_job
+from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.log import part_uri, write_log_part
 from step1x_batch.rows.manifest import (
     fill_template,
@@ -383,8 +387,9 @@ def _print(msg: str, *, err: bool = False) -> None:
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run_catalog(cj: CatalogJob) -> CatalogSummary:
-    """Plan, render what changed, publish when the run is within its error budget."""
+def run_catalog(cj: CatalogJob, lease: Lease | None = None) -> CatalogSummary:
+    """Plan, render what changed, publish when the run is within its error budget. ``lease``: the
+    one the caller holds on the output root (None: the edit run takes it for its own duration)."""
     job = cj.job
     out, opts, run_id = job.output.uri, job.output_storage(), job.runtime.run_id
     started = _now()
@@ -396,7 +401,7 @@ def run_catalog(cj: CatalogJob) -> CatalogSummary:
            f"render or check, {len(plan.invalid)} invalid")
     ids = set(plan.items) | {r["id"] for r in plan.invalid}
     new_invalid = _log_invalid(plan, ids, job, summary.model_id)
-    edit = _render(plan, work_uri, job, summary)
+    edit = _render(plan, work_uri, job, summary, lease)
     verdict = _classify(plan, latest, latest_records(out, opts, ids), run_id)
     _count_run(summary, verdict, plan, edit, new_invalid)
     if _within_budget(summary, edit):
@@ -413,7 +418,7 @@ def _new_summary(job: JobConfig, started: _dt.datetime) -> CatalogSummary:
         run_id=job.runtime.run_id, status="failed", published=False, counts={}, failed_by_error_type={},
         error_fraction=0.0, max_error_fraction=job.runtime.max_error_fraction,
         latest_uri=join_uri(out, LATEST_KEY), run_json=join_uri(out, f"catalog/runs/{job.runtime.run_id}.json"),
-        model_id=job.resolved_model_id(), catalog=redact_uri(job.input.manifest),
+        model_id=job_family(job).model_id(), catalog=redact_uri(job.input.manifest),
         started_at=started.isoformat(timespec="seconds"),
     )
 
@@ -432,14 +437,15 @@ def _log_invalid(plan: Plan, ids: set[str], job: JobConfig, model_id: str) -> li
     return new_invalid
 
 
-def _render(plan: Plan, work_uri: str, job: JobConfig, summary: CatalogSummary) -> RunSummary | None:
+def _render(plan: Plan, work_uri: str, job: JobConfig, summary: CatalogSummary,
+            lease: Lease | None) -> RunSummary | None:
     """The edit run on the rows to render (None when there are none); a crash is written to the
     run json (``crashed``, ``latest`` untouched) and raised."""
     if not plan.work.num_rows:
         return None
     write_manifest(plan.work, work_uri, job.output_storage())
     try:
-        edit = run_edit_job(job, work_uri, plan.work.num_rows)
+        edit = run_edit_job(job, work_uri, plan.work.num_rows, lease)
     except BaseException as e:
         summary.status = "crashed"
         summary.notes.append(redact(f"edit run crashed: {type(e).__name__}: {e}"))
@@ -541,8 +547,8 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
     def run() -> bool:
         cj = load_catalog_config(path, overrides)
-        return operated(cj.job, lambda facts: run_catalog(cj).published, job="rerender",
-                        required_columns=_required_columns(cj.catalog))
+        return check_lease_and_run(cj.job, lambda facts, lease: run_catalog(cj, lease).published,
+                                   job="rerender", required_columns=_required_columns(cj.catalog))
 
     return exit_status(run)
 

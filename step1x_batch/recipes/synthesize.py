@@ -48,7 +48,9 @@ Split: ``validation`` when sha256 of the source image URI, read as a fraction of
 from one image lands in the same split (no train/validation leakage).
 
 The expansion and the export run on the driver (pandas / pyarrow): fine for millions of pairs;
-the editing itself is the Ray job.
+the editing itself is the Ray job. The ``pairs`` section is parsed by the recipes' shared parser
+(``recipes/section.py``), the expansion normalised and the edit run started through
+``recipes/work.py``: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ from step1x_batch.io.storage import (
     write_bytes,
 )
 from step1x_batch.job.config import JobConfig
-from step1x_batch.job.entrypoint import exit_status, job_main, operated
+from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
+from step1x_batch.job.lease import Lease
 from step1x_batch.job.preflight import check_file
 from step1x_batch.recipes.section import RecipeSection, local_path
 from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
@@ -761,8 +764,9 @@ def _print(msg: str, *, err: bool = False) -> None:
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
-    """Expand, edit (resumable), export; print what happened and where the dataset is."""
+def run_synthesize(sj: SynthesizeJob, lease: Lease | None = None) -> SynthesizeSummary:
+    """Expand, edit (resumable), export; print what happened and where the dataset is. ``lease``:
+    the one the caller holds on the output root (None: the edit run takes it for its duration)."""
     job = sj.job
     try:
         work = prepare_work(sj)
@@ -772,7 +776,7 @@ def run_synthesize(sj: SynthesizeJob) -> SynthesizeSummary:
     _print(f"pairs: {e.images} images x instructions x {sj.pairs.variants} variants -> "
            f"{work.table.num_rows} edit rows ({e.duplicates_dropped} duplicates dropped); "
            f"manifest {work.uri}")
-    edit = run_edit_job(job, work.uri, work.table.num_rows)
+    edit = run_edit_job(job, work.uri, work.table.num_rows, lease)
     summary = SynthesizeSummary(job.runtime.run_id, edit.ok, work.table.num_rows, e.images,
                                 e.duplicates_dropped, work.uri, asdict(edit))
     if not edit.ok:
@@ -801,8 +805,8 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
             "image_column": p.image_column, "instruction_column": None if p.templates else p.instruction_column})
         templates = (lambda: check_file(p.templates, p.templates_storage or sj.job.input.storage,
                                         "pairs.templates", safetensors=False)) if p.templates else None
-        return operated(sj.job, lambda facts: run_synthesize(sj).ok, job="synthesize",
-                        required_columns=required, extra_checks=templates)
+        return check_lease_and_run(sj.job, lambda facts, lease: run_synthesize(sj, lease).ok,
+                                   job="synthesize", required_columns=required, extra_checks=templates)
 
     return exit_status(run)
 
