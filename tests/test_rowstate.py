@@ -223,23 +223,51 @@ def test_a_compaction_killed_before_publishing_leaves_the_previous_state(tmp_pat
     assert versions == sorted([f"v-{first.version}", f"v-{result.pointer.version}"])  # the garbage is gone
 
 
+# Imports the row state once, then forks one compaction per cue: a compaction starts at once, so
+# the kill's random moment is a moment of the compaction, not of Python's start-up (most of a
+# fresh interpreter's life). It kills its own child when told (an unreaped pid is never reused).
+_COMPACTION_SERVER = """
+import os, signal, sys
+from step1x_batch.rows import state as rowstate
+for cue in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        rowstate.compact(sys.argv[1], buckets=int(sys.argv[2]))
+        os._exit(0)
+    print("compacting", flush=True)
+    sys.stdin.readline()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print("killed", flush=True)
+"""
+
+
 def test_a_compaction_killed_at_any_moment_leaves_a_valid_state(tmp_path):
     """SIGKILL at random moments of real compactions (no failpoint): every time, readers see
     exactly the logs, and the next compaction is correct."""
     root = str(tmp_path / "out")
     everything: list[dict] = []
     rng = random.Random(3)
-    for attempt in range(4):
-        run = random_runs(20 + attempt, runs=1, parts=6, rows=300, ids=400)[0]
-        for k, part in enumerate(run):
-            write_log_part(pd.DataFrame(part), part_uri(root, f"run-{attempt}", k))
-            everything.extend(part)
-        proc = subprocess.Popen([sys.executable, "-c", _COMPACT, root, "8"],
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 2.5))
-        proc.kill()
-        proc.wait(timeout=30)
-        assert state_dict(root) == oracle(everything)
+    server = subprocess.Popen([sys.executable, "-c", _COMPACTION_SERVER, root, "8"],
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for attempt in range(4):
+            run = random_runs(20 + attempt, runs=1, parts=6, rows=300, ids=400)[0]
+            for k, part in enumerate(run):
+                write_log_part(pd.DataFrame(part), part_uri(root, f"run-{attempt}", k))
+                everything.extend(part)
+            server.stdin.write("compact\n")
+            server.stdin.flush()
+            assert server.stdout.readline() == "compacting\n"
+            time.sleep(rng.uniform(0.0, 0.4))  # such a compaction takes ~0.1-0.3 s: during it, or after
+            server.stdin.write("kill\n")
+            server.stdin.flush()
+            assert server.stdout.readline() == "killed\n"
+            assert state_dict(root) == oracle(everything)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
     compact(root, buckets=8)
     assert state_dict(root) == oracle(everything)
 
