@@ -28,7 +28,7 @@ import torch
 from step1x_batch.models.step1x.connector import Connector, ConnectorParams
 from step1x_batch.models.step1x.dit import DiTParams, Step1XDiT
 from step1x_batch.models.base import EditParams, EditRequest, Prepared, edit_prepared
-from step1x_batch.models.step1x.pipeline import VERSIONS, EditPipeline, Step1XEngine
+from step1x_batch.models.step1x.pipeline import VERSIONS, Step1XEditPipeline, Step1XEngine
 from step1x_batch.models.step1x.prepare import model_size, prepare_row
 from step1x_batch.models.step1x.vae import AutoEncoder, AutoEncoderParams
 
@@ -216,7 +216,7 @@ def main() -> None:
         from step1x_batch.models.step1x.tiny import make_tiny_weights
 
         folder = make_tiny_weights(tempfile.mkdtemp(prefix="step1x-tiny-"))
-        pipe = EditPipeline.from_pretrained(folder, device=device, dtype=dtype)
+        pipe = Step1XEditPipeline.from_pretrained(folder, device=device, dtype=dtype)
         engine, prompts = pipe.engine, pipe.prompts
     else:
         engine, prompts = full_size_engine(device, dtype, args.depth, args.single), None

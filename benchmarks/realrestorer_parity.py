@@ -1,7 +1,7 @@
 """RealRestorer: this project's step1x family against RealRestorer's own released pipeline.
 
 Runs upstream's ``RealRestorerPipeline`` (github.com/yfyang007/RealRestorer, its patched diffusers
-under ``diffusers/src``) and this project's :class:`EditPipeline` on the same tiny bundle
+under ``diffusers/src``) and this project's :class:`Step1XEditPipeline` on the same tiny bundle
 (``make_tiny_weights(layout="realrestorer")``), same seeds, prompts and settings, and prints the
 PSNR of the final images (after the resize back to the input size), float32 and bfloat16.
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from step1x_batch.models.qwen_vl.processor import build_image_processor  # noqa: E402
 from step1x_batch.models.step1x.conditioner import PromptTokenizer  # noqa: E402
-from step1x_batch.models.step1x.pipeline import EditPipeline, posterior_seed  # noqa: E402
+from step1x_batch.models.step1x.pipeline import Step1XEditPipeline, posterior_seed  # noqa: E402
 from step1x_batch.models.step1x.tiny import TINY_DIT, TINY_QWEN_HIDDEN, TINY_VAE, make_tiny_weights, tiny_connector_params  # noqa: E402
 
 PROMPTS = (
@@ -257,7 +257,7 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             theirs_pipe = upstream_pipeline(bundle, dtype, args.upstream_image_processor)
-            ours_pipe = EditPipeline.from_pretrained(bundle, dtype=dtype_name, max_batch_size=1)
+            ours_pipe = Step1XEditPipeline.from_pretrained(bundle, dtype=dtype_name, max_batch_size=1)
             assert ours_pipe.engine.variant.name == "realrestorer"
             t0 = time.perf_counter()
             ours = ours_pipe.edit(images, list(PROMPTS), seeds=seeds, num_steps=args.steps,

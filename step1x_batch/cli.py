@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
 
 from step1x_batch.job.entrypoint import add_config_arguments, config_overrides
-from step1x_batch.job.inspection import add_inspection_commands, storage_arguments
+from step1x_batch.job.inspection import add_inspection_commands, storage_arguments, storage_options
 
 
 def _make_tiny_weights(args: argparse.Namespace) -> int:
@@ -27,16 +30,39 @@ def _make_tiny_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(pairs: Sequence[str], version: str | None) -> dict[str, Any]:
+    """``--option key=value`` pairs as ``model.options`` (each value read as YAML: 512, true, pil)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {pair!r}: expected key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    if version is not None:
+        options["version"] = version
+    return options
+
+
 def _edit(args: argparse.Namespace) -> int:
+    """Edit one row in this process with any family: its prepare, engine and finish in one call."""
     from PIL import Image
 
-    from step1x_batch.models.step1x.pipeline import EditPipeline
+    from step1x_batch.models import load_family
+    from step1x_batch.models.base import ModelSpec
+    from step1x_batch.models.engine import family_pipeline
 
-    pipe = EditPipeline.from_pretrained(args.weights, device=args.device, dtype=args.dtype, version=args.version)
+    try:
+        options = _model_options(args.option, args.version)
+        spec = ModelSpec(args.family, options=options, weights=args.weights, dtype=args.dtype, device=args.device)
+        family = load_family(spec)
+    except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    pipe = family_pipeline(family, Path(args.weights) if args.weights else None)
+    negatives = None if args.negative_prompt is None else [args.negative_prompt]
     result = pipe.edit(
-        [Image.open(args.image)], [args.instruction], seeds=[args.seed],
-        negative_prompts=[args.negative_prompt], num_steps=args.steps, guidance_scale=args.guidance,
-        size_level=args.size_level,
+        [[Image.open(path) for path in args.image]], [args.instruction], seeds=[args.seed],
+        negative_prompts=negatives, num_steps=args.steps, guidance_scale=args.guidance, size_level=args.size_level,
     )[0]
     if result.error_type:
         print(f"error: {result.error_type}: {result.error_message}", file=sys.stderr)
@@ -73,7 +99,6 @@ def _compact(args: argparse.Namespace) -> int:
     from step1x_batch.job import lease as leases
     from step1x_batch.rows import state as rowstate
     from step1x_batch.errors import JobRefused, redact, redact_uri
-    from step1x_batch.job.inspection import storage_options
     from step1x_batch.rows.log import log_part_keys
 
     options = storage_options(args.endpoint_url, args.region)
@@ -150,19 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step1x only: the official release folder or a RealRestorer bundle")
     p.set_defaults(func=_make_tiny_weights)
 
-    p = sub.add_parser("edit", help="edit one image in this process (no Ray)")
-    p.add_argument("--weights", required=True, help="release folder")
-    p.add_argument("--image", required=True)
+    p = sub.add_parser("edit", help="edit one image (or one row of images) in this process (no Ray), any family")
+    p.add_argument("--family", default="step1x",
+                   help="a registered family (see `model.family`) or package.module:Class (default: step1x)")
+    p.add_argument("--weights", default="", help="the weights folder (a family that needs none: omit)")
+    p.add_argument("--image", required=True, action="append",
+                   help="an input image; repeat it for a family that takes several per row")
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=6.0)
-    p.add_argument("--size-level", type=int, default=1024)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="one of the family's model.options (the value read as YAML); repeat for more")
+    p.add_argument("--negative-prompt", default=None, help="default: the family's")
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (step1x: 28)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the family's (step1x: 6.0)")
+    p.add_argument("--size-level", type=int, default=None, help="default: the family's (1024)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--version", choices=["v1.0", "v1.1"], default=None)
+    p.add_argument("--version", choices=["v1.0", "v1.1"], default=None,
+                   help="the same as --option version=V (a family with a version option)")
     p.set_defaults(func=_edit)
 
     add_inspection_commands(sub)

@@ -8,7 +8,7 @@ import torch
 from step1x_batch.models.base import EditParams, EditRequest, ModelSpec, Prepared, edit_prepared
 from step1x_batch.models.determinism import deterministic_edit
 from step1x_batch.models.step1x.family import Step1XFamily
-from step1x_batch.models.step1x.pipeline import EditPipeline, image_ids, pack, unpack
+from step1x_batch.models.step1x.pipeline import Step1XEditPipeline, image_ids, pack, unpack
 from step1x_batch.models.step1x.prepare import model_size
 from step1x_batch.models.step1x.tiny import TINY_DIT, make_tiny_weights
 
@@ -27,7 +27,7 @@ def release_v10(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(release):
-    return EditPipeline.from_pretrained(release, dtype="float32")
+    return Step1XEditPipeline.from_pretrained(release, dtype="float32")
 
 
 def picture(seed: int, h: int = 72, w: int = 96) -> np.ndarray:
@@ -66,10 +66,10 @@ def test_loads_release_and_detects_version(release, release_v10, pipe):
     assert pipe.engine.version.name == "v1.1" and pipe.engine.version.ref_axis0 == 1
     assert pipe.engine.dit.params == TINY_DIT
     assert pipe.engine.model_id.startswith("step1x-edit-v1.1/step1x-edit-v1p1-official.safetensors@")
-    v10 = EditPipeline.from_pretrained(release_v10, dtype="float32")
+    v10 = Step1XEditPipeline.from_pretrained(release_v10, dtype="float32")
     assert v10.engine.version.name == "v1.0" and v10.engine.version.cfg_truncation_t == 1.0
     assert hasattr(v10.engine.connector, "scale_factor")
-    forced = EditPipeline.from_pretrained(release, dtype="float32", version="v1.0")
+    forced = Step1XEditPipeline.from_pretrained(release, dtype="float32", version="v1.0")
     assert forced.engine.version.name == "v1.0"
 
 
@@ -90,7 +90,7 @@ def test_same_row_same_bytes(pipe):
 
 
 def test_bf16_same_row_same_bytes(release):
-    bf16 = EditPipeline.from_pretrained(release, dtype="bfloat16")
+    bf16 = Step1XEditPipeline.from_pretrained(release, dtype="bfloat16")
     a = edit(bf16, [picture(1)], ["make it snowy"], seeds=[3])[0].image
     b = edit(bf16, [picture(1)], ["make it snowy"], seeds=[3])[0].image
     assert a.tobytes() == b.tobytes()
@@ -138,14 +138,14 @@ def test_noise_is_drawn_as_the_reference(pipe):
 
 
 def test_v10_and_v11_differ_on_same_weights(release, pipe):
-    v10 = EditPipeline.from_pretrained(release, dtype="float32", version="v1.0")
+    v10 = Step1XEditPipeline.from_pretrained(release, dtype="float32", version="v1.0")
     a = edit(pipe, [picture(4)], ["add a hat"], seeds=[1])[0].image.astype(int)
     b = edit(v10, [picture(4)], ["add a hat"], seeds=[1])[0].image.astype(int)
     assert np.abs(a - b).mean() > 0.05
 
 
 def test_non_finite_output_is_a_row_error(release):
-    broken = EditPipeline.from_pretrained(release, dtype="float32")
+    broken = Step1XEditPipeline.from_pretrained(release, dtype="float32")
     with torch.no_grad():
         broken.engine.dit.final_layer.linear.bias.fill_(float("nan"))
     results = edit(broken, [picture(5), picture(6)], ["a", "b"], seeds=[1, 2])
@@ -284,8 +284,8 @@ def test_fp8_file_keeps_fp8_storage_with_identical_pixels(release, tmp_path):
     save_file({k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in sd.items()},
               str(fp8_dir / "step1x-edit-i1258-FP8.safetensors"))
     dit_file.unlink()
-    kept = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16")
-    upcast = EditPipeline.from_pretrained(fp8_dir, dtype="bfloat16", fp8_storage=False)
+    kept = Step1XEditPipeline.from_pretrained(fp8_dir, dtype="bfloat16")
+    upcast = Step1XEditPipeline.from_pretrained(fp8_dir, dtype="bfloat16", fp8_storage=False)
     w = kept.engine.dit.double_blocks[0].img_attn.qkv.weight
     assert w.dtype == torch.float8_e4m3fn
     assert upcast.engine.dit.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16
@@ -315,7 +315,7 @@ def test_bf16_row_alone_equals_row_in_a_batch_of_four(release, invariant):
     """Batch invariance in the production dtype: each of 4 rows edited alone and inside a batch of
     4 gives the same bytes (switch on). Off, the batch is one padded text batch and the DiT runs
     the rows given: recorded, not asserted, to show what the switch buys."""
-    pipe = EditPipeline.from_pretrained(release, dtype="bfloat16", batch_invariant=invariant, max_batch_size=4)
+    pipe = Step1XEditPipeline.from_pretrained(release, dtype="bfloat16", batch_invariant=invariant, max_batch_size=4)
     images = [picture(30 + i) for i in range(4)]
     texts, negatives = [t for t, _ in BF16_ROWS], [n for _, n in BF16_ROWS]
     seeds = [21, 22, 23, 24]
@@ -355,7 +355,7 @@ def test_bf16_prompt_embeddings_are_those_of_the_prompt_alone(pipe_bf16):
 
 @pytest.fixture(scope="module")
 def pipe_bf16(release):
-    return EditPipeline.from_pretrained(release, dtype="bfloat16")
+    return Step1XEditPipeline.from_pretrained(release, dtype="bfloat16")
 
 
 def test_blend_scale_interpolates_between_two_instructions(release):
@@ -395,3 +395,9 @@ def test_family_load_merges_a_step1x_format_lora(release, tmp_path):
     expected = w.float() + scale * alpha / rank * (up @ down)
     torch.testing.assert_close(merged.dit.double_blocks[0].img_attn.qkv.weight, expected.to(w.dtype))
     assert torch.equal(merged.dit.double_blocks[1].img_attn.qkv.weight, base.dit.double_blocks[1].img_attn.qkv.weight)
+
+
+def test_the_old_pipeline_name_is_an_alias():
+    from step1x_batch.models.step1x.pipeline import EditPipeline
+
+    assert EditPipeline is Step1XEditPipeline  # kept for one release

@@ -20,7 +20,7 @@ from PIL import Image
 
 from step1x_batch.models.base import UNSUPPORTED_SIZE, EditParams, EditRequest, edit_prepared
 from step1x_batch.models.step1x.conditioner import IMAGE_PAD, load_prefix
-from step1x_batch.models.step1x.pipeline import EditPipeline
+from step1x_batch.models.step1x.pipeline import Step1XEditPipeline
 from step1x_batch.models.step1x.prepare import prepare_row
 from step1x_batch.models.step1x.conditioner import load_prompts
 from step1x_batch.models.step1x.sampling import denoise, get_schedule, released_step
@@ -43,12 +43,12 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rr(bundle):
-    return EditPipeline.from_pretrained(bundle, dtype="float32", max_batch_size=1)
+    return Step1XEditPipeline.from_pretrained(bundle, dtype="float32", max_batch_size=1)
 
 
 @pytest.fixture(scope="module")
 def s1x(bundle):
-    return EditPipeline.from_pretrained(bundle, dtype="float32", max_batch_size=1, variant="step1x")
+    return Step1XEditPipeline.from_pretrained(bundle, dtype="float32", max_batch_size=1, variant="step1x")
 
 
 # --- the released code's text side, written from pipeline_realrestorer.py -------------------------
@@ -181,7 +181,7 @@ def test_vae_runs_in_the_released_dtype(bundle):
     Step1X-Edit keeps it float32 and encodes under bf16 autocast."""
     request = EditRequest([picture(3)], "Please dehaze the image", 1, EditParams(STEPS, 3.0, SIZE, ""))
     for variant, dtype, autocast in (("realrestorer", torch.bfloat16, False), ("step1x", torch.float32, True)):
-        pipe = EditPipeline.from_pretrained(bundle, dtype="bfloat16", max_batch_size=1, variant=variant)
+        pipe = Step1XEditPipeline.from_pretrained(bundle, dtype="bfloat16", max_batch_size=1, variant=variant)
         vae = pipe.engine.vae
         assert {p.dtype for p in vae.parameters()} == {dtype}
         calls = []

@@ -44,7 +44,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -220,13 +220,9 @@ def plan_adapter(
     index = module if isinstance(module, _ModelIndex) else _ModelIndex(module)
     where = str(spec.path)
     fmt = normalized_format(spec.format)
-    if fmt not in FORMATS:
-        return None, [f"{where}: unknown adapter format {spec.format!r}; use one of "
-                      f"{', '.join(FORMATS)} (or diffusers = peft)"]
-    if fmt == "step1x" and family != "step1x":
-        return None, [f"{where}: format 'step1x' is Step1X-Edit's own LoRA format; this model is {family!r}"]
-    if not math.isfinite(spec.scale):
-        return None, [f"{where}: scale {spec.scale!r} is not a finite number"]
+    refused = _spec_problem(spec, fmt, family)
+    if refused:
+        return None, [refused]
     try:
         header = read_header(spec.path)
         with safe_open(str(spec.path), framework="pt", device="cpu") as f:
@@ -235,69 +231,121 @@ def plan_adapter(
         return None, [str(e)]
     except Exception as e:  # noqa: BLE001 - the deserializer's own complaint
         return None, [f"{where}: cannot read the adapter ({e})"]
-    problems: list[str] = []
-    config = None
+    config, problems = _read_config(metadata, where)
+    keys = _group_keys(header, fmt, where)
+    problems += keys.problems + keys.stray_key_problems(where)
+    pairs, unresolved = _resolve_pairs(keys, header, index, config, where, problems)
+    if keys.wrong_format:
+        problems.append(f"{where}: keys not in the {fmt!r} format ({_EXAMPLES.get(fmt, '')}): "
+                        f"{', '.join(sorted(keys.wrong_format))}")
+    if unresolved:
+        msg = f"{where}: LoRA pairs whose module is not in the {family} model: {', '.join(unresolved)}"
+        hint = _other_family_hint(unresolved, family)
+        problems.append(msg + (f" ({hint})" if hint else ""))
+    if problems:
+        return None, problems
+    problems = _read_alphas(spec, pairs, config)
+    if problems:
+        return None, problems
+    if not pairs:
+        return None, [f"{where}: no LoRA pairs in the file"]
+    return AdapterPlan(spec, fmt, pairs), []
+
+
+def _spec_problem(spec: AdapterSpec, fmt: str, family: str) -> str | None:
+    """What the spec itself gets wrong (format, scale), before the file is opened."""
+    where = str(spec.path)
+    if fmt not in FORMATS:
+        return f"{where}: unknown adapter format {spec.format!r}; use one of {', '.join(FORMATS)} (or diffusers = peft)"
+    if fmt == "step1x" and family != "step1x":
+        return f"{where}: format 'step1x' is Step1X-Edit's own LoRA format; this model is {family!r}"
+    if not math.isfinite(spec.scale):
+        return f"{where}: scale {spec.scale!r} is not a finite number"
+    return None
+
+
+def _read_config(metadata: Mapping[str, str] | None, where: str) -> tuple[dict | None, list[str]]:
+    """The header's PEFT config (diffusers' ``lora_adapter_metadata``), and its problems."""
     try:
         config = _config_for(metadata)
     except ValueError as e:  # json.JSONDecodeError included
-        problems.append(f"{where}: unreadable {_METADATA_KEY} in the header ({e})")
+        return None, [f"{where}: unreadable {_METADATA_KEY} in the header ({e})"]
     if config and config.get("use_dora"):
-        problems.append(f"{where}: {_METADATA_KEY} says use_dora; DoRA adapters are not supported")
+        return config, [f"{where}: {_METADATA_KEY} says use_dora; DoRA adapters are not supported"]
+    return config, []
 
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    te_keys, foreign, wrong_format, wrong_bases = [], [], [], set()
-    unsupported: dict[str, list[str]] = {}
+
+@dataclass
+class _KeyGroups:
+    """A file's keys sorted out: each module's (down, up, alpha) keys, and the keys that are none."""
+
+    groups: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (naming, base) -> role -> key
+    text_encoder: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    wrong_format: list[str] = field(default_factory=list)
+    wrong_bases: set[tuple[str, str]] = field(default_factory=set)
+    unsupported: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # two keys for one role of one module
+
+    def stray_key_problems(self, where: str) -> list[str]:
+        problems = []
+        if self.text_encoder:
+            problems.append(f"{where}: text-encoder LoRA keys ({len(self.text_encoder)}); only the denoiser is "
+                            f"merged, use an adapter without them: {', '.join(self.text_encoder)}")
+        for kind, keys in self.unsupported.items():
+            problems.append(f"{where}: {kind}: {', '.join(keys)}")
+        if self.foreign:
+            problems.append(f"{where}: keys that are not part of a LoRA pair: {', '.join(self.foreign)}")
+        return problems
+
+
+def _group_keys(header: Mapping[str, dict], fmt: str, where: str) -> _KeyGroups:
+    keys = _KeyGroups()
     for key in sorted(header):
         if _TEXT_ENCODER.match(key):
-            te_keys.append(key)
+            keys.text_encoder.append(key)
             continue
         kind = next((what for pattern, what in _UNSUPPORTED if pattern.search(key)), None)
         if kind:
-            unsupported.setdefault(kind, []).append(key)
+            keys.unsupported.setdefault(kind, []).append(key)
             continue
         parsed = _parse_key(key)
         if parsed is None:
-            foreign.append(key)
+            keys.foreign.append(key)
             continue
         base, role, spelling, naming = parsed
         if role != "alpha" and (spelling, naming) not in _ACCEPTS[fmt]:
-            wrong_format.append(key)
-            wrong_bases.add((naming, base))
+            keys.wrong_format.append(key)
+            keys.wrong_bases.add((naming, base))
             continue
-        slot = groups.setdefault((naming, base), {})
+        slot = keys.groups.setdefault((naming, base), {})
         if role in slot:
-            problems.append(f"{where}: {key} and {slot[role]} both give the {role} weight of one module")
+            keys.problems.append(f"{where}: {key} and {slot[role]} both give the {role} weight of one module")
             continue
         slot[role] = key
+    return keys
 
-    if te_keys:
-        problems.append(f"{where}: text-encoder LoRA keys ({len(te_keys)}); only the denoiser is merged, "
-                        f"use an adapter without them: {', '.join(te_keys)}")
-    for kind, keys in unsupported.items():
-        problems.append(f"{where}: {kind}: {', '.join(keys)}")
-    if foreign:
-        problems.append(f"{where}: keys that are not part of a LoRA pair: {', '.join(foreign)}")
 
+def _resolve_pairs(keys: _KeyGroups, header: Mapping[str, dict], index: _ModelIndex, config: dict | None,
+                   where: str, problems: list[str]) -> tuple[list[LoraPair], list[str]]:
+    """Each module's keys -> a pair checked against the model (appending to ``problems``), and the
+    down keys whose module the model lacks."""
     pairs: list[LoraPair] = []
     unresolved: list[str] = []
     by_target: dict[str, str] = {}
-    for (naming, base), slot in sorted(groups.items()):
-        if (naming, base) in wrong_bases:  # reported above (with its alpha, if any)
-            wrong_format += [k for k in slot.values() if k not in wrong_format]
+    for (naming, base), slot in sorted(keys.groups.items()):
+        if (naming, base) in keys.wrong_bases:  # reported with the wrong-format keys (with its alpha, if any)
+            keys.wrong_format += [k for k in slot.values() if k not in keys.wrong_format]
             continue
-        down, up, alpha = slot.get("down"), slot.get("up"), slot.get("alpha")
+        down, up = slot.get("down"), slot.get("up")
         if down is None or up is None:
             missing = "down (lora_A / lora_down)" if down is None else "up (lora_B / lora_up)"
             problems.append(f"{where}: {', '.join(sorted(slot.values()))}: no {missing} weight to pair with")
             continue
-        shown = KOHYA_PREFIX + base if naming == "flat" else base
-        if naming == "flat":
-            target, ambiguous = index.resolve_flat(base)
-            if ambiguous:
-                problems.append(f"{where}: {down}: {shown} matches several modules ({', '.join(ambiguous)})")
-                continue
-        else:
-            target = index.resolve_dotted(base)
+        target, problem = _target(index, naming, base, down, where)
+        if problem:
+            problems.append(problem)
+            continue
         if target is None:
             unresolved.append(down)
             continue
@@ -305,44 +353,55 @@ def plan_adapter(
             problems.append(f"{where}: {down} and {by_target[target]} both change {target}")
             continue
         by_target[target] = down
-        layer = index.modules[target]
-        if not isinstance(layer, nn.Linear):
-            problems.append(f"{where}: {down}: {target} is a {type(layer).__name__}, not a Linear layer")
-            continue
-        d, u = header[down], header[up]
-        bad = [k for k in (down, up) if header[k]["dtype"] not in _FLOAT_DTYPES]
-        if bad:
-            shown = ", ".join(f"{k} ({header[k]['dtype']})" for k in bad)
-            problems.append(f"{where}: {shown}: not floating point")
-            continue
-        ds, us = tuple(d["shape"]), tuple(u["shape"])
-        if len(ds) != 2 or len(us) != 2 or ds[0] != us[1]:
-            problems.append(f"{where}: {down} {ds} and {up} {us} are not a (rank, in) / (out, rank) pair of matrices")
-            continue
-        expected = (layer.out_features, layer.in_features)
-        if (us[0], ds[1]) != expected:
-            problems.append(f"{where}: {down} {ds} / {up} {us} give a {(us[0], ds[1])} change; "
-                            f"{target} is {expected} (out, in)")
-            continue
-        if alpha is not None and math.prod(header[alpha]["shape"]) != 1:
-            problems.append(f"{where}: {alpha}: shape {tuple(header[alpha]['shape'])}, expected one number")
-            continue
-        if alpha is not None and config is not None:
-            problems.append(f"{where}: {alpha} and {_METADATA_KEY} both give the alpha of {target}")
-            continue
-        pairs.append(LoraPair(base, target, down, up, alpha, ds[0]))
+        pair, problem = _check_pair(index, header, config, target, base, slot, where)
+        if problem:
+            problems.append(problem)
+        else:
+            pairs.append(pair)
+    return pairs, unresolved
 
-    if wrong_format:
-        problems.append(f"{where}: keys not in the {fmt!r} format ({_EXAMPLES.get(fmt, '')}): "
-                        f"{', '.join(sorted(wrong_format))}")
-    if unresolved:
-        msg = f"{where}: LoRA pairs whose module is not in the {family} model: {', '.join(unresolved)}"
-        hint = _other_family_hint(unresolved, family)
-        problems.append(msg + (f" ({hint})" if hint else ""))
-    if problems:
-        return None, problems
 
-    # Alphas and finiteness: read every tensor once, keep none.
+def _target(index: _ModelIndex, naming: str, base: str, down: str, where: str) -> tuple[str | None, str | None]:
+    """The model's module a pair changes (None: not in the model), or a problem (several match)."""
+    if naming != "flat":
+        return index.resolve_dotted(base), None
+    target, ambiguous = index.resolve_flat(base)
+    if ambiguous:
+        return None, f"{where}: {down}: {KOHYA_PREFIX + base} matches several modules ({', '.join(ambiguous)})"
+    return target, None
+
+
+def _check_pair(index: _ModelIndex, header: Mapping[str, dict], config: dict | None, target: str, base: str,
+                slot: Mapping[str, str], where: str) -> tuple[LoraPair | None, str | None]:
+    """One pair against its module's Linear: float dtypes, (rank, in) / (out, rank) shapes that
+    fit, one alpha number at most and from one place only."""
+    down, up, alpha = slot["down"], slot["up"], slot.get("alpha")
+    layer = index.modules[target]
+    if not isinstance(layer, nn.Linear):
+        return None, f"{where}: {down}: {target} is a {type(layer).__name__}, not a Linear layer"
+    bad = [k for k in (down, up) if header[k]["dtype"] not in _FLOAT_DTYPES]
+    if bad:
+        shown = ", ".join(f"{k} ({header[k]['dtype']})" for k in bad)
+        return None, f"{where}: {shown}: not floating point"
+    ds, us = tuple(header[down]["shape"]), tuple(header[up]["shape"])
+    if len(ds) != 2 or len(us) != 2 or ds[0] != us[1]:
+        return None, f"{where}: {down} {ds} and {up} {us} are not a (rank, in) / (out, rank) pair of matrices"
+    expected = (layer.out_features, layer.in_features)
+    if (us[0], ds[1]) != expected:
+        return None, (f"{where}: {down} {ds} / {up} {us} give a {(us[0], ds[1])} change; "
+                      f"{target} is {expected} (out, in)")
+    if alpha is not None and math.prod(header[alpha]["shape"]) != 1:
+        return None, f"{where}: {alpha}: shape {tuple(header[alpha]['shape'])}, expected one number"
+    if alpha is not None and config is not None:
+        return None, f"{where}: {alpha} and {_METADATA_KEY} both give the alpha of {target}"
+    return LoraPair(base, target, down, up, alpha, ds[0]), None
+
+
+def _read_alphas(spec: AdapterSpec, pairs: Sequence[LoraPair], config: dict | None) -> list[str]:
+    """Set each pair's ratio from its alpha (a tensor, or the PEFT config) and check every tensor
+    is finite: reads each tensor once, keeps none. Returns the problems."""
+    where = str(spec.path)
+    problems: list[str] = []
     try:
         with safe_open(str(spec.path), framework="pt", device="cpu") as f:
             for pair in pairs:
@@ -368,11 +427,7 @@ def plan_adapter(
                         problems.append(f"{where}: {key}: holds NaN or infinite values")
     except Exception as e:  # noqa: BLE001
         problems.append(f"{where}: cannot read the adapter's tensors ({e})")
-    if problems:
-        return None, problems
-    if not pairs:
-        return None, [f"{where}: no LoRA pairs in the file"]
-    return AdapterPlan(spec, fmt, pairs), []
+    return problems
 
 
 def _other_family_hint(keys: Sequence[str], family: str) -> str:
@@ -418,15 +473,7 @@ def merge_adapters(module: nn.Module, adapters: Sequence[AdapterSpec], *, family
     if not adapters:
         return []
     index = _ModelIndex(module)
-    plans, problems = [], []
-    for spec in adapters:
-        plan, found = plan_adapter(index, spec, family)
-        problems += found
-        if plan is not None:
-            plans.append(plan)
-    if problems:
-        raise WeightsError(_summary(problems))
-
+    plans = _plan_all(index, adapters, family)
     contributions: dict[str, list[tuple[AdapterPlan, LoraPair]]] = {}
     for plan in plans:
         for pair in plan.pairs:
@@ -439,6 +486,7 @@ def merge_adapters(module: nn.Module, adapters: Sequence[AdapterSpec], *, family
                  for p in plans}
 
         def merged(name: str) -> torch.Tensor:
+            """The sum of every adapter's change to ``name``'s weight, in float32."""
             weight = index.modules[name].weight
             delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             for plan, pair in contributions[name]:
@@ -448,34 +496,54 @@ def merge_adapters(module: nn.Module, adapters: Sequence[AdapterSpec], *, family
                 delta.add_(up @ down, alpha=plan.spec.scale * pair.ratio)
             return delta
 
-        # fp8 weights first: every check before any write.
-        fp8: dict[str, torch.Tensor] = {}
-        for name in targets:
-            weight = index.modules[name].weight
-            if weight.dtype not in FP8_DTYPES:
-                continue
-            delta = merged(name)
-            w32 = weight.detach().float()
-            new = (w32 + delta).to(weight.dtype)
-            norm = float(delta.norm())
-            kept = new.float() - w32
-            err = float((kept - delta).norm()) / norm if norm > 0 else 0.0
-            if not bool(torch.isfinite(new.float()).all()):
-                problems.append(f"{name}: the merged weight overflows {weight.dtype}")
-            elif err > FP8_MAX_DELTA_ERROR:
-                problems.append(f"{name}: its {weight.dtype} weight cannot hold the adapters' change "
-                                f"(rounding back to fp8 leaves an error of {err:.0%} of the change); "
-                                f"load the DiT without fp8 storage to use these adapters")
-            fp8[name] = new
-        if problems:
-            raise WeightsError(_summary(problems, [str(a.path) for a in adapters]))
-
+        fp8 = _merged_fp8_weights(index, targets, merged, adapters)  # every check before any write
         for name in targets:
             weight = index.modules[name].weight
             new = fp8.pop(name) if name in fp8 else (weight.detach().float() + merged(name)).to(weight.dtype)
             with torch.inference_mode(weight.is_inference()), torch.no_grad():
                 weight.copy_(new)
     return targets
+
+
+def _plan_all(index: _ModelIndex, adapters: Sequence[AdapterSpec], family: str) -> list[AdapterPlan]:
+    """Every adapter's plan; a :class:`WeightsError` naming every problem of every adapter."""
+    plans, problems = [], []
+    for spec in adapters:
+        plan, found = plan_adapter(index, spec, family)
+        problems += found
+        if plan is not None:
+            plans.append(plan)
+    if problems:
+        raise WeightsError(_summary(problems))
+    return plans
+
+
+def _merged_fp8_weights(index: _ModelIndex, targets: Sequence[str], merged: Callable[[str], torch.Tensor],
+                        adapters: Sequence[AdapterSpec]) -> dict[str, torch.Tensor]:
+    """The new weights of the fp8 targets, rounded to fp8 again; a :class:`WeightsError` when one
+    overflows or keeps too little of the adapters' change (``FP8_MAX_DELTA_ERROR``)."""
+    fp8: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for name in targets:
+        weight = index.modules[name].weight
+        if weight.dtype not in FP8_DTYPES:
+            continue
+        delta = merged(name)
+        w32 = weight.detach().float()
+        new = (w32 + delta).to(weight.dtype)
+        norm = float(delta.norm())
+        kept = new.float() - w32
+        err = float((kept - delta).norm()) / norm if norm > 0 else 0.0
+        if not bool(torch.isfinite(new.float()).all()):
+            problems.append(f"{name}: the merged weight overflows {weight.dtype}")
+        elif err > FP8_MAX_DELTA_ERROR:
+            problems.append(f"{name}: its {weight.dtype} weight cannot hold the adapters' change "
+                            f"(rounding back to fp8 leaves an error of {err:.0%} of the change); "
+                            f"load the DiT without fp8 storage to use these adapters")
+        fp8[name] = new
+    if problems:
+        raise WeightsError(_summary(problems, [str(a.path) for a in adapters]))
+    return fp8
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from step1x_batch.models.base import (
+    AdapterSpec,
     EditOutput,
     EditRequest,
     Engine,
@@ -53,5 +54,5 @@ class NullFamily(ModelFamily):
     def preparer(self, folder: Path | None) -> Preparer:
         return _prepare
 
-    def load(self, folder: Path | None, device: str) -> Engine:
+    def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
         return NullEngine()

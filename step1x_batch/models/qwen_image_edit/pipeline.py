@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,20 +30,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from step1x_batch.models.base import (
-    NON_FINITE_OUTPUT,
-    AdapterSpec,
-    EditOutput,
-    EditParams,
-    EditRequest,
-    EditResult,
-    Prepared,
-    RowFailure,
-    as_rgb_array,
-    edit_prepared,
-)
+from step1x_batch.models.base import AdapterSpec, EditParams, EditRequest, EditResult, Prepared
+from step1x_batch.models.engine import BatchEngine, Laps, Pipeline, check_one_key
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import WeightsError, component_files, load_files_into, torch_dtype
+from step1x_batch.models.lora import as_spec, merge_adapters
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
 from .options import QwenImageEditOptions
@@ -242,8 +233,10 @@ class Generation:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class QwenImageEditEngine:
+class QwenImageEditEngine(BatchEngine):
     """The loaded folder (transformer, VAE, Qwen2.5-VL): edits prepared rows of one batch key."""
+
+    non_finite_advice = "try another seed, or bfloat16/float32 instead of float16"
 
     def __init__(self, transformer, vae, encoder: QwenVLEncoder, scheduler_config: Mapping[str, Any],
                  device: torch.device, dtype: torch.dtype, *, batch_invariant: bool = True,
@@ -302,8 +295,6 @@ class QwenImageEditEngine:
         # Its rope tables are plain tensors made in __init__ (not buffers): on meta they are empty.
         transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(cfg.axes_dims_rope), scale_rope=True)
         if adapters:
-            from step1x_batch.models.lora import merge_adapters
-
             merge_adapters(transformer, adapters, family="qwen-image-edit")
         vae = load_component(AutoencoderKLQwenImage, folder / "vae", device, dtype, strict)
         encoder = QwenVLEncoder.from_pretrained(
@@ -374,22 +365,16 @@ class QwenImageEditEngine:
         for j in range(len(inputs[0].vae_images)):
             images = torch.from_numpy(np.stack([r.vae_images[j] for r in inputs])).to(self.device)
             x = images_to_model_input(images).unsqueeze(2).to(self.dtype)
-            z = self._each(lambda v: self.vae.encode(v).latent_dist.mode(), x)
+            z = self.each(lambda v: self.vae.encode(v).latent_dist.mode(), x)
             tokens.append(pack(((z - self._latents_mean) / self._latents_std)[:, :, 0]))
         return torch.cat(tokens, dim=1)
-
-    def _each(self, fn, x: Tensor) -> Tensor:
-        """``fn`` over the rows of ``x``: one row at a time when batch invariant."""
-        if not self.batch_invariant or x.shape[0] == 1:
-            return fn(x)
-        return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
 
     def decode(self, latents: Tensor, width: int, height: int) -> Tensor:
         """(B, H, W, 3) uint8 pixels on the device, converted as diffusers' postprocess does."""
         h, w = 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
         z = unpack(latents, h, w).to(self.vae.dtype)
         z = z / (1.0 / self._latents_std.to(z.dtype)) + self._latents_mean.to(z.dtype)
-        image = self._each(lambda v: self.vae.decode(v, return_dict=False)[0], z)[:, :, 0]
+        image = self.each(lambda v: self.vae.decode(v, return_dict=False)[0], z)[:, :, 0]
         image = (image * 0.5 + 0.5).clamp(0, 1)
         return (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -397,87 +382,51 @@ class QwenImageEditEngine:
 
     @torch.inference_mode()
     def generate(self, rows: Sequence[Prepared]) -> Generation:
-        """Sample B rows of one batch key to their final latents.
-
-        Batch invariant (the default): the text encoder and the VAE see one prompt / row at a time,
-        prompts are padded to the text length the batch key names (a function of the row), and the
-        transformer always runs ``max_batch_size`` rows (a short batch padded with copies of its
-        first row): every kernel sees the same shapes whatever the companions, so a row's bytes
-        depend on the row alone. Off: one batch of exactly the rows given, text padded to its
-        longest prompt.
+        """Sample B rows of one batch key to their final latents, ``max_batch_size`` at a time
+        when batch invariant (:class:`~step1x_batch.models.engine.BatchEngine`: the text encoder and
+        the VAE see one prompt / row at a time, prompts are padded to the text length the batch
+        key names, the transformer always runs ``max_batch_size`` rows), so a row's bytes depend on
+        the row alone. Off: one batch of exactly the rows given, text padded to its longest prompt.
         """
+        check_one_key(rows)
+        parts = [self.generate_batch(batch, Laps(self.device)) for batch in self.chunks(rows)]
+        if len(parts) == 1:
+            return parts[0]
+        return Generation(torch.cat([p.latents for p in parts]), torch.cat([p.noise for p in parts]),
+                          parts[0].timings_ms)
+
+    def generate_batch(self, rows: Sequence[Prepared], laps: Laps) -> Generation:
+        """One forward batch (at most ``max_batch_size`` rows when batch invariant) to its latents."""
         rows = list(rows)
         first = rows[0]
-        if any(r.key != first.key for r in rows):
-            raise ValueError("rows of one engine call must share a batch key")
-        if self.batch_invariant and len(rows) > self.max_batch_size:
-            n = self.max_batch_size
-            parts = [self.generate(rows[i : i + n]) for i in range(0, len(rows), n)]
-            return Generation(torch.cat([p.latents for p in parts]), torch.cat([p.noise for p in parts]),
-                              parts[0].timings_ms)
-        timings: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def lap(name: str) -> None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            timings[name] = (now - clock[0]) * 1e3
-            clock[0] = now
-
         meta = first.meta
         inputs = [row_inputs(r) for r in rows]
         embeds, mask = self.encode_prompts(inputs, int(meta["drop"]), meta.get("text_length"))
-        lap("encode_text_ms")
+        laps("encode_text_ms")
         refs = self.encode_references(inputs)
-        lap("encode_image_ms")
+        laps("encode_image_ms")
         noise = self.noise(rows)
-        b = len(rows)
-        if self.batch_invariant and b < self.max_batch_size:  # the fixed forward shape
-            n = self.max_batch_size
-            halves = 2 if bool(meta["cfg"]) else 1
-            embeds = torch.cat([_pad_rows(e, n) for e in embeds.chunk(halves)])
-            mask = torch.cat([_pad_rows(m, n) for m in mask.chunk(halves)])
-            refs, noise = _pad_rows(refs, n), _pad_rows(noise, n)
-
+        cfg = bool(meta["cfg"])
+        halves = 2 if cfg else 1
+        embeds, mask, refs, padded = self.pad(embeds, halves), self.pad(mask, halves), self.pad(refs), self.pad(noise)
         ds = self.vae_scale_factor * 2
         img_shapes = [(1, first.height // ds, first.width // ds)]
         img_shapes += [(1, h // ds, w // ds) for w, h in meta["vae_sizes"]]
-        cfg = bool(meta["cfg"])
         cond = conditioning(self.transformer, embeds, mask, torch.cat([refs, refs]) if cfg else refs, img_shapes)
         sigmas = torch.from_numpy(self.sigmas(int(meta["num_steps"]), first.width, first.height)).to(self.device)
         with using_attention(self.attention):
             latents = denoise(
                 lambda x, t: velocity(self.transformer, x, cond, t),
-                noise,
+                padded,
                 sigmas,
                 float(meta["guidance_scale"]) if cfg else None,
                 bool(meta.get("cfg_norm_rescale", True)),
             )
-        lap("denoise_ms")
-        return Generation(latents[:b], noise[:b], timings)
+        laps("denoise_ms")
+        return Generation(latents[: len(rows)], noise, laps.timings)
 
-    @torch.inference_mode()
-    def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
-        """Edit B prepared rows of one batch key; pixels at the model size, one output per row."""
-        gen = self.generate(rows)
-        first = rows[0]
-        finite = torch.isfinite(gen.latents).flatten(1).all(dim=1)
-        t0 = time.perf_counter()
-        pixels = self.decode(gen.latents, first.width, first.height).cpu().numpy()
-        finite = finite.tolist()
-        gen.timings_ms["decode_ms"] = (time.perf_counter() - t0) * 1e3
-        outputs = []
-        for row, ok, image in zip(rows, finite, pixels):
-            if ok:
-                outputs.append(EditOutput(image, timings_ms=dict(gen.timings_ms)))
-            else:
-                outputs.append(EditOutput(
-                    None, error_type=NON_FINITE_OUTPUT, timings_ms=dict(gen.timings_ms),
-                    error_message=f"the model produced non-finite latents for seed {row.meta['seed']} at "
-                    f"{first.width}x{first.height}; try another seed, or bfloat16/float32 instead of float16",
-                ))
-        return outputs
+    def sample(self, rows: Sequence[Prepared], laps: Laps) -> Tensor:
+        return self.generate_batch(rows, laps).latents
 
 
 def blend_conditioning(blend: Tensor, instruction: Tensor, scale: float) -> Tensor:
@@ -490,11 +439,6 @@ def blend_conditioning(blend: Tensor, instruction: Tensor, scale: float) -> Tens
     return torch.lerp(blend, instruction, float(scale))
 
 
-def _pad_rows(x: Tensor, n: int) -> Tensor:
-    """``x`` with copies of its first row appended up to ``n`` rows."""
-    return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])]) if x.shape[0] < n else x
-
-
 def images_to_model_input(images: Tensor) -> Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], bit for bit as diffusers'
     VaeImageProcessor.preprocess (``x / 255`` then ``2x - 1`` in float32)."""
@@ -505,11 +449,13 @@ def images_to_model_input(images: Tensor) -> Tensor:
 # --- in-process pipeline -------------------------------------------------------------------------
 
 
-class QwenImageEditPipeline:
-    """In-process editing from Python: the job's prepare + engine, one call, batched by key."""
+class QwenImageEditPipeline(Pipeline):
+    """In-process editing from Python: the job's prepare + engine, one call, batched by key
+    (:class:`~step1x_batch.models.engine.Pipeline`)."""
 
     def __init__(self, engine: QwenImageEditEngine, preparer: Callable[[EditRequest], Prepared]) -> None:
-        self.engine, self.preparer = engine, preparer
+        super().__init__(engine, preparer, defaults=EditParams(40, 4.0, 1024, " "))
+        self.preparer = preparer
 
     @classmethod
     def from_pretrained(
@@ -522,10 +468,6 @@ class QwenImageEditPipeline:
         ``adapters``: LoRA files merged into the transformer, each an :class:`AdapterSpec` or a
         mapping ``{"path": ..., "scale": 1.0, "format": "auto"}`` (the job's ``model.adapters``
         with a local path for ``uri``)."""
-        from functools import partial
-
-        from step1x_batch.models.lora import as_spec
-
         opts = QwenImageEditOptions(**options)
         preparer = partial(prepare_row, QwenEditPrompts.from_folder(path, opts.image_processor), opts,
                            batch_invariant=batch_invariant)
@@ -548,23 +490,5 @@ class QwenImageEditPipeline:
         max_batch_size: int | None = None,
     ) -> list[EditResult]:
         """Edit each row (one image or a list of images) by its instruction; results in order."""
-        rows = [[as_rgb_array(im) for im in (r if isinstance(r, (list, tuple)) else [r])] for r in images]
-        n = len(rows)
-        seeds = list(seeds) if seeds is not None else [0] * n
-        negatives = list(negative_prompts) if negative_prompts is not None else [" "] * n
-        if not (len(instructions) == len(seeds) == len(negatives) == n):
-            raise ValueError("images, instructions, seeds and negative_prompts must have the same length")
-        results: list[EditResult | None] = [None] * n
-        prepared, where = [], []
-        for i in range(n):
-            params = EditParams(num_steps, guidance_scale, size_level, negatives[i])
-            try:
-                prepared.append(self.preparer(EditRequest(rows[i], instructions[i], seeds[i], params)))
-                where.append(i)
-            except RowFailure as e:
-                results[i] = EditResult(None, 0, 0, seeds[i], 0, {}, e.code, e.message)
-        outputs = edit_prepared(self.engine, prepared, max_batch_size or self.engine.max_batch_size)
-        for i, row, out in zip(where, prepared, outputs):
-            results[i] = EditResult(out.image, row.width, row.height, seeds[i], out.batch_size, out.timings_ms,
-                                    out.error_type, out.error_message)
-        return results  # type: ignore[return-value]
+        return super().edit(images, instructions, seeds, negative_prompts, num_steps, guidance_scale, size_level,
+                            max_batch_size=max_batch_size)

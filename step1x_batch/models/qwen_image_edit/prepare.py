@@ -187,47 +187,9 @@ def prepare_row(
         images = [square_crop(np.asarray(im), options.square_input) for im in images]
     p = request.params
     n = len(images)
-    if n == 0:
-        raise RowFailure(UNSUPPORTED_SIZE, "the row has no input image; Qwen-Image-Edit needs at least one")
-    if n > options.max_images:
-        raise RowFailure(TOO_MANY_IMAGES, f"the row has {n} input images; this model takes at most "
-                         f"{options.max_images} (model.options.max_images)")
-    if p.num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {p.num_steps}")
-    prompts.check_text(request.instruction, "instruction")
-    if p.blend_instruction is not None:
-        prompts.check_text(p.blend_instruction, "blend instruction")
-    cfg = float(p.guidance_scale) > 1.0  # diffusers: true CFG iff true_cfg_scale > 1 and a negative prompt
-    if cfg:
-        prompts.check_text(p.negative_prompt, "negative prompt")
-
+    cfg = _check_request(prompts, options, request, n)
     m = prompts.multiple
-    arrays: dict[str, np.ndarray] = {}
-    vae_sizes, vl_sizes, grids = [], [], []
-    areas = reference_areas(options.reference_areas, n, options.reference_area)
-    for i, (image, area) in enumerate(zip(images, areas)):
-        where = f"image {i + 1} of {n}"
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-            raise RowFailure(UNSUPPORTED_SIZE, f"{where} is not an RGB uint8 (H, W, 3) image: "
-                             f"{image.dtype} {image.shape}")
-        ratio = image.shape[1] / image.shape[0]
-        vl = calculate_dimensions(options.vl_area, ratio)
-        vw, vh = calculate_dimensions(area, ratio)
-        vae = (vw - vw % m, vh - vh % m)  # VaeImageProcessor.preprocess floors to its scale factor
-        if 0 in vl or 0 in vae:
-            raise _size_failure(where, image, f"is too thin: a side rounds to 0 pixels at "
-                                f"{'the VL' if 0 in vl else 'the reference'} area; crop it")
-        try:
-            pixels, grid = vision_inputs(prompts.image_processor, Image.fromarray(resize(image, vl)))
-        except ValueError as e:
-            raise _size_failure(where, image, f"cannot go to the vision encoder: {e}") from None
-        arrays[f"image{i}_pixels"] = pixels
-        arrays[f"image{i}_grid"] = grid
-        arrays[f"image{i}_vae"] = resize(image, vae)
-        vae_sizes.append(vae)
-        vl_sizes.append(vl)
-        grids.append(grid)
+    arrays, vae_sizes, vl_sizes, grids = _reference_arrays(prompts, options, images)
 
     w, h = output_size(images[-1], p.size_level, m)
     if w < m or h < m:
@@ -263,6 +225,59 @@ def prepare_row(
         meta["text_length"] = -(-longest // TEXT_BUCKET) * TEXT_BUCKET
         key += f"|text={meta['text_length']}"
     return Prepared(key, w, h, arrays, meta)
+
+
+def _check_request(prompts: QwenEditPrompts, options: QwenImageEditOptions, request: EditRequest, n: int) -> bool:
+    """Refuse a row the model cannot take (image count, steps, texts); returns whether it runs CFG."""
+    p = request.params
+    if n == 0:
+        raise RowFailure(UNSUPPORTED_SIZE, "the row has no input image; Qwen-Image-Edit needs at least one")
+    if n > options.max_images:
+        raise RowFailure(TOO_MANY_IMAGES, f"the row has {n} input images; this model takes at most "
+                         f"{options.max_images} (model.options.max_images)")
+    if p.num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {p.num_steps}")
+    prompts.check_text(request.instruction, "instruction")
+    if p.blend_instruction is not None:
+        prompts.check_text(p.blend_instruction, "blend instruction")
+    cfg = float(p.guidance_scale) > 1.0  # diffusers: true CFG iff true_cfg_scale > 1 and a negative prompt
+    if cfg:
+        prompts.check_text(p.negative_prompt, "negative prompt")
+    return cfg
+
+
+def _reference_arrays(prompts: QwenEditPrompts, options: QwenImageEditOptions, images: list
+                      ) -> tuple[dict[str, np.ndarray], list, list, list]:
+    """Every reference at its VL size (the vision encoder's pixels and grid) and its VAE size:
+    (arrays, VAE sizes, VL sizes, grids)."""
+    n, m = len(images), prompts.multiple
+    arrays: dict[str, np.ndarray] = {}
+    vae_sizes, vl_sizes, grids = [], [], []
+    areas = reference_areas(options.reference_areas, n, options.reference_area)
+    for i, (image, area) in enumerate(zip(images, areas)):
+        where = f"image {i + 1} of {n}"
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise RowFailure(UNSUPPORTED_SIZE, f"{where} is not an RGB uint8 (H, W, 3) image: "
+                             f"{image.dtype} {image.shape}")
+        ratio = image.shape[1] / image.shape[0]
+        vl = calculate_dimensions(options.vl_area, ratio)
+        vw, vh = calculate_dimensions(area, ratio)
+        vae = (vw - vw % m, vh - vh % m)  # VaeImageProcessor.preprocess floors to its scale factor
+        if 0 in vl or 0 in vae:
+            raise _size_failure(where, image, f"is too thin: a side rounds to 0 pixels at "
+                                f"{'the VL' if 0 in vl else 'the reference'} area; crop it")
+        try:
+            pixels, grid = vision_inputs(prompts.image_processor, Image.fromarray(resize(image, vl)))
+        except ValueError as e:
+            raise _size_failure(where, image, f"cannot go to the vision encoder: {e}") from None
+        arrays[f"image{i}_pixels"] = pixels
+        arrays[f"image{i}_grid"] = grid
+        arrays[f"image{i}_vae"] = resize(image, vae)
+        vae_sizes.append(vae)
+        vl_sizes.append(vl)
+        grids.append(grid)
+    return arrays, vae_sizes, vl_sizes, grids
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Step1X-Edit on the GPU: the engine an actor holds, and :class:`EditPipeline` for in-process use.
+"""Step1X-Edit on the GPU: the engine an actor holds, and :class:`Step1XEditPipeline` for in-process use.
 
 The reference edits one image per call. Here B prepared rows of one batch key (model size, steps,
 guidance) run as one forward of 2B sequences (cond + uncond) per step. Each row's noise comes from
@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -22,18 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from step1x_batch.models.base import (
-    NON_FINITE_OUTPUT,
-    AdapterSpec,
-    EditOutput,
-    EditParams,
-    EditRequest,
-    EditResult,
-    Prepared,
-    RowFailure,
-    as_rgb_array,
-    edit_prepared,
-)
+from step1x_batch.models.base import AdapterSpec, EditParams, EditResult, Prepared
+from step1x_batch.models.engine import BatchEngine, Laps, Pipeline
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import (
     WeightsError,
@@ -44,6 +34,7 @@ from step1x_batch.models.loading import (
     read_header,
     torch_dtype,
 )
+from step1x_batch.models.lora import merge_adapters
 from step1x_batch.models.qwen_vl.encoder import QwenVLEncoder
 
 from .conditioner import Step1XPrompts, encode_prompts, load_prompts
@@ -186,8 +177,77 @@ def _load_bundle_vae(folder: Path, device: torch.device, strict: bool, dtype: to
     return vae
 
 
-class Step1XEngine:
-    """The loaded release (DiT, connector, VAE, Qwen2.5-VL): edits prepared rows of one batch key."""
+@dataclass
+class _DiTFiles:
+    """Where the DiT (and the connector) of a folder are: its files, their key prefix, its name."""
+
+    files: list[Path]
+    prefix: str  # "inner_model." in a bundle, "" in a release file
+    name: str  # the model id's name for them: the release file's, or "transformer"
+    shown: Path  # the path error messages name
+
+
+def _dit_files(folder: Path, bundle: bool, dit_file: str | None) -> _DiTFiles:
+    if not bundle:
+        dit_path = folder / dit_file if dit_file else find_dit_file(folder)
+        return _DiTFiles([dit_path], "", dit_path.name, dit_path)
+    if dit_file:
+        raise ValueError(
+            "dit_file= chooses among a release folder's DiT files; a RealRestorer bundle has one transformer/"
+        )
+    files = component_files(folder / TRANSFORMER_DIR, any_safetensors=True)
+    return _DiTFiles(files, BUNDLE_PREFIX, TRANSFORMER_DIR, folder / TRANSFORMER_DIR)
+
+
+def _load_dit(where: _DiTFiles, header: dict, shapes: dict, bundle: bool, device: torch.device, dtype: torch.dtype,
+              strict: bool, fp8_storage: bool | None) -> tuple[Step1XDiT, Connector]:
+    """The DiT and the connector built on meta from the tensors' shapes, then loaded (FP8 linears
+    kept in fp8 unless ``fp8_storage`` is False)."""
+    try:
+        dit_params = DiTParams.from_state_dict(shapes)
+        connector_params = ConnectorParams.from_state_dict(shapes)
+    except KeyError as e:
+        missing = where.prefix + e.args[0]
+        raise WeightsError(f"{where.shown}: missing key {missing!r}; not a Step1X-Edit DiT file") from None
+    with torch.device("meta"):
+        dit = Step1XDiT(dit_params)
+        connector = Connector(connector_params)
+    prefix = where.prefix
+    stored_fp8 = {k[len(prefix):] for k, v in header.items() if v["dtype"] == "F8_E4M3" and k.startswith(prefix)}
+    if stored_fp8 and fp8_storage is not False:
+        keep_fp8_storage(dit, stored_fp8, torch.float8_e4m3fn)
+    if bundle:
+        ignored = {k: torch.Size((1, 1, dit_params.hidden_size)) for k in IGNORED_BUNDLE_KEYS if k in shapes}
+        load_files_into(_bundle_view(dit, connector, ignored), where.files, name=where.shown, device=device,
+                        dtype=dtype, strict=strict)
+    else:
+        (path,) = where.files
+        load_into(dit, path, others=("connector.",), device=device, dtype=dtype, strict=strict, header=header)
+        load_into(connector, path, prefix="connector.", device=device, dtype=dtype, strict=strict, header=header)
+    return dit, connector
+
+
+def _engine_model_id(version: Version, where: _DiTFiles, header: dict, variant: Variant, guidance: float | None) -> str:
+    """The loaded weights' identity: version, DiT file and a hash of its tensors' names, dtypes and
+    shapes, plus the variant and guidance value when they are not the plain release's."""
+    fingerprint = hashlib.sha256(repr(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
+    model_id = f"step1x-edit-{version.name}/{where.name}@{fingerprint.hexdigest()[:12]}"
+    if variant.name != "step1x":
+        model_id += f"+{variant.name}"
+    if guidance is not None:
+        model_id += f"+guidance={guidance!r}"
+    return model_id
+
+
+class Step1XEngine(BatchEngine):
+    """The loaded release (DiT, connector, VAE, Qwen2.5-VL): edits prepared rows of one batch key.
+
+    Batch invariant (the default): the text encoder and the VAE see one row (one prompt) at a
+    time, and the DiT always runs ``max_batch_size`` rows (:class:`~step1x_batch.models.engine.BatchEngine`),
+    so a row's bytes depend on the row alone. Off: one batch of exactly the rows given.
+    """
+
+    non_finite_advice = "try another seed or float32/bfloat16 instead of float16"
 
     def __init__(
         self,
@@ -265,70 +325,24 @@ class Step1XEngine:
             raise ValueError(f"unknown version {version!r}; expected one of {sorted(VERSIONS)}")
         bundle = detect_layout(folder) == REALRESTORER
         variant_spec = resolve_variant(variant, folder)
+        where = _dit_files(folder, bundle, dit_file)
+        header = _headers(where.files)
+        shapes = _strip(header_shapes(header), where.prefix)
+        spec = VERSIONS[version or ("v1.0" if "connector.scale_factor" in shapes else "v1.1")]
+        dit, connector = _load_dit(where, header, shapes, bundle, device, dtype, strict, fp8_storage)
         # Step1X-Edit runs its VAE in float32; RealRestorer's bundle loader casts it to the run's dtype.
         vae_dtype = dtype if variant_spec.vae_in_run_dtype else torch.float32
-        if bundle:
-            if dit_file:
-                raise ValueError(
-                    "dit_file= chooses among a release folder's DiT files; a RealRestorer bundle has one transformer/"
-                )
-            dit_files, prefix, dit_name = component_files(folder / TRANSFORMER_DIR, any_safetensors=True), BUNDLE_PREFIX, TRANSFORMER_DIR
-            shown: Path = folder / TRANSFORMER_DIR
-        else:
-            dit_path = folder / dit_file if dit_file else find_dit_file(folder)
-            dit_files, prefix, dit_name, shown = [dit_path], "", dit_path.name, dit_path
-        header = _headers(dit_files)
-        shapes = _strip(header_shapes(header), prefix)
-        detected = "v1.0" if "connector.scale_factor" in shapes else "v1.1"
-        spec = VERSIONS[version or detected]
-        try:
-            dit_params = DiTParams.from_state_dict(shapes)
-            connector_params = ConnectorParams.from_state_dict(shapes)
-        except KeyError as e:
-            raise WeightsError(f"{shown}: missing key {prefix + e.args[0]!r}; not a Step1X-Edit DiT file") from None
-        with torch.device("meta"):
-            dit = Step1XDiT(dit_params)
-            connector = Connector(connector_params)
-        stored_fp8 = {k[len(prefix):] for k, v in header.items() if v["dtype"] == "F8_E4M3" and k.startswith(prefix)}
-        if stored_fp8 and fp8_storage is not False:
-            keep_fp8_storage(dit, stored_fp8, torch.float8_e4m3fn)
-        if bundle:
-            ignored = {k: torch.Size((1, 1, dit_params.hidden_size)) for k in IGNORED_BUNDLE_KEYS if k in shapes}
-            load_files_into(_bundle_view(dit, connector, ignored), dit_files, name=shown, device=device, dtype=dtype,
-                            strict=strict)
-        else:
-            load_into(dit, dit_path, others=("connector.",), device=device, dtype=dtype, strict=strict, header=header)
-            load_into(connector, dit_path, prefix="connector.", device=device, dtype=dtype, strict=strict,
-                      header=header)
-
         if bundle:
             vae = _load_bundle_vae(folder / BUNDLE_VAE_DIR, device, strict, vae_dtype)
         else:
             vae = _load_vae(folder / VAE_FILE, device, strict, vae_dtype)
-
         encoder = QwenVLEncoder.from_pretrained(
             qwen_dir or folder / (TEXT_ENCODER_DIR if bundle else QWEN_DIR), device=device, dtype=dtype,
             zero_masked_queries=variant_spec.zero_masked_queries, batch_invariant=batch_invariant,
         )
-        for module in (dit, connector, vae):
-            module.eval().requires_grad_(False)
-        for norm in dit.modules():
-            if isinstance(norm, RMSNorm):
-                norm.weight_in_fp32 = variant_spec.qk_norm_weight_in_fp32
-        if adapters:
-            from step1x_batch.models.lora import merge_adapters
-
-            merge_adapters(dit, adapters, family="step1x")
-        if compile:
-            compile_blocks(dit.double_blocks, dit.single_blocks)
-        fingerprint = hashlib.sha256(repr(sorted((k, v["dtype"], v["shape"]) for k, v in header.items())).encode())
-        model_id = f"step1x-edit-{spec.name}/{dit_name}@{fingerprint.hexdigest()[:12]}"
-        if variant_spec.name != "step1x":
-            model_id += f"+{variant_spec.name}"
-        guidance = None
-        if dit.guidance_in is not None:
-            guidance = float(model_guidance)
-            model_id += f"+guidance={guidance!r}"
+        _finish_dit(dit, connector, vae, variant_spec, adapters, compile)
+        guidance = None if dit.guidance_in is None else float(model_guidance)
+        model_id = _engine_model_id(spec, where, header, variant_spec, guidance)
         return cls(dit, connector, vae, encoder, spec, device, dtype, model_id,
                    batch_invariant=batch_invariant, max_batch_size=max_batch_size, attention=attention,
                    guidance=guidance, variant=variant_spec)
@@ -352,81 +366,47 @@ class Step1XEngine:
         """(embeds (2B, 640, hidden), mask): the B instructions, then the B negative prompts."""
         return encode_prompts(self.encoder, [prompt_inputs(r) for r in rows], int(rows[0].meta["prefix_drop"]))
 
-    def _each(self, fn, x: Tensor) -> Tensor:
-        """``fn`` over the rows of ``x``: one row at a time when batch invariant."""
-        if not self.batch_invariant or x.shape[0] == 1:
-            return fn(x)
-        return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
-
-    @torch.inference_mode()
-    def edit(self, rows: Sequence[Prepared]) -> list[EditOutput]:
-        """Edit B prepared rows of one batch key; pixels at the model size, one output per row.
-
-        Batch invariant (the default): the text encoder and the VAE see one row (one prompt) at a
-        time, and the DiT always runs ``max_batch_size`` rows (a short batch is padded with copies
-        of its first row), so every kernel sees the same shapes whatever the companions: a row's
-        bytes depend on the row alone. Off: one batch of exactly the rows given.
-        """
-        rows = list(rows)
-        if self.batch_invariant and len(rows) > self.max_batch_size:
-            n = self.max_batch_size
-            return [out for i in range(0, len(rows), n) for out in self.edit(rows[i : i + n])]
-        first = rows[0]
-        (w, h), b, dev = (first.width, first.height), len(rows), self.device
-        num_steps, guidance = int(first.meta["num_steps"]), float(first.meta["guidance_scale"])
-        seeds = [int(r.meta["seed"]) for r in rows]
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            now = time.perf_counter()
-            timings[name] = (now - clock) * 1e3
-            clock = now
-
-        embeds, mask = self.encode_text(rows)
-        lap("encode_text_ms")
-
+    def encode_references(self, rows: Sequence[Prepared]) -> Tensor:
+        """(B, tokens, C*4): each row's reference image through the VAE encoder, the posterior's
+        mean or a sample seeded from the row's seed, packed, in the run's dtype."""
+        dev = self.device
         refs = np.stack([r.arrays["ref"] for r in rows])
         # NCHW contiguous, as both releases hand it to the VAE (a channels-last view would pick
         # other conv kernels: other roundings)
         ref01 = torch.from_numpy(refs).to(dev).permute(0, 3, 1, 2).contiguous().float().div(255)
         if self.variant.vae_in_run_dtype:  # in the VAE's dtype, no autocast (RealRestorer)
-            mean, logvar = self._each(self.vae.encoder, ref01.to(self.vae_dtype).mul(2).sub(1)).chunk(2, dim=1)
+            mean, logvar = self.each(self.vae.encoder, ref01.to(self.vae_dtype).mul(2).sub(1)).chunk(2, dim=1)
         else:  # float32 weights under autocast, the posterior in float32 (Step1X-Edit)
             with self._autocast():
-                mean, logvar = self._each(self.vae.encoder, ref01.mul(2).sub(1)).chunk(2, dim=1)
+                mean, logvar = self.each(self.vae.encoder, ref01.mul(2).sub(1)).chunk(2, dim=1)
             mean, logvar = mean.float(), logvar.float()
         noise = None
-        if not first.meta["posterior_mean"]:
+        if not rows[0].meta["posterior_mean"]:
+            generators = [torch.Generator(dev).manual_seed(posterior_seed(int(r.meta["seed"]))) for r in rows]
             noise = torch.cat([
-                torch.randn((1, *mean.shape[1:]), generator=torch.Generator(dev).manual_seed(posterior_seed(s)),
-                            device=dev, dtype=torch.float32)
-                for s in seeds
+                torch.randn((1, *mean.shape[1:]), generator=g, device=dev, dtype=torch.float32) for g in generators
             ]).to(mean.dtype)
-        ref_tokens = pack(self.vae.latent(mean, logvar, noise)).to(self.dtype)
-        lap("encode_image_ms")
+        return pack(self.vae.latent(mean, logvar, noise)).to(self.dtype)
 
-        x = torch.cat([
-            torch.randn((1, 16, h // 8, w // 8), generator=torch.Generator(dev).manual_seed(s), device=dev,
-                        dtype=self.dtype)
-            for s in seeds
-        ])
-        x = pack(x)
+    def noise(self, rows: Sequence[Prepared]) -> Tensor:
+        """(B, tokens, 64): each row's initial noise, drawn as the reference draws it for one image."""
+        w, h, dev = rows[0].width, rows[0].height, self.device
+        return pack(torch.cat([
+            torch.randn((1, 16, h // 8, w // 8), generator=torch.Generator(dev).manual_seed(int(r.meta["seed"])),
+                        device=dev, dtype=self.dtype)
+            for r in rows
+        ]))
+
+    def denoise(self, x: Tensor, refs: Tensor, embeds: Tensor, mask: Tensor, first: Prepared) -> Tensor:
+        """The sampling loop over the (padded) batch: cond + uncond in one DiT forward per step."""
+        w, h, dev = first.width, first.height, self.device
         n_img = x.shape[1]
-        llm = embeds.to(self.dtype)
-        if self.batch_invariant and b < self.max_batch_size:  # the fixed forward shape
-            x, ref_tokens = _pad_rows(x, self.max_batch_size), _pad_rows(ref_tokens, self.max_batch_size)
-            llm = torch.cat([_pad_rows(half, self.max_batch_size) for half in llm.chunk(2)])
-            mask = torch.cat([_pad_rows(half, self.max_batch_size) for half in mask.chunk(2)])
+        x, refs = self.pad(x), self.pad(refs)
+        llm, mask = self.pad(embeds.to(self.dtype), halves=2), self.pad(mask, halves=2)
         n = x.shape[0]
-        ids = torch.cat(
-            (image_ids(2 * n, h, w, 0, dev), image_ids(2 * n, h, w, self.version.ref_axis0, dev)), dim=1
-        )
+        ids = torch.cat((image_ids(2 * n, h, w, 0, dev), image_ids(2 * n, h, w, self.version.ref_axis0, dev)), dim=1)
         txt_ids = torch.zeros(2 * n, llm.shape[1], 3, device=dev)
-        ref2 = torch.cat((ref_tokens, ref_tokens))
+        ref2 = torch.cat((refs, refs))
 
         def velocity(x2: Tensor, t: Tensor) -> Tensor:
             txt, y = self.connector(llm, t, mask)
@@ -434,56 +414,62 @@ class Step1XEngine:
                             guidance=self.guidance)
             return pred[:, :n_img]
 
-        timesteps = get_schedule(num_steps, n_img, shift=True)
+        timesteps = get_schedule(int(first.meta["num_steps"]), n_img, shift=True)
         with self._autocast(), using_attention(self.attention):
-            x = denoise(velocity, x, timesteps, guidance, self.version.cfg_truncation_t,
-                        step_as_released=self.variant.released_step)[:b]
-        lap("denoise_ms")
+            return denoise(velocity, x, timesteps, float(first.meta["guidance_scale"]), self.version.cfg_truncation_t,
+                           step_as_released=self.variant.released_step)
 
-        finite = torch.isfinite(x.float()).flatten(1).all(dim=1).tolist()
-        decoded = self._each(self.vae.decode, unpack(x.float(), h, w).to(self.vae_dtype))
+    def sample(self, rows: Sequence[Prepared], laps: Laps) -> Tensor:
+        embeds, mask = self.encode_text(rows)
+        laps("encode_text_ms")
+        refs = self.encode_references(rows)
+        laps("encode_image_ms")
+        x = self.denoise(self.noise(rows), refs, embeds, mask, rows[0])[: len(rows)]
+        laps("denoise_ms")
+        return x
+
+    def decode(self, latents: Tensor, width: int, height: int) -> Tensor:
+        decoded = self.each(self.vae.decode, unpack(latents.float(), height, width).to(self.vae_dtype))
         unit = decoded.clamp(-1, 1).mul(0.5).add(0.5)  # in the VAE's dtype, as both releases
         if self.variant.round_to_uint8:  # RealRestorer's _tensor_to_pil
             pixels = unit.float().clamp(0, 1).mul(255).round().to(torch.uint8)
         else:  # truncation, as to_pil_image
             pixels = unit.float().mul(255).to(torch.uint8)
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        lap("decode_ms")
-
-        outputs = []
-        for i in range(b):
-            if not finite[i]:
-                outputs.append(EditOutput(
-                    None, error_type=NON_FINITE_OUTPUT,
-                    error_message=f"the model produced non-finite latents for seed {seeds[i]} at {w}x{h}; "
-                    "try another seed or float32/bfloat16 instead of float16",
-                    timings_ms=dict(timings),
-                ))
-            else:
-                outputs.append(EditOutput(pixels[i], timings_ms=dict(timings)))
-        return outputs
+        return pixels.permute(0, 2, 3, 1)
 
 
-def _pad_rows(x: Tensor, n: int) -> Tensor:
-    """``x`` with copies of its first row appended up to ``n`` rows."""
-    return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])]) if x.shape[0] < n else x
+def _finish_dit(dit: Step1XDiT, connector: Connector, vae: AutoEncoder, variant: Variant,
+                adapters: Sequence[AdapterSpec], compile: bool) -> None:
+    """After loading: eval mode, the variant's QK-norm arithmetic, the adapters merged, compiled."""
+    for module in (dit, connector, vae):
+        module.eval().requires_grad_(False)
+    for norm in dit.modules():
+        if isinstance(norm, RMSNorm):
+            norm.weight_in_fp32 = variant.qk_norm_weight_in_fp32
+    if adapters:
+        merge_adapters(dit, adapters, family="step1x")
+    if compile:
+        compile_blocks(dit.double_blocks, dit.single_blocks)
 
 
-class EditPipeline:
-    """In-process editing from Python: prepare, edit in batches, resize back, one call.
+def _step1x_finish(image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+    return resize_back(image, tuple(input_sizes[0]))
 
-    The same pieces the Ray job runs in three stages (prepare on CPU tasks, the engine in a GPU
-    actor, the resize in the write stage), run here one after the other.
-    """
+
+class Step1XEditPipeline(Pipeline):
+    """In-process Step1X-Edit from Python: prepare, edit in batches, resize back, one call
+    (:class:`~step1x_batch.models.engine.Pipeline`)."""
 
     def __init__(self, engine: Step1XEngine, prompts: Step1XPrompts) -> None:
-        self.engine, self.prompts = engine, prompts
+        super().__init__(engine, partial(prepare_row, prompts), finish=_step1x_finish,
+                         defaults=EditParams(28, 6.0, 1024, ""))
+        self.prompts = prompts
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "bfloat16",
         version: str | None = None, **kwargs,
-    ) -> "EditPipeline":
+    ) -> "Step1XEditPipeline":
         """Load a release folder or a RealRestorer bundle (see :meth:`Step1XEngine.from_pretrained`)."""
         engine = Step1XEngine.from_pretrained(path, device, dtype, version, **kwargs)
         qwen_dir = kwargs.get("qwen_dir")
@@ -505,29 +491,10 @@ class EditPipeline:
         max_batch_size: int | None = None,
     ) -> list[EditResult]:
         """Edit each image by its instruction; one result per row, in order."""
-        arrays = [as_rgb_array(im) for im in images]
-        n = len(arrays)
-        seeds = list(seeds) if seeds is not None else [0] * n
-        negatives = list(negative_prompts) if negative_prompts is not None else [""] * n
-        if not (len(instructions) == len(seeds) == len(negatives) == n):
-            raise ValueError("images, instructions, seeds and negative_prompts must have the same length")
-        params = [EditParams(num_steps, guidance_scale, size_level, neg) for neg in negatives]
-        results: list[EditResult | None] = [None] * n
-        prepared: list[Prepared] = []
-        where: list[int] = []
-        for i in range(n):
-            request = EditRequest([arrays[i]], instructions[i], seeds[i], params[i])
-            try:
-                prepared.append(prepare_row(self.prompts, request, posterior_mean=posterior_mean))
-                where.append(i)
-            except RowFailure as e:
-                results[i] = EditResult(None, 0, 0, seeds[i], 0, {}, e.code, e.message)
-        outputs = edit_prepared(self.engine, prepared, max_batch_size or self.engine.max_batch_size)
-        for i, row, out in zip(where, prepared, outputs):
-            image = None
-            if out.image is not None:
-                oh, ow = arrays[i].shape[:2]
-                image = resize_back(out.image, (ow, oh))
-            results[i] = EditResult(image, row.width, row.height, seeds[i], out.batch_size, out.timings_ms,
-                                    out.error_type, out.error_message)
-        return results  # type: ignore[return-value]
+        prepare = partial(prepare_row, self.prompts, posterior_mean=posterior_mean)
+        params = EditParams(num_steps, guidance_scale, size_level, "")
+        return self.run(prepare, [[image] for image in images], instructions, seeds, negative_prompts, params,
+                        max_batch_size)
+
+
+EditPipeline = Step1XEditPipeline  # kept for one release: the name from the single-family days

@@ -1,6 +1,6 @@
 """Step1X-Edit's CPU work for one row: model size, resize, VLM inputs, token ids, rope positions.
 
-Runs in the job's prepare stage (and in :class:`~.pipeline.EditPipeline` for in-process use), so
+Runs in the job's prepare stage (and in :class:`~.pipeline.Step1XEditPipeline` for in-process use), so
 the GPU actor gets ready arrays. No torch here.
 """
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .connector import Connector, ConnectorParams
@@ -206,8 +206,6 @@ def _write_bundle(
     proc.mkdir(parents=True, exist_ok=True)
     for name in _PROCESSOR_FILES:
         shutil.move(str(te / name), str(proc / name))
-    from safetensors.torch import load_file
-
     qwen = load_file(str(te / "model.safetensors"))
     (te / "model.safetensors").unlink()
     _write_sharded(te, qwen, "model", "model.safetensors.index.json", shards=2)
