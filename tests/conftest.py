@@ -353,7 +353,7 @@ _RAY_INIT = {
 class SharedRay:
     """The one local Ray this test session shares: started on first use, restarted only when a
     test shut it down (or left another Ray in its place), stopped at the end of the session.
-    Starting Ray costs seconds; a dozen modules each starting their own was most of the wait."""
+    Starting Ray costs seconds, and a dozen modules each started their own."""
 
     def __init__(self) -> None:
         self.gcs_address: str | None = None
@@ -377,14 +377,16 @@ class SharedRay:
         self.gcs_address = None
 
 
+_SHARED_RAY = SharedRay()
+
+
 @pytest.fixture(scope="session")
 def shared_ray(s3_server) -> Iterator[SharedRay]:
     """The session's :class:`SharedRay`; its workers inherit the moto environment."""
-    ray = SharedRay()
     try:
-        yield ray
+        yield _SHARED_RAY
     finally:
-        ray.stop()
+        _SHARED_RAY.stop()
 
 
 @pytest.fixture(scope="module")
@@ -394,6 +396,16 @@ def ray_local(shared_ray: SharedRay) -> Iterator[None]:
     environment and import the package and tests/ plug-ins (``job_plugins:...``) by name."""
     shared_ray.ensure()
     yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    """Before each test that uses ``ray_local``, once its fixtures are set up: the shared Ray
+    again if an earlier test of its module shut it down."""
+    result = yield
+    if "ray_local" in getattr(item, "fixturenames", ()):
+        _SHARED_RAY.ensure()
+    return result
 
 
 def expire_local_lease(output_dir: Path | str) -> None:
