@@ -16,7 +16,7 @@ from step1x_batch.job.config import (
     load_config,
     parse_config,
 )
-from step1x_batch.job.runner import pin_adapters
+from step1x_batch.io.weights import pin_adapters
 from step1x_batch.models.base import EditParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,9 @@ def test_adapters_enter_the_model_id_by_content_and_scale(tmp_path):
     b.write_bytes(b"adapter one")  # the same bytes under another name
     base = {**MINIMAL, "model": {"family": "qwen-image-edit", "weights": "/w"}}
     def model_id(*adapters):
-        return pin_adapters(parse_config({**base, "model": {**base["model"], "adapters": list(adapters)}})).family().model_id()
+        cfg = parse_config({**base, "model": {**base["model"], "adapters": list(adapters)}})
+        pin_adapters(cfg.model.adapters, cfg.weights_source())
+        return cfg.family().model_id()
     plain = model_id()
     one = model_id({"uri": str(a)})
     assert one != plain and "+lora[" in one
@@ -74,8 +76,8 @@ def test_adapters_enter_the_model_id_by_content_and_scale(tmp_path):
 
 
 def test_parsing_stages_no_adapter_and_the_digest_is_pinned_once(tmp_path):
-    """A config is parsing and validation: the adapter's file is hashed by the driver's
-    pin_adapters, once, and every later spec carries that digest."""
+    """A config is parsing and validation: the adapter's file is hashed by pin_adapters (the
+    driver's prepare step), once, and every later spec carries that digest."""
     path = tmp_path / "a.safetensors"
     path.write_bytes(b"adapter one")
     cfg = parse_config({**MINIMAL, "model": {"family": "qwen-image-edit", "weights": "/w",
@@ -83,10 +85,12 @@ def test_parsing_stages_no_adapter_and_the_digest_is_pinned_once(tmp_path):
     assert cfg.model.adapters[0].sha256 is None
     with pytest.raises(RuntimeError, match=r"model.adapters\[0\] has no content digest yet"):
         cfg.model_spec()
-    pinned = pin_adapters(cfg).model_spec().adapters[0].sha256
+    pin_adapters(cfg.model.adapters, cfg.weights_source())
+    pinned = cfg.model_spec().adapters[0].sha256
     assert len(pinned) == 64
     path.write_bytes(b"adapter two")  # the run keeps the digest it pinned
-    assert pin_adapters(cfg).model_spec().adapters[0].sha256 == pinned
+    pin_adapters(cfg.model.adapters, cfg.weights_source())
+    assert cfg.model_spec().adapters[0].sha256 == pinned
     assert cfg.model_copy(deep=True).model_spec().adapters[0].sha256 == pinned  # a job built on it
 
 

@@ -37,7 +37,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -597,6 +597,26 @@ def _reusable(dest: pathlib.Path, uri: str, wanted: dict[str, str] | None, waite
     )
     shutil.rmtree(dest)
     return False
+
+
+class PinnableAdapter(Protocol):
+    """A configured adapter file (``model.adapters[i]``) whose content digest is pinned once."""
+
+    uri: str
+
+    @property
+    def sha256(self) -> str | None: ...
+
+    def pin(self, sha256: str) -> None: ...
+
+
+def pin_adapters(adapters: Sequence[PinnableAdapter], source: "WeightsSource") -> None:
+    """Stage each adapter file on this node and pin the sha256 of its bytes, once, before anything
+    derives the model id: the content, not the path, names an adapter (docs/architecture.md).
+    The driver calls it; parsing a config stages nothing."""
+    for adapter in adapters:
+        if adapter.sha256 is None:
+            adapter.pin(source.file_sha256(adapter.uri))
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class AdapterConfig(_Section):
 
     @property
     def sha256(self) -> str | None:
-        """The sha256 of the file's bytes once pinned (:func:`step1x_batch.job.runner.pin_adapters`)."""
+        """The sha256 of the file's bytes once pinned (:func:`step1x_batch.io.weights.pin_adapters`)."""
         return self._sha256
 
     def pin(self, sha256: str) -> None:
@@ -311,7 +311,7 @@ class JobConfig(_Section):
         unpinned = [i for i, a in enumerate(self.model.adapters) if a.sha256 is None]
         if unpinned:
             raise RuntimeError(f"model.adapters[{unpinned[0]}] has no content digest yet: pin the adapters "
-                               "(step1x_batch.job.runner.pin_adapters) before deriving the model id")
+                               "(step1x_batch.io.weights.pin_adapters) before deriving the model id")
         return tuple(AdapterRef(a.uri, a.scale, a.format, a.sha256) for a in self.model.adapters)
 
     def resolved_model_id(self) -> str:

@@ -56,14 +56,15 @@ def check_lease_and_run(cfg: "JobConfig", run: Callable[["Preflight", "Lease"], 
     runs, with the adapters pinned (``run`` gets the checks' findings and the lease). A failed
     check or a held lease raises :class:`~step1x_batch.errors.JobRefused` (exit status 2) with
     nothing written."""
-    from step1x_batch.job import lease, preflight, runner
+    from step1x_batch.io.weights import pin_adapters
+    from step1x_batch.job import lease, preflight
 
     columns = preflight.DATASET_COLUMNS if required_columns is None else required_columns
     facts = preflight.check_job(cfg, required_columns=columns, extra=extra_checks)
     with lease.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                     ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked, job=job,
                     say=lambda message: print(message, file=sys.stderr, flush=True)) as held:
-        runner.pin_adapters(cfg)  # before a job built on the edit job derives the model id
+        pin_adapters(cfg.model.adapters, cfg.weights_source())  # before any job derives the model id
         return run(facts, held)
 
 

@@ -41,6 +41,7 @@ from step1x_batch import errors
 from step1x_batch.errors import JobRefused
 from step1x_batch.io import storage
 from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_bytes
+from step1x_batch.io import weights
 from step1x_batch.job import console, ray_guard, report, stages
 from step1x_batch.job import lease as leases
 from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
@@ -425,9 +426,9 @@ class _Run:
     driver_retries: int  # storage retries of this process before the run
     ray_log: str
     upload_log: bool  # ray_log is a temporary file, uploaded at the end
-    plan: Any = None  # stages.ActorPlan
-    counters: Any = None  # the run's counters actor
-    state: Any = None  # rowstate's compaction result before the run
+    plan: stages.ActorPlan | None = None
+    counters: Any = None  # the run's counters actor (a Ray actor handle)
+    state: rowstate.CompactResult | None = None  # the row state as the run starts
     candidates: list[Any] | None = None  # the skip join's result (None: no state, every row is work)
     consumer: "_Consumer | None" = None
     stopped: str | None = None  # why the run stopped early (an actor's fatal error, "lease")
@@ -472,12 +473,9 @@ def _run_leased(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease) ->
 
 
 def pin_adapters(cfg: JobConfig) -> JobConfig:
-    """Stage each ``model.adapters`` file on this node and pin its sha256 in the config, once,
-    before anything derives the model id (parsing a config stages nothing)."""
-    source = cfg.weights_source()
-    for adapter in cfg.model.adapters:
-        if adapter.sha256 is None:
-            adapter.pin(source.file_sha256(adapter.uri))
+    """``cfg`` with its adapters' content digests pinned (:func:`step1x_batch.io.weights.pin_adapters`):
+    the driver's first step, and the recipes' before they derive the model id."""
+    weights.pin_adapters(cfg.model.adapters, cfg.weights_source())
     return cfg
 
 
@@ -526,7 +524,7 @@ def start(run: _Run, con: console.Console) -> bool:
     return True
 
 
-def _compact_before(run: _Run, con: console.Console) -> Any:
+def _compact_before(run: _Run, con: console.Console) -> rowstate.CompactResult:
     """Records no state holds yet (a killed run's) are folded in first, on the cluster."""
     cfg = run.cfg
     uri, opts, run_id = cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id
