@@ -118,7 +118,9 @@ def step1x(args, device: torch.device, dtype: torch.dtype) -> list[str]:
 
     def engine_for(compiled: bool):
         with torch.device("meta"):
-            dit, connector, vae = Step1XDiT(params), Connector(connector_params), AutoEncoder(AutoEncoderParams())
+            vae = AutoEncoder(AutoEncoderParams(ch=args.vae_width, num_res_blocks=args.vae_blocks)
+                              if args.vae_width else AutoEncoderParams())
+            dit, connector = Step1XDiT(params), Connector(connector_params)
         engine = RandomTextEngine(random_fill(dit, device, dtype), random_fill(connector, device, dtype),
                                   random_fill(vae, device, torch.float32), None, VERSIONS["v1.1"], device, dtype,
                                   "random-full-size")
@@ -180,7 +182,8 @@ def qwen(args, device: torch.device, dtype: torch.dtype) -> list[str]:
             transformer = QwenImageTransformer2DModel(num_layers=layers, attention_head_dim=128,
                                                       num_attention_heads=heads, joint_attention_dim=text_dim,
                                                       zero_cond_t=True)
-            vae = AutoencoderKLQwenImage()
+            vae = AutoencoderKLQwenImage(**({"base_dim": args.vae_width, "num_res_blocks": args.vae_blocks}
+                                             if args.vae_width else {}))
         transformer = random_fill(transformer, device, dtype)
         transformer.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
         vae = random_fill(vae, device, dtype)
@@ -254,9 +257,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--depth", type=int, default=None, help="blocks of each kind (default: the release's)")
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: 3072)")
+    ap.add_argument("--vae-width", type=int, default=None, help="the VAEs' base channels (default: the release's)")
+    ap.add_argument("--vae-blocks", type=int, default=2, help="the VAEs' residual blocks per level (with --vae-width)")
     ap.add_argument("--families", nargs="+", default=["step1x", "qwen-image-edit"])
     ap.add_argument("--pythonpath", default=None, help="a folder holding diffusers (for the Qwen family)")
-    ap.add_argument("--smoke", action="store_true", help="a CPU check of the script: 1 block, narrow, 64^2")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a CPU check of the script: 1 block, narrow, narrow VAEs, 32^2")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
     ap.add_argument("--ab-rounds", type=int, default=3, help="alternations of the determinism A/B")
     ap.add_argument("--no-cublas-workspace", action="store_true",
@@ -267,7 +273,9 @@ def main() -> None:
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before the first cuBLAS call
     if args.smoke:
-        args.depth, args.width, args.size, args.batches, args.ab_rounds = 1, 256, 64, [1, 2], 1
+        # The smallest sizes that still run every path: 2x2 latent tokens, the VAEs at a quarter width.
+        args.depth, args.width, args.size, args.batches, args.ab_rounds = 1, 256, 32, [1, 2], 1
+        args.vae_width, args.vae_blocks = 32, 1
     if args.pythonpath:
         sys.path.insert(1, args.pythonpath)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
