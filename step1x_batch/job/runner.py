@@ -17,6 +17,11 @@ Resume rules (the same for a re-run after a crash and for a nightly incremental 
   in its buffer; those rows (and rows in flight) have no record, so the next run redoes them and
   overwrites their output objects with the same bytes. A row with a landed ``ok`` record is never
   redone, and its output object was fully written before the record existed.
+
+The driver runs in named steps (docs/architecture.md): :func:`prepare` (adapters pinned, config
+snapshot, log writer), :func:`start` (Ray, actor plan, compaction, skip), :func:`stream` (the
+graph into the log, progress, stop conditions, compaction of this run's parts), :func:`finish`
+(summary) and :func:`publish` (report, console). The lease is an argument, never looked up.
 """
 
 from __future__ import annotations
@@ -350,7 +355,7 @@ class _Consumer(threading.Thread):
     """Streams the graph's output into the log writer and the tally (the main thread keeps the
     progress line, the lease and the actors' health)."""
 
-    def __init__(self, ds: Any, writer: "LogWriter", tally: Tally, lease: Any) -> None:
+    def __init__(self, ds: Any, writer: "LogWriter", tally: Tally, lease: leases.Lease | None) -> None:
         super().__init__(name="log-consumer", daemon=True)
         self.ds, self.writer, self.tally, self.lease = ds, writer, tally, lease
         self.stop = threading.Event()
