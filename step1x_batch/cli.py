@@ -54,11 +54,10 @@ def _edit(args: argparse.Namespace) -> int:
     try:
         options = _model_options(args.option, args.version)
         spec = ModelSpec(args.family, options=options, weights=args.weights, dtype=args.dtype, device=args.device)
-        family = load_family(spec)
-    except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
+        pipe = family_pipeline(load_family(spec), Path(args.weights) if args.weights else None)
+    except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError and WeightsError are ValueErrors
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    pipe = family_pipeline(family, Path(args.weights) if args.weights else None)
     negatives = None if args.negative_prompt is None else [args.negative_prompt]
     result = pipe.edit(
         [[Image.open(path) for path in args.image]], [args.instruction], seeds=[args.seed],

@@ -111,6 +111,7 @@ def test_edit_null_needs_no_weights(tmp_path, capsys):
     (["--family", "nope"], "unknown model family 'nope'"),
     (["--family", "null", "--option", "bogus=1"], "bogus"),
     (["--family", "null", "--option", "no-equals"], "expected key=value"),
+    ([], "the step1x family needs its weights folder"),
 ])
 def test_edit_bad_family_or_option_is_exit_2_and_one_line(tmp_path, capsys, extra, says):
     image = _save(tmp_path, "in.png", _picture(4, 20, 30))

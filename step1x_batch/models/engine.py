@@ -231,7 +231,8 @@ class Pipeline:
 def family_pipeline(family: ModelFamily, folder: Path | None, adapters: Sequence[AdapterSpec] = ()) -> Pipeline:
     """Any family in-process (``step1x-batch edit``): its ``prepare``, its engine loaded onto
     ``spec.device`` (with ``adapters`` merged) and its ``finish``, from the family interface alone."""
+    prepare = family.preparer(folder)  # first: the cheap half fails first
     device = family.spec.device
     engine = family.load(folder, device, adapters) if adapters else family.load(folder, device)
-    return Pipeline(engine, family.preparer(folder), finish=family.finish, defaults=family.defaults,
+    return Pipeline(engine, prepare, finish=family.finish, defaults=family.defaults,
                     max_batch_size=family.spec.max_batch_size)
