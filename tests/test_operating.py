@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from step1x_batch.io.storage import read_bytes, write_bytes
+from step1x_batch.job import lease
 from step1x_batch.rows.log import read_logs
-from step1x_batch.io.storage import write_bytes
 
 from conftest import kill_marked, make_bucket
 
@@ -59,6 +60,16 @@ RAY_NOISE = re.compile(r" INFO | WARNING |WARN|core_worker|raylet|Traceback|Depr
                        r"Token authentication|\(MapWorker|\(pid=")
 
 
+def _start(cmd: list[str], env: dict[str, str], console: Path) -> subprocess.Popen:
+    """``cmd`` in the background, its stdout and stderr in files (a pipe nobody reads could fill)."""
+    with open(f"{console}.out", "w") as out, open(f"{console}.err", "w") as err:
+        return subprocess.Popen(cmd, env=env, text=True, stdout=out, stderr=err)
+
+
+def _console(console: Path) -> tuple[str, str]:
+    return Path(f"{console}.out").read_text(), Path(f"{console}.err").read_text()
+
+
 def test_clean_console_and_verbose(tmp_path, image_factory):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -66,29 +77,37 @@ def test_clean_console_and_verbose(tmp_path, image_factory):
     rows = [{"id": f"r{i}", "image_uri": "a.png", "instruction": f"edit {i}"} for i in range(5)]
     rows.append({"id": "bad", "image_uri": "missing.png", "instruction": "edit"})
     (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    marker = f"rayq-{os.getpid()}-{time.monotonic_ns()}"
+    markers = {name: f"ray{name[0]}-{os.getpid()}-{time.monotonic_ns()}" for name in ("quiet", "loud")}
+    quiet_cfg = _job(tmp_path / "job.yaml", str(folder / "m.jsonl"), str(tmp_path / "out"),
+                     runtime={"run_id": "quiet", "progress_seconds": 2})
+    loud_cfg = _job(tmp_path / "job-v.yaml", str(folder / "m.jsonl"), str(tmp_path / "out-v"),
+                    runtime={"run_id": "loud", "progress_bars": False})
+    # The two runs (each its own local Ray and output root) at once: their start-ups overlap.
+    procs = {}
     try:
-        cfg = _job(tmp_path / "job.yaml", str(folder / "m.jsonl"), str(tmp_path / "out"),
-                   runtime={"run_id": "quiet", "progress_seconds": 2})
-        done = subprocess.run(_cli("run", cfg), env=_env(marker), capture_output=True, text=True, timeout=600)
-        console = done.stdout + done.stderr
-        assert done.returncode == 0, console
-        noise = [line for line in console.splitlines() if RAY_NOISE.search(line)]
-        assert not noise, noise
-        assert re.search(r"^run quiet: 6/6 rows \(ok 5, error 1\), [\d.]+ rows/s, actors \d/\d busy", done.stdout, re.M), done.stdout
-        assert re.search(r"^run quiet: 6 rows processed \(5 ok, 1 error \[missing_object 1\]\)", done.stdout, re.M)
-        assert "report:" in done.stdout
-        ray_log = (tmp_path / "out" / "runs" / "quiet" / "ray.log").read_text()
-        assert "Started a local Ray instance" in ray_log  # Ray's own lines went here instead
-
-        cfg = _job(tmp_path / "job-v.yaml", str(folder / "m.jsonl"), str(tmp_path / "out-v"),
-                   runtime={"run_id": "loud", "progress_bars": False})
-        loud = subprocess.run(_cli("run", cfg, "-v"), env=_env(marker), capture_output=True, text=True, timeout=600)
-        assert loud.returncode == 0, loud.stderr
-        assert "Started a local Ray instance" in loud.stdout + loud.stderr
-        assert "run loud: 6 rows processed" in loud.stdout
+        procs["quiet"] = _start(_cli("run", quiet_cfg), _env(markers["quiet"]), tmp_path / "quiet")
+        procs["loud"] = _start(_cli("run", loud_cfg, "-v"), _env(markers["loud"]), tmp_path / "loud")
+        for proc in procs.values():
+            proc.wait(timeout=600)
     finally:
-        kill_marked(marker)
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            kill_marked(markers[name])
+    (out, err), (loud_out, loud_err) = (_console(tmp_path / name) for name in ("quiet", "loud"))
+    console = out + err
+    assert procs["quiet"].returncode == 0, console
+    noise = [line for line in console.splitlines() if RAY_NOISE.search(line)]
+    assert not noise, noise
+    assert re.search(r"^run quiet: 6/6 rows \(ok 5, error 1\), [\d.]+ rows/s, actors \d/\d busy", out, re.M), out
+    assert re.search(r"^run quiet: 6 rows processed \(5 ok, 1 error \[missing_object 1\]\)", out, re.M)
+    assert "report:" in out
+    ray_log = (tmp_path / "out" / "runs" / "quiet" / "ray.log").read_text()
+    assert "Started a local Ray instance" in ray_log  # Ray's own lines went here instead
+
+    assert procs["loud"].returncode == 0, loud_err
+    assert "Started a local Ray instance" in loud_out + loud_err
+    assert "run loud: 6 rows processed" in loud_out
 
 
 def _records_per_id(output: str) -> dict[str, list[str]]:
@@ -96,6 +115,13 @@ def _records_per_id(output: str) -> dict[str, list[str]]:
     for r in read_logs(output).to_pylist():
         records.setdefault(r["id"], []).append(f"{r['run_id']}:{r['status']}")
     return records
+
+
+def _wait_until_stale(output: str, deadline: float) -> None:
+    """Until the lease on ``output`` is older than its ttl by the store's clock (no fixed sleep)."""
+    while not lease.read_holder(output, None).stale():
+        assert time.time() < deadline, "the killed run's lease never went stale"
+        time.sleep(0.25)
 
 
 def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, image_factory):
@@ -156,14 +182,11 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
         early = subprocess.run(_cli("run", config("run-c")), env=env, capture_output=True, text=True, timeout=120)
         assert early.returncode == 2 and f"is in use by run {holder}" in early.stderr, early.stderr
 
-        time.sleep(max(0.0, killed_at + ttl + 1.5 - time.time()))
+        _wait_until_stale(output, deadline=killed_at + ttl + 60)  # by the store's clock, as the taker judges
         late = subprocess.run(_cli("run", config("run-d")), env=env, capture_output=True, text=True, timeout=600)
         assert late.returncode == 0, late.stdout + late.stderr
         assert f"took over the lease on {output} from run {holder}" in late.stderr
-        summary = json.loads(subprocess.run(
-            [sys.executable, "-c", f"from step1x_batch.io.storage import read_bytes; import sys; "
-             f"sys.stdout.write(read_bytes('{output}/runs/run-d/summary.json').decode())"],
-            env=env, capture_output=True, text=True, check=True).stdout)
+        summary = json.loads(read_bytes(f"{output}/runs/run-d/summary.json"))
         assert any(f"took over the lease from run {holder}" in note for note in summary["notes"])
     finally:
         for p in procs.values():
@@ -176,8 +199,6 @@ def test_one_writer_per_prefix_then_takeover_after_sigkill(tmp_path, s3_server, 
     assert all(len(v) == 1 and v[0].endswith(":ok") for v in per_id.values()), per_id
     by_run = {v[0].split(":")[0] for v in per_id.values()}
     assert by_run == {holder, "run-d"}  # the killed run's rows kept, the rest done by the taker
-    from step1x_batch.job import lease
-
     assert lease.read_holder(output, None) is None  # released at the end
 
 
