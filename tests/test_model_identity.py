@@ -162,9 +162,29 @@ def test_max_images_is_not_a_pixel_option():
 
 
 def test_weights_license_per_family():
-    assert _family("step1x").weights_license() == "apache-2.0"
+    assert _family("step1x").weights_license() == "other"  # s3 weights, variant unset: not looked at
     assert _family("step1x", variant="step1x").weights_license() == "apache-2.0"
     assert _family("step1x", variant="realrestorer").weights_license() == "other"  # non-commercial research
     assert _family("qwen-image-edit").weights_license() == "apache-2.0"
     assert _family("null").weights_license() == "other"
     assert _Plugin(ModelSpec("x")).weights_license() == "other"
+
+
+def test_weights_license_of_an_unnamed_variant_follows_the_layout(tmp_path):
+    bundle = tmp_path / "realrestorer"
+    for folder in ("transformer", "text_encoder", "processor"):
+        (bundle / folder).mkdir(parents=True)
+    (bundle / "model_index.json").write_text("{}")
+    release = tmp_path / "release"
+    (release / "Qwen2.5-VL-7B-Instruct").mkdir(parents=True)
+    (release / "vae.safetensors").write_bytes(b"")
+
+    def license_of(weights: str, **options) -> str:
+        return family_class("step1x")(ModelSpec("step1x", options=options, weights=weights)).weights_license()
+
+    assert license_of(str(bundle)) == "other"  # a RealRestorer bundle, variant unset
+    assert license_of(str(release)) == "apache-2.0"
+    assert license_of(str(tmp_path / "not-there")) == "apache-2.0"  # as the workers resolve it
+    assert license_of("s3://bucket/weights") == "other"  # cannot be looked at from here
+    assert license_of("s3://bucket/weights", variant="step1x") == "apache-2.0"
+    assert license_of(str(bundle), variant="step1x") == "apache-2.0"  # a named variant wins

@@ -113,7 +113,7 @@ def test_config_sections_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"sampling\.num_step"):
         parse_synthesize_config({**raw, "sampling": {"num_step": 3}})
     shipped = parse_synthesize_config(yaml.safe_load((ROOT / "configs/synthesize-pairs.yaml").read_text()))
-    assert shipped.pairs.weights_license == "apache-2.0" and shipped.job.resources.num_gpus_per_actor == 1
+    assert shipped.pairs.weights_license is None and shipped.job.resources.num_gpus_per_actor == 1
 
 
 def test_weights_license_follows_the_family(tmp_path):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from step1x_batch.models.base import AdapterSpec, EditParams, Engine, IdParts, ModelFamily, Preparer, option
 
 from .release import PREPARE_FILES
-from .variant import REALRESTORER
+from .variant import REALRESTORER, resolve_variant
 
 
 class Step1XOptions(BaseModel):
@@ -58,8 +58,16 @@ class Step1XFamily(ModelFamily):
 
     def weights_license(self) -> str:
         """Step1X-Edit's weights are Apache-2.0; RealRestorer's are for non-commercial academic
-        research only, which no Hugging Face identifier names ("other")."""
-        return "other" if self.options.variant == REALRESTORER else "apache-2.0"
+        research only, which no Hugging Face identifier names ("other"). With ``variant`` unset the
+        layout decides, as on the workers: a local folder is looked at; weights in object storage
+        cannot be, so they get "other" (never a licence this process cannot vouch for)."""
+        variant = self.options.variant
+        if variant is None:
+            weights = self.spec.weights
+            if "://" in weights:
+                return "other"
+            variant = resolve_variant(None, weights if Path(weights).is_dir() else None).name
+        return "other" if variant == REALRESTORER else "apache-2.0"
 
     def preparer(self, folder: Path | None) -> Preparer:
         from functools import partial
