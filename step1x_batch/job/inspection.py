@@ -237,17 +237,16 @@ def read_lease(output_uri: str, options: "StorageOptions | None" = None,
                now: _dt.datetime | None = None) -> LeaseInfo | None:
     """The lease object ``<output_uri>/_lease.json`` (None when there is none), with its age by
     its own ``renewed_at``; it tells a live run from a killed one."""
-    from step1x_batch.errors import MISSING_OBJECT, RowError
-    from step1x_batch.job.lease import lease_uri, parse_document
-    from step1x_batch.io.storage import read_bytes
+    from step1x_batch.errors import redact
+    from step1x_batch.job.lease import read_holder
 
     try:
-        data = read_bytes(lease_uri(output_uri), options)
-    except RowError as e:
-        if e.code == MISSING_OBJECT:
-            return None
-        raise InspectionError(f"could not read the lease: {e.message}") from None
-    doc = parse_document(data)  # {} when torn or foreign: a holder with unknown details, not fresh
+        holder = read_holder(output_uri, options)  # the lease module's one reader
+    except Exception as e:  # noqa: BLE001 - a store's refusal: one sentence, not a traceback
+        raise InspectionError(f"could not read the lease: {redact(str(e))}") from None
+    if holder is None:
+        return None
+    doc = holder.doc  # {} when torn or foreign: a holder with unknown details, not fresh
     now = now or _utcnow()
     renewed = _parse_time(doc.get("renewed_at"))
     try:
