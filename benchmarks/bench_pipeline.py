@@ -71,7 +71,7 @@ def plain_loop(manifest: Path, out: Path, log_part_rows: int = 1000) -> tuple[in
     import pyarrow.json as pajson
 
     from step1x_batch.io.images import decode_image, encode_image
-    from step1x_batch.rows.manifest import normalize_batch
+    from step1x_batch.rows.manifest import NormalizeSettings, normalize_batch
     from step1x_batch.models import load_family
     from step1x_batch.models.base import EditParams, EditRequest, ModelSpec
     from step1x_batch.rows.log import part_uri, write_log_part
@@ -83,11 +83,9 @@ def plain_loop(manifest: Path, out: Path, log_part_rows: int = 1000) -> tuple[in
     table = pajson.read_json(str(manifest))
     done, records, part = 0, [], 0
     for offset in range(0, table.num_rows, log_part_rows):
-        chunk = normalize_batch(
-            table.slice(offset, log_part_rows), manifest_uri=str(manifest), defaults=EditParams(),
-            default_seed_base=0, model_id="null", image_format="png", max_instruction_chars=1000,
-            image_quality=95,
-        )
+        chunk = normalize_batch(table.slice(offset, log_part_rows), NormalizeSettings(
+            manifest_uri=str(manifest), defaults=EditParams(), seed_base=0, model_id="null",
+            image_format="png", max_instruction_chars=1000, image_quality=95))
         for row in chunk.to_pylist():
             t0 = time.perf_counter()
             image = decode_image(read_bytes(row["image_uri"]), 40_000_000)

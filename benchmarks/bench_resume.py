@@ -69,13 +69,15 @@ def _log_chunk(args: tuple) -> int:
     """Normalise one chunk of the first manifest as the job does and write its records."""
     from step1x_batch.job.config import parse_config
     from step1x_batch.rows.log import part_uri, write_log_part
-    from step1x_batch.job.stages import NormaliseSettings
+    from step1x_batch.job.stages import normalize_settings
+    from step1x_batch.rows.digest import manifest_row_digests
+    from step1x_batch.rows.manifest import normalize_batch
 
     manifest, out, images, start, stop, part_rows, errors_every = args
     cfg = parse_config(job_config(manifest, out, images, "built"))
-    settings = NormaliseSettings.from_config(cfg)
+    settings = normalize_settings(cfg)
     raw = pq.ParquetFile(manifest).read_row_group(start // CHUNK)  # the same columns as the job reads
-    norm = settings.normalise(raw)
+    norm = normalize_batch(raw, settings)
     n = norm.num_rows
     t0 = np.datetime64("2026-11-30T02:00:00", "us")
     finished = pa.array(t0 + np.arange(start, stop).astype("timedelta64[ms]"), pa.timestamp("us", tz="UTC"))
@@ -85,7 +87,7 @@ def _log_chunk(args: tuple) -> int:
         "output_uri": pa.array([f"{out}/images/{i}.png" for i in norm.column("id").to_pylist()]),
         "seed": norm.column("seed"), "num_steps": norm.column("num_steps"),
         "model_id": pa.array(["null"] * n), "run_id": pa.array(["built"] * n), "attempt": pa.array([1] * n),
-        "finished_at": finished, "source_digest": settings.digests(raw),
+        "finished_at": finished, "source_digest": manifest_row_digests(raw, settings),
         "extra": norm.column("extra"),
     })
     sel = np.arange(0, n, errors_every)  # an earlier transient failure of some rows, then their ok

@@ -9,7 +9,7 @@ import pytest
 
 from step1x_batch.job import lease as leases
 from step1x_batch.job.config import parse_config
-from step1x_batch.job.entrypoint import check_lease_and_run, operated
+from step1x_batch.job.entrypoint import check_lease_and_run
 from step1x_batch.job.preflight import Preflight, PreflightError
 
 
@@ -33,11 +33,6 @@ def test_the_run_gets_the_findings_and_the_held_lease(tmp_path):
     assert isinstance(seen["facts"], Preflight) and seen["facts"].manifest_rows == 2
     assert seen["lease"].run_id == "r1" and seen["holder"].doc["token"] == seen["lease"].token
     assert leases.read_holder(cfg.output.uri, None) is None  # released at the end
-
-
-def test_the_old_name_still_runs_a_one_argument_run(tmp_path):
-    cfg = _config(tmp_path)
-    assert operated(cfg, lambda facts: facts.manifest_rows == 2, job="edit")
 
 
 def test_a_failed_check_takes_no_lease(tmp_path):

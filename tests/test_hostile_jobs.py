@@ -126,7 +126,7 @@ def test_every_kind_of_bad_row_is_one_typed_error_row_beside_good_rows(ray_local
 
 
 def test_a_lease_deleted_mid_run_stops_the_run_and_a_second_run_holds_the_only_lease(
-        ray_local, pictures, tmp_path, s3_bucket, storage_options):
+        ray_local, pictures, tmp_path, s3_bucket, storage_options, monkeypatch):
     n = 16
     rows = [{"id": f"r{i:02d}", "image_uri": f"p{i % 4}.png", "instruction": f"edit {i}"} for i in range(n)]
     manifest = _write_manifest(pictures / "m.jsonl", rows)
@@ -137,6 +137,14 @@ def test_a_lease_deleted_mid_run_stops_the_run_and_a_second_run_holds_the_only_l
                          "options": {"lease_uri": leases.lease_uri(out), "release_file": str(release)}},
                   runtime={"run_id": "first", "lease_ttl_s": 3, "max_error_fraction": 0.0})
     failure: list[BaseException] = []
+    taken: list[leases.Lease] = []  # the leases runs take, seen as the driver holds them
+    take = leases.acquire
+
+    def acquire_and_keep(*args, **kwargs):
+        taken.append(take(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(leases, "acquire", acquire_and_keep)
 
     def first_run() -> None:
         try:
@@ -146,11 +154,10 @@ def test_a_lease_deleted_mid_run_stops_the_run_and_a_second_run_holds_the_only_l
 
     runner = threading.Thread(target=first_run)
     runner.start()
-    held = None
-    while held is None and runner.is_alive():
-        held = leases.held_for(out)
+    while not taken and runner.is_alive():
         time.sleep(0.05)
-    assert held is not None
+    assert taken
+    held = taken[0]
     assert held.lost.wait(timeout=120)  # the renewal after the deletion (every ttl / 3)
     release.write_text("")  # the held batch may go on now: its records must not be written
     runner.join(timeout=300)

@@ -269,7 +269,7 @@ def test_realrestorer_config_validates_and_its_task_prompts_read():
     assert cfg.model.dtype == "bfloat16" and cfg.device() == "cuda" and cfg.resources.num_gpus_per_actor == 1
     assert cfg.edit_defaults() == EditParams(num_steps=28, guidance_scale=3.0, size_level=1024, negative_prompt="")
     assert cfg.model.options["version"] == "v1.1" and cfg.model.options["model_guidance"] == 3.5
-    assert cfg.model.options["variant"] == "realrestorer" and "[realrestorer]" in cfg.resolved_model_id()
+    assert cfg.model.options["variant"] == "realrestorer" and "[realrestorer]" in cfg.family().model_id()
     head = (ROOT / "configs" / "realrestorer.yaml").read_text().lower()
     assert "non-commercial" in head and "apache-2.0" in head
     prompts = read_templates(str(ROOT / "configs" / "realrestorer-task-prompts.txt"))

@@ -15,7 +15,7 @@ import pytest
 
 from step1x_batch.job.config import parse_config
 from step1x_batch.job.skip import row_keys
-from step1x_batch.job.stages import NormaliseSettings, normalize_settings
+from step1x_batch.job.stages import normalize_settings
 from step1x_batch.models.base import EditParams
 from step1x_batch.rows import state as rowstate
 from step1x_batch.rows.digest import manifest_row_digests, settings_digest_key
@@ -45,19 +45,6 @@ def test_normalize_settings_is_the_config_builder():
         settings.seed_base = 1  # type: ignore[misc]
 
 
-def test_the_deprecated_wrapper_gives_the_same_rows_and_digests():
-    cfg = _config()
-    new, old = normalize_settings(cfg), NormaliseSettings.from_config(cfg)
-    assert isinstance(old, NormalizeSettings)
-    assert {f.name: getattr(old, f.name) for f in dataclasses.fields(NormalizeSettings)} == {
-        f.name: getattr(new, f.name) for f in dataclasses.fields(NormalizeSettings)}
-    raw = _rows()
-    assert old.normalise(raw).equals(normalize_batch(raw, new))
-    assert old.digests(raw).equals(manifest_row_digests(raw, new))
-    assert old.digest_key() == settings_digest_key(new)
-    assert row_keys(raw, new).to_pylist() == normalize_batch(raw, new).column("id").to_pylist()
-
-
 def test_settings_travel_to_workers_unchanged():
     settings = NormalizeSettings(manifest_uri="s3://b/sets/m.parquet", defaults=EditParams(),
                                  seed_base=2, model_id="m", image_format="jpg",
@@ -66,6 +53,13 @@ def test_settings_travel_to_workers_unchanged():
     assert again == settings and settings_digest_key(again) == settings_digest_key(settings)
     assert normalize_batch(_rows(), again).equals(normalize_batch(_rows(), settings))
     assert (settings.output_format, settings.output_extension, settings.base) == ("jpeg", "jpg", "s3://b/sets")
+
+
+def test_the_skip_joins_keys_are_the_normalised_ids():
+    settings = normalize_settings(_config())
+    raw = _rows()
+    assert row_keys(raw, settings).to_pylist() == normalize_batch(raw, settings).column("id").to_pylist()
+    assert len(manifest_row_digests(raw, settings)) == raw.num_rows
 
 
 def test_an_unknown_output_format_is_refused_with_the_settings():

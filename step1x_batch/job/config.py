@@ -314,10 +314,6 @@ class JobConfig(_Section):
                                "(step1x_batch.io.weights.pin_adapters) before deriving the model id")
         return tuple(AdapterRef(a.uri, a.scale, a.format, a.sha256) for a in self.model.adapters)
 
-    def resolved_model_id(self) -> str:
-        """Deprecated: ``family().model_id()``, kept while recipes/ still call it."""
-        return self.family().model_id()
-
     def edit_defaults(self) -> EditParams:
         """Per-row defaults: ``sampling.*`` where set, else the model family's recipe."""
         return self.sampling.edit_params(self.model.family_class().defaults)

@@ -68,15 +68,6 @@ def check_lease_and_run(cfg: "JobConfig", run: Callable[["Preflight", "Lease"], 
         return run(facts, held)
 
 
-def operated(cfg: "JobConfig", run: Callable[["Preflight"], bool], *, job: str,
-             required_columns: "RequiredColumns | None" = None,
-             extra_checks: Callable[[], None] | None = None) -> bool:
-    """The old name of :func:`check_lease_and_run`, whose ``run`` got the findings only. Kept
-    while recipes/ call it (their run_job then finds the lease through ``lease.held_for``)."""
-    return check_lease_and_run(cfg, lambda facts, _lease: run(facts), job=job,
-                               required_columns=required_columns, extra_checks=extra_checks)
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, flag: bool = False) -> None:
     """``CONFIG`` (``--config CONFIG`` for the job scripts) and repeatable ``--set KEY=VALUE``."""
     if flag:
