@@ -21,7 +21,7 @@ from step1x_batch.rows.log import (
     write_log_part,
 )
 
-DESIGN_COLUMNS = (
+CONTRACT_COLUMNS = (
     "id, fingerprint, status, error_type, error_message, image_uri, image_uris, instruction, output_uri, "
     "input_width, input_height, width, height, seed, num_steps, guidance_scale, size_level, "
     "blend_instruction, blend_scale, "
@@ -42,7 +42,7 @@ def rec(id_, fp, status="ok", minutes=0, **kw):
 
 def test_schema_matches_design():
     # source_digest: the raw-row digest the skip compares first (step1x_batch.rows.digest)
-    assert LOG_SCHEMA.names == DESIGN_COLUMNS + ["source_digest", "extra"]
+    assert LOG_SCHEMA.names == CONTRACT_COLUMNS + ["source_digest", "extra"]
     ts = pa.timestamp("us", tz="UTC")
     assert LOG_SCHEMA.field("started_at").type == ts == LOG_SCHEMA.field("finished_at").type
     for name in ("input_width", "input_height", "width", "height", "seed", "num_steps",

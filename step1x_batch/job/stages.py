@@ -169,7 +169,7 @@ def preparer_for(spec: ModelSpec, weights: WeightsSource) -> Preparer:
 def normalize_settings(cfg: JobConfig, manifest_uri: str | None = None) -> NormalizeSettings:
     """The job's normalisation settings, the only builder from a config: the jobs built on this
     one (pairs, catalog) use it to predict the fingerprints the row log will hold."""
-    family = family_for(cfg.model_spec())
+    family = cfg.family()  # the one route to the model id
     return NormalizeSettings(
         manifest_uri=manifest_uri or cfg.input.manifest,
         defaults=cfg.edit_defaults(),
