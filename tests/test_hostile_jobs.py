@@ -29,7 +29,7 @@ from step1x_batch import errors
 from step1x_batch.job import lease as leases
 from step1x_batch.job.config import parse_config
 from step1x_batch.rows.log import read_logs
-from step1x_batch.io.storage import StorageOptions, filesystem, read_bytes
+from step1x_batch.io.storage import filesystem, read_bytes
 
 
 def _png(image: np.ndarray) -> bytes:

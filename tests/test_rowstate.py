@@ -21,11 +21,12 @@ import pytest
 from step1x_batch.rows import log as rowlog
 from step1x_batch.rows import state as rowstate
 from step1x_batch.job.config import parse_config
-from step1x_batch.rows.digest import row_digests, settings_key
+from step1x_batch.rows.digest import row_digests, settings_digest_key, settings_key
 from step1x_batch.rows.log import part_uri, write_log_part
+from step1x_batch.rows.manifest import normalize_batch
 from step1x_batch.rows.state import STATE_SCHEMA, compact, decide, iter_state, latest_records, read_pointer
 from step1x_batch.job.skip import row_keys
-from step1x_batch.job.stages import NormaliseSettings
+from step1x_batch.job.stages import normalize_settings
 from step1x_batch.io.storage import write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,26 +326,25 @@ def test_digest_tells_rows_apart_and_ignores_batching():
 def test_settings_key_sees_every_setting():
     cfg = parse_config({"input": {"manifest": "/m/manifest.parquet"}, "output": {"uri": "/o"},
                         "model": {"family": "null"}})
-    base = NormaliseSettings.from_config(cfg)
-    key = base.digest_key()
-    assert NormaliseSettings.from_config(cfg, "/m/other.parquet").digest_key() == key  # same folder
-    assert NormaliseSettings.from_config(cfg, "/elsewhere/manifest.parquet").digest_key() != key
+    key = settings_digest_key(normalize_settings(cfg))
+    assert settings_digest_key(normalize_settings(cfg, "/m/other.parquet")) == key  # same folder
+    assert settings_digest_key(normalize_settings(cfg, "/elsewhere/manifest.parquet")) != key
     cfg.sampling.seed_base = 5
-    assert NormaliseSettings.from_config(cfg).digest_key() != key
+    assert settings_digest_key(normalize_settings(cfg)) != key
     assert settings_key(1) != settings_key(2)
 
 
 def test_join_keys_are_the_normalised_ids():
     cfg = parse_config({"input": {"manifest": "/m/manifest.parquet"}, "output": {"uri": "/o"},
                         "model": {"family": "null"}})
-    settings = NormaliseSettings.from_config(cfg)
+    settings = normalize_settings(cfg)
     texts = pa.table({"id": ["sku-1", " padded ", "tab\tinside", "", None, "ünïcode", "x" * 600],
                       "image_uri": ["a.png"] * 7, "instruction": ["go"] * 7})
     ints = pa.table({"id": pa.array([7, None, -3], pa.int64()), "image_uri": ["a.png"] * 3,
                      "instruction": ["go"] * 3})
     no_ids = pa.table({"image_uri": ["a.png", "b.png"], "instruction": ["go", "go"]})
     for t in (texts, ints, no_ids):
-        assert row_keys(t, settings).to_pylist() == settings.normalise(t).column("id").to_pylist()
+        assert row_keys(t, settings).to_pylist() == normalize_batch(t, settings).column("id").to_pylist()
 
 
 def test_bucket_of_is_stable_and_spread():

@@ -492,27 +492,15 @@ def held(output_uri: str, options: StorageOptions | None, run_id: str, *, ttl_s:
          allow_unlocked: bool = False, job: str = "edit",
          say: Callable[[str], None] | None = None) -> Iterator[Lease]:
     """Hold the output root's lease for the duration of a run (renewed in the background). The
-    holder passes the lease on as an argument (``run_job(cfg, facts, lease)``); :func:`held_for`
-    is for observers only."""
+    holder passes the lease on as an argument (``run_job(cfg, facts, lease)``): no module keeps it."""
     lease = acquire(output_uri, options, run_id, ttl_s=ttl_s, allow_unlocked=allow_unlocked, job=job)
     if say and lease.took_over:
         say(f"note: took over the lease on {redact_uri(output_uri)} from {lease.took_over}")
     if say and lease.note:
         say(f"warning: {lease.note}")
-    _HELD[output_uri.rstrip("/")] = lease
     lease.start_renewing(on_error=(lambda e: say(f"warning: lease renewal failed: {redact(str(e))}"))
                          if say else None)
     try:
         yield lease
     finally:
-        _HELD.pop(output_uri.rstrip("/"), None)
         lease.release()
-
-
-_HELD: dict[str, Lease] = {}  # for held_for only; the driver gets its lease as an argument
-
-
-def held_for(output_uri: str) -> Lease | None:
-    """The lease this process holds on ``output_uri``, for observers (a test watching a run from
-    another thread) and the jobs built on the edit job that do not pass their lease on yet."""
-    return _HELD.get(output_uri.rstrip("/"))

@@ -447,13 +447,12 @@ def run_job(cfg: JobConfig, facts: Preflight | None = None, lease: leases.Lease 
     """Run the job a config describes; show one progress line, print the summary and where
     everything is. ``facts`` are the pre-flight checks' findings (the manifest's row count).
 
-    Holds the output root's lease for the run, unless the caller passes the one it holds (or,
-    for the jobs that do not pass it yet, holds it through :func:`~step1x_batch.job.lease.held`).
+    Holds the output root's lease for the run, unless the caller passes the one it holds
+    (:func:`~step1x_batch.job.entrypoint.check_lease_and_run` and the recipes do).
     Returns the summary; ``summary.ok`` is False (and a loud message is printed) when the share of
     error rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2)
     when the model fails to load in an edit actor or another run took the lease over.
     """
-    lease = lease if lease is not None else leases.held_for(cfg.output.uri)
     if lease is not None:
         return _run_leased(cfg, facts, lease)
     with leases.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,

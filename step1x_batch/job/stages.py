@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,7 +60,7 @@ from step1x_batch.models.base import (
     edit_prepared,
 )
 from step1x_batch.job.counters import add_counters
-from step1x_batch.rows.digest import manifest_row_digests, settings_digest_key
+from step1x_batch.rows.digest import manifest_row_digests
 from step1x_batch.rows.log import LOG_SCHEMA
 from step1x_batch.rows.state import StatePointer, decide
 from step1x_batch.io import storage
@@ -180,25 +180,6 @@ def normalize_settings(cfg: JobConfig, manifest_uri: str | None = None) -> Norma
         image_quality=cfg.output.quality,
         max_images=family.max_images,
     )
-
-
-class NormaliseSettings(NormalizeSettings):
-    """Deprecated spelling, kept until recipes/catalog.py and recipes/synthesize.py call
-    :func:`normalize_settings`: the same settings, with the old method names."""
-
-    @classmethod
-    def from_config(cls, cfg: JobConfig, manifest_uri: str | None = None) -> "NormaliseSettings":
-        settings = normalize_settings(cfg, manifest_uri)
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(NormalizeSettings)})
-
-    def normalise(self, batch: pa.Table) -> pa.Table:
-        return normalize_batch(batch, self)
-
-    def digests(self, raw: pa.Table) -> pa.Array:
-        return manifest_row_digests(raw, self)
-
-    def digest_key(self) -> int:
-        return settings_digest_key(self)
 
 
 def _with_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
