@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RayHead, descendants, kill_processes
+from conftest import RayHead
 
 from step1x_batch.rows.log import read_logs
 
@@ -43,18 +42,6 @@ README_SUBMIT = ("ray job submit --address http://HEAD:8265 --working-dir . -- \
 def _bash(script: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], env=env, cwd=str(ROOT), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _stop_head(head: RayHead) -> None:
-    """``ray start --block`` does not end on SIGTERM, so ``RayHead.stop`` waited 10 s for it: SIGKILL
-    the head's processes now (all started by this test), then let ``stop`` end anything left."""
-    started = descendants(head.proc.pid)
-    try:
-        os.killpg(head.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    kill_processes(started)
-    head.stop()
 
 
 @pytest.fixture
@@ -79,7 +66,7 @@ def token_head(user_env):
     try:
         yield head, env
     finally:
-        _stop_head(head)
+        head.stop()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -70,18 +70,6 @@ def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.2) -> None:
         time.sleep(poll_s)
 
 
-def _stop_head(head: RayHead) -> None:
-    """``ray start --block`` does not end on SIGTERM, so ``RayHead.stop`` waited 10 s for it: SIGKILL
-    the head's processes now (all started by this test), then let ``stop`` end anything left."""
-    started = descendants(head.proc.pid)
-    try:
-        os.killpg(head.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    kill_processes(started)
-    head.stop()
-
-
 def _titles(processes: dict[int, int]) -> list[str]:
     names = []
     for pid in processes:
@@ -172,5 +160,5 @@ def test_unset_ray_address_never_joins_a_cluster_on_the_host(tmp_path, image_fac
         log = (out / "runs" / "joined" / "ray.log").read_text()
         assert "Connecting to existing Ray cluster" in log and "Started a local Ray instance" not in log
     finally:
-        _stop_head(head)
+        head.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
