@@ -8,7 +8,6 @@ failures, and the tiny Step1X model from an S3 manifest to S3 outputs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import json
 import os
@@ -632,25 +631,23 @@ def test_bf16_outputs_do_not_depend_on_batching_across_a_killed_run(ray_local, t
     marker = f"rayk-{os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": f"/tmp/{marker}", "RAY_AUTH_MODE": "disabled",
            "STEP1X_TEST_MARKER": marker}
+    # The clean reference first, then the driver to kill: one Ray starting at a time (the suite's
+    # other worker starts its own; Ray gives a node 30 s to come up).
+    clean = tmp_path / "clean"
+    assert _run(job(clean, "clean", 8, 8)).by_status == {"ok": 12}
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs/edit_dataset.py"), "--config", str(cfg)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # The clean reference runs in this process while the driver above starts its own Ray (the
-    # two are independent: other output roots, other Rays); it must have ended before the compare.
-    clean = tmp_path / "clean"
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        clean_run = pool.submit(_run, job(clean, "clean", 8, 8))
-        logs = out / "logs" / "killed"
-        try:
-            deadline = time.time() + 180
-            while time.time() < deadline and proc.poll() is None:
-                if logs.exists() and list(logs.glob("part-*.parquet")):
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            _kill_tree(proc, marker)
-        assert clean_run.result().by_status == {"ok": 12}
+    logs = out / "logs" / "killed"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if logs.exists() and list(logs.glob("part-*.parquet")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _kill_tree(proc, marker)
     killed = read_logs(str(out), run_id="killed").num_rows
     assert 0 < killed < 12, "the kill landed mid-run"
     expire_local_lease(out)  # the killed driver's lease expires

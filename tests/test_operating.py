@@ -82,13 +82,14 @@ def test_clean_console_and_verbose(tmp_path, image_factory):
                      runtime={"run_id": "quiet", "progress_seconds": 2})
     loud_cfg = _job(tmp_path / "job-v.yaml", str(folder / "m.jsonl"), str(tmp_path / "out-v"),
                     runtime={"run_id": "loud", "progress_bars": False})
-    # The two runs (each its own local Ray and output root) at once: their start-ups overlap.
+    # One run after the other (each its own local Ray and output root): one Ray starting at a
+    # time, since the suite's other worker starts its own and Ray gives a node 30 s to come up.
     procs = {}
     try:
         procs["quiet"] = _start(_cli("run", quiet_cfg), _env(markers["quiet"]), tmp_path / "quiet")
+        procs["quiet"].wait(timeout=600)
         procs["loud"] = _start(_cli("run", loud_cfg, "-v"), _env(markers["loud"]), tmp_path / "loud")
-        for proc in procs.values():
-            proc.wait(timeout=600)
+        procs["loud"].wait(timeout=600)
     finally:
         for name, proc in procs.items():
             if proc.poll() is None:
