@@ -62,7 +62,7 @@ from step1x_batch.job.config import JobConfig
 from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
 from step1x_batch.job.lease import Lease
 from step1x_batch.job.runner import RunSummary
-from step1x_batch.recipes.section import RecipeSection
+from step1x_batch.recipes.section import RecipeSection, one_instruction_source
 from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.log import part_uri, write_log_part
 from step1x_batch.rows.manifest import (
@@ -129,12 +129,7 @@ class CatalogConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_source(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            if data.get("instruction_template") and data.get("instruction_column"):
-                raise ValueError("give either instruction_column or instruction_template, not both")
-            if not data.get("instruction_template") and not data.get("instruction_column"):
-                data = {**data, "instruction_column": "instruction"}
-        return data
+        return one_instruction_source(data, "instruction_template")
 
     @field_validator("instruction_template")
     @classmethod

@@ -91,3 +91,14 @@ def local_path(uri: str, base_dir: str | os.PathLike | None) -> str:
         return uri
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     return str((base / os.path.expanduser(uri)).resolve())
+
+
+def one_instruction_source(data: Any, template_key: str) -> Any:
+    """A recipe section's instructions come from a column or from templates, never both; neither
+    given: the ``instruction`` column. For a ``mode="before"`` model validator."""
+    if isinstance(data, dict):
+        if data.get(template_key) and data.get("instruction_column"):
+            raise ValueError(f"give either instruction_column or {template_key}, not both")
+        if not data.get(template_key) and not data.get("instruction_column"):
+            data = {**data, "instruction_column": "instruction"}
+    return data

@@ -87,7 +87,7 @@ from step1x_batch.job.config import JobConfig
 from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
 from step1x_batch.job.lease import Lease
 from step1x_batch.job.preflight import check_file
-from step1x_batch.recipes.section import RecipeSection, local_path
+from step1x_batch.recipes.section import RecipeSection, one_instruction_source, local_path
 from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.manifest import (
     SEED_LIMIT,
@@ -161,12 +161,7 @@ class PairsConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_source(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            if data.get("templates") and data.get("instruction_column"):
-                raise ValueError("give either instruction_column or templates, not both")
-            if not data.get("templates") and not data.get("instruction_column"):
-                data = {**data, "instruction_column": "instruction"}
-        return data
+        return one_instruction_source(data, "templates")
 
 
 class InputError(ValueError):

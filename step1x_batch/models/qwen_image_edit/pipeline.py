@@ -27,10 +27,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from step1x_batch.models.base import AdapterSpec, EditParams, EditRequest, EditResult, Prepared
+from step1x_batch.models.base import AdapterSpec, EditParams, EditRequest, Prepared
 from step1x_batch.models.engine import BatchEngine, Laps, Pipeline, check_one_key
 from step1x_batch.models.kernels import choose_attention, compile_blocks, using_attention
 from step1x_batch.models.loading import WeightsError, component_files, load_files_into, torch_dtype
@@ -455,7 +454,6 @@ class QwenImageEditPipeline(Pipeline):
 
     def __init__(self, engine: QwenImageEditEngine, preparer: Callable[[EditRequest], Prepared]) -> None:
         super().__init__(engine, preparer, defaults=EditParams(40, 4.0, 1024, " "))
-        self.preparer = preparer
 
     @classmethod
     def from_pretrained(
@@ -476,19 +474,3 @@ class QwenImageEditPipeline(Pipeline):
             compile=compile, attention=attention, adapters=[as_spec(a) for a in adapters], scheduler=opts.scheduler,
         )
         return cls(engine, preparer)
-
-    def edit(
-        self,
-        images: Sequence[Sequence[np.ndarray | Image.Image] | np.ndarray | Image.Image],
-        instructions: Sequence[str],
-        seeds: Sequence[int] | None = None,
-        negative_prompts: Sequence[str] | None = None,
-        num_steps: int = 40,
-        guidance_scale: float = 4.0,
-        size_level: int = 1024,
-        *,
-        max_batch_size: int | None = None,
-    ) -> list[EditResult]:
-        """Edit each row (one image or a list of images) by its instruction; results in order."""
-        return super().edit(images, instructions, seeds, negative_prompts, num_steps, guidance_scale, size_level,
-                            max_batch_size=max_batch_size)
