@@ -75,8 +75,21 @@ TRANSIENT_CODES = frozenset({READ_FAILED, WRITE_FAILED, EDIT_FAILED})
 FINAL_CODES = CODES - TRANSIENT_CODES
 
 
+# Score errors: a row of the scores log (step1x_batch.rows.scores) that holds no scores. A judge
+# answer that cannot be read is final (greedy decoding gives the same answer again); a judge that did
+# not answer (timeout, refused request, HTTP error) and an output that could not be read are
+# transient, so the next ``score`` run asks again.
+JUDGE_UNPARSABLE = "judge_unparsable"  # no JSON answer with the expected scores (malformed, truncated, empty)
+JUDGE_OUT_OF_RANGE = "judge_out_of_range"  # a score outside the prompt's 0-10 scale
+JUDGE_FAILED = "judge_failed"  # no answer: timeout, connection, HTTP error, engine error
+SCORE_CODES = frozenset({JUDGE_UNPARSABLE, JUDGE_OUT_OF_RANGE, JUDGE_FAILED, READ_FAILED, CORRUPT_IMAGE})
+TRANSIENT_SCORE_CODES = frozenset({JUDGE_FAILED, READ_FAILED})
+
+
 def is_transient(code: str) -> bool:
     """Whether a row error of type ``code`` may succeed when simply tried again."""
+    if code in SCORE_CODES and code not in CODES:
+        return code in TRANSIENT_SCORE_CODES
     if code not in CODES:
         raise ValueError(f"unknown row error code {code!r}")
     return code in TRANSIENT_CODES
@@ -128,6 +141,9 @@ _SECRET_KV = re.compile(
     rf"(?P<key>\b(?:{_SECRET_PARAMS}))(?P<sep>\s*[=:]\s*['\"]?)(?P<value>[^\s&'\",;)#]+)",
     re.IGNORECASE,
 )
+# bearer tokens (an Authorization header's value) and OpenAI-style API keys
+_BEARER = re.compile(r"\b(?P<kind>Bearer|Basic)\s+[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE)
+_API_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}")
 # AWS access key ids (AKIA... long-term, ASIA... temporary) anywhere in text
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b")
 _ENV_SECRETS = (
@@ -151,6 +167,8 @@ def redact(text: str) -> str:
             text = text.replace(value, _MASK)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{_MASK}@", text)
     text = _BARE_USERINFO.sub(f"{_MASK}@", text)
+    text = _BEARER.sub(lambda m: f"{m.group('kind')} {_MASK}", text)
+    text = _API_KEY.sub(_MASK, text)
     text = _SECRET_KV.sub(lambda m: f"{m.group('key')}{m.group('sep')}{_MASK}", text)
     text = _AWS_KEY_ID.sub(_MASK, text)
     return text
