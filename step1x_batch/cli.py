@@ -90,6 +90,12 @@ def _rerender(args: argparse.Namespace) -> int:
     return run_config(args.config, config_overrides(args))
 
 
+def _score(args: argparse.Namespace) -> int:
+    from step1x_batch.recipes.score import run_config
+
+    return run_config(args.output_uri, args.config, config_overrides(args))
+
+
 def _compact(args: argparse.Namespace) -> int:
     """Fold the log parts no state covers yet into a new state version (or rebuild it after
     ``state/`` was deleted), holding the root's lease like a run."""
@@ -164,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         add_config_arguments(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("score", help="score the edits of an output root with a judge (VLM and image metrics); "
+                                     "no image is written",
+                       description="Score every edit under OUTPUT_URI not yet scored by this judge and "
+                                   "prompt set; a rerun scores only what is missing.")
+    p.add_argument("output_uri", help="an edit job's output root (output.uri)")
+    add_config_arguments(p, flag=True)
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("make-tiny-weights", help="write a toy-size release folder made from a seed")
     p.add_argument("dir")

@@ -259,12 +259,17 @@ def init_ray(cfg: JobConfig) -> bool:
 
     Returns True when this call started or connected Ray (and so should shut it down).
     """
+    return start_ray(ray_address(cfg), cfg.resources.local_num_cpus)
+
+
+def start_ray(address: str, local_num_cpus: int | None = None) -> bool:
+    """:func:`init_ray` for a job without an edit config (``score``): ``address`` as
+    :func:`ray_address` resolves it."""
     import ray
 
     global _guard
     if ray.is_initialized():
         return False
-    address = ray_address(cfg)
     if address != "local":
         ray.init(address=address, log_to_driver=True)
         return True
@@ -278,7 +283,7 @@ def init_ray(cfg: JobConfig) -> bool:
         ray.init(
             address="local",
             # At least 2 CPU slots (logical, not cores): one for the edit actor, one for I/O tasks.
-            num_cpus=cfg.resources.local_num_cpus or max(2, os.cpu_count() or 1),
+            num_cpus=local_num_cpus or max(2, os.cpu_count() or 1),
             include_dashboard=False,
             runtime_env=env or None,
             log_to_driver=True,
@@ -389,6 +394,11 @@ def _shutdown_ray() -> None:
     auto_init_hook.enable_auto_connect = False
     ray.shutdown()
     _stop_guard()  # whatever of the local Ray outlived the shutdown goes now
+
+
+def stop_ray() -> None:
+    """Stop the Ray :func:`start_ray` started (for a job that is not an edit run: ``score``)."""
+    _shutdown_ray()
 
 
 def _num_rows(table: Any) -> int:

@@ -1,0 +1,262 @@
+"""``step1x-batch score OUTPUT_URI --config judge.yaml``: score the edits an output root holds,
+touching no image.
+
+The candidates are each id's latest ``ok`` record in the row log (the bytes its output object holds
+now); its score key is (fingerprint, judge id, prompt hash), so a rerun scores only the rows
+without a deciding score for that key, another judge or prompt set scores every row again, and a
+re-edited row (new fingerprint) is scored anew. The scores go to ``scores/<run_id>/`` under the
+root's lease, like the row log. The edit job (``run`` with a ``judge:`` section), ``synthesize``
+(``pairs.filter``) and ``rerender`` (``catalog.gate``) call :func:`score_output` after editing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from step1x_batch.errors import SCORE_CODES, JobRefused, redact, redact_uri
+from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
+from step1x_batch.job import runner
+from step1x_batch.job.config import JobConfig, ConfigError, default_run_id, read_raw_config
+from step1x_batch.job.lease import Lease, held
+from step1x_batch.judge import scores as score_log
+from step1x_batch.judge.config import JudgeConfig, score_key
+from step1x_batch.judge.prompts import load_prompts
+from step1x_batch.recipes.section import RecipeSection
+from step1x_batch.rows.log import read_logs
+from step1x_batch.rows.state import latest_per_id
+
+__all__ = ["JUDGE_SECTION", "ScoreJob", "ScoreRuntime", "ScoreSummary", "check_judge", "run_config",
+           "score_output", "candidates"]
+
+# The ``judge:`` section of an edit / synthesize / rerender config.
+JUDGE_SECTION = RecipeSection("judge", JudgeConfig)
+_LOG_COLUMNS = ["id", "fingerprint", "status", "image_uris", "instruction", "output_uri", "finished_at", "extra"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScoreRuntime(_Section):
+    """Run identity and policy of a scoring run (the edit job's ``runtime`` keys it shares)."""
+
+    run_id: str = Field(default_factory=default_run_id)
+    ray_address: str | None = None  # as resources.ray_address: None = $RAY_ADDRESS or a local Ray
+    local_num_cpus: int | None = Field(None, ge=1)
+    lease_ttl_s: float = Field(120.0, ge=1.0)
+    allow_unlocked: bool = False
+    max_pixels: int = Field(40_000_000, ge=1)
+    retry_error_types_this_run: list[str] = Field(default_factory=list)  # final score errors asked again
+    verbose: bool = False
+
+    @field_validator("retry_error_types_this_run")
+    @classmethod
+    def _score_codes(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in SCORE_CODES]
+        if unknown:
+            raise ValueError(f"unknown score error type(s) {unknown}; they are {sorted(SCORE_CODES)}")
+        return value
+
+    @classmethod
+    def of_job(cls, cfg: JobConfig) -> "ScoreRuntime":
+        """The edit job's own settings, for the scoring that follows its edits."""
+        return cls(run_id=cfg.runtime.run_id, ray_address=cfg.resources.ray_address,
+                   local_num_cpus=cfg.resources.local_num_cpus, lease_ttl_s=cfg.runtime.lease_ttl_s,
+                   allow_unlocked=cfg.runtime.allow_unlocked, max_pixels=cfg.runtime.max_pixels)
+
+
+class ScoreJob(_Section):
+    """A ``score`` config: the judge, the output root's storage, the run's settings."""
+
+    judge: JudgeConfig
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    runtime: ScoreRuntime = Field(default_factory=ScoreRuntime)
+
+
+def load_score_config(path: str, overrides: Sequence[str] = ()) -> ScoreJob:
+    """A ``score`` config from YAML (with ``--set`` overrides); every problem on one line."""
+    raw = read_raw_config(path, overrides)
+    try:
+        return ScoreJob.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did (``scores/<run_id>/summary.json``)."""
+
+    run_id: str
+    judge_id: str
+    prompt_hash: str
+    candidates: int  # ids with an edit to score
+    already_scored: int  # of those, scored before under the same key
+    scored: int  # records this run wrote
+    errors: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # means with bootstrap intervals, over every current score
+    parts: list[str] = field(default_factory=list)
+    stopped: str | None = None
+
+    def line(self) -> str:
+        o = self.stats.get("score_o")
+        mean = f"; O {o['mean']:.2f} [{o['low']:.2f}, {o['high']:.2f}] over {o['n']}" if o else ""
+        errs = f"; errors {self.errors}" if self.errors else ""
+        return (f"scored {self.scored} of {self.candidates} rows ({self.already_scored} already scored "
+                f"by {self.judge_id}){errs}{mean}")
+
+
+def prompt_hash(judge: JudgeConfig) -> str:
+    """The prompt set's digest (``-`` for the metrics-only judge, which asks nothing)."""
+    return "-" if judge.engine == "none" else load_prompts(judge.prompts).digest()
+
+
+def _current_edits(output_uri: str, storage: StorageOptions) -> pa.Table:
+    logs = read_logs(output_uri, storage, columns=_LOG_COLUMNS)
+    ok = logs.filter(pc.equal(logs.column("status"), "ok")) if logs.num_rows else logs
+    return latest_per_id(ok)
+
+
+def _category(extra: str | None, column: str | None) -> str | None:
+    if not column or not extra:
+        return None
+    try:
+        value = json.loads(extra).get(column)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else str(value)
+
+
+def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, hash_: str) -> pa.Table:
+    """Every id's current edit (its latest ``ok`` record) with its score key; pairwise, only the
+    ids both roots edited, with the other root's output and fingerprint."""
+    edits = _current_edits(output_uri, storage)
+    against: dict[str, tuple[str, str]] = {}
+    if judge.mode == "pairwise":
+        other = _current_edits(judge.against, storage)
+        against = {r: (u, f) for r, u, f in zip(*(other.column(c).to_pylist() for c in ("id", "output_uri", "fingerprint")))}
+    rows = []
+    judge_id = judge.judge_id()
+    for rec in edits.to_pylist():
+        b_uri, b_fp = against.get(rec["id"], (None, None))
+        if judge.mode == "pairwise" and b_uri is None:
+            continue
+        rows.append({"id": rec["id"], "fingerprint": rec["fingerprint"], "image_uris": rec["image_uris"],
+                     "output_uri": rec["output_uri"], "instruction": rec["instruction"],
+                     "category": _category(rec["extra"], judge.category_column),
+                     "against_uri": b_uri, "against_fingerprint": b_fp,
+                     "score_key": score_key(rec["fingerprint"], judge_id, hash_, b_fp)})
+    schema = pa.schema([("id", pa.string()), ("fingerprint", pa.string()), ("image_uris", pa.list_(pa.string())),
+                        ("output_uri", pa.string()), ("instruction", pa.string()), ("category", pa.string()),
+                        ("against_uri", pa.string()), ("against_fingerprint", pa.string()),
+                        ("score_key", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def check_judge(judge: JudgeConfig, storage: StorageOptions | None = None) -> None:
+    """The pre-flight of a judge: its prompts load, its folder or endpoint answers. A missing or
+    unreachable judge is one sentence and exit status 2, before anything is written."""
+    from step1x_batch.judge import http, local
+
+    if judge.engine != "none":
+        load_prompts(judge.prompts)
+    if judge.engine == "transformers":
+        local.check_folder(judge.model)
+    elif judge.engine == "http":
+        http.check_endpoint(judge.url, judge.model_name(), min(judge.timeout_s, 30.0), judge.api_key_env)
+    elif judge.engine == "vllm" and "://" not in judge.model and not os.path.isdir(judge.model):
+        raise JobRefused(f"judge.model: {judge.model} is not a folder; engine vllm loads the judge "
+                         "from a local folder on every judge node")
+    if judge.metrics.clip and not os.path.isdir(judge.metrics.clip):
+        raise JobRefused(f"judge.metrics.clip: {judge.metrics.clip} is not a folder")
+
+
+def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, runtime: ScoreRuntime,
+                 lease: Lease | None, say: Callable[[str], None] | None = None) -> ScoreSummary:
+    """Score every current edit under ``output_uri`` not yet scored under its key, under the
+    caller's ``lease`` on the root; write the summary. Ray is started (or joined) when needed."""
+    say = say or (lambda m: None)
+    hash_ = prompt_hash(judge)
+    table = candidates(output_uri, judge, storage, hash_)
+    done = score_log.scored_keys(output_uri, storage, retry=runtime.retry_error_types_this_run)
+    todo = table.filter(pa.array([(i, k) not in done for i, k in zip(table.column("id").to_pylist(),
+                                                                     table.column("score_key").to_pylist())],
+                                 pa.bool_())) if table.num_rows else table
+    summary = ScoreSummary(run_id=runtime.run_id, judge_id=judge.judge_id(), prompt_hash=hash_,
+                           candidates=table.num_rows, already_scored=table.num_rows - todo.num_rows, scored=0)
+    if todo.num_rows:
+        summary.stopped = _score_rows(todo, output_uri, judge, storage, runtime, lease, hash_, summary, say)
+    current = score_log.current_scores(output_uri, storage, set(table.column("score_key").to_pylist()))
+    summary.stats = score_log.summarize(current)
+    _write_summary(output_uri, storage, summary, lease)
+    return summary
+
+
+def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, storage: StorageOptions,
+                runtime: ScoreRuntime, lease: Lease | None, hash_: str, summary: ScoreSummary,
+                say: Callable[[str], None]) -> str | None:
+    import ray.data
+
+    from step1x_batch.judge.stage import score_dataset
+
+    started = runner.start_ray(runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local",
+                               runtime.local_num_cpus)
+    writer = score_log.ScoreWriter(output_uri, runtime.run_id, storage, judge.score_part_rows,
+                                   judge.score_part_seconds, confirm=lease.confirm if lease else None)
+    stopped = None
+    try:
+        blocks = max(1, min(todo.num_rows // judge.resources.batch_size, 256))
+        ds = ray.data.from_arrow(todo).repartition(blocks)
+        ds = score_dataset(ds, judge, hash_, runtime.run_id, storage, runtime.max_pixels)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+            for status, err in zip(batch.column("status").to_pylist(), batch.column("error_type").to_pylist()):
+                if status == "error":
+                    summary.errors[err] = summary.errors.get(err, 0) + 1
+            if lease is not None and lease.lost.is_set():
+                stopped = "lease"
+                break
+        writer.flush()
+    finally:
+        if started:
+            runner.stop_ray()
+    summary.scored, summary.parts = writer.records, [redact_uri(p) for p in writer.parts]
+    if writer.dropped:
+        stopped = stopped or "lease"
+    return stopped
+
+
+def _write_summary(output_uri: str, storage: StorageOptions, summary: ScoreSummary, lease: Lease | None) -> None:
+    if lease is not None and not lease.confirm():
+        return
+    body = json.dumps(summary.__dict__, indent=2, sort_keys=True, default=str).encode()
+    write_bytes(join_uri(output_uri, f"scores/{summary.run_id}/summary.json"), body, storage)
+
+
+def score_main(output_uri: str, job: ScoreJob) -> ScoreSummary:
+    """The ``score`` command: pre-flight, the root's lease, the scoring run."""
+    check_judge(job.judge, job.storage)
+    rt = job.runtime
+    with held(output_uri, job.storage, rt.run_id, ttl_s=rt.lease_ttl_s, allow_unlocked=rt.allow_unlocked,
+              job="score", say=lambda m: print(m, file=sys.stderr, flush=True)) as lease:
+        return score_output(output_uri, job.judge, job.storage, rt, lease, say=print)
+
+
+def run_config(output_uri: str, path: str, overrides: Sequence[str] = ()) -> int:
+    """Exit status of ``step1x-batch score``: 0 done, 1 stopped early, 2 refused."""
+    try:
+        job = load_score_config(path, overrides)
+        summary = score_main(output_uri, job)
+    except (JobRefused, ConfigError) as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 1 if summary.stopped else 0
