@@ -3,7 +3,8 @@
 Why a separate, Ray-free module: the questions people ask about an output root ("did last
 night's run finish?", "which rows failed, and why?", "what of this manifest is still to do?")
 must be answered in a second from a laptop, from the files a job leaves behind (docs/architecture.md,
-output layout): the row log ``logs/<run_id>/part-*.parquet``, the run files
+output layout): the row log ``logs/<run_id>/part-*.parquet``, the scores log
+``scores/<run_id>/part-*.parquet`` (one line per judge in ``status``), the run files
 ``runs/<run_id>/config.yaml`` (written when a run starts) and ``runs/<run_id>/summary.json``
 (written at its end), and the lease ``_lease.json`` (present while a run writes).
 
@@ -47,6 +48,7 @@ __all__ = [
     "RunInfo",
     "ManifestCheck",
     "RootStatus",
+    "JudgeScores",
     "ERROR_COLUMNS",
     "storage_options",
     "read_lease",
@@ -54,6 +56,9 @@ __all__ = [
     "list_runs",
     "manifest_check",
     "root_status",
+    "judge_scores",
+    "scores_of_edits",
+    "scores_by_judge",
     "error_rows",
     "format_status",
     "format_errors_table",
@@ -138,6 +143,19 @@ class ManifestCheck:
 
 
 @dataclass
+class JudgeScores:
+    """One judge's current scores on a root: the deciding score record of each current edit
+    (an id's latest ``ok`` record) under that judge id and prompt hash."""
+
+    judge_id: str
+    prompt_hash: str
+    rows: int  # current edits with a deciding score record by this judge
+    ok: int
+    errors: dict[str, int]  # error records by type (transient ones included: the next run asks again)
+    stats: dict[str, Any]  # judge.scores.summarize: means with bootstrap 95 % intervals, unchanged share
+
+
+@dataclass
 class RootStatus:
     """Everything ``status`` reports about one output root."""
 
@@ -150,6 +168,8 @@ class RootStatus:
     records: int  # log records in all runs
     manifest: ManifestCheck | None = None
     notes: list[str] = field(default_factory=list)  # unreadable files and the like
+    edited: int = 0  # ids with an ok record (a current edit); counted only when the root holds scores
+    scores: list[JudgeScores] = field(default_factory=list)  # one per (judge id, prompt hash), by judge id
 
     @property
     def error_rows(self) -> int:
@@ -465,14 +485,21 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from step1x_batch.judge.scores import score_part_uris
     from step1x_batch.rows.state import iter_state
 
+    has_scores = bool(score_part_uris(output_uri, options))
+    columns = ["id", "fingerprint", "status", "error_type"] + (["ok_fingerprint"] if has_scores else [])
     rows = done = 0
     error_types: dict[str, int] = {}
-    latest_parts = []
+    latest_parts, edit_parts = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a damaged part is already among the notes (read_records)
-        for table in iter_state(output_uri, options, columns=["id", "fingerprint", "status", "error_type"]):
+        for table in iter_state(output_uri, options, columns=columns):
+            if has_scores:  # each id's current edit: its latest ok record's fingerprint
+                edits = table.filter(pc.is_valid(table.column("ok_fingerprint")))
+                edit_parts.append(edits.select(["id", "ok_fingerprint"]).rename_columns(["id", "fingerprint"]))
+                table = table.select(columns[:4])
             rows += table.num_rows
             status_col = table.column("status")
             done += int(pc.sum(pc.fill_null(pc.equal(status_col, "ok"), False).cast(pa.int64())).as_py() or 0)
@@ -485,6 +512,11 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
         output_uri=output_uri, runs=runs, lease=lease, rows=rows, done=done,
         error_rows_by_type=dict(sorted(error_types.items())), records=records.num_rows, notes=notes,
     )
+    if has_scores:
+        edits = pa.concat_tables(edit_parts) if edit_parts else pa.table({"id": pa.array([], pa.string()),
+                                                                          "fingerprint": pa.array([], pa.string())})
+        status.edited = edits.num_rows
+        status.scores = judge_scores(output_uri, options, edits, notes)
     if manifest_uri:
         run_id, raw = _config_of(output_uri, options, runs)
         from step1x_batch.rows.state import STATE_SCHEMA
@@ -493,6 +525,65 @@ def root_status(output_uri: str, options: "StorageOptions | None" = None, *,
             ["id", "fingerprint", "status", "error_type"])
         status.manifest = manifest_check(manifest_uri, latest, raw, config_run_id=run_id, options=options)
     return status
+
+
+_SCORE_COLUMNS = ["id", "fingerprint", "score_key", "judge_id", "prompt_hash", "status", "error_type",
+                  "score_sc", "score_pq", "score_o", "metrics", "preference", "finished_at"]
+
+
+def scores_of_edits(scores: "pa.Table", ids: Any, fingerprints: Any) -> "pa.Table":
+    """The score records of the given edits only (``ids[i]`` edited with ``fingerprints[i]``): the
+    scores of an id's older edit are history, not the row's score."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if scores.num_rows == 0:
+        return scores
+
+    def keys(i: Any, f: Any) -> Any:
+        return pc.binary_join_element_wise(pc.cast(i, pa.string()), pc.cast(f, pa.string()), "\x1f")
+
+    wanted = keys(ids, fingerprints)
+    wanted = wanted.combine_chunks() if isinstance(wanted, pa.ChunkedArray) else wanted
+    mask = pc.is_in(keys(scores.column("id"), scores.column("fingerprint")), value_set=wanted, skip_nulls=True)
+    return scores.filter(pc.fill_null(mask, False))
+
+
+def scores_by_judge(scores: "pa.Table") -> list[tuple[str, str, "pa.Table"]]:
+    """(judge id, prompt hash, its records) for each judge in ``scores``, by judge id then hash:
+    means over two judges' scores would mean nothing."""
+    import pyarrow.compute as pc
+
+    if scores.num_rows == 0:
+        return []
+    judges = pc.fill_null(scores.column("judge_id"), "")
+    hashes = pc.fill_null(scores.column("prompt_hash"), "")
+    out = []
+    for judge, hash_ in sorted(set(zip(judges.to_pylist(), hashes.to_pylist()))):
+        mask = pc.and_(pc.equal(judges, judge), pc.equal(hashes, hash_))
+        out.append((judge, hash_, scores.filter(mask)))
+    return out
+
+
+def judge_scores(output_uri: str, options: "StorageOptions | None", edits: "pa.Table",
+                 notes: list[str] | None = None) -> list[JudgeScores]:
+    """Per judge, the deciding score records of the current ``edits`` (columns id, fingerprint)
+    with their counts and means (bootstrap 95 % intervals); [] when the root holds no scores.
+    A damaged scores part is skipped and named in ``notes``."""
+    from step1x_batch.judge.scores import deciding_scores, read_scores, summarize
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = deciding_scores(read_scores(output_uri, options, _SCORE_COLUMNS))
+    if notes is not None:
+        notes.extend(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+    scores = scores_of_edits(scores, edits.column("id"), edits.column("fingerprint"))
+    out = []
+    for judge, hash_, table in scores_by_judge(scores):
+        stats = summarize(table)
+        out.append(JudgeScores(judge_id=judge, prompt_hash=hash_, rows=table.num_rows, ok=stats["ok"],
+                               errors=dict(sorted(stats["errors"].items())), stats=stats))
+    return out
 
 
 def error_rows(output_uri: str, options: "StorageOptions | None" = None,
@@ -582,6 +673,29 @@ _STATE_HINT = {
 }
 
 
+_SCORE_LABELS = (("score_sc", "SC"), ("score_pq", "PQ"), ("score_o", "O"))
+
+
+def _scores_line(js: JudgeScores) -> str:
+    """``judge (prompts hash): rows, ok, errors by type; SC / PQ / O means [95 % interval]``."""
+    errors = sum(js.errors.values())
+    counts = f"{js.rows} row{'s' if js.rows != 1 else ''} scored: {js.ok} ok"
+    if errors:
+        counts += f", {errors} error{'s' if errors != 1 else ''} ({_types_text(js.errors)})"
+    parts = [counts]
+    means = [f"{label} {m['mean']:.2f} [{m['low']:.2f}, {m['high']:.2f}]"
+             for name, label in _SCORE_LABELS if (m := js.stats.get(name))]
+    if means:
+        parts.append(" · ".join(means))
+    pref = js.stats.get("preference")
+    if pref:
+        parts.append(f"preferred A {pref.get('A', 0)} · B {pref.get('B', 0)} · tie {pref.get('tie', 0)}")
+    share = js.stats.get("unchanged_share")
+    if share is not None:
+        parts.append(f"unchanged {100 * share:.0f}%")
+    return f"  {js.judge_id} (prompts {js.prompt_hash}): " + "; ".join(parts)
+
+
 def format_status(status: RootStatus, *, max_ids: int = 5) -> str:
     """The ``status`` report: a short block for people (runs table, rows, manifest, lease)."""
     from step1x_batch.errors import redact_uri
@@ -607,6 +721,11 @@ def format_status(status: RootStatus, *, max_ids: int = 5) -> str:
     errs = _types_text(status.error_rows_by_type)
     lines.append(f"  errors  {status.error_rows}" + (f"  ({errs}; list them: step1x-batch errors "
                                                         f"{redact_uri(status.output_uri)})" if errs else ""))
+    if status.scores:
+        lines.append("")
+        lines.append(f"scores (one line per judge and prompt set: the deciding score of each of the "
+                     f"{status.edited} current edits; means with bootstrap 95 % intervals):")
+        lines += [_scores_line(js) for js in status.scores]
     m = status.manifest
     if m is not None:
         lines.append("")
