@@ -73,9 +73,9 @@ def _edit(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from step1x_batch.job.runner import run_config
+    from step1x_batch.recipes.score import run_edit_config
 
-    return run_config(args.config, config_overrides(args))
+    return run_edit_config(args.config, config_overrides(args))
 
 
 def _synthesize(args: argparse.Namespace) -> int:

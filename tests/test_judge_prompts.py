@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from step1x_batch.errors import JobRefused
 from step1x_batch.judge.answers import parse_preference, parse_scores
@@ -107,8 +108,30 @@ def test_a_template_without_its_placeholders_is_refused(ours):
 
 
 def test_an_unknown_set_is_refused_with_the_known_names():
-    with pytest.raises(JobRefused, match="'step1x-batch' or 'gedit'"):
+    with pytest.raises(JobRefused, match="'step1x-batch', 'gedit' or a .yaml file"):
         load_prompts("viescore")
+
+
+def test_a_teams_own_prompt_set_from_a_yaml_file(tmp_path):
+    ours = load_prompts("step1x-batch")
+    path = tmp_path / "prompts.yaml"
+    path.write_text(yaml.safe_dump({"name": "catalog", "version": "3", "sc": "Did it do this: {instruction}?",
+                                    "pq": "Is it clean?"}))
+    team = load_prompts(str(path))
+    assert (team.name, team.version, team.sc, team.pq) == ("catalog", "3", "Did it do this: {instruction}?", "Is it clean?")
+    assert team.pairwise == ours.pairwise and team.system == ours.system  # what it leaves out is ours
+    assert team.digest() != ours.digest()
+    path.write_text(yaml.safe_dump({"name": "catalog", "version": "4", "sc": "Did it do this: {instruction}?",
+                                    "pq": "Is it clean?"}))
+    assert load_prompts(str(path)).digest() != team.digest()  # the version is part of the identity
+    path.write_text(yaml.safe_dump({"name": "x", "version": "1", "sc": "no placeholder", "pq": "q"}))
+    with pytest.raises(JobRefused, match="instruction"):
+        load_prompts(str(path))
+    path.write_text(yaml.safe_dump({"name": "x", "version": "1", "sc": "{instruction}", "pq": "q", "temp": 1}))
+    with pytest.raises(JobRefused, match="nothing else"):
+        load_prompts(str(path))
+    with pytest.raises(JobRefused, match="cannot read"):
+        load_prompts(str(tmp_path / "absent.yaml"))
 
 
 # --- digest --------------------------------------------------------------------------------------

@@ -123,3 +123,125 @@ def test_a_key_in_the_judge_config_is_refused(tmp_path, capsys):
     assert main(["score", str(tmp_path), "--config", str(judge)]) == 2
     err = capsys.readouterr().err
     assert "api_key_env" in err and "sk-abc" not in err
+
+
+def _edit_marked(tmp_path: Path, image_factory, markers: list[str]) -> Path:
+    """An output root (seeded edits) whose instructions carry the judge server's markers."""
+    for i, _ in enumerate(markers):
+        (tmp_path / f"in{i}.png").write_bytes(image_factory.bytes(width=72 + 8 * i, height=64))
+    rows = [{"id": f"r{i}", "image_uri": f"in{i}.png", "instruction": f"make it red {m}"}
+            for i, m in enumerate(markers)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "edit.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "input": {"manifest": str(tmp_path / "m.jsonl")}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"family": "job_plugins:Seeded"},
+        "resources": {"edit_batch_size": 8, "io_batch_size": 8},
+        "runtime": {"progress_bars": False, "run_id": "edit"},
+    }))
+    assert main(["run", str(cfg)]) == 0
+    return tmp_path / "out"
+
+
+def test_http_judge_answers_become_scores_or_score_errors_with_the_raw_answer(ray_local, tmp_path, image_factory,
+                                                                              capsys):
+    from judge_server import JudgeServer, answer, by_marker, scores, slow
+
+    markers = ["[ok]", "[junk]", "[range]", "[cut]", "[empty]", "[slow]"]
+    out = _edit_marked(tmp_path, image_factory, markers)
+    rule = by_marker({"[ok]": answer(scores(6, 9, reasoning="red as asked")),
+                      "[junk]": answer("I think it is fine"),
+                      "[range]": answer(scores(7, 12)),
+                      "[cut]": answer('{"score": [7, 8], "reason'),
+                      "[empty]": answer(""),
+                      "[slow]": slow()},
+                     default=answer(scores(5, 8)))  # every PQ question (its text has no instruction)
+    judge = {"engine": "http", "model": "qwen-judge", "timeout_s": 5, "max_retries": 0,
+             "resources": {"batch_size": 8}}
+    with JudgeServer(rule) as server:
+        cfg = _judge_file(tmp_path, {**judge, "url": server.base_url})
+        assert main(["score", str(out), "--config", str(cfg)]) == 0
+        sent = [r for r in server.requests if r.images]
+    assert all(r.body["temperature"] == 0 and r.body["seed"] == 0 for r in sent)
+    assert len(sent) == 12  # SC and PQ for each of the six rows
+    records = {r["id"]: r for r in read_scores(str(out)).to_pylist()}
+    assert len(records) == 6
+    ok = records["r0"]
+    assert (ok["status"], ok["score_sc"], ok["score_pq"]) == ("ok", 6.0, 5.0)
+    assert ok["score_o"] == pytest.approx((6.0 * 5.0) ** 0.5)
+    assert ok["sub_scores"] == {"sc": [6.0, 9.0], "pq": [5.0, 8.0]} and "red as asked" in ok["judge_reason"]
+    expected = {"r1": "judge_unparsable", "r2": "judge_out_of_range", "r3": "judge_unparsable",
+                "r4": "judge_unparsable", "r5": "judge_failed"}
+    assert {k: records[k]["error_type"] for k in expected} == expected
+    assert records["r1"]["judge_raw"] == "I think it is fine"
+    assert '"score": [7, 12]' in records["r2"]["judge_raw"]
+    assert all("r" + k[1] in records[k]["error_message"] for k in expected)  # says which row
+
+    # the rerun asks again only the row whose judge did not answer (a transient error)
+    with JudgeServer(by_marker({}, default=answer(scores(8, 8)))) as server:
+        cfg = _judge_file(tmp_path, {**judge, "url": server.base_url}, "again.yaml")
+        assert main(["score", str(out), "--config", str(cfg)]) == 0
+        asked = [r for r in server.requests if r.images]
+    assert len(asked) == 2 and all("[slow]" in r.text for r in asked if "make it red" in r.text)
+    current = {r["id"]: r for r in current_scores(str(out)).to_pylist()}
+    assert current["r5"]["status"] == "ok" and current["r1"]["error_type"] == "judge_unparsable"
+
+
+def test_a_transformers_judge_scores_every_row_or_keeps_its_raw_answer(ray_local, tmp_path, image_factory, capsys):
+    """The in-process engine end to end on a tiny Qwen2.5-VL made from a seed: its answers are
+    noise, so each row ends as scores or as a score error holding the raw answer; never lost."""
+    from step1x_batch.models.qwen_vl.tiny import write_tiny_qwen
+
+    out = _edit(tmp_path, image_factory, "job_plugins:Seeded", n=3)
+    write_tiny_qwen(tmp_path / "judge", seed=1)
+    cfg = _judge_file(tmp_path, {"engine": "transformers", "model": str(tmp_path / "judge"), "dtype": "float32",
+                                 "max_tokens": 24, "resources": {"batch_size": 2, "num_cpus": 0.5}})
+    assert main(["score", str(out), "--config", str(cfg)]) == 0
+    records = read_scores(str(out)).to_pylist()
+    assert sorted(r["id"] for r in records) == ["r0", "r1", "r2"]
+    for r in records:
+        assert r["judge_id"].startswith("transformers:judge#")
+        if r["status"] == "ok":
+            assert r["score_o"] == pytest.approx((r["score_sc"] * r["score_pq"]) ** 0.5)
+        else:
+            assert r["error_type"] in ("judge_unparsable", "judge_out_of_range") and r["judge_raw"] is not None
+            assert len(r["judge_raw"]) <= 2000
+    capsys.readouterr()
+    again = _judge_file(tmp_path, {"engine": "transformers", "model": str(tmp_path / "judge"), "dtype": "float32",
+                                   "max_tokens": 24, "resources": {"batch_size": 2, "num_cpus": 0.5}}, "again.yaml")
+    assert main(["score", str(out), "--config", str(again)]) == 0  # greedy: final answers, nothing asked again
+    assert "scored 0 of 3 rows (3 already scored" in capsys.readouterr().out
+
+
+def test_a_changed_prompt_set_scores_every_row_again(ray_local, tmp_path, image_factory, capsys):
+    from judge_server import JudgeServer, answer, by_marker, scores
+
+    out = _edit(tmp_path, image_factory, "job_plugins:Seeded", n=3)
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"name": "catalog", "version": "1", "sc": "Done: {instruction}?", "pq": "Clean?"}))
+    with JudgeServer(by_marker({}, default=answer(scores(7, 7)))) as server:
+        judge = {"engine": "http", "model": "j", "url": server.base_url, "prompts": str(prompts)}
+        assert main(["score", str(out), "--config", str(_judge_file(tmp_path, judge, "v1.yaml"))]) == 0
+        assert main(["score", str(out), "--config", str(_judge_file(tmp_path, judge, "v1b.yaml"))]) == 0
+        prompts.write_text(yaml.safe_dump({"name": "catalog", "version": "2", "sc": "Done: {instruction}?",
+                                           "pq": "Clean?"}))
+        assert main(["score", str(out), "--config", str(_judge_file(tmp_path, judge, "v2.yaml"))]) == 0
+        texts = [r.text for r in server.requests if r.images]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scored")]
+    assert [line.split(" rows")[0] for line in lines] == ["scored 3 of 3", "scored 0 of 3", "scored 3 of 3"]
+    assert len(texts) == 12 and sum(t.startswith("Done: make it red") for t in texts) == 6
+    assert len(set(read_scores(str(out)).column("prompt_hash").to_pylist())) == 2
+
+
+def test_run_with_a_judge_section_edits_then_scores_under_one_lease(ray_local, tmp_path, image_factory, capsys):
+    out = _edit(tmp_path, image_factory, "null", n=3)
+    cfg = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    cfg["judge"] = {"engine": "none"}
+    cfg["runtime"]["run_id"] = "judged"
+    (tmp_path / "judged.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "judged.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 skipped as already done" in printed and "scored 3 of 3 rows" in printed
+    assert (out / "scores" / "judged" / "summary.json").exists() and (out / "scores" / "judged" / "report.html").exists()
+    assert not (out / "_lease.json").exists()  # released at the end
+    assert "unchanged" in (out / "scores" / "judged" / "report.html").read_text()

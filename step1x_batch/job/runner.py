@@ -719,6 +719,7 @@ def publish(run: _Run, summary: RunSummary, payload: dict[str, Any]) -> None:
         report.write_report(
             payload, run.tally.sample()[: rt.report_max_rows], run.paths["report"],
             input_storage=cfg.input.storage, output_storage=cfg.output_storage(), max_pixels=rt.max_pixels,
+            scores_root=cfg.output.uri,
         )
     except Exception as e:  # the report is for people; a failure there must not hide the result
         _print(f"warning: could not write the report: {type(e).__name__}: {e}", err=True)

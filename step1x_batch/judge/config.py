@@ -27,7 +27,10 @@ class JudgeResources(_Section):
 
     concurrency: int = Field(1, ge=1)  # judge engine replicas (actors; http: concurrent request tasks)
     num_gpus: float = Field(0.0, ge=0.0)  # per replica (transformers); vllm: its engine's placement
-    num_cpus: float = Field(1.0, gt=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)  # per replica (transformers)
+    # per HTTP request actor (engine http: two pools, SC and PQ); it waits on the network, so a
+    # small share, or the pools starve the stages that read images on a small machine
+    http_cpus: float = Field(0.1, gt=0.0)
     accelerator_type: str | None = None  # e.g. "H100" (vllm)
     batch_size: int = Field(8, ge=1)  # rows per judge call
     io_cpus_per_task: float = Field(0.25, gt=0.0)  # reading and measuring images
@@ -36,8 +39,11 @@ class JudgeResources(_Section):
 class MetricsConfig(_Section):
     """The model-free metrics every score carries (``judge/metrics.py``)."""
 
-    unchanged_tolerance: int = Field(8, ge=0, le=255)
-    unchanged_fraction: float = Field(0.002, ge=0.0, le=1.0)
+    # An output that is its input after a lossy round trip (a VAE, a JPEG at quality 90-95 moves
+    # the 99.8th percentile pixel by 11-29 levels on scikit-image's sample photos) still counts as
+    # unchanged; a real edit moves far more than 0.5 % of the pixels by more than 24 levels.
+    unchanged_tolerance: int = Field(24, ge=0, le=255)
+    unchanged_fraction: float = Field(0.005, ge=0.0, le=1.0)
     max_aspect_change: float = Field(0.02, ge=0.0)
     min_side: int = Field(64, ge=1)
     clip: str | None = None  # a local CLIP / SigLIP folder: text and directional similarity

@@ -32,8 +32,8 @@ _CLIP_CHUNK = 32  # rows per CLIP forward: bounds memory whatever batch the call
 class MetricSettings:
     """When an output counts as unchanged and when its size counts as kept."""
 
-    unchanged_tolerance: int = 8  # a pixel "moved" when any channel differs by more than this (0-255)
-    unchanged_fraction: float = 0.002  # an output with fewer moved pixels than this fraction is "unchanged"
+    unchanged_tolerance: int = 24  # a pixel "moved" when any channel differs by more than this (0-255)
+    unchanged_fraction: float = 0.005  # an output with fewer moved pixels than this fraction is "unchanged"
     max_aspect_change: float = 0.02  # |log(aspect_out / aspect_in)| above this: size_ok False
     min_side: int = 64  # an output side below this: size_ok False
 

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from step1x_batch.errors import JobRefused
 
 OURS = "step1x-batch"
@@ -199,12 +201,33 @@ _STEP1X = PromptSet(name=OURS, version="1", system=_SYSTEM, sc=_SC, pq=_PQ, pair
 
 
 def load_prompts(name: str) -> PromptSet:
-    """The prompt set a judge config names: ours (built in) or GEdit-Bench's (from lmms-eval)."""
+    """The prompt set a judge config names: ours (built in), GEdit-Bench's (from lmms-eval), or
+    a team's own in a YAML file (``name``, ``version``, ``sc``, ``pq``, optional ``system``,
+    ``pairwise``, ``sc_scores``, ``pq_scores``; what it leaves out is ours). Resolved once by the
+    driver: the workers get the set itself, not its name."""
     if name == OURS:
         return _STEP1X
     if name == GEDIT:
         return _gedit()
-    raise JobRefused(f"unknown judge prompt set {name!r}; use {OURS!r} or {GEDIT!r}.")
+    if name.endswith((".yaml", ".yml", ".json")):
+        return _from_file(name)
+    raise JobRefused(f"unknown judge prompt set {name!r}; use {OURS!r}, {GEDIT!r} or a .yaml file.")
+
+
+def _from_file(path: str) -> PromptSet:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise JobRefused(f"judge.prompts: cannot read the prompt set {path}: {e}") from None
+    fields = set(PromptSet.__dataclass_fields__)
+    if not isinstance(data, dict) or not {"name", "version", "sc", "pq"} <= set(data) or set(data) - fields:
+        raise JobRefused(f"judge.prompts: {path} must be a mapping with name, version, sc and pq "
+                         f"(and optionally {sorted(fields - {'name', 'version', 'sc', 'pq'})}), nothing else")
+    try:
+        return PromptSet(**{**asdict(_STEP1X), **{k: (str(v) if k not in ("sc_scores", "pq_scores") else int(v))
+                                                   for k, v in data.items()}})
+    except (ValueError, TypeError) as e:
+        raise JobRefused(f"judge.prompts: {path}: {e}") from None
 
 
 def _gedit_texts() -> tuple[dict[str, str | None], str]:

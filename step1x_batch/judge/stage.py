@@ -32,7 +32,7 @@ from step1x_batch.judge.answers import AnswerError, bounded, overall, parse_pref
 from step1x_batch.judge.config import JudgeConfig
 from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload
 from step1x_batch.judge.metrics import MetricSettings, image_metrics
-from step1x_batch.judge.prompts import JudgeRequest, PromptSet, load_prompts
+from step1x_batch.judge.prompts import JudgeRequest, PromptSet
 from step1x_batch.judge.scores import METRICS_STRUCT, SUB_SCORES_STRUCT, conform_scores
 
 __all__ = ["score_dataset", "measure_batch", "parse_batch", "requests_for"]
@@ -111,14 +111,14 @@ def requests_for(row: dict[str, Any], judge: JudgeConfig, prompts: PromptSet) ->
 class TransformersJudgeStage:
     """``engine: transformers``: one in-process judge per actor, loaded once."""
 
-    def __init__(self, judge: JudgeConfig) -> None:
+    def __init__(self, judge: JudgeConfig, prompts: PromptSet) -> None:
         from step1x_batch.judge.local import TransformersJudge
 
         device = judge.device
         if device == "auto":
             device = "cuda" if judge.resources.num_gpus > 0 else "cpu"
         self.judge = judge
-        self.prompts = load_prompts(judge.prompts)
+        self.prompts = prompts
         self.engine = TransformersJudge(judge.model, device=device, dtype=judge.dtype,
                                         max_new_tokens=judge.max_tokens, seed=judge.seed)
 
@@ -149,9 +149,8 @@ class TransformersJudgeStage:
 class _Ask:
     """A processor's preprocess: one question of a row as the engine's request."""
 
-    def __init__(self, judge: JudgeConfig, name: str, engine: str) -> None:
-        self.judge, self.name, self.engine = judge, name, engine
-        self.prompts = load_prompts(judge.prompts)
+    def __init__(self, judge: JudgeConfig, prompts: PromptSet, name: str, engine: str) -> None:
+        self.judge, self.prompts, self.name, self.engine = judge, prompts, name, engine
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         request = requests_for(row, self.judge, self.prompts)[self.name]
@@ -189,7 +188,7 @@ class _Take:
         return out
 
 
-def _processor_stage(ds: Any, judge: JudgeConfig, name: str) -> Any:
+def _processor_stage(ds: Any, judge: JudgeConfig, prompts: PromptSet, name: str) -> Any:
     """One question for every row through a ``ray.data.llm`` processor."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -197,11 +196,12 @@ def _processor_stage(ds: Any, judge: JudgeConfig, name: str) -> Any:
     if judge.engine == "http":
         config = HttpRequestProcessorConfig(
             url=judge.chat_url(), batch_size=res.batch_size, concurrency=res.concurrency,
-            max_retries=judge.max_retries, base_retry_wait_time_in_s=1.0,
-            session_factory=TolerantSession(judge.timeout_s, judge.api_key_env, retries=judge.max_retries + 1))
+            max_retries=0,  # the session retries and always answers, so Ray's retry never fires
+            session_factory=TolerantSession(judge.timeout_s, judge.api_key_env, retries=judge.max_retries + 1),
+            http_request_stage={"enabled": True, "num_cpus": res.http_cpus})
     else:
         config = vllm_config(judge)
-    processor = build_processor(config, preprocess=_Ask(judge, name, judge.engine),
+    processor = build_processor(config, preprocess=_Ask(judge, prompts, name, judge.engine),
                                 postprocess=_Take(name, judge.engine))
     return processor(ds)
 
@@ -251,9 +251,9 @@ def _parse_row(row: dict[str, Any], judge: JudgeConfig, prompts: PromptSet | Non
             "sub_scores": {"sc": list(sc.scores), "pq": list(pq.scores)}, "judge_reason": bounded(reason, 4000)}
 
 
-def parse_batch(batch: pa.Table, judge: JudgeConfig, prompt_hash: str, run_id: str) -> pa.Table:
+def parse_batch(batch: pa.Table, judge: JudgeConfig, prompts: PromptSet | None, run_id: str) -> pa.Table:
     """Stage 3: answers to score records (:data:`~step1x_batch.judge.scores.SCORE_SCHEMA`)."""
-    prompts = load_prompts(judge.prompts) if judge.engine != "none" and judge.mode == "single" else None
+    prompt_hash = prompts.digest() if prompts is not None else "-"
     rows = batch.to_pylist()
     parsed = [{**row, **_parse_row(row, judge, prompts)} for row in rows]
     now = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
@@ -282,9 +282,10 @@ def _unasked(batch: pa.Table) -> pa.Table:
     return batch.append_column("judge_ms", pa.nulls(batch.num_rows, pa.float64()))
 
 
-def score_dataset(ds: Any, judge: JudgeConfig, prompt_hash: str, run_id: str,
+def score_dataset(ds: Any, judge: JudgeConfig, prompts: PromptSet | None, run_id: str,
                   storage: StorageOptions, max_pixels: int) -> Any:
-    """The whole graph over a dataset of candidate rows (``id``, ``fingerprint``, ``score_key``,
+    """The whole graph over a dataset of candidate rows (``prompts`` resolved by the driver, None
+    for the metrics-only judge) (``id``, ``fingerprint``, ``score_key``,
     ``image_uris``, ``output_uri``, ``instruction``, ``category``; pairwise ``against_uri``,
     ``against_fingerprint``): measure, judge, parse."""
     import ray.data
@@ -294,7 +295,7 @@ def score_dataset(ds: Any, judge: JudgeConfig, prompt_hash: str, run_id: str,
                         fn_kwargs={"judge": judge, "storage": storage, "max_pixels": max_pixels},
                         num_cpus=res.io_cpus_per_task)
     if judge.engine == "transformers":
-        ds = ds.map_batches(TransformersJudgeStage, fn_constructor_kwargs={"judge": judge},
+        ds = ds.map_batches(TransformersJudgeStage, fn_constructor_kwargs={"judge": judge, "prompts": prompts},
                             batch_format="pyarrow", batch_size=res.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
                             num_gpus=res.num_gpus, num_cpus=res.num_cpus)
@@ -303,8 +304,8 @@ def score_dataset(ds: Any, judge: JudgeConfig, prompt_hash: str, run_id: str,
             _unasked, batch_format="pyarrow", num_cpus=res.io_cpus_per_task)
         asking = ds.filter(lambda r: r["error_type"] is None)
         for name in (("answer_pair",) if judge.mode == "pairwise" else ("answer_sc", "answer_pq")):
-            asking = _processor_stage(asking, judge, name)
+            asking = _processor_stage(asking, judge, prompts, name)
         ds = asking.union(failed)
     return ds.map_batches(parse_batch, batch_format="pyarrow", batch_size=res.batch_size,
-                          fn_kwargs={"judge": judge, "prompt_hash": prompt_hash, "run_id": run_id},
+                          fn_kwargs={"judge": judge, "prompts": prompts, "run_id": run_id},
                           num_cpus=res.io_cpus_per_task)

@@ -24,11 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from step1x_batch.errors import SCORE_CODES, JobRefused, redact, redact_uri
 from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
 from step1x_batch.job import runner
-from step1x_batch.job.config import JobConfig, ConfigError, default_run_id, read_raw_config
+from step1x_batch.job.config import ConfigError, JobConfig, default_run_id, parse_config, read_raw_config
+from step1x_batch.job.entrypoint import check_lease_and_run, exit_status
 from step1x_batch.job.lease import Lease, held
+from step1x_batch.job import report
+from step1x_batch.judge import http as judge_http
+from step1x_batch.judge import local as judge_local
 from step1x_batch.judge import scores as score_log
 from step1x_batch.judge.config import JudgeConfig, score_key
-from step1x_batch.judge.prompts import load_prompts
+from step1x_batch.judge.prompts import PromptSet, load_prompts
 from step1x_batch.recipes.section import RecipeSection
 from step1x_batch.rows.log import read_logs
 from step1x_batch.rows.state import latest_per_id
@@ -105,6 +109,7 @@ class ScoreSummary:
     stats: dict[str, Any] = field(default_factory=dict)  # means with bootstrap intervals, over every current score
     parts: list[str] = field(default_factory=list)
     stopped: str | None = None
+    report: str | None = None
 
     def line(self) -> str:
         o = self.stats.get("score_o")
@@ -114,9 +119,16 @@ class ScoreSummary:
                 f"by {self.judge_id}){errs}{mean}")
 
 
+def judge_prompts(judge: JudgeConfig) -> PromptSet | None:
+    """The prompt set the judge asks with, resolved once on the driver (None: the metrics-only
+    judge asks nothing)."""
+    return None if judge.engine == "none" else load_prompts(judge.prompts)
+
+
 def prompt_hash(judge: JudgeConfig) -> str:
-    """The prompt set's digest (``-`` for the metrics-only judge, which asks nothing)."""
-    return "-" if judge.engine == "none" else load_prompts(judge.prompts).digest()
+    """The prompt set's digest, in every score key (``-`` for the metrics-only judge)."""
+    prompts = judge_prompts(judge)
+    return "-" if prompts is None else prompts.digest()
 
 
 def _current_edits(output_uri: str, storage: StorageOptions) -> pa.Table:
@@ -164,14 +176,12 @@ def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, has
 def check_judge(judge: JudgeConfig, storage: StorageOptions | None = None) -> None:
     """The pre-flight of a judge: its prompts load, its folder or endpoint answers. A missing or
     unreachable judge is one sentence and exit status 2, before anything is written."""
-    from step1x_batch.judge import http, local
-
     if judge.engine != "none":
         load_prompts(judge.prompts)
     if judge.engine == "transformers":
-        local.check_folder(judge.model)
+        judge_local.check_folder(judge.model)
     elif judge.engine == "http":
-        http.check_endpoint(judge.url, judge.model_name(), min(judge.timeout_s, 30.0), judge.api_key_env)
+        judge_http.check_endpoint(judge.chat_url(), judge.model_name(), min(judge.timeout_s, 30.0), judge.api_key_env)
     elif judge.engine == "vllm" and "://" not in judge.model and not os.path.isdir(judge.model):
         raise JobRefused(f"judge.model: {judge.model} is not a folder; engine vllm loads the judge "
                          "from a local folder on every judge node")
@@ -184,7 +194,8 @@ def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, r
     """Score every current edit under ``output_uri`` not yet scored under its key, under the
     caller's ``lease`` on the root; write the summary. Ray is started (or joined) when needed."""
     say = say or (lambda m: None)
-    hash_ = prompt_hash(judge)
+    prompts = judge_prompts(judge)
+    hash_ = "-" if prompts is None else prompts.digest()
     table = candidates(output_uri, judge, storage, hash_)
     done = score_log.scored_keys(output_uri, storage, retry=runtime.retry_error_types_this_run)
     todo = table.filter(pa.array([(i, k) not in done for i, k in zip(table.column("id").to_pylist(),
@@ -193,16 +204,25 @@ def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, r
     summary = ScoreSummary(run_id=runtime.run_id, judge_id=judge.judge_id(), prompt_hash=hash_,
                            candidates=table.num_rows, already_scored=table.num_rows - todo.num_rows, scored=0)
     if todo.num_rows:
-        summary.stopped = _score_rows(todo, output_uri, judge, storage, runtime, lease, hash_, summary, say)
+        say(f"scoring {todo.num_rows} of {table.num_rows} rows with {summary.judge_id} (prompts {hash_})")
+        summary.stopped = _score_rows(todo, output_uri, judge, prompts, storage, runtime, lease, summary)
     current = score_log.current_scores(output_uri, storage, set(table.column("score_key").to_pylist()))
     summary.stats = score_log.summarize(current)
     _write_summary(output_uri, storage, summary, lease)
+    if lease is None or lease.confirm():
+        try:
+            summary.report = report.write_score_report(
+                output_uri, storage, runtime.run_id, current, summary.stats, input_storage=storage,
+                max_pixels=runtime.max_pixels, against=judge.against if judge.mode == "pairwise" else None)
+            say(f"  report:   {redact_uri(summary.report)}")
+        except Exception as e:  # noqa: BLE001 - the page is for people; the scores are written
+            say(f"warning: could not write the scores report: {type(e).__name__}: {redact(str(e))}")
     return summary
 
 
-def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, storage: StorageOptions,
-                runtime: ScoreRuntime, lease: Lease | None, hash_: str, summary: ScoreSummary,
-                say: Callable[[str], None]) -> str | None:
+def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, prompts: PromptSet | None,
+                storage: StorageOptions, runtime: ScoreRuntime, lease: Lease | None,
+                summary: ScoreSummary) -> str | None:
     import ray.data
 
     from step1x_batch.judge.stage import score_dataset
@@ -215,7 +235,7 @@ def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, storage: St
     try:
         blocks = max(1, min(todo.num_rows // judge.resources.batch_size, 256))
         ds = ray.data.from_arrow(todo).repartition(blocks)
-        ds = score_dataset(ds, judge, hash_, runtime.run_id, storage, runtime.max_pixels)
+        ds = score_dataset(ds, judge, prompts, runtime.run_id, storage, runtime.max_pixels)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
             for status, err in zip(batch.column("status").to_pylist(), batch.column("error_type").to_pylist()):
@@ -251,12 +271,36 @@ def score_main(output_uri: str, job: ScoreJob) -> ScoreSummary:
 
 
 def run_config(output_uri: str, path: str, overrides: Sequence[str] = ()) -> int:
-    """Exit status of ``step1x-batch score``: 0 done, 1 stopped early, 2 refused."""
-    try:
-        job = load_score_config(path, overrides)
-        summary = score_main(output_uri, job)
-    except (JobRefused, ConfigError) as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    print(summary.line())
-    return 1 if summary.stopped else 0
+    """Exit status of ``step1x-batch score``: 0 done, 1 stopped early (the lease was lost),
+    2 refused (a config, a judge or a store problem), nothing written."""
+
+    def run() -> bool:
+        summary = score_main(output_uri, load_score_config(path, overrides))
+        print(summary.line())
+        return summary.stopped is None
+
+    return exit_status(run)
+
+
+def run_edit_config(path: str, overrides: Sequence[str] = ()) -> int:
+    """``step1x-batch run CONFIG``: the edit job and, when the config has a ``judge:`` section,
+    the scoring of its output root after it, under the same lease and run id."""
+
+    def run() -> bool:
+        rest, section = JUDGE_SECTION.split(read_raw_config(path, overrides))
+        judge = JUDGE_SECTION.validate(section) if section else None
+        cfg = parse_config(rest)
+
+        def edit_then_score(facts: Any, lease: Lease) -> bool:
+            edited = runner.run_job(cfg, facts, lease)
+            if judge is None:  # (a run that stopped early raised JobStopped)
+                return edited.ok
+            scored = score_output(cfg.output.uri, judge, cfg.output_storage(), ScoreRuntime.of_job(cfg),
+                                  lease, say=print)
+            print(scored.line())
+            return edited.ok and scored.stopped is None
+
+        checks = (lambda: check_judge(judge)) if judge is not None else None
+        return check_lease_and_run(cfg, edit_then_score, job="edit", extra_checks=checks)
+
+    return exit_status(run)
