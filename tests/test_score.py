@@ -245,3 +245,28 @@ def test_run_with_a_judge_section_edits_then_scores_under_one_lease(ray_local, t
     assert (out / "scores" / "judged" / "summary.json").exists() and (out / "scores" / "judged" / "report.html").exists()
     assert not (out / "_lease.json").exists()  # released at the end
     assert "unchanged" in (out / "scores" / "judged" / "report.html").read_text()
+
+
+def test_a_pairwise_judge_compares_two_roots_row_by_row(ray_local, tmp_path, image_factory, capsys):
+    from judge_server import JudgeServer, answer, by_marker
+
+    a_root = _edit(tmp_path, image_factory, "null", n=4, name="a")
+    b_root = _edit(tmp_path, image_factory, "job_plugins:Seeded", n=4, name="b")
+    winner = lambda w: answer(json.dumps({"winner": w, "reasoning": f"{w} follows it"}))  # noqa: E731
+    rule = by_marker({"red 1": winner("B"), "red 2": winner("tie"), "red 3": answer("both are nice")},
+                     default=winner("A"))
+    with JudgeServer(rule) as server:
+        judge = {"engine": "http", "model": "pvc-judge", "url": server.base_url, "mode": "pairwise",
+                 "against": str(b_root), "axis": "visual_consistency"}
+        assert main(["score", str(a_root), "--config", str(_judge_file(tmp_path, judge))]) == 0
+        asked = [r for r in server.requests if r.images]
+    assert len(asked) == 4 and all(len(r.images) == 3 for r in asked)  # the input, edit A, edit B
+    records = {r["id"]: r for r in read_scores(str(a_root)).to_pylist()}
+    assert {k: records[k]["preference"] for k in ("r0", "r1", "r2")} == {"r0": "A", "r1": "B", "r2": "tie"}
+    assert records["r3"]["error_type"] == "judge_unparsable" and records["r3"]["judge_raw"] == "both are nice"
+    assert {r["axis"] for r in records.values()} == {"visual_consistency"}
+    b_fps = dict(zip(*(read_logs(str(b_root)).column(c).to_pylist() for c in ("id", "fingerprint"))))
+    assert all(records[k]["against_fingerprint"] == b_fps[k] for k in records)
+    assert not (b_root / "scores").exists()  # the other root is only read
+    summary = json.loads((a_root / "scores" / "judge" / "summary.json").read_text())
+    assert summary["stats"]["preference"] == {"A": 1, "B": 1, "tie": 1}

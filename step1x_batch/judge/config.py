@@ -32,6 +32,9 @@ class JudgeResources(_Section):
     # small share, or the pools starve the stages that read images on a small machine
     http_cpus: float = Field(0.1, gt=0.0)
     accelerator_type: str | None = None  # e.g. "H100" (vllm)
+    # Ray custom resources per replica (transformers), e.g. {judge_gpu: 1}: lands the judge's actors
+    # on the judge's own worker group (cluster/kuberay/raycluster.yaml), away from the edit GPUs
+    custom: dict[str, float] = Field(default_factory=dict)
     batch_size: int = Field(8, ge=1)  # rows per judge call
     io_cpus_per_task: float = Field(0.25, gt=0.0)  # reading and measuring images
 

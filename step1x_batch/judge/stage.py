@@ -298,7 +298,8 @@ def score_dataset(ds: Any, judge: JudgeConfig, prompts: PromptSet | None, run_id
         ds = ds.map_batches(TransformersJudgeStage, fn_constructor_kwargs={"judge": judge, "prompts": prompts},
                             batch_format="pyarrow", batch_size=res.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=res.concurrency),
-                            num_gpus=res.num_gpus, num_cpus=res.num_cpus)
+                            num_gpus=res.num_gpus, num_cpus=res.num_cpus, resources=res.custom or None,
+                            accelerator_type=res.accelerator_type)
     elif judge.engine in ("http", "vllm"):
         failed = ds.filter(lambda r: r["error_type"] is not None).map_batches(
             _unasked, batch_format="pyarrow", num_cpus=res.io_cpus_per_task)
