@@ -21,8 +21,9 @@ LAYERS = [
     ("models", "model families behind one interface (base.py); no Ray, no job code"),
     ("io", "bytes in and out: storage, image codecs, weights staging"),
     ("rows", "the row contract: manifest, fingerprint, log, state, digest"),
+    ("judge", "judging edits: prompts, answers, metrics, engines, scores log, scoring stage"),
     ("job", "the edit job: config, pre-flight, lease, Ray Data graph, driver, report"),
-    ("recipes", "jobs built on the edit job: synthetic pairs, catalog nights"),
+    ("recipes", "jobs built on the edit job: synthetic pairs, catalog nights, scoring"),
     ("cli", "the step1x-batch command and the demo"),
 ]
 

@@ -19,7 +19,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from step1x_batch.job.runner import main  # noqa: E402
+from step1x_batch.recipes.score import edit_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,6 +56,21 @@ def test_model_packages_import_without_ray_and_nothing_from_the_job_side():
     assert proc.stdout.strip() == "job side:"
 
 
+def test_the_judge_imports_without_ray():
+    """A GPU machine judging with the transformers engine (or gpu_check's judge check) has no Ray."""
+    proc = run("""
+        import sys
+        sys.modules["ray"] = None
+        import importlib, pkgutil
+        import step1x_batch.judge as judge
+        for m in pkgutil.walk_packages(judge.__path__, "step1x_batch.judge."):
+            importlib.import_module(m.name)
+        print(sorted(m for m in sys.modules if m.startswith("step1x_batch.job") or m.startswith("step1x_batch.recipes")))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_ray_side_imports_no_model_internals():
     proc = run("""
         import sys, importlib

@@ -270,3 +270,33 @@ def test_a_pairwise_judge_compares_two_roots_row_by_row(ray_local, tmp_path, ima
     assert not (b_root / "scores").exists()  # the other root is only read
     summary = json.loads((a_root / "scores" / "judge" / "summary.json").read_text())
     assert summary["stats"]["preference"] == {"A": 1, "B": 1, "tie": 1}
+
+
+@pytest.mark.parametrize("name", ["judge-http.yaml", "judge-vllm.yaml"])
+def test_the_shipped_judge_configs_validate(name):
+    from step1x_batch.recipes.score import load_score_config
+
+    job = load_score_config(str(Path(__file__).resolve().parents[1] / "configs" / name))
+    assert job.judge.engine in ("http", "vllm") and "#" in job.judge.judge_id()
+
+
+def test_clip_similarity_joins_the_metrics_when_a_folder_is_named(ray_local, tmp_path, image_factory):
+    from test_judge_metrics import _tiny_clip
+
+    from step1x_batch.io.images import decode_image
+    from step1x_batch.judge.metrics import ClipScorer
+
+    out = _edit(tmp_path, image_factory, "job_plugins:Seeded", n=3)
+    _tiny_clip(str(tmp_path / "clip"), seed=2)
+    cfg = _judge_file(tmp_path, {"engine": "none", "metrics": {"clip": str(tmp_path / "clip")}})
+    assert main(["score", str(out), "--config", str(cfg)]) == 0
+    records = read_scores(str(out)).to_pylist()
+    logs = {r["id"]: r for r in read_logs(str(out)).to_pylist()}
+    rows = [logs[r["id"]] for r in records]
+    pixels = lambda uri: decode_image(Path(uri).read_bytes(), 10**8)  # noqa: E731
+    expected = ClipScorer(str(tmp_path / "clip")).scores([r["instruction"] for r in rows],
+                                                         [pixels(r["image_uris"][0]) for r in rows],
+                                                         [pixels(r["output_uri"]) for r in rows])
+    for record, (text, direction) in zip(records, expected):
+        assert record["metrics"]["clip_text"] == pytest.approx(text, abs=1e-6)
+        assert record["metrics"]["clip_direction"] == pytest.approx(direction, abs=1e-6)

@@ -31,7 +31,7 @@ from step1x_batch.io.storage import StorageOptions, read_bytes
 from step1x_batch.judge.answers import AnswerError, bounded, overall, parse_preference, parse_scores
 from step1x_batch.judge.config import JudgeConfig
 from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload
-from step1x_batch.judge.metrics import MetricSettings, image_metrics
+from step1x_batch.judge.metrics import ClipScorer, MetricSettings, image_metrics
 from step1x_batch.judge.prompts import JudgeRequest, PromptSet
 from step1x_batch.judge.scores import METRICS_STRUCT, SUB_SCORES_STRUCT, conform_scores
 
@@ -75,11 +75,29 @@ def _measure_row(row: dict[str, Any], judge: JudgeConfig, storage: StorageOption
         first = _decode(inputs[0], max_pixels, f"input {uris[0]}")
         result = _decode(edited, max_pixels, f"output {row['output_uri']}")
         out["metrics"] = image_metrics(first, result, _settings(judge))
+        if judge.metrics.clip:
+            out["_pixels"] = (first, result)
         if keep_bytes:
             out["input_bytes"], out["output_bytes"], out["against_bytes"] = inputs, edited, against
     except RowError as e:
         out["error_type"], out["error_message"] = e.code, f"row {row['id']!r}: {e.message}"
     return out
+
+
+_CLIP: dict[str, Any] = {}  # one CLIP per worker process and folder, loaded on first use
+
+
+def _add_clip(folder: str, rows: list[dict[str, Any]], measured: list[dict[str, Any]]) -> None:
+    """CLIP text and directional similarity of the measured rows, in one model call per batch."""
+    if folder not in _CLIP:
+        _CLIP[folder] = ClipScorer(folder)
+    done = [(r, m) for r, m in zip(rows, measured) if m.get("_pixels") is not None]
+    if not done:
+        return
+    found = _CLIP[folder].scores([r["instruction"] or "" for r, _ in done],
+                                 [m["_pixels"][0] for _, m in done], [m["_pixels"][1] for _, m in done])
+    for (_, m), (text, direction) in zip(done, found):
+        m["metrics"] = {**m["metrics"], "clip_text": text, "clip_direction": direction}
 
 
 def measure_batch(batch: pa.Table, judge: JudgeConfig, storage: StorageOptions, max_pixels: int,
@@ -89,6 +107,8 @@ def measure_batch(batch: pa.Table, judge: JudgeConfig, storage: StorageOptions, 
     keep = judge.engine != "none"
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
         measured = list(pool.map(lambda r: _measure_row(r, judge, storage, max_pixels, keep), rows))
+    if judge.metrics.clip:
+        _add_clip(judge.metrics.clip, rows, measured)
     table = batch
     types = {"metrics": METRICS_STRUCT, "input_bytes": pa.list_(pa.binary()), "output_bytes": pa.binary(),
              "against_bytes": pa.binary(), "error_type": pa.string(), "error_message": pa.string()}

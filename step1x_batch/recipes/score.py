@@ -11,6 +11,7 @@ root's lease, like the row log. The edit job (``run`` with a ``judge:`` section)
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from step1x_batch.errors import SCORE_CODES, JobRefused, redact, redact_uri
 from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
 from step1x_batch.job import runner
 from step1x_batch.job.config import ConfigError, JobConfig, default_run_id, parse_config, read_raw_config
-from step1x_batch.job.entrypoint import check_lease_and_run, exit_status
+from step1x_batch.job.entrypoint import add_config_arguments, check_lease_and_run, config_overrides, exit_status, job_main
 from step1x_batch.job.lease import Lease, held
 from step1x_batch.job import report
 from step1x_batch.judge import http as judge_http
@@ -304,3 +305,18 @@ def run_edit_config(path: str, overrides: Sequence[str] = ()) -> int:
         return check_lease_and_run(cfg, edit_then_score, job="edit", extra_checks=checks)
 
     return exit_status(run)
+
+
+def edit_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/edit_dataset.py --config X``: the edit job, scored when X has ``judge:``."""
+    return job_main("Edit every row of a manifest on Ray (and score the edits when the config has a "
+                    "judge section).", run_edit_config, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/score_edits.py OUTPUT_URI --config judge.yaml``."""
+    parser = argparse.ArgumentParser(description="Score the edits of an output root with a judge; no image is written.")
+    parser.add_argument("output_uri", help="an edit job's output root (output.uri)")
+    add_config_arguments(parser, flag=True)
+    args = parser.parse_args(argv)
+    return run_config(args.output_uri, args.config, config_overrides(args))
