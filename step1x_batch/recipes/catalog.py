@@ -24,11 +24,22 @@ changes). Each run (``jobs/rerender_catalog.py --config configs/rerender-catalog
    ``catalog/latest.parquet``, then ``catalog/runs/<run_id>.json`` with the counts. A failed or
    crashed run writes only its run json; ``latest`` is untouched.
 
+   **Gate** (``catalog.gate`` with a ``judge:`` section; without one the metrics-only judge, enough
+   for ``drop_unchanged``): before publishing, the output root's new renders are scored
+   (``recipes/score.py``, each once per score key), and an item whose new render's current score
+   fails the gate is *held back*: it keeps its previous ``latest`` entry (a new item is not
+   published). The run json lists the held-back items with their reason (``held_back``) and the
+   gate with its judge id and prompt hash (``gate``); ``held`` counts them (they are not
+   ``new`` / ``changed``, and they are no errors: the error budget does not see them). A held-back
+   render keeps its score (it is not asked again), so the item stays held back until its catalog
+   row changes (a new render) or the gate or the judge does.
+
 Counts per run: ``new``, ``changed``, ``unchanged``, ``failed`` (items whose current version has no
-render: they keep the previous one), ``removed``; plus ``rendered`` (edited in this run) and
-``reused`` (rendered by an earlier, unpublished run). Error budget: error records written by this
-run over rows attempted by this run (a row that failed for good earlier and has not changed is
-not attempted again: it stays ``failed`` without counting against each night's budget).
+render: they keep the previous one), ``held`` (rendered, but held back by the gate), ``removed``;
+plus ``rendered`` (edited in this run) and ``reused`` (rendered by an earlier, unpublished run).
+Error budget: error records written by this run over rows attempted by this run (a row that failed
+for good earlier and has not changed is not attempted again: it stays ``failed`` without counting
+against each night's budget).
 
 Runs of one catalog must not overlap (one nightly schedule): two runs publishing at once would
 race on ``latest``. Superseded renders stay in storage; a lifecycle rule may delete objects under
@@ -58,11 +69,14 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from step1x_batch.errors import INVALID_ROW, RowError, redact, redact_uri
 from step1x_batch.io.images import image_extension
 from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
-from step1x_batch.job.config import JobConfig
+from step1x_batch.job.config import JobConfig, read_raw_config
 from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
-from step1x_batch.job.lease import Lease
+from step1x_batch.job.lease import Lease, held
 from step1x_batch.job.runner import RunSummary
+from step1x_batch.judge.config import GateConfig, JudgeConfig, score_key
+from step1x_batch.recipes.score import JUDGE_SECTION, ScoreRuntime, check_judge, prompt_hash, score_output
 from step1x_batch.recipes.section import RecipeSection, one_instruction_source
+from step1x_batch.recipes.synthesize import gate_judge, gate_records
 from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.log import part_uri, write_log_part
 from step1x_batch.rows.manifest import (
@@ -125,6 +139,10 @@ class CatalogConfig(BaseModel):
     # Changes when the image changes (etag, content hash, updated_at). null: none -- then an image
     # replaced under the same URI is NOT re-rendered.
     change_marker_column: str | None = "etag"
+    # A quality bar for new renders (judged by the ``judge:`` section; without one, the metrics-only
+    # judge, enough for drop_unchanged): a render that fails it is not published, its item keeps
+    # its previous version (a new item stays unpublished).
+    gate: GateConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +161,7 @@ class CatalogConfig(BaseModel):
 class CatalogJob:
     job: JobConfig
     catalog: CatalogConfig
+    judge: JudgeConfig | None = None  # who scores the new renders (None: nobody)
 
 
 class InputError(ValueError):
@@ -157,13 +176,17 @@ CATALOG_SECTION = RecipeSection("catalog", CatalogConfig)
 
 
 def parse_catalog_config(raw: Any, base_dir: str | os.PathLike | None = None) -> CatalogJob:
-    """Validate a raw mapping: ``catalog`` here, every other section by the edit job's parser."""
-    return CatalogJob(*CATALOG_SECTION.parse(raw, base_dir))
+    """Validate a raw mapping: ``judge`` split off first, ``catalog`` here, every other section by
+    the edit job's parser."""
+    rest, judge = JUDGE_SECTION.split(raw)
+    job, catalog = CATALOG_SECTION.parse(rest, base_dir)
+    given = JUDGE_SECTION.validate(judge) if raw.get("judge") is not None else None
+    return CatalogJob(job, catalog, gate_judge(catalog.gate, given, "catalog.gate"))
 
 
 def load_catalog_config(path: str, overrides: Sequence[str] = ()) -> CatalogJob:
     """Read a YAML config, apply ``--set`` overrides, validate."""
-    return CatalogJob(*CATALOG_SECTION.load(path, overrides))
+    return parse_catalog_config(read_raw_config(path, overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +385,19 @@ class CatalogSummary:
     finished_at: str = ""
     edit: dict[str, Any] | None = None  # the edit run's summary (None: nothing to render)
     notes: list[str] = field(default_factory=list)
+    # catalog.gate and its judge (judge_id, prompt_hash, the bars, held_by_reason); None: no gate
+    gate: dict[str, Any] | None = None
+    # the new renders the gate held back: item_id, reason, the held render, the version kept (or None)
+    held_back: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, Any] | None = None  # the scoring run's summary (None: no judge, or nothing new)
 
     def line(self) -> str:
         c = self.counts
         text = (f"catalog run {self.run_id}: {c['new']} new, {c['changed']} changed, "
                 f"{c['unchanged']} unchanged, {c['failed']} failed, {c['removed']} removed "
                 f"({c['rendered']} rendered now, {c['reused']} from an earlier run)")
+        if self.gate is not None:
+            text += f", {c.get('held', 0)} held back by catalog.gate"
         if self.published:
             return text + f"; published {self.latest_uri}"
         return text + (f" -- NOT PUBLISHED: error fraction {self.error_fraction:.3f} > max "
@@ -383,10 +413,15 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 
 def run_catalog(cj: CatalogJob, lease: Lease | None = None) -> CatalogSummary:
-    """Plan, render what changed, publish when the run is within its error budget. ``lease``: the
-    one the caller holds on the output root (None: the edit run takes it for its own duration)."""
+    """Plan, render what changed, score and gate the new renders (``catalog.gate``), publish when
+    the run is within its error budget. ``lease``: the one the caller holds on the output root
+    (None: held here for the run)."""
     job = cj.job
     out, opts, run_id = job.output.uri, job.output_storage(), job.runtime.run_id
+    if lease is None:
+        with held(out, opts, run_id, ttl_s=job.runtime.lease_ttl_s, allow_unlocked=job.runtime.allow_unlocked,
+                  job="rerender", say=lambda m: _print(m, err=True)) as lease:
+            return run_catalog(cj, lease)
     started = _now()
     work_uri = join_uri(out, f"catalog/manifests/{run_id}.parquet")
     latest = read_latest(out, opts)
@@ -398,11 +433,17 @@ def run_catalog(cj: CatalogJob, lease: Lease | None = None) -> CatalogSummary:
     new_invalid = _log_invalid(plan, ids, job, summary.model_id)
     edit = _render(plan, work_uri, job, summary, lease)
     verdict = _classify(plan, latest, latest_records(out, opts, ids), run_id)
+    judged = _judge(cj, verdict, latest, summary, lease)
     _count_run(summary, verdict, plan, edit, new_invalid)
-    if _within_budget(summary, edit):
+    if judged and _within_budget(summary, edit):
         _publish(verdict.entries, summary, job)
     _finish(summary, opts)
     _print(summary.line(), err=not summary.published)
+    for h in summary.held_back[:20]:
+        kept = f"keeps {h['kept']}" if h["kept"] else "not published"
+        _print(f"  held back: {h['item_id']} ({h['reason']}): {kept}")
+    if len(summary.held_back) > 20:
+        _print(f"  ... and {len(summary.held_back) - 20} more (see {summary.run_json})")
     return summary
 
 
@@ -454,9 +495,10 @@ def _render(plan: Plan, work_uri: str, job: JobConfig, summary: CatalogSummary,
 class Verdict:
     """Every item of the catalog against ``latest`` and the row state."""
 
-    counts: collections.Counter[str]  # new, changed, unchanged, failed, removed, rendered, reused
+    counts: collections.Counter[str]  # new, changed, unchanged, failed, removed, rendered, reused, held
     failed_by: collections.Counter[str]  # error type -> items
     entries: dict[str, dict[str, Any]]  # the ``latest`` to publish: item_id -> entry
+    fresh: list[str] = field(default_factory=list)  # items whose entry is a new render (new, changed)
 
 
 def _classify(plan: Plan, latest: dict[str, dict[str, Any]], state: LatestRecords, run_id: str) -> Verdict:
@@ -465,7 +507,7 @@ def _classify(plan: Plan, latest: dict[str, dict[str, Any]], state: LatestRecord
     latest records of the catalog's items."""
     ok, err = state.ok, state.error
     v = Verdict(collections.Counter({k: 0 for k in ("new", "changed", "unchanged", "failed", "removed",
-                                                    "rendered", "reused")}), collections.Counter(), {})
+                                                    "rendered", "reused", "held")}), collections.Counter(), {})
     for item, info in plan.items.items():
         prev = latest.get(item)
         if item in plan.unchanged:
@@ -483,6 +525,7 @@ def _classify(plan: Plan, latest: dict[str, dict[str, Any]], state: LatestRecord
         v.counts["changed" if prev else "new"] += 1
         v.counts["rendered" if rec["run_id"] == run_id else "reused"] += 1
         v.entries[item] = _latest_entry(item, info, rec)
+        v.fresh.append(item)
     for r in plan.invalid:
         v.counts["failed"] += 1
         v.failed_by[r["error_type"]] += 1
@@ -490,6 +533,51 @@ def _classify(plan: Plan, latest: dict[str, dict[str, Any]], state: LatestRecord
             v.entries[r["id"]] = latest[r["id"]]
     v.counts["removed"] = sum(1 for item in latest if item not in plan.catalog_ids)
     return v
+
+
+def _judge(cj: CatalogJob, verdict: Verdict, latest: dict[str, dict[str, Any]], summary: CatalogSummary,
+           lease: Lease) -> bool:
+    """Score the output root's new renders (each once per score key), then hold back the fresh
+    items whose render fails ``catalog.gate``: such an item keeps its previous ``latest`` entry, a
+    new one gets none. False when the scoring stopped early (the lease was lost): publish nothing."""
+    gate = cj.catalog.gate
+    judge = gate_judge(gate, cj.judge, "catalog.gate")
+    if gate is not None and judge is not None:
+        summary.gate = {"judge_id": judge.judge_id(), "prompt_hash": prompt_hash(judge),
+                        "bars": gate.model_dump(), "held_by_reason": {}}
+    if judge is None or not verdict.fresh:
+        return True
+    job = cj.job
+    scored = score_output(job.output.uri, judge, job.output_storage(), ScoreRuntime.of_job(job), lease,
+                          say=_print)
+    summary.scores = asdict(scored)
+    _print(scored.line())
+    if scored.stopped:
+        summary.notes.append(f"scoring stopped ({scored.stopped}): not published")
+        return False
+    if gate is None or summary.gate is None:
+        return True
+    keys = {item: score_key(verdict.entries[item]["fingerprint"], scored.judge_id, scored.prompt_hash)
+            for item in verdict.fresh}
+    records = gate_records(job.output.uri, job.output_storage(), keys)
+    held_by: collections.Counter[str] = collections.Counter()
+    for item in sorted(verdict.fresh):
+        rec = records.get(item)
+        reason = gate.failure(rec)
+        if reason is None:
+            continue
+        prev, render = latest.get(item), verdict.entries.pop(item)
+        verdict.counts["changed" if prev else "new"] -= 1
+        verdict.counts["held"] += 1
+        held_by[reason] += 1
+        summary.held_back.append({
+            "item_id": item, "reason": reason, "render": render["output_uri"], "fingerprint": render["fingerprint"],
+            "kept": prev["output_uri"] if prev else None,
+            **{k: (rec or {}).get(k) for k in ("score_sc", "score_pq", "score_o", "error_type")}})
+        if prev:
+            verdict.entries[item] = prev
+    summary.gate["held_by_reason"] = dict(sorted(held_by.items()))
+    return True
 
 
 def _latest_entry(item: str, info: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -542,8 +630,10 @@ def run_config(path: str, overrides: Sequence[str] = ()) -> int:
 
     def run() -> bool:
         cj = load_catalog_config(path, overrides)
+        checks = (lambda: check_judge(cj.judge, cj.job.output_storage())) if cj.judge is not None else None
         return check_lease_and_run(cj.job, lambda facts, lease: run_catalog(cj, lease).published,
-                                   job="rerender", required_columns=_required_columns(cj.catalog))
+                                   job="rerender", required_columns=_required_columns(cj.catalog),
+                                   extra_checks=checks)
 
     return exit_status(run)
 

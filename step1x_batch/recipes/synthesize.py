@@ -22,6 +22,18 @@ Flow (``jobs/synthesize_pairs.py --config configs/synthesize-pairs.yaml``):
    (a Hugging Face dataset card) last. An export whose content did not change is not rewritten
    (the folder stays byte-identical, ``created_at`` included).
 
+   **Quality filter** (``pairs.filter``: ``min_sc``, ``min_pq``, ``min_o``, ``drop_unchanged``,
+   ``require_size_ok``; judged by the config's ``judge:`` section, or without one by the
+   metrics-only judge, which is enough for ``drop_unchanged`` / ``require_size_ok`` -- a bar on
+   SC / PQ / O without a VLM judge is a config error): after the edit run the output root is
+   scored (``recipes/score.py``: every pair once per score key, a rerun asks nothing), and a pair
+   is exported only when its current score -- the record under score_key(its fingerprint, the
+   judge id, the prompt hash) -- passes. ``dataset_info.json`` (``quality``) and the card give
+   the judge id, the prompt hash, the filter and the kept / dropped counts per reason;
+   ``dataset/dropped.jsonl`` lists every dropped pair (id, reason, scores, image URIs). With a
+   judge the shards also carry ``score_sc``, ``score_pq``, ``score_o`` and ``changed_fraction``.
+   Same edits, same scores, same filter: the same dataset bytes.
+
 Columns of the exported dataset (``EXPORT_VERSION`` 2). ``source_image`` and ``edited_image`` are
 Hugging Face ``datasets`` ``Image`` features: ``{bytes: binary, path: string}`` struct columns, with
 the features declared in each shard's Parquet schema metadata under ``huggingface`` (the JSON
@@ -83,10 +95,13 @@ from step1x_batch.io.storage import (
     read_bytes,
     write_bytes,
 )
-from step1x_batch.job.config import JobConfig
+from step1x_batch.job.config import ConfigError, JobConfig, read_raw_config
 from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
-from step1x_batch.job.lease import Lease
+from step1x_batch.job.lease import Lease, held
 from step1x_batch.job.preflight import check_file
+from step1x_batch.judge.config import GateConfig, JudgeConfig, score_key
+from step1x_batch.judge.scores import current_scores
+from step1x_batch.recipes.score import JUDGE_SECTION, ScoreRuntime, check_judge, prompt_hash, score_output
 from step1x_batch.recipes.section import RecipeSection, one_instruction_source, local_path
 from step1x_batch.recipes.work import job_family, normalise_like_the_job, run_edit_job
 from step1x_batch.rows.manifest import (
@@ -113,6 +128,9 @@ __all__ = [
     "expand_pairs",
     "prepare_work",
     "export_dataset",
+    "filter_rows",
+    "gate_judge",
+    "gate_records",
     "run_synthesize",
     "weights_license",
     "run_config",
@@ -121,6 +139,7 @@ __all__ = [
 
 DATASET_DIR = "dataset"
 DATA_DIR = "dataset/data"
+DROPPED_KEY = "dataset/dropped.jsonl"  # the pairs pairs.filter left out, one JSON object a line
 SPLITS = ("train", "validation")
 EXPORT_VERSION = 2  # 2: source_image / edited_image as Image features, *_uri string columns
 ROW_GROUP_ROWS = 100  # rows per Parquet row group of a shard (images are read a row group at a time)
@@ -157,6 +176,9 @@ class PairsConfig(BaseModel):
     # and Qwen-Image-Edit apache-2.0, RealRestorer's non-commercial weights "other").
     weights_license: str | None = None
     source_images_license: str = "unspecified"  # say what the source images allow
+    # The quality filter: only pairs whose current score passes are exported (judged by the
+    # ``judge:`` section; without one, the metrics-only judge, enough for drop_unchanged).
+    filter: GateConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -170,10 +192,12 @@ class InputError(ValueError):
 
 @dataclass
 class SynthesizeJob:
-    """A parsed synthesize config: the edit job's sections plus ``pairs``."""
+    """A parsed synthesize config: the edit job's sections plus ``pairs`` (and ``judge``: who
+    scores the pairs after editing; None: nobody)."""
 
     job: JobConfig
     pairs: PairsConfig
+    judge: JudgeConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,18 +208,46 @@ PAIRS_SECTION = RecipeSection("pairs", PairsConfig)
 
 
 def parse_synthesize_config(raw: Any, base_dir: str | os.PathLike | None = None) -> SynthesizeJob:
-    """Validate a raw mapping: ``pairs`` here, every other section by the edit job's parser; a
-    local templates file is taken relative to ``base_dir``."""
-    job, pairs = PAIRS_SECTION.parse(raw, base_dir)
+    """Validate a raw mapping: ``judge`` split off first, ``pairs`` here, every other section by
+    the edit job's parser; a local templates file is taken relative to ``base_dir``."""
+    rest, judge = JUDGE_SECTION.split(raw)
+    job, pairs = PAIRS_SECTION.parse(rest, base_dir)
     if pairs.templates:
         pairs.templates = local_path(pairs.templates, base_dir)
-    return SynthesizeJob(job, pairs)
+    given = JUDGE_SECTION.validate(judge) if raw.get("judge") is not None else None
+    return SynthesizeJob(job, pairs, gate_judge(pairs.filter, given, "pairs.filter"))
 
 
 def load_synthesize_config(path: str, overrides: Sequence[str] = ()) -> SynthesizeJob:
     """Read a YAML config, apply ``--set`` overrides (``pairs.variants=4`` too), validate."""
-    job, pairs = PAIRS_SECTION.load(path, overrides)
-    return SynthesizeJob(job, pairs)
+    return parse_synthesize_config(read_raw_config(path, overrides))
+
+
+def gate_judge(gate: GateConfig | None, judge: JudgeConfig | None, where: str) -> JudgeConfig | None:
+    """The judge a recipe scores its edits with: the ``judge:`` section, or, for a gate set
+    without one, the metrics-only judge. Bars on SC / PQ / O need a VLM to answer, and a pairwise
+    judge scores no single edit: both a :class:`ConfigError` of one line."""
+    if gate is None:
+        return judge
+    judge = judge or JudgeConfig()
+    if judge.mode == "pairwise":
+        raise ConfigError(f"invalid config: {where}: a quality bar needs judge.mode single "
+                          "(a pairwise judge compares two output roots, it scores no single edit)")
+    bars = [f"min_{n}" for n in ("sc", "pq", "o") if getattr(gate, f"min_{n}") is not None]
+    if bars and judge.engine == "none":
+        raise ConfigError(f"invalid config: {where}: {', '.join(bars)} need(s) a VLM judge (a judge: "
+                          "section with engine transformers, http or vllm); drop_unchanged and "
+                          "require_size_ok need none")
+    return judge
+
+
+def gate_records(output_uri: str, storage: StorageOptions | None, keys: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The current score record of each id under its own score key (``keys``: id -> key); an id
+    with no record for its key (never scored, or scored for another edit) is absent."""
+    if not keys:
+        return {}
+    current = current_scores(output_uri, storage, set(keys.values()))
+    return {r["id"]: r for r in current.to_pylist() if keys.get(r["id"]) == r["score_key"]}
 
 
 def weights_license(sj: SynthesizeJob) -> str:
@@ -383,12 +435,15 @@ def prepare_work(sj: SynthesizeJob) -> Work:
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage
 
 
-def _features() -> dict[str, Any]:
+SCORE_COLUMNS = ("score_sc", "score_pq", "score_o", "changed_fraction")  # with a judge only
+
+
+def _features(scored: bool = False) -> dict[str, Any]:
     """Hugging Face ``datasets`` feature metadata (``Features.to_dict()`` form): with it, the
     parquet loader types the columns -- the two images as ``Image`` -- with no custom code."""
     value = lambda dtype: {"dtype": dtype, "_type": "Value"}  # noqa: E731
     image = {"_type": "Image"}
-    return {
+    features = {
         "source_image": image, "source_images": {"feature": value("string"), "_type": "List"},
         "edited_image": image, "source_image_uri": value("string"), "edited_image_uri": value("string"),
         "instruction": value("string"),
@@ -397,9 +452,11 @@ def _features() -> dict[str, Any]:
         "negative_prompt": value("string"), "model_id": value("string"), "id": value("string"),
         "split": value("string"),
     }
+    return features | ({c: value("float64") for c in SCORE_COLUMNS} if scored else {})
 
 
-def _schema() -> pa.Schema:
+def _schema(scored: bool = False) -> pa.Schema:
+    """The shards' schema; ``scored``: the judge's scores of each pair after the base columns."""
     schema = pa.schema([
         ("source_image", IMAGE_STRUCT), ("source_images", pa.list_(pa.string())),
         ("edited_image", IMAGE_STRUCT), ("source_image_uri", pa.string()), ("edited_image_uri", pa.string()),
@@ -408,8 +465,8 @@ def _schema() -> pa.Schema:
         ("guidance_scale", pa.float64()), ("size_level", pa.int64()),
         ("negative_prompt", pa.string()), ("model_id", pa.string()), ("id", pa.string()),
         ("split", pa.string()),
-    ])
-    meta = {"info": {"features": _features()}}
+    ] + ([(c, pa.float64()) for c in SCORE_COLUMNS] if scored else []))
+    meta = {"info": {"features": _features(scored)}}
     return schema.with_metadata({b"huggingface": json.dumps(meta).encode()})
 
 
@@ -453,6 +510,48 @@ def dataset_rows(sj: SynthesizeJob, work: Work) -> tuple[list[dict[str, Any]], d
     return rows, dict(sorted(failed.items()))
 
 
+def filter_rows(sj: SynthesizeJob, rows: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """(the kept rows, the dropped ones with their reason, what the card says of the judging).
+
+    Without a judge every row is kept as it is. With one, each row gets its current score (the
+    record under score_key(its fingerprint, the judge id, the prompt hash)) as columns, and with
+    ``pairs.filter`` a row is kept only when that score passes (``GateConfig.failure``)."""
+    gate = sj.pairs.filter
+    judge = gate_judge(gate, sj.judge, "pairs.filter")
+    if judge is None:
+        return rows, [], None
+    judge_id, hash_ = judge.judge_id(), prompt_hash(judge)
+    records = gate_records(sj.job.output.uri, sj.job.output_storage(),
+                           {r["id"]: score_key(r["fingerprint"], judge_id, hash_) for r in rows})
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    for r in rows:
+        rec = records.get(r["id"])
+        metrics = (rec or {}).get("metrics") or {}
+        r = {**r, **{c: (rec or {}).get(c) for c in SCORE_COLUMNS[:3]},
+             "changed_fraction": metrics.get("changed_fraction")}
+        reason = gate.failure(rec) if gate is not None else None
+        if reason is None:
+            kept.append(r)
+        else:
+            dropped.append({"id": r["id"], "reason": reason, "split": r["split"],
+                            **{k: r[k] for k in ("source_image_uri", "edited_image_uri", "instruction",
+                                                 "variant", *SCORE_COLUMNS)}})
+    by_reason: dict[str, int] = {}
+    for d in dropped:
+        by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+    quality = {
+        "judge_id": judge_id, "prompt_hash": hash_, "engine": judge.engine, "model": judge.model_name(),
+        "prompts": judge.prompts if judge.engine != "none" else None,
+        "scored": sum(1 for r in rows if (records.get(r["id"]) or {}).get("status") == "ok"),
+        "filter": gate.model_dump() if gate is not None else None,
+        "kept": len(kept), "dropped": len(dropped), "dropped_by_reason": dict(sorted(by_reason.items())),
+        "dropped_list": DROPPED_KEY.rsplit("/", 1)[1] if gate is not None else None,
+    }
+    return kept, dropped, quality
+
+
 def _read_images(rows: list[dict[str, Any]], sj: SynthesizeJob) -> dict[tuple, bytes]:
     """The stored bytes of every source and edited image of ``rows``, keyed (uri, storage)."""
     job = sj.job
@@ -474,7 +573,7 @@ def _shard(rows: list[dict[str, Any]], sj: SynthesizeJob) -> bytes:
     """One Parquet shard of ``rows``: the Image structs ``{bytes, path}`` (bytes null unless
     ``pairs.embed_bytes``), written a row group at a time so that only one row group's images
     are held besides the shard being built."""
-    job, schema = sj.job, _schema()
+    job, schema = sj.job, _schema(sj.judge is not None)
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
         for start in range(0, len(rows), ROW_GROUP_ROWS):
@@ -510,6 +609,8 @@ class ExportResult:
     unchanged: bool
     info_uri: str
     card_uri: str
+    dropped: int = 0  # pairs the quality filter left out
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def _card(info: dict[str, Any]) -> str:
@@ -519,7 +620,7 @@ def _card(info: dict[str, Any]) -> str:
              f"# {info['name']}", ""]
     if info["description"]:
         lines += [info["description"], ""]
-    lines += _card_contents(info, splits) + _card_columns(info) + _card_provenance(info)
+    lines += _card_contents(info, splits) + _card_quality(info) + _card_columns(info) + _card_provenance(info)
     lines += _card_loading(info, splits)
     return "\n".join(lines)
 
@@ -553,11 +654,41 @@ def _card_contents(info: dict[str, Any], splits: list[str]) -> list[str]:
     for s in splits:
         lines.append(f"| {s} | {c['by_split'][s]} | {c['sources_by_split'][s]} | "
                      f"{len(info['files'][s])} |")
+    q = info.get("quality") or {}
+    filtered = (f" {q['dropped']} edited pairs were left out by the quality filter (see below)."
+                if q.get("filter") is not None else "")
     return lines + [
         "",
         f"{c['rows']} pairs from {c['sources']} source images and {c['instructions']} distinct "
         f"instructions. {c['failed']} planned pairs are not included because their edit failed "
-        f"(by error type: {errs}); {c['duplicates_dropped']} duplicate rows were dropped.", "",
+        f"(by error type: {errs}); {c['duplicates_dropped']} duplicate rows were dropped.{filtered}", "",
+    ]
+
+
+_BARS = (("min_sc", "semantic consistency (SC) at least {}"), ("min_pq", "perceptual quality (PQ) at least {}"),
+         ("min_o", "overall score (O) at least {}"))
+
+
+def _card_quality(info: dict[str, Any]) -> list[str]:
+    """Who judged the pairs, the filter's bars, and how many pairs each reason left out."""
+    q = info.get("quality")
+    if not q:
+        return []
+    judge = (f"the judge `{q['judge_id']}` (prompt set `{q['prompts']}`, prompt hash `{q['prompt_hash']}`)"
+             if q["engine"] != "none" else f"the image metrics only (`{q['judge_id']}`, no VLM)")
+    lines = ["## Quality filter", "", f"Every pair was scored by {judge} before the export."]
+    f = q["filter"]
+    if f is None:
+        return lines + ["No filter was applied: every edited pair is included, with its scores.", ""]
+    bars = [text.format(f[key]) for key, text in _BARS if f[key] is not None]
+    bars += ["the output differs from its input"] * bool(f["drop_unchanged"])
+    bars += ["the output's size and aspect are sane"] * bool(f["require_size_ok"])
+    bars += ["the pair has a score (not a judge error)"] * bool(f["drop_unscored"])
+    reasons = ", ".join(f"`{k}` {v}" for k, v in q["dropped_by_reason"].items()) or "none"
+    return lines + [
+        "A pair is included only when " + "; ".join(bars) + ".", "",
+        f"- kept: {q['kept']}", f"- dropped: {q['dropped']} (by reason: {reasons})",
+        f"- the dropped pairs (id, reason, scores, image URIs) are listed in `{q['dropped_list']}`", "",
     ]
 
 
@@ -579,6 +710,11 @@ def _card_columns(info: dict[str, Any]) -> list[str]:
         "- `num_steps`, `guidance_scale`, `size_level`, `negative_prompt`: the sampling parameters",
         "- `model_id`: the model that made the edit; `id`: a stable hash of (source, instruction, variant)",
         "- `split`: `train` or `validation`, by a hash of the source image (all pairs of one source share a split)",
+    ] + ([
+        "- `score_sc`, `score_pq`, `score_o`: the judge's semantic consistency, perceptual quality and "
+        "overall score of the edit, 0 to 10 (VIEScore; null for the metrics-only judge or a judge error)",
+        "- `changed_fraction`: the share of pixels the edit changed (beyond the judge's tolerance)",
+    ] if info.get("quality") else []) + [
         "",
     ]
 
@@ -628,10 +764,12 @@ def _card_loading(info: dict[str, Any], splits: list[str]) -> list[str]:
 
 
 def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> ExportResult:
-    """Write the dataset folder from the row log (see the module docstring for the order)."""
+    """Write the dataset folder from the row log (and, with a judge, the scores log: only the
+    pairs ``pairs.filter`` keeps; see the module docstring for the order)."""
     job, p = sj.job, sj.pairs
     opts = job.output_storage()
-    rows, failed = dataset_rows(sj, work)
+    done, failed = dataset_rows(sj, work)
+    rows, dropped, quality = filter_rows(sj, done)
     by_split = {s: [r for r in rows if r["split"] == s] for s in SPLITS}
     files: dict[str, list[str]] = {}
     for s, part in by_split.items():
@@ -642,40 +780,64 @@ def export_dataset(sj: SynthesizeJob, work: Work, run_id: str | None = None) -> 
         "description": p.description,
         "license": p.license,
         "source_images_license": p.source_images_license,
-        "counts": _export_counts(rows, failed, by_split, work),
+        "counts": _export_counts(rows, failed, by_split, work, len(dropped)),
         "parameters": _export_parameters(sj),
         "model": _export_model(sj),
         "source_manifest": redact_uri(job.input.manifest),
         "work_manifest": redact_uri(work.uri),
         "files": files,
-        "features": _features(),
+        "features": _features(quality is not None),
     }
-    content = json.dumps({"v": EXPORT_VERSION, "info": info, "rows": rows}, sort_keys=True, default=str)
+    payload: dict[str, Any] = {"v": EXPORT_VERSION, "info": info, "rows": rows}
+    if quality is not None:  # (an export without a judge keeps the fingerprint it always had)
+        info["quality"], payload["dropped"] = quality, dropped
+    content = json.dumps(payload, sort_keys=True, default=str)
     info["export_fingerprint"] = hashlib.sha256(content.encode("utf-8")).hexdigest()
     info_uri = join_uri(job.output.uri, f"{DATASET_DIR}/dataset_info.json")
     card_uri = join_uri(job.output.uri, f"{DATASET_DIR}/README.md")
+    dropped_uri = join_uri(job.output.uri, DROPPED_KEY)
     all_files = [join_uri(job.output.uri, f"{DATASET_DIR}/{f}") for s in SPLITS for f in files[s]]
     result = ExportResult(len(rows), info["counts"]["by_split"], info["counts"]["failed"], failed,
-                          all_files, True, info_uri, card_uri)
-    if _export_unchanged(info_uri, info["export_fingerprint"], all_files + [card_uri], opts):
+                          all_files, True, info_uri, card_uri, len(dropped),
+                          quality["dropped_by_reason"] if quality else {})
+    listed = [dropped_uri] if p.filter is not None else []
+    if _export_unchanged(info_uri, info["export_fingerprint"], all_files + listed + [card_uri], opts):
         return result
     info["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     info["run_id"] = run_id
-    for s in SPLITS:
-        part = by_split[s]
-        for i, name in enumerate(files[s]):
-            chunk = part[i * p.max_shard_rows:(i + 1) * p.max_shard_rows]
-            write_bytes(join_uri(job.output.uri, f"{DATASET_DIR}/{name}"), _shard(chunk, sj), opts)
-    _remove_stale_shards(job.output.uri, set(all_files), opts)
-    write_bytes(info_uri, (json.dumps(info, indent=2, sort_keys=False) + "\n").encode(), opts)
-    write_bytes(card_uri, _card(info).encode("utf-8"), opts)  # the card last
+    _write_export(sj, info, by_split, dropped if listed else None, opts)
     result.unchanged = False
     return result
 
 
+def _write_export(sj: SynthesizeJob, info: dict[str, Any], by_split: dict[str, list[dict[str, Any]]],
+                  dropped: list[dict[str, Any]] | None, opts: StorageOptions) -> None:
+    """The shards, the stale shards' removal, the dropped-pairs list (removed when no filter),
+    ``dataset_info.json``, then the card: each one whole object."""
+    out, files, size = sj.job.output.uri, info["files"], sj.pairs.max_shard_rows
+    for s in SPLITS:
+        part = by_split[s]
+        for i, name in enumerate(files[s]):
+            chunk = part[i * size:(i + 1) * size]
+            write_bytes(join_uri(out, f"{DATASET_DIR}/{name}"), _shard(chunk, sj), opts)
+    all_files = {join_uri(out, f"{DATASET_DIR}/{f}") for s in SPLITS for f in files[s]}
+    _remove_stale_shards(out, all_files, opts)
+    dropped_uri = join_uri(out, DROPPED_KEY)
+    if dropped is not None:
+        lines = "".join(json.dumps(d, sort_keys=True, ensure_ascii=False) + "\n" for d in dropped)
+        write_bytes(dropped_uri, lines.encode("utf-8"), opts)
+    elif exists(dropped_uri, opts):
+        fs, path = filesystem(dropped_uri, opts)
+        fs.rm(path)
+    write_bytes(join_uri(out, f"{DATASET_DIR}/dataset_info.json"),
+                (json.dumps(info, indent=2, sort_keys=False) + "\n").encode(), opts)
+    write_bytes(join_uri(out, f"{DATASET_DIR}/README.md"), _card(info).encode("utf-8"), opts)  # last
+
+
 def _export_counts(rows: list[dict[str, Any]], failed: dict[str, int], by_split: dict[str, list],
-                   work: Work) -> dict[str, Any]:
-    """The pairs exported (per split, sources, instructions), planned, failed and dropped."""
+                   work: Work, filtered: int = 0) -> dict[str, Any]:
+    """The pairs exported (per split, sources, instructions), planned, failed and dropped
+    (``filtered``: the edited pairs the quality filter left out, not duplicates)."""
     return {
         "rows": len(rows),
         "by_split": {s: len(v) for s, v in by_split.items()},
@@ -686,7 +848,7 @@ def _export_counts(rows: list[dict[str, Any]], failed: dict[str, int], by_split:
         "failed": sum(failed.values()),
         "by_error_type": failed,
         "duplicates_dropped": work.expansion.duplicates_dropped + work.table.num_rows
-        - len(rows) - sum(failed.values()),
+        - len(rows) - filtered - sum(failed.values()),
     }
 
 
@@ -753,6 +915,7 @@ class SynthesizeSummary:
     edit: dict[str, Any]  # the edit run's summary (RunSummary as a dict)
     dataset: dict[str, Any] | None = None  # ExportResult as a dict; None when not exported
     notes: list[str] = field(default_factory=list)
+    scores: dict[str, Any] | None = None  # the scoring run's summary (ScoreSummary as a dict); None: no judge
 
 
 def _print(msg: str, *, err: bool = False) -> None:
@@ -760,9 +923,14 @@ def _print(msg: str, *, err: bool = False) -> None:
 
 
 def run_synthesize(sj: SynthesizeJob, lease: Lease | None = None) -> SynthesizeSummary:
-    """Expand, edit (resumable), export; print what happened and where the dataset is. ``lease``:
-    the one the caller holds on the output root (None: the edit run takes it for its duration)."""
+    """Expand, edit (resumable), score (with a judge), export; print what happened and where the
+    dataset is. ``lease``: the one the caller holds on the output root (None: held here for the run)."""
     job = sj.job
+    if lease is None:
+        with held(job.output.uri, job.output_storage(), job.runtime.run_id, ttl_s=job.runtime.lease_ttl_s,
+                  allow_unlocked=job.runtime.allow_unlocked, job="synthesize",
+                  say=lambda m: _print(m, err=True)) as lease:
+            return run_synthesize(sj, lease)
     try:
         work = prepare_work(sj)
     except (ValueError, FileNotFoundError, RowError) as exc:
@@ -778,30 +946,58 @@ def run_synthesize(sj: SynthesizeJob, lease: Lease | None = None) -> SynthesizeS
         summary.notes.append("edit run over its error budget: dataset not exported")
         _print("FAILED: the edit run exceeded runtime.max_error_fraction; the dataset was not "
                "exported (the previous export, if any, is untouched)", err=True)
-    else:
+    elif _score(sj, summary, lease):
         result = export_dataset(sj, work, job.runtime.run_id)
         summary.dataset = asdict(result)
         state = "unchanged" if result.unchanged else "written"
+        kept = ""
+        if sj.pairs.filter is not None:
+            reasons = ", ".join(f"{k} {v}" for k, v in result.dropped_by_reason.items()) or "none"
+            kept = f", {result.dropped} left out by pairs.filter ({reasons})"
         _print(f"dataset {state}: {result.rows} pairs ({', '.join(f'{k} {v}' for k, v in result.by_split.items())}), "
-               f"{result.failed} failed -> {result.card_uri}")
+               f"{result.failed} failed{kept} -> {result.card_uri}")
     write_bytes(join_uri(job.output.uri, f"pairs/runs/{job.runtime.run_id}.json"),
                 (json.dumps(asdict(summary), indent=2, default=str) + "\n").encode(), job.output_storage())
     return summary
 
 
+def _score(sj: SynthesizeJob, summary: SynthesizeSummary, lease: Lease) -> bool:
+    """Score the edited pairs with the judge (every pair once per score key), under the run's
+    lease; False when the scoring stopped early (the lease was lost): nothing is exported."""
+    if sj.judge is None:
+        return True
+    job = sj.job
+    scored = score_output(job.output.uri, sj.judge, job.output_storage(), ScoreRuntime.of_job(job), lease,
+                          say=_print)
+    summary.scores = asdict(scored)
+    _print(scored.line())
+    if scored.stopped:
+        summary.ok = False
+        summary.notes.append(f"scoring stopped ({scored.stopped}): dataset not exported")
+        _print("FAILED: the scoring stopped early; the dataset was not exported", err=True)
+        return False
+    return True
+
+
 def run_config(path: str, overrides: Sequence[str] = ()) -> int:
     """Load, run, and return the exit status (0 done, 1 error budget exceeded: nothing exported,
-    2 a config, input or cluster problem); for ``step1x-batch synthesize CONFIG``."""
+    2 a config, input, judge or cluster problem); for ``step1x-batch synthesize CONFIG``."""
 
     def run() -> bool:
         sj = load_synthesize_config(path, overrides)
         p = sj.pairs
         required = PAIRS_SECTION.required_columns({
             "image_column": p.image_column, "instruction_column": None if p.templates else p.instruction_column})
-        templates = (lambda: check_file(p.templates, p.templates_storage or sj.job.input.storage,
-                                        "pairs.templates", safetensors=False)) if p.templates else None
+
+        def checks() -> None:
+            if p.templates:
+                check_file(p.templates, p.templates_storage or sj.job.input.storage, "pairs.templates",
+                           safetensors=False)
+            if sj.judge is not None:
+                check_judge(sj.judge, sj.job.output_storage())
+
         return check_lease_and_run(sj.job, lambda facts, lease: run_synthesize(sj, lease).ok,
-                                   job="synthesize", required_columns=required, extra_checks=templates)
+                                   job="synthesize", required_columns=required, extra_checks=checks)
 
     return exit_status(run)
 
