@@ -4,6 +4,7 @@ name are the project's, and nothing in them looks like a credential."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,8 +20,12 @@ EXPECTED_ENTRYPOINTS = {
     ("jobs/synthesize_pairs.py", "configs/synthesize-pairs.yaml"),
     ("jobs/rerender_catalog.py", "configs/rerender-catalog.yaml"),
 }
-# Written later (issue 4, items 1-2); delete an entry once its file lands so its absence fails.
 _ENTRYPOINT = re.compile(r"^python (jobs/[\w]+\.py) --config (configs/[\w.\-]+\.ya?ml)(?:\s|$)")
+_SCORE_ENTRYPOINT = re.compile(r"^step1x-batch score (s3://\S+) --config (configs/[\w.\-]+\.ya?ml)$")
+JUDGE_RESOURCE = "judge_gpu"  # the Ray resource only the judge's worker group advertises
+JUDGE_KEY_ENV = "JUDGE_API_KEY"  # configs/judge-http.yaml's api_key_env
+JUDGE_KEY_SECRET = "step1x-judge-api-key"
+MODELS_DIR = "/models"
 _FROM = re.compile(r"^FROM\s+(\S+)", re.MULTILINE)
 _RAY_IMAGE = re.compile(r"^rayproject/ray:(\d+\.\d+\.\d+)-py(3\d+)-cu(\d+)$")
 
@@ -60,6 +65,7 @@ def test_expected_files_exist_and_every_yaml_parses():
         "README.md", "runtime_env.yaml", "docker/Dockerfile", "aws/cluster.yaml",
         "kuberay/raycluster.yaml", "kuberay/rayjob-edit-dataset.yaml",
         "kuberay/rayjob-synthesize-pairs.yaml", "kuberay/rayjob-rerender-catalog.yaml",
+        "kuberay/rayjob-score.yaml", "kuberay/judge-models.yaml",
     ):
         assert (CLUSTER / rel).is_file(), rel
     files = _yaml_files()
@@ -73,10 +79,10 @@ def test_expected_files_exist_and_every_yaml_parses():
 def test_kuberay_kinds():
     kinds = [(d.get("apiVersion"), d.get("kind")) for p in (CLUSTER / "kuberay").glob("*.yaml") for d in _docs(p)]
     for api, kind in kinds:
-        assert kind in ("RayJob", "RayCluster", "ServiceAccount"), kind
+        assert kind in ("RayJob", "RayCluster", "ServiceAccount", "PersistentVolumeClaim"), kind
         if kind in ("RayJob", "RayCluster"):
             assert api == "ray.io/v1", (kind, api)
-    assert sum(k == "RayJob" for _, k in kinds) == 3
+    assert sum(k == "RayJob" for _, k in kinds) == 4
     assert sum(k == "RayCluster" for _, k in kinds) == 1
 
 
@@ -94,14 +100,15 @@ def test_rayjob_lifecycle_keys(path, doc):
     assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
     assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
     assert spec["submissionMode"] == "K8sJobMode"
-    assert _ENTRYPOINT.match(spec["entrypoint"]), spec["entrypoint"]
+    assert _ENTRYPOINT.match(spec["entrypoint"]) or _SCORE_ENTRYPOINT.match(spec["entrypoint"]), spec["entrypoint"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["STEP1X_WEIGHTS_CACHE"] == CACHE_DIR
     assert "pip" not in runtime_env  # the image has the dependencies
 
 
 def test_rayjobs_name_the_three_jobs_and_their_files_exist():
-    named = {_ENTRYPOINT.match(d["spec"]["entrypoint"]).groups() for _, d in RAYJOBS}
+    named = {_ENTRYPOINT.match(d["spec"]["entrypoint"]).groups() for _, d in RAYJOBS
+             if _ENTRYPOINT.match(d["spec"]["entrypoint"])}
     assert named == EXPECTED_ENTRYPOINTS
     for job, config in sorted(named):
         for rel in (job, config):
@@ -126,14 +133,54 @@ def test_edit_dataset_config_is_a_valid_job_config():
 RAY_CLUSTERS = RAYJOBS + _kuberay_docs("RayCluster")
 
 
-def _gpu_group(spec: dict) -> dict:
-    groups = [
+def _ray_resources(group: dict) -> dict:
+    """The custom Ray resources a group advertises (``rayStartParams.resources``: a JSON object
+    written as a quoted, escaped string, as KubeRay passes it to ``ray start --resources``)."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+def _gpu_groups(spec: dict) -> list[dict]:
+    return [
         g for g in spec["workerGroupSpecs"]
         if any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {})
                for c in g["template"]["spec"]["containers"])
     ]
-    assert len(groups) == 1, "expected exactly one GPU worker group"
+
+
+def _judge_groups(spec: dict) -> list[dict]:
+    return [g for g in _gpu_groups(spec) if JUDGE_RESOURCE in _ray_resources(g)]
+
+
+def _edit_groups(spec: dict) -> list[dict]:
+    return [g for g in _gpu_groups(spec) if JUDGE_RESOURCE not in _ray_resources(g)]
+
+
+def _gpu_group(spec: dict) -> dict:
+    groups = _edit_groups(spec)
+    assert len(groups) == 1, "expected exactly one edit GPU worker group"
     return groups[0]
+
+
+def _gpu_container(group: dict) -> dict:
+    (container,) = [c for c in group["template"]["spec"]["containers"]
+                    if "nvidia.com/gpu" in c["resources"]["limits"]]
+    return container
+
+
+def _containers(spec: dict) -> list[dict]:
+    """Every container of the head and of every worker group (init containers aside)."""
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["containers"]]
+
+
+def _check_gpu_pod(pod: dict, container: dict) -> None:
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    requests = container["resources"].get("requests") or {}
+    if "nvidia.com/gpu" in requests:
+        assert requests["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert pod["nodeSelector"], "a nodeSelector example for the GPU pool"
 
 
 @pytest.mark.parametrize("path,doc", RAY_CLUSTERS, ids=[p.name for p, _ in RAY_CLUSTERS])
@@ -142,30 +189,32 @@ def test_cluster_spec_gpu_workers_and_weights_cache(path, doc):
     assert spec["rayVersion"] == _dockerfile_ray()[0], "rayVersion must match the image's Ray"
     head = spec["headGroupSpec"]["template"]["spec"]
     assert not any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {}) for c in head["containers"])
+    assert _gpu_groups(spec), "at least one GPU worker group"
+    if not _edit_groups(spec):  # a cluster that only judges (the score RayJob)
+        assert doc["kind"] == "RayJob" and _SCORE_ENTRYPOINT.match(doc["spec"]["entrypoint"]), path
+    else:
+        group = _gpu_group(spec)
+        pod = group["template"]["spec"]
+        container = _gpu_container(group)
+        _check_gpu_pod(pod, container)
 
-    group = _gpu_group(spec)
-    pod = group["template"]["spec"]
-    (container,) = [c for c in pod["containers"] if "nvidia.com/gpu" in c["resources"]["limits"]]
-    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    requests = container["resources"].get("requests") or {}
-    if "nvidia.com/gpu" in requests:
-        assert requests["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
-    assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
-    assert pod["nodeSelector"], "a nodeSelector example for the GPU pool"
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["STEP1X_WEIGHTS_CACHE"] == CACHE_DIR
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert CACHE_DIR in mounts, "the weights cache must be a mounted volume"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        cache_volume = volumes[mounts[CACHE_DIR]]
+        assert "hostPath" in cache_volume or "emptyDir" in cache_volume
+        if "hostPath" in cache_volume:
+            assert cache_volume["hostPath"]["path"].startswith("/mnt/local-nvme")
 
-    env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    assert env["STEP1X_WEIGHTS_CACHE"] == CACHE_DIR
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert CACHE_DIR in mounts, "the weights cache must be a mounted volume"
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    cache_volume = volumes[mounts[CACHE_DIR]]
-    assert "hostPath" in cache_volume or "emptyDir" in cache_volume
-    if "hostPath" in cache_volume:
-        assert cache_volume["hostPath"]["path"].startswith("/mnt/local-nvme")
-    for name in mounts.values():
-        assert name in volumes, f"volumeMount {name} has no volume"
-
-    for c in head["containers"] + pod["containers"]:
+    pods = [head] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        for c in pod["containers"] + pod.get("initContainers", []):
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"volumeMount {m['name']} has no volume"
+    for c in _containers(spec):
         image = c["image"]
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
         for source in c.get("envFrom", []):
@@ -177,8 +226,103 @@ def test_cluster_spec_gpu_workers_and_weights_cache(path, doc):
 def test_long_lived_cluster_autoscales_gpu_workers_from_zero():
     ((_, doc),) = _kuberay_docs("RayCluster")
     assert doc["spec"]["enableInTreeAutoscaling"] is True
-    group = _gpu_group(doc["spec"])
-    assert group["minReplicas"] == 0 and group["maxReplicas"] > 0
+    for group in (_gpu_group(doc["spec"]), *_judge_groups(doc["spec"])):
+        assert group["minReplicas"] == 0 and group["maxReplicas"] > 0, group["groupName"]
+    assert len(_judge_groups(doc["spec"])) == 1, "the long-lived cluster has the judge's own group"
+
+
+# --- the judge's workers ---------------------------------------------------------------------------
+
+
+JUDGE_CLUSTERS = [(p, d) for p, d in RAY_CLUSTERS if _judge_groups(_ray_cluster_spec(d))]
+
+
+def _judge_models_claim() -> str:
+    (claim,) = _docs(CLUSTER / "kuberay" / "judge-models.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["apiVersion"] == "v1"
+    assert "ReadWriteMany" in claim["spec"]["accessModes"] or "ReadOnlyMany" in claim["spec"]["accessModes"]
+    return claim["metadata"]["name"]
+
+
+def test_the_judge_has_a_group_in_the_long_lived_cluster_and_the_score_job():
+    assert {p.name for p, _ in JUDGE_CLUSTERS} == {"raycluster.yaml", "rayjob-score.yaml"}
+
+
+@pytest.mark.parametrize("path,doc", JUDGE_CLUSTERS, ids=[p.name for p, _ in JUDGE_CLUSTERS])
+def test_judge_group_advertises_one_judge_gpu_per_gpu(path, doc):
+    """Only the judge's group advertises ``judge_gpu``, one per GPU of its pods: a judge replica asks
+    for one per GPU it uses, so it lands there and never on an edit GPU."""
+    spec = _ray_cluster_spec(doc)
+    assert JUDGE_RESOURCE not in json.dumps(spec["headGroupSpec"].get("rayStartParams", {}))
+    for group in _judge_groups(spec):
+        container = _gpu_container(group)
+        _check_gpu_pod(group["template"]["spec"], container)
+        assert _ray_resources(group)[JUDGE_RESOURCE] == int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert "STEP1X_WEIGHTS_CACHE" not in {e["name"] for e in container.get("env", [])}  # no edit weights
+    for group in spec["workerGroupSpecs"]:
+        if group not in _judge_groups(spec):
+            assert JUDGE_RESOURCE not in _ray_resources(group), group["groupName"]
+
+
+@pytest.mark.parametrize("path,doc", JUDGE_CLUSTERS, ids=[p.name for p, _ in JUDGE_CLUSTERS])
+def test_every_pod_of_a_judging_cluster_mounts_the_models_and_reads_the_key_from_a_secret(path, doc):
+    """The driver, ray.data.llm's CPU stages and the engines all read judge.model, and HTTP
+    requests go out from any worker: every pod has the model volume and the key's variable, the
+    key from a Kubernetes Secret, never a literal."""
+    spec = _ray_cluster_spec(doc)
+    claim = _judge_models_claim()
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == MODELS_DIR]
+            assert mount.get("readOnly") is True
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
+            (key,) = [e for e in c["env"] if e["name"] == JUDGE_KEY_ENV]
+            assert "value" not in key
+            ref = key["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == JUDGE_KEY_SECRET and ref["key"] and ref.get("optional") is True
+
+
+def test_the_key_variable_is_the_one_the_http_judge_config_names():
+    from step1x_batch.judge.config import JudgeConfig
+
+    raw = yaml.safe_load((ROOT / "configs" / "judge-http.yaml").read_text())
+    assert JudgeConfig.model_validate(raw["judge"]).api_key_env == JUDGE_KEY_ENV
+
+
+def test_no_secret_named_variable_has_a_literal_value_in_any_pod():
+    for _, doc in RAY_CLUSTERS:
+        for c in _containers(_ray_cluster_spec(doc)):
+            for e in c.get("env", []):
+                if _looks_secret_key(e["name"]):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], (c["name"], e)
+
+
+def test_the_score_job_fits_its_judge_config():
+    """rayjob-score.yaml against the config it names: the model under the mounted folder, enough
+    judge GPUs for every tensor-parallel replica (each inside one pod), the accelerator it asks
+    for, the custom resources it asks for advertised, and vLLM in every pod's image."""
+    from step1x_batch.judge.config import JudgeConfig
+
+    (doc,) = [d for _, d in RAYJOBS if _SCORE_ENTRYPOINT.match(d["spec"]["entrypoint"])]
+    _, config = _SCORE_ENTRYPOINT.match(doc["spec"]["entrypoint"]).groups()
+    assert (ROOT / config).is_file(), config
+    judge = JudgeConfig.model_validate(yaml.safe_load((ROOT / config).read_text())["judge"])
+    assert judge.engine == "vllm" and judge.model.startswith(MODELS_DIR + "/")
+    spec = _ray_cluster_spec(doc)
+    groups = _judge_groups(spec)
+    per_pod = [int(_gpu_container(g)["resources"]["limits"]["nvidia.com/gpu"]) for g in groups]
+    tp = judge.engine_kwargs.get("tensor_parallel_size", 1) * judge.engine_kwargs.get("pipeline_parallel_size", 1)
+    assert all(n % tp == 0 for n in per_pod), "a tensor-parallel replica stays inside one pod"
+    total = sum(g["replicas"] * n for g, n in zip(groups, per_pod))
+    assert total >= judge.resources.concurrency * tp, "every replica gets its GPUs"
+    if judge.resources.accelerator_type:
+        for g in groups:
+            assert judge.resources.accelerator_type in g["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+    for name in judge.resources.custom:
+        assert all(name in _ray_resources(g) for g in groups), name
+    assert all(c["image"].endswith("-vllm") for c in _containers(spec)), "ray.data.llm's stages import vLLM"
 
 
 # --- AWS cluster launcher -----------------------------------------------------------------------------
@@ -207,6 +351,17 @@ def test_aws_cluster_launcher():
     assert any("pip install" in c and "step1x-batch" in c for c in cfg["setup_commands"])
 
 
+def test_aws_judge_node_type_has_its_own_gpus():
+    (cfg,) = _docs(CLUSTER / "aws" / "cluster.yaml")
+    types = cfg["available_node_types"]
+    judges = {n: t for n, t in types.items() if JUDGE_RESOURCE in t.get("resources", {})}
+    assert len(judges) == 1, "one node type for the judge"
+    ((name, judge),) = judges.items()
+    assert judge["resources"][JUDGE_RESOURCE] == judge["resources"]["GPU"] > 0, name  # one per GPU
+    assert judge.get("min_workers", 0) == 0 and judge["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert not any(JUDGE_RESOURCE in t.get("resources", {}) for n, t in types.items() if n != name)
+
+
 # --- image and runtime env ----------------------------------------------------------------------------
 
 
@@ -225,6 +380,26 @@ def test_dockerfile_base_and_install():
         for item in source.split():
             assert (ROOT / item).exists(), f"COPY source {item} is not in the repository"
     assert f"STEP1X_WEIGHTS_CACHE={CACHE_DIR}" in text
+
+
+def test_dockerfile_adds_vllm_at_the_base_rays_version_on_request():
+    text = (CLUSTER / "docker" / "Dockerfile").read_text()
+    version = _dockerfile_ray()[0]
+    assert re.search(r"^ARG WITH_VLLM=0$", text, re.MULTILINE), "vLLM only when asked: the edit image stays lean"
+    assert f'"ray[llm]=={version}"' in text, "Ray's LLM extra pins the vLLM tested with this Ray"
+    assert "import vllm, ray.data.llm, step1x_batch.judge.stage" in text, "the build checks the judge imports"
+
+
+def test_readme_judge_example_is_a_valid_judge_config_targeting_the_judge_group():
+    from step1x_batch.judge.config import JudgeConfig
+
+    text = (CLUSTER / "README.md").read_text()
+    section = text.split("## Judging edits", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    judge = JudgeConfig.model_validate(yaml.safe_load(block)["judge"])
+    assert judge.resources.custom == {JUDGE_RESOURCE: 1} and judge.model.startswith(MODELS_DIR + "/")
+    for rel in re.findall(r"cluster/(kuberay/[\w.\-]+\.yaml)", section):
+        assert (CLUSTER / rel).is_file(), rel
 
 
 def test_image_ray_version_satisfies_the_package():
