@@ -85,15 +85,6 @@ def test_a_credential_or_an_http_field_is_refused_for_a_vllm_judge(judge_folder)
         JudgeConfig.model_validate({"engine": "vllm"})
 
 
-# The three xfails pass once stage.vllm_config is fixed (issue 20's report): strict, so they then fail
-# until their markers go.
-_NO_CUSTOM = ("stage.vllm_config does not pass judge.resources.custom to the engine replicas: "
-              "placement_group_config={'bundle_per_worker': {'CPU': 1, 'GPU': 1, **res.custom}} when res.custom")
-_NO_PROMPT = ("stage.vllm_config disables chat_template_stage, so no stage renders the prompt vLLM's engine "
-              "stage needs ('Either prompt or prompt_token_ids must be provided'): enable it")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NO_CUSTOM)
 def test_custom_resources_land_the_vllm_replicas_on_the_judge_group(judge_folder, ray_local):
     """``judge.resources.custom: {judge_gpu: 1}`` puts every engine worker (one per GPU of a
     tensor-parallel replica) on nodes that advertise ``judge_gpu`` (cluster/kuberay's judge group)."""
@@ -134,7 +125,6 @@ def test_the_processor_builds_with_multimodal_preparation_and_tensor_parallel_en
     assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NO_PROMPT)
 def test_a_stage_before_the_engine_renders_the_prompt(judge_folder, ray_local):
     """vLLM's engine stage takes ``prompt`` or ``tokenized_prompt``, never ``messages``: the chat
     template stage (or the tokenizer) must run between the multimodal preparation and the engine."""
@@ -314,7 +304,6 @@ def _on_the_cpu(config: Any, **kwargs: Any) -> Any:
     return processor
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_NO_PROMPT + " (every row ends judge_failed)")
 def test_a_vllm_judge_scores_every_row_or_gives_it_a_score_error(judge_folder, ray_local, tmp_path, monkeypatch):
     """Both questions through two processors on the local Ray: answered rows get scores, an
     unparsable answer keeps its raw text, a request the engine fails is a transient judge_failed

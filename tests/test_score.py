@@ -170,6 +170,7 @@ def test_http_judge_answers_become_scores_or_score_errors_with_the_raw_answer(ra
     assert (ok["status"], ok["score_sc"], ok["score_pq"]) == ("ok", 6.0, 5.0)
     assert ok["score_o"] == pytest.approx((6.0 * 5.0) ** 0.5)
     assert ok["sub_scores"] == {"sc": [6.0, 9.0], "pq": [5.0, 8.0]} and "red as asked" in ok["judge_reason"]
+    assert all(r["metrics"]["changed_fraction"] > 0.5 for r in records.values())  # measured, kept through the judge
     expected = {"r1": "judge_unparsable", "r2": "judge_out_of_range", "r3": "judge_unparsable",
                 "r4": "judge_unparsable", "r5": "judge_failed"}
     assert {k: records[k]["error_type"] for k in expected} == expected
@@ -300,3 +301,38 @@ def test_clip_similarity_joins_the_metrics_when_a_folder_is_named(ray_local, tmp
     for record, (text, direction) in zip(records, expected):
         assert record["metrics"]["clip_text"] == pytest.approx(text, abs=1e-6)
         assert record["metrics"]["clip_direction"] == pytest.approx(direction, abs=1e-6)
+
+
+def test_run_with_a_judge_scores_each_edit_inside_the_edit_graph(ray_local, tmp_path, image_factory, capsys):
+    from judge_server import JudgeServer, answer, by_marker, scores
+
+    for i in range(3):
+        (tmp_path / f"in{i}.png").write_bytes(image_factory.bytes(width=64 + 8 * i, height=64))
+    rows = [{"id": f"r{i}", "image_uri": f"in{i}.png", "instruction": f"make it red {i}", "task_type": "t"}
+            for i in range(3)]
+    rows.append({"id": "gone", "image_uri": "missing.png", "instruction": "make it red"})  # an edit error
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with JudgeServer(by_marker({}, default=answer(scores(8, 9)))) as server:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+            "input": {"manifest": str(tmp_path / "m.jsonl")}, "output": {"uri": str(tmp_path / "out")},
+            "model": {"family": "job_plugins:Seeded"},
+            "resources": {"edit_batch_size": 4, "io_batch_size": 2},
+            "runtime": {"progress_bars": False, "run_id": "judged", "max_error_fraction": 0.5},
+            "judge": {"engine": "http", "url": server.base_url, "model": "j", "category_column": "task_type"},
+        }))
+        assert main(["run", str(tmp_path / "job.yaml")]) == 0
+        asked = [r for r in server.requests if r.images]
+    printed = capsys.readouterr().out
+    assert "scored 0 of 3 rows (3 already scored" in printed  # the graph scored them; the pass after finds none
+    assert len(asked) == 6
+    logs = read_logs(str(tmp_path / "out"))
+    assert sorted(logs.column("id").to_pylist()) == ["gone", "r0", "r1", "r2"]  # one record per row
+    assert logs.filter(pc.equal(logs.column("id"), "gone")).column("error_type").to_pylist() == ["missing_object"]
+    records = read_scores(str(tmp_path / "out"))
+    assert sorted(records.column("id").to_pylist()) == ["r0", "r1", "r2"]  # the failed edit has no score
+    assert set(records.column("run_id").to_pylist()) == {"judged"}
+    assert records.column("score_o").to_pylist() == [pytest.approx(8.0)] * 3  # sqrt(min(8, 9) * min(8, 9))
+    fps = dict(zip(logs.column("id").to_pylist(), logs.column("fingerprint").to_pylist()))
+    assert all(fps[r["id"]] == r["fingerprint"] and r["category"] == "t" for r in records.to_pylist())
+    summary = json.loads((tmp_path / "out" / "runs" / "judged" / "summary.json").read_text())
+    assert summary["rows_processed"] == 4 and summary["by_status"] == {"ok": 3, "error": 1}

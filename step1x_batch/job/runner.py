@@ -49,6 +49,8 @@ from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_by
 from step1x_batch.io import weights
 from step1x_batch.job import console, ray_guard, report, stages
 from step1x_batch.job import lease as leases
+from step1x_batch.judge.scores import ScoreWriter
+from step1x_batch.judge.stage import InlineJudge, split_judged
 from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
 from step1x_batch.job.console import format_rate, plural
 from step1x_batch.job.counters import make_counters
@@ -358,11 +360,13 @@ def _upload_ray_log(local: str, uri: str, options: StorageOptions | None) -> Non
 
 class _Consumer(threading.Thread):
     """Streams the graph's output into the log writer and the tally (the main thread keeps the
-    progress line, the lease and the actors' health)."""
+    progress line, the lease and the actors' health); with a judge in the graph, the scores into
+    the scores writer."""
 
-    def __init__(self, ds: Any, writer: "LogWriter", tally: Tally, lease: leases.Lease | None) -> None:
+    def __init__(self, ds: Any, writer: "LogWriter", tally: Tally, lease: leases.Lease | None,
+                 scores: ScoreWriter | None = None) -> None:
         super().__init__(name="log-consumer", daemon=True)
-        self.ds, self.writer, self.tally, self.lease = ds, writer, tally, lease
+        self.ds, self.writer, self.tally, self.lease, self.scores = ds, writer, tally, lease, scores
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -371,6 +375,9 @@ class _Consumer(threading.Thread):
             for batch in self.ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
                 if self.lease is not None and self.lease.lost.is_set():
                     return  # another run owns the root now: its records, not ours
+                if self.scores is not None:
+                    batch, scored = split_judged(batch)
+                    self.scores.add(scored)
                 self.writer.add(batch)
                 self.tally.add(batch)
                 if self.stop.is_set():
@@ -381,6 +388,8 @@ class _Consumer(threading.Thread):
             if self.lease is None or not self.lease.lost.is_set():
                 try:
                     self.writer.flush()  # records of finished rows are good records, even if the graph failed
+                    if self.scores is not None:
+                        self.scores.flush()
                 except BaseException as e:  # noqa: BLE001
                     self.error = self.error or e
 
@@ -446,6 +455,8 @@ class _Run:
     state: rowstate.CompactResult | None = None  # the row state as the run starts
     candidates: list[Any] | None = None  # the skip join's result (None: no state, every row is work)
     consumer: "_Consumer | None" = None
+    judge: InlineJudge | None = None  # scoring inside the graph (``run`` with a ``judge:`` section)
+    scores: ScoreWriter | None = None
     stopped: str | None = None  # why the run stopped early (an actor's fatal error, "lease")
     counters_snapshot: dict[str, float] = field(default_factory=dict)
     ray_stats: str = ""
@@ -453,7 +464,8 @@ class _Run:
     compaction_retries: int = 0
 
 
-def run_job(cfg: JobConfig, facts: Preflight | None = None, lease: leases.Lease | None = None) -> RunSummary:
+def run_job(cfg: JobConfig, facts: Preflight | None = None, lease: leases.Lease | None = None,
+            judge: InlineJudge | None = None) -> RunSummary:
     """Run the job a config describes; show one progress line, print the summary and where
     everything is. ``facts`` are the pre-flight checks' findings (the manifest's row count).
 
@@ -461,18 +473,25 @@ def run_job(cfg: JobConfig, facts: Preflight | None = None, lease: leases.Lease 
     (:func:`~step1x_batch.job.entrypoint.check_lease_and_run` and the recipes do).
     Returns the summary; ``summary.ok`` is False (and a loud message is printed) when the share of
     error rows exceeded ``runtime.max_error_fraction``. Raises :class:`JobStopped` (exit status 2)
-    when the model fails to load in an edit actor or another run took the lease over.
+    when the model fails to load in an edit actor or another run took the lease over. ``judge``:
+    each edit is scored as it lands, in the same graph on the judge's own actors.
     """
     if lease is not None:
-        return _run_leased(cfg, facts, lease)
+        return _run_leased(cfg, facts, lease, judge)
     with leases.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                      ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked,
                      say=lambda m: _print(m, err=True)) as held:
-        return _run_leased(cfg, facts, held)
+        return _run_leased(cfg, facts, held, judge)
 
 
-def _run_leased(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease) -> RunSummary:
+def _run_leased(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease,
+                judge: InlineJudge | None = None) -> RunSummary:
     run = prepare(cfg, facts, lease)
+    if judge is not None:
+        run.judge = judge
+        run.scores = ScoreWriter(cfg.output.uri, cfg.runtime.run_id, cfg.output_storage(),
+                                 judge.config.score_part_rows, judge.config.score_part_seconds,
+                                 confirm=lease.confirm)
     rt = cfg.runtime
     with console.ray_output(run.ray_log, verbose=rt.verbose, interval_s=rt.progress_seconds) as con:
         started = init_ray(cfg)
@@ -567,8 +586,8 @@ def stream(run: _Run, con: console.Console) -> None:
     progress line, the lease and the actors' health; then fold this run's parts into the state."""
     cfg = run.cfg
     ds = stages.build_dataset(cfg, state=run.state.pointer, counters=run.counters, plan=run.plan,
-                              candidates=run.candidates)
-    run.consumer = consumer = _Consumer(ds, run.writer, run.tally, run.lease)
+                              candidates=run.candidates, judge=run.judge)
+    run.consumer = consumer = _Consumer(ds, run.writer, run.tally, run.lease, run.scores)
     consumer.start()
     run.stopped = _follow(run, con, consumer)
     if run.stopped:

@@ -60,6 +60,7 @@ from step1x_batch.models.base import (
     edit_prepared,
 )
 from step1x_batch.job.counters import add_counters
+from step1x_batch.judge.stage import InlineJudge, judge_log_rows
 from step1x_batch.rows.digest import manifest_row_digests
 from step1x_batch.rows.log import LOG_SCHEMA
 from step1x_batch.rows.state import StatePointer, decide
@@ -607,9 +608,10 @@ def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[
 
 
 def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan,
-                  candidates: list[Any] | None = None):
+                  candidates: list[Any] | None = None, judge: InlineJudge | None = None):
     """manifest -> skip done (a join with the root's state) -> normalise -> prepare -> edit
-    (actor pool) -> write; yields LOG_SCHEMA blocks. Without a state (nothing logged yet) every
+    (actor pool) -> write; yields LOG_SCHEMA blocks (with ``judge``: -> measure -> judge -> parse,
+    blocks of scores carrying each row's log record, see :func:`~step1x_batch.judge.stage.split_judged`). Without a state (nothing logged yet) every
     row is work and the manifest streams straight into normalise. ``candidates``: the join's
     result when the driver ran it already (:func:`skip_candidates`)."""
     import ray
@@ -678,4 +680,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         num_cpus=r.io_cpus_per_task,
         max_retries=r.task_max_retries,
     )
+    if judge is not None:  # score each edit as it lands, on the judge's own actors
+        ds = judge_log_rows(ds, judge.config, judge.prompts, cfg.runtime.run_id, cfg.output_storage(),
+                            cfg.runtime.max_pixels)
     return ds

@@ -93,6 +93,27 @@ def _error_detail(body: Any) -> str:
     return str(body.get("message") or "") if body.get("object") == "error" else ""
 
 
+def wrapped_payload(body: dict[str, Any] | None) -> dict[str, str]:
+    """The payload ray.data.llm carries for one request: the request body as JSON text in one
+    field. Ray Data stores rows as Arrow, which unifies the shapes of a batch's payloads (a text
+    part would gain a null ``image_url``); one string field arrives exactly as written.
+    ``None``: a row that failed before the judge (the stage keeps every row in one stream; a branch
+    and a union would run the upstream graph twice), answered by the session without a request."""
+    return {"step1x_body": "" if body is None else json.dumps(body)}
+
+
+def unwrap_body(data: Any) -> Any:
+    """The request body inside what the UDF posts (:func:`wrapped_payload`), or None for a row
+    not to ask; anything else is posted as it is."""
+    try:
+        wrapper = json.loads(data) if isinstance(data, (str, bytes)) else None
+    except ValueError:
+        return data
+    if isinstance(wrapper, dict) and set(wrapper) == {"step1x_body"}:
+        return wrapper["step1x_body"] or None
+    return data
+
+
 def answer_text(response: Any) -> str:
     """The text of a chat-completions answer (``choices[0].message.content``; "" when the judge
     said nothing, which the parser calls unparsable). An error body raises :class:`JudgeCallError`."""
@@ -167,6 +188,9 @@ class _Session:
         return task
 
     async def _ask(self, url: str, headers: dict[str, str], data: Any) -> _Answer:
+        data = unwrap_body(data)
+        if data is None:  # a row that failed before the judge: nothing to ask, nothing sent
+            return _Answer(200, "OK", {"step1x_skipped": True})
         factory, key = self.factory, None
         if factory.api_key_env:
             key = os.environ.get(factory.api_key_env)

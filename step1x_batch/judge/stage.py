@@ -18,22 +18,26 @@ set and later stages pass it through untouched.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from step1x_batch.errors import CORRUPT_IMAGE, JUDGE_FAILED, READ_FAILED, RowError, redact
 from step1x_batch.io.images import decode_image
 from step1x_batch.io.storage import StorageOptions, read_bytes
 from step1x_batch.judge.answers import AnswerError, bounded, overall, parse_preference, parse_scores
-from step1x_batch.judge.config import JudgeConfig
-from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload
+from step1x_batch.judge.config import JudgeConfig, score_key
+from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload, wrapped_payload
 from step1x_batch.judge.metrics import ClipScorer, MetricSettings, image_metrics
 from step1x_batch.judge.prompts import JudgeRequest, PromptSet
 from step1x_batch.judge.scores import METRICS_STRUCT, SUB_SCORES_STRUCT, conform_scores
+from step1x_batch.rows.log import LOG_SCHEMA, conform
 
 __all__ = ["score_dataset", "measure_batch", "parse_batch", "requests_for"]
 
@@ -102,20 +106,63 @@ def _add_clip(folder: str, rows: list[dict[str, Any]], measured: list[dict[str, 
 
 def measure_batch(batch: pa.Table, judge: JudgeConfig, storage: StorageOptions, max_pixels: int,
                   threads: int = 8) -> pa.Table:
-    """Stage 1: read and measure every row of ``batch`` (I/O in threads, CPU in numpy)."""
+    """Stage 1: read and measure every row of ``batch`` (I/O in threads, CPU in numpy); a row
+    that arrives with ``error_type`` set (not to be scored) is passed on unread."""
     rows = batch.to_pylist()
     keep = judge.engine != "none"
+
+    def one(row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("error_type"):
+            return {"metrics": None, "input_bytes": None, "output_bytes": None, "against_bytes": None,
+                    "error_type": row["error_type"], "error_message": row.get("error_message")}
+        return _measure_row(row, judge, storage, max_pixels, keep)
+
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-        measured = list(pool.map(lambda r: _measure_row(r, judge, storage, max_pixels, keep), rows))
+        measured = list(pool.map(one, rows))
     if judge.metrics.clip:
         _add_clip(judge.metrics.clip, rows, measured)
-    table = batch
-    types = {"metrics": METRICS_STRUCT, "input_bytes": pa.list_(pa.binary()), "output_bytes": pa.binary(),
-             "against_bytes": pa.binary(), "error_type": pa.string(), "error_message": pa.string()}
-    for name, type_ in types.items():
-        values = [m[name] for m in measured]
-        table = table.append_column(name, pa.array(values, type_))
-    return table
+    columns = {name: batch.column(name) for name in batch.column_names}
+    for name in ("metrics", "input_bytes", "output_bytes", "against_bytes", "error_type", "error_message"):
+        columns[name] = [m[name] for m in measured]
+    return _stage_table(columns, batch.num_rows)
+
+
+# Every column a row carries between the stages, typed once: blocks from the two branches of the
+# http / vllm path (asked, failed before asking) are united, and the ones built from Python dicts
+# by ray.data.llm would otherwise infer their own types (a column all null, a struct).
+STAGE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("fingerprint", pa.string()), ("score_key", pa.string()),
+    ("image_uris", pa.list_(pa.string())), ("output_uri", pa.string()), ("instruction", pa.string()),
+    ("category", pa.string()), ("against_uri", pa.string()), ("against_fingerprint", pa.string()),
+    ("metrics", METRICS_STRUCT), ("input_bytes", pa.list_(pa.binary())), ("output_bytes", pa.binary()),
+    ("against_bytes", pa.binary()), ("error_type", pa.string()), ("error_message", pa.string()),
+    ("answer_sc", pa.string()), ("answer_pq", pa.string()), ("answer_pair", pa.string()),
+    ("judge_error", pa.string()), ("judge_ms", pa.float64()), ("inference_error", pa.string()),
+    ("log_record", pa.string()),  # the edit job's log record (JSON) when judging inside the edit graph
+])
+
+
+def _stage_table(columns: dict[str, Any], n: int) -> pa.Table:
+    arrays = []
+    for field in STAGE_SCHEMA:
+        value = columns.get(field.name)
+        if value is None:
+            arrays.append(pa.nulls(n, field.type))
+            continue
+        if isinstance(value, (pa.Array, pa.ChunkedArray)):
+            value = value.to_pylist() if pa.types.is_null(value.type) or value.type != field.type else value
+        array = value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value, field.type)
+        arrays.append(array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array)
+    return pa.Table.from_arrays(arrays, schema=STAGE_SCHEMA)
+
+
+def conform_stage(batch: pa.Table) -> pa.Table:
+    """``batch`` as exactly :data:`STAGE_SCHEMA` (``__inference_error__`` of ray.data.llm kept as
+    ``inference_error``)."""
+    columns = {name: batch.column(name) for name in batch.column_names}
+    if "__inference_error__" in columns:
+        columns["inference_error"] = columns.pop("__inference_error__")
+    return _stage_table(columns, batch.num_rows)
 
 
 def requests_for(row: dict[str, Any], judge: JudgeConfig, prompts: PromptSet) -> dict[str, JudgeRequest]:
@@ -160,10 +207,10 @@ class TransformersJudgeStage:
             took[i] = (time.perf_counter() - start) * 1000.0
             for name, text in zip(asked, texts):
                 answers[name][i] = text
-        for name in _ANSWERS:
-            batch = batch.append_column(name, pa.array(answers[name], pa.string()))
-        batch = batch.append_column("judge_error", pa.array(failures, pa.string()))
-        return batch.append_column("judge_ms", pa.array(took, pa.float64()))
+        columns = {name: batch.column(name) for name in batch.column_names}
+        columns.update(answers)
+        columns["judge_error"], columns["judge_ms"] = failures, took
+        return _stage_table(columns, batch.num_rows)
 
 
 class _Ask:
@@ -173,10 +220,15 @@ class _Ask:
         self.judge, self.prompts, self.name, self.engine = judge, prompts, name, engine
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row.get("error_type"):  # failed before the judge: asked nothing (http) or one token (vllm)
+            if self.engine == "http":
+                return {"payload": wrapped_payload(None), "asked_at": None}
+            return {"messages": [{"role": "user", "content": "."}], "asked_at": None,
+                    "sampling_params": {"temperature": 0.0, "max_tokens": 1, "seed": self.judge.seed}}
         request = requests_for(row, self.judge, self.prompts)[self.name]
         payload = chat_payload(request, self.judge.model_name(), self.judge.max_tokens, self.judge.seed)
         if self.engine == "http":
-            return {"payload": payload, "asked_at": time.time()}
+            return {"payload": wrapped_payload(payload), "asked_at": time.time()}
         return {"messages": payload["messages"], "asked_at": time.time(),
                 "sampling_params": {"temperature": 0.0, "max_tokens": self.judge.max_tokens,
                                     "seed": self.judge.seed}}
@@ -188,7 +240,7 @@ class _Take:
     _ENGINE_KEYS = ("payload", "http_response", "messages", "sampling_params", "generated_text",
                     "generated_tokens", "prompt", "prompt_token_ids", "num_generated_tokens",
                     "num_input_tokens", "asked_at", "image", "multimodal_data", "mm_processor_kwargs",
-                    "request_id", "batch_uuid", "time_taken_llm", "params", "embeddings", "metrics",
+                    "request_id", "batch_uuid", "time_taken_llm", "params", "embeddings",
                     "__inference_error__", "tokenized_prompt", "generated_logprobs")
 
     def __init__(self, name: str, engine: str) -> None:
@@ -196,10 +248,11 @@ class _Take:
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         answer, failure = None, data.get("judge_error")
-        try:
-            answer = answer_text(data["http_response"]) if self.engine == "http" else data.get("generated_text")
-        except JudgeCallError as e:
-            failure = failure or f"row {data.get('id')!r}: {e}"
+        if not data.get("error_type"):
+            try:
+                answer = answer_text(data["http_response"]) if self.engine == "http" else data.get("generated_text")
+            except JudgeCallError as e:
+                failure = failure or f"row {data.get('id')!r}: {e}"
         took = (time.time() - data["asked_at"]) * 1000.0 if data.get("asked_at") else None
         out = {k: v for k, v in data.items() if k not in self._ENGINE_KEYS}
         out[self.name] = answer
@@ -233,13 +286,18 @@ def vllm_config(judge: JudgeConfig) -> Any:
 
     res = judge.resources
     engine_kwargs = {"max_model_len": 16384, "limit_mm_per_prompt": {"image": 4}, **judge.engine_kwargs}
+    # one bundle per engine worker (Ray repeats it for each GPU of a tensor-parallel replica): the
+    # judge's custom resource lands every worker on the judge's own group
+    placement = {"bundle_per_worker": {"CPU": 1, "GPU": 1, **res.custom}} if res.custom else None
     return vLLMEngineProcessorConfig(
         model_source=judge.model, engine_kwargs=engine_kwargs, concurrency=res.concurrency,
         batch_size=res.batch_size, accelerator_type=res.accelerator_type, should_continue_on_error=True,
-        prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai",
-                                  "model_config_kwargs": {"model": judge.model}},
-        chat_template_stage={"enabled": False}, tokenize_stage={"enabled": False},
-        detokenize_stage={"enabled": True},
+        placement_group_config=placement,
+        # the engine takes a rendered prompt: images prepared, then the chat template; vLLM expands
+        # the image placeholders itself (no tokenize stage) and returns the text (no detokenize)
+        prepare_multimodal_stage={"enabled": True, "chat_template_content_format": "openai"},
+        chat_template_stage={"enabled": True}, tokenize_stage={"enabled": False},
+        detokenize_stage={"enabled": False},
     )
 
 
@@ -248,8 +306,8 @@ def _parse_row(row: dict[str, Any], judge: JudgeConfig, prompts: PromptSet | Non
                            "sub_scores": None, "judge_reason": None, "judge_raw": None, "preference": None}
     if row.get("error_type"):
         return {**out, "status": "error"}
-    if row.get("judge_error") or row.get("__inference_error__"):
-        message = row.get("judge_error") or f"row {row['id']!r}: {row['__inference_error__']}"
+    if row.get("judge_error") or row.get("inference_error"):
+        message = row.get("judge_error") or f"row {row['id']!r}: {row['inference_error']}"
         return {**out, "status": "error", "error_type": JUDGE_FAILED, "error_message": bounded(message, 2000)}
     if judge.engine == "none":
         return out
@@ -291,15 +349,10 @@ def parse_batch(batch: pa.Table, judge: JudgeConfig, prompts: PromptSet | None, 
         table = table.append_column(name, pa.array([value] * n, pa.string()))
     table = table.append_column("finished_at", pa.array([now.value] * n, pa.timestamp("us", tz="UTC"))) \
         if "finished_at" not in table.column_names else table
-    return conform_scores(table)
-
-
-def _unasked(batch: pa.Table) -> pa.Table:
-    """The answer columns, empty, for rows that failed before the judge (so a union's blocks share
-    a schema)."""
-    for name in (*_ANSWERS, "judge_error"):
-        batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
-    return batch.append_column("judge_ms", pa.nulls(batch.num_rows, pa.float64()))
+    scores = conform_scores(table)
+    if "log_record" in batch.column_names:  # judging inside the edit graph: the log record rides along
+        scores = scores.append_column("log_record", batch.column("log_record"))
+    return scores
 
 
 def score_dataset(ds: Any, judge: JudgeConfig, prompts: PromptSet | None, run_id: str,
@@ -321,12 +374,81 @@ def score_dataset(ds: Any, judge: JudgeConfig, prompts: PromptSet | None, run_id
                             num_gpus=res.num_gpus, num_cpus=res.num_cpus, resources=res.custom or None,
                             accelerator_type=res.accelerator_type)
     elif judge.engine in ("http", "vllm"):
-        failed = ds.filter(lambda r: r["error_type"] is not None).map_batches(
-            _unasked, batch_format="pyarrow", num_cpus=res.io_cpus_per_task)
-        asking = ds.filter(lambda r: r["error_type"] is None)
         for name in (("answer_pair",) if judge.mode == "pairwise" else ("answer_sc", "answer_pq")):
-            asking = _processor_stage(asking, judge, prompts, name)
-        ds = asking.union(failed)
+            ds = _processor_stage(ds, judge, prompts, name)
+        ds = ds.map_batches(conform_stage, batch_format="pyarrow", num_cpus=res.io_cpus_per_task)
     return ds.map_batches(parse_batch, batch_format="pyarrow", batch_size=res.batch_size,
                           fn_kwargs={"judge": judge, "prompts": prompts, "run_id": run_id},
                           num_cpus=res.io_cpus_per_task)
+
+
+# --- judging inside the edit job's graph ---------------------------------------------------------
+
+NOT_SCORED = "not_scored"  # an edit that failed: its log record rides through, no score is written
+# The log schema as a record reads back from JSON: timestamps as ISO text (conform parses them).
+_LOG_AS_JSON = pa.schema([pa.field(f.name, pa.string()) if pa.types.is_timestamp(f.type) else f for f in LOG_SCHEMA])
+
+
+def log_rows_as_candidates(batch: pa.Table, judge: JudgeConfig, judge_id: str, prompt_hash: str) -> pa.Table:
+    """The edit job's log records (after its write stage) as scoring candidates: ``ok`` rows are
+    scored, the others only carry their log record through."""
+    rows = batch.to_pylist()
+    columns: dict[str, list[Any]] = {name: [] for name in ("id", "fingerprint", "score_key", "image_uris",
+                                                           "output_uri", "instruction", "category",
+                                                           "error_type", "log_record")}
+    for row in rows:
+        ok = row.get("status") == "ok"
+        columns["id"].append(row["id"])
+        columns["fingerprint"].append(row.get("fingerprint"))
+        columns["score_key"].append(score_key(row["fingerprint"], judge_id, prompt_hash) if ok else None)
+        columns["image_uris"].append(row.get("image_uris"))
+        columns["output_uri"].append(row.get("output_uri"))
+        columns["instruction"].append(row.get("instruction"))
+        columns["category"].append(category_of(row.get("extra"), judge.category_column))
+        columns["error_type"].append(None if ok else NOT_SCORED)
+        columns["log_record"].append(json.dumps(row, default=_json_default))
+    return _stage_table(columns, len(rows))
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def category_of(extra: str | None, column: str | None) -> str | None:
+    """A manifest column's value (carried in the log's ``extra`` JSON) as the row's category."""
+    if not column or not extra:
+        return None
+    try:
+        value = json.loads(extra).get(column)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class InlineJudge:
+    """A judge for the edit job's own graph (``run`` with a ``judge:`` section): its config and the
+    prompt set the driver resolved."""
+
+    config: JudgeConfig
+    prompts: PromptSet | None
+
+
+def judge_log_rows(ds: Any, judge: JudgeConfig, prompts: PromptSet | None, run_id: str,
+                   storage: StorageOptions, max_pixels: int) -> Any:
+    """The scoring stage chained after the edit job's write stage: editing and judging stream in
+    one graph, each on its own actors and GPUs; the driver splits each batch into log records and
+    scores (:func:`split_judged`)."""
+    prompt_hash = prompts.digest() if prompts is not None else "-"
+    ds = ds.map_batches(log_rows_as_candidates, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"judge": judge, "judge_id": judge.judge_id(), "prompt_hash": prompt_hash},
+                        num_cpus=judge.resources.io_cpus_per_task)
+    return score_dataset(ds, judge, prompts, run_id, storage, max_pixels)
+
+
+def split_judged(batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A batch of :func:`judge_log_rows` as (the edit's log records, the score records to write)."""
+    rows = [json.loads(text) for text in batch.column("log_record").to_pylist()]
+    records = conform(pa.Table.from_pylist(rows, schema=_LOG_AS_JSON))
+    scored = pc.invert(pc.fill_null(pc.equal(batch.column("error_type"), NOT_SCORED), False))
+    return records, conform_scores(batch.filter(scored))

@@ -34,6 +34,7 @@ from step1x_batch.judge import local as judge_local
 from step1x_batch.judge import scores as score_log
 from step1x_batch.judge.config import JudgeConfig, score_key
 from step1x_batch.judge.prompts import PromptSet, load_prompts
+from step1x_batch.judge.stage import InlineJudge, category_of, score_dataset
 from step1x_batch.recipes.section import RecipeSection
 from step1x_batch.rows.log import read_logs
 from step1x_batch.rows.state import latest_per_id
@@ -138,16 +139,6 @@ def _current_edits(output_uri: str, storage: StorageOptions) -> pa.Table:
     return latest_per_id(ok)
 
 
-def _category(extra: str | None, column: str | None) -> str | None:
-    if not column or not extra:
-        return None
-    try:
-        value = json.loads(extra).get(column)
-    except (ValueError, AttributeError):
-        return None
-    return None if value is None else str(value)
-
-
 def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, hash_: str) -> pa.Table:
     """Every id's current edit (its latest ``ok`` record) with its score key; pairwise, only the
     ids both roots edited, with the other root's output and fingerprint."""
@@ -164,7 +155,7 @@ def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, has
             continue
         rows.append({"id": rec["id"], "fingerprint": rec["fingerprint"], "image_uris": rec["image_uris"],
                      "output_uri": rec["output_uri"], "instruction": rec["instruction"],
-                     "category": _category(rec["extra"], judge.category_column),
+                     "category": category_of(rec["extra"], judge.category_column),
                      "against_uri": b_uri, "against_fingerprint": b_fp,
                      "score_key": score_key(rec["fingerprint"], judge_id, hash_, b_fp)})
     schema = pa.schema([("id", pa.string()), ("fingerprint", pa.string()), ("image_uris", pa.list_(pa.string())),
@@ -225,8 +216,6 @@ def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, prompts: Pr
                 storage: StorageOptions, runtime: ScoreRuntime, lease: Lease | None,
                 summary: ScoreSummary) -> str | None:
     import ray.data
-
-    from step1x_batch.judge.stage import score_dataset
 
     started = runner.start_ray(runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local",
                                runtime.local_num_cpus)
@@ -290,12 +279,17 @@ def run_edit_config(path: str, overrides: Sequence[str] = ()) -> int:
     def run() -> bool:
         rest, section = JUDGE_SECTION.split(read_raw_config(path, overrides))
         judge = JUDGE_SECTION.validate(section) if section else None
+        if judge is not None and judge.mode == "pairwise":
+            raise ConfigError("judge.mode: pairwise compares two finished output roots; run "
+                              "`step1x-batch score` once both are edited")
         cfg = parse_config(rest)
 
         def edit_then_score(facts: Any, lease: Lease) -> bool:
-            edited = runner.run_job(cfg, facts, lease)
+            inline = None if judge is None else InlineJudge(judge, judge_prompts(judge))
+            edited = runner.run_job(cfg, facts, lease, judge=inline)
             if judge is None:  # (a run that stopped early raised JobStopped)
                 return edited.ok
+            # the edits this run made were scored in its graph; rows done before it are scored now
             scored = score_output(cfg.output.uri, judge, cfg.output_storage(), ScoreRuntime.of_job(cfg),
                                   lease, say=print)
             print(scored.line())
