@@ -264,6 +264,24 @@ def test_judge_group_advertises_one_judge_gpu_per_gpu(path, doc):
             assert JUDGE_RESOURCE not in _ray_resources(group), group["groupName"]
 
 
+def test_the_edit_gpu_group_advertises_edit_gpu_for_custom_per_actor():
+    """``resources.custom_per_actor: {edit_gpu: 1}`` keeps edit actors off the judge's GPUs: the
+    long-lived cluster's edit GPU group (and the AWS GPU node types) advertise one per GPU."""
+    (doc,) = [d for p, d in JUDGE_CLUSTERS if p.name == "raycluster.yaml"]
+    spec = _ray_cluster_spec(doc)
+    edit = [g for g in spec["workerGroupSpecs"] if g not in _judge_groups(spec)
+            and "nvidia.com/gpu" in json.dumps(g["template"])]
+    assert edit
+    for group in edit:
+        gpus = int(_gpu_container(group)["resources"]["limits"]["nvidia.com/gpu"])
+        assert _ray_resources(group).get("edit_gpu") == gpus and JUDGE_RESOURCE not in _ray_resources(group)
+    aws = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    for name, node in aws["available_node_types"].items():
+        res = node["resources"]
+        if res.get("GPU") and JUDGE_RESOURCE not in res:
+            assert res.get("edit_gpu") == res["GPU"], name
+
+
 @pytest.mark.parametrize("path,doc", JUDGE_CLUSTERS, ids=[p.name for p, _ in JUDGE_CLUSTERS])
 def test_every_pod_of_a_judging_cluster_mounts_the_models_and_reads_the_key_from_a_secret(path, doc):
     """The driver, ray.data.llm's CPU stages and the engines all read judge.model, and HTTP

@@ -342,3 +342,17 @@ def test_actor_plan_keeps_cpus_for_io_tasks():
         plan_actors(_cfg(num_gpus_per_actor=1), {"CPU": 8.0})
     with pytest.raises(ConfigError, match="max_actors"):
         _cfg(min_actors=3, max_actors=2)
+
+
+def test_edit_actors_keep_to_their_own_group_when_a_judge_shares_the_cluster():
+    """``resources.custom_per_actor: {edit_gpu: 1}``: the pool is sized by the edit group's own
+    resource, not by every GPU (the judge's included), and the actors ask for it."""
+    from step1x_batch.job.stages import plan_actors
+
+    cluster = {"CPU": 64.0, "GPU": 8.0, "edit_gpu": 6.0, "judge_gpu": 2.0}
+    shared = _cfg(num_gpus_per_actor=1, max_actors=16)
+    assert plan_actors(shared, cluster).max_size == 8  # without it: the judge's 2 GPUs too
+    own = _cfg(num_gpus_per_actor=1, max_actors=16, custom_per_actor={"edit_gpu": 1})
+    assert plan_actors(own, cluster).max_size == 6
+    with pytest.raises(ValueError, match="edit_gpu"):
+        plan_actors(own, {"CPU": 64.0, "GPU": 8.0})

@@ -193,6 +193,9 @@ class ResourcesConfig(_Section):
     min_actors: int = Field(1, ge=1)
     max_actors: int | None = Field(None, ge=1)  # None: one per GPU (a model on CPU: 1; null: CPUs allow)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    # Ray custom resources per edit actor, e.g. {edit_gpu: 1}: keeps the edit actors on the edit
+    # worker group when a judge's group shares the cluster (cluster/kuberay/raycluster.yaml)
+    custom_per_actor: dict[str, float] = Field(default_factory=dict)
     # A scheduling token, not a thread count (torch sizes its own thread pool). Fractional on a
     # small CPU machine: Ray Data backpressures the task stages when the actor holds whole CPUs.
     cpus_per_actor: float = Field(0.5, gt=0.0)

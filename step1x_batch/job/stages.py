@@ -560,6 +560,12 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
         fit = min(by_cpu, int(math.floor(total_gpus / r.num_gpus_per_actor + 1e-9)))
     else:
         fit = by_cpu
+    for name, amount in r.custom_per_actor.items():  # the edit group's own resource bounds the pool
+        if amount > 0 and float(cluster.get(name, 0.0)) < amount:
+            raise ValueError(f"resources.custom_per_actor asks {amount:g} {name} per edit actor but the Ray "
+                             f"cluster has {float(cluster.get(name, 0.0)):g} (which nodes advertise it?)")
+        if amount > 0:
+            fit = min(fit, int(math.floor(float(cluster.get(name, 0.0)) / amount + 1e-9)))
     fit = max(fit, 1)
     if r.num_actors is not None:
         lo = hi = min(r.num_actors, fit)
@@ -662,6 +668,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         fn_constructor_kwargs={"spec": spec, "weights": weights, "counters": counters},
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus,
+        resources=r.custom_per_actor or None,
     )
     write_settings = WriteSettings(
         output_uri=cfg.output.uri,
