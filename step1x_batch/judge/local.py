@@ -95,10 +95,10 @@ class TransformersJudge:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device, self.max_new_tokens, self.seed = torch.device(device), int(max_new_tokens), int(seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         self.chat_template = _chat_template(Path(folder), self.tokenizer)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=_DTYPES[dtype])
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=_DTYPES[dtype], local_files_only=True)
         self.model.to(self.device).eval()
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         # Greedy: the release's sampling settings (temperature, top_p, top_k) do not apply;

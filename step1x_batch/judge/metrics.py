@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.ndimage import correlate1d
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
@@ -89,14 +90,16 @@ def _gaussian_taps() -> torch.Tensor:
     return taps / taps.sum()
 
 
-def _blur_valid(maps: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian over (N, 1, H, W), only where the window fits.
+def _blur_valid(maps: np.ndarray) -> np.ndarray:
+    """Separable Gaussian over (N, H, W), only where the window fits.
 
     scikit-image filters with reflected borders and then drops (taps - 1) / 2 pixels at each edge
-    before averaging, which leaves exactly the window positions that need no border."""
-    taps = _gaussian_taps()
-    rows = F.conv2d(maps, taps.view(1, 1, SSIM_TAPS, 1))
-    return F.conv2d(rows, taps.view(1, 1, 1, SSIM_TAPS))
+    before averaging, which leaves exactly the window positions that need no border. scipy's
+    ``correlate1d`` is its filter too: 4x faster than torch's float64 ``conv2d`` on a CPU
+    (benchmarks/bench_judge.py), and SSIM is nearly all of the measure stage's cost."""
+    taps, pad = _gaussian_taps().numpy(), (SSIM_TAPS - 1) // 2
+    out = correlate1d(correlate1d(maps, taps, axis=1, mode="reflect"), taps, axis=2, mode="reflect")
+    return out[:, pad:-pad, pad:-pad]
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -105,15 +108,14 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
     height, width = a.shape[:2]
     if min(height, width) < SSIM_TAPS:
         return None
-    x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).to(torch.float64)
-    y = torch.from_numpy(np.ascontiguousarray(b.transpose(2, 0, 1))).to(torch.float64)
-    channels = x.shape[0]
-    stats = _blur_valid(torch.cat([x, y, x * x, y * y, x * y]).unsqueeze(1)).squeeze(1)
-    mx, my, mxx, myy, mxy = stats.split(channels)
+    x = np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float64)
+    y = np.ascontiguousarray(b.transpose(2, 0, 1), dtype=np.float64)
+    stats = _blur_valid(np.concatenate([x, y, x * x, y * y, x * y]))
+    mx, my, mxx, myy, mxy = np.split(stats, 5)
     vx, vy, vxy = mxx - mx * mx, myy - my * my, mxy - mx * my
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean(dim=(1, 2)).mean())
+    return float(s.mean(axis=(1, 2)).mean())
 
 
 def image_metrics(first_input: np.ndarray, output: np.ndarray, settings: MetricSettings) -> dict[str, Any]:
@@ -161,9 +163,9 @@ class ClipScorer:
 
         self.device = torch.device(device)
         # float32 whatever the release was saved in: a CLIP is small, and the pixels arrive as float32
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True).to(self.device).eval()
         # PIL's resize, as OpenAI's CLIP preprocessing: the same scores with or without torchvision
-        self.processor = AutoProcessor.from_pretrained(folder, backend="pil")
+        self.processor = AutoProcessor.from_pretrained(folder, backend="pil", local_files_only=True)
         self.siglip = "siglip" in self.model.config.model_type
         self.max_tokens = int(self.model.config.text_config.max_position_embeddings)
 

@@ -548,8 +548,9 @@ def _judge(cj: CatalogJob, verdict: Verdict, latest: dict[str, dict[str, Any]], 
     if judge is None or not verdict.fresh:
         return True
     job = cj.job
+    fresh = {item: verdict.entries[item]["fingerprint"] for item in verdict.fresh}
     scored = score_output(job.output.uri, judge, job.output_storage(), ScoreRuntime.of_job(job), lease,
-                          say=_print)
+                          say=_print, only=fresh)  # tonight's renders, not the whole catalog
     summary.scores = asdict(scored)
     _print(scored.line())
     if scored.stopped:

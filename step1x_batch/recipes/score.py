@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -133,16 +133,22 @@ def prompt_hash(judge: JudgeConfig) -> str:
     return "-" if prompts is None else prompts.digest()
 
 
-def _current_edits(output_uri: str, storage: StorageOptions) -> pa.Table:
+def _current_edits(output_uri: str, storage: StorageOptions, only: Mapping[str, str] | None = None) -> pa.Table:
+    """Each id's latest ``ok`` record; with ``only`` (id -> fingerprint), those edits exactly."""
     logs = read_logs(output_uri, storage, columns=_LOG_COLUMNS)
     ok = logs.filter(pc.equal(logs.column("status"), "ok")) if logs.num_rows else logs
+    if only is not None and ok.num_rows:
+        wanted = [only.get(i) == f for i, f in zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist())]
+        ok = ok.filter(pa.array(wanted, pa.bool_()))
     return latest_per_id(ok)
 
 
-def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, hash_: str) -> pa.Table:
-    """Every id's current edit (its latest ``ok`` record) with its score key; pairwise, only the
-    ids both roots edited, with the other root's output and fingerprint."""
-    edits = _current_edits(output_uri, storage)
+def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, hash_: str,
+               only: Mapping[str, str] | None = None) -> pa.Table:
+    """Every id's current edit (its latest ``ok`` record; with ``only``, those (id, fingerprint)
+    edits) with its score key; pairwise, only the ids both roots edited, with the other root's
+    output and fingerprint."""
+    edits = _current_edits(output_uri, storage, only)
     against: dict[str, tuple[str, str]] = {}
     if judge.mode == "pairwise":
         other = _current_edits(judge.against, storage)
@@ -182,13 +188,15 @@ def check_judge(judge: JudgeConfig, storage: StorageOptions | None = None) -> No
 
 
 def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, runtime: ScoreRuntime,
-                 lease: Lease | None, say: Callable[[str], None] | None = None) -> ScoreSummary:
-    """Score every current edit under ``output_uri`` not yet scored under its key, under the
-    caller's ``lease`` on the root; write the summary. Ray is started (or joined) when needed."""
+                 lease: Lease | None, say: Callable[[str], None] | None = None,
+                 only: Mapping[str, str] | None = None) -> ScoreSummary:
+    """Score every current edit under ``output_uri`` (``only``: these id -> fingerprint edits, as
+    the catalog gate asks for its fresh renders) not yet scored under its key, under the caller's
+    ``lease`` on the root; write the summary. Ray is started (or joined) when needed."""
     say = say or (lambda m: None)
     prompts = judge_prompts(judge)
     hash_ = "-" if prompts is None else prompts.digest()
-    table = candidates(output_uri, judge, storage, hash_)
+    table = candidates(output_uri, judge, storage, hash_, only)
     done = score_log.scored_keys(output_uri, storage, retry=runtime.retry_error_types_this_run)
     todo = table.filter(pa.array([(i, k) not in done for i, k in zip(table.column("id").to_pylist(),
                                                                      table.column("score_key").to_pylist())],
