@@ -82,7 +82,9 @@ FINAL_CODES = CODES - TRANSIENT_CODES
 JUDGE_UNPARSABLE = "judge_unparsable"  # no JSON answer with the expected scores (malformed, truncated, empty)
 JUDGE_OUT_OF_RANGE = "judge_out_of_range"  # a score outside the prompt's 0-10 scale
 JUDGE_FAILED = "judge_failed"  # no answer: timeout, connection, HTTP error, engine error
-SCORE_CODES = frozenset({JUDGE_UNPARSABLE, JUDGE_OUT_OF_RANGE, JUDGE_FAILED, READ_FAILED, CORRUPT_IMAGE})
+# (plus the reads' final codes: an edit whose output object was deleted stays unscored until asked again)
+SCORE_CODES = frozenset({JUDGE_UNPARSABLE, JUDGE_OUT_OF_RANGE, JUDGE_FAILED, READ_FAILED, CORRUPT_IMAGE,
+                         MISSING_OBJECT, NOT_A_FILE, INVALID_URI, IMAGE_TOO_LARGE, EMPTY_OBJECT})
 TRANSIENT_SCORE_CODES = frozenset({JUDGE_FAILED, READ_FAILED})
 
 

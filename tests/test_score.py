@@ -336,3 +336,44 @@ def test_run_with_a_judge_scores_each_edit_inside_the_edit_graph(ray_local, tmp_
     assert all(fps[r["id"]] == r["fingerprint"] and r["category"] == "t" for r in records.to_pylist())
     summary = json.loads((tmp_path / "out" / "runs" / "judged" / "summary.json").read_text())
     assert summary["rows_processed"] == 4 and summary["by_status"] == {"ok": 3, "error": 1}
+
+
+def test_a_bmp_or_rotated_input_reaches_the_judge_upright_as_png(ray_local, tmp_path, image_factory):
+    """The edit job reads GIF / BMP / TIFF and EXIF-rotated photos; the judge's API takes PNG, JPEG
+    or WebP and never rotates: such an input is sent as its decoded, upright pixels."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from judge_server import JudgeServer, answer, by_marker, scores
+
+    (tmp_path / "a.bmp").write_bytes(image_factory.bytes(fmt="BMP", width=64, height=48))
+    (tmp_path / "b.jpg").write_bytes(image_factory.exif_rotated(6, width=64, height=48))
+    rows = [{"id": "bmp", "image_uri": "a.bmp", "instruction": "make it red"},
+            {"id": "rot", "image_uri": "b.jpg", "instruction": "make it blue"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "edit.yaml").write_text(yaml.safe_dump({
+        "input": {"manifest": str(tmp_path / "m.jsonl")}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"family": "null"}, "runtime": {"progress_bars": False, "run_id": "edit"}}))
+    assert main(["run", str(tmp_path / "edit.yaml")]) == 0
+    with JudgeServer(by_marker({}, default=answer(scores(7, 7)))) as server:
+        cfg = _judge_file(tmp_path, {"engine": "http", "model": "j", "url": server.base_url})
+        assert main(["score", str(tmp_path / "out"), "--config", str(cfg)]) == 0
+        sc = [r for r in server.requests if "make it" in r.text]
+    assert {r["status"] for r in read_scores(str(tmp_path / "out")).to_pylist()} == {"ok"}
+    for request in sc:
+        first = request.images[0]
+        assert first.startswith("data:image/png;base64,") or first.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(first.split(",", 1)[1]))) as im:
+            assert im.size == (64, 48) and im.getexif().get(0x0112, 1) in (0, 1)  # upright as stored
+
+
+def test_a_judge_the_cluster_cannot_place_is_refused_not_waited_for(ray_local, tmp_path, image_factory, capsys):
+    out = _edit(tmp_path, image_factory, "null", n=2)
+    before = _files(out)
+    cfg = _judge_file(tmp_path, {"engine": "none", "resources": {"custom": {"judge_gpu": 1}}})
+    assert main(["score", str(out), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "judge_gpu" in err and len(err.strip().splitlines()) == 1
+    assert {p for p in _files(out) - before if not p.startswith("_lease")} == set()

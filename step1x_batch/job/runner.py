@@ -49,6 +49,7 @@ from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_by
 from step1x_batch.io import weights
 from step1x_batch.job import console, ray_guard, report, stages
 from step1x_batch.job import lease as leases
+from step1x_batch.judge.config import unmet_resources
 from step1x_batch.judge.scores import ScoreWriter
 from step1x_batch.judge.stage import InlineJudge, split_judged
 from step1x_batch.job.config import JobConfig, config_to_yaml, load_config
@@ -546,6 +547,12 @@ def start(run: _Run, con: console.Console) -> bool:
     if run.plan.note:
         run.notes.append(run.plan.note)
         con.say(f"note: {run.plan.note}", err=True)
+    if run.judge is not None:  # its actors must fit beside the edit actors, or Ray waits forever
+        unmet = unmet_resources(run.judge.config, ray.cluster_resources(),
+                                edit_gpus=run.plan.min_size * run.plan.num_gpus,
+                                edit_cpus=run.plan.min_size * run.plan.num_cpus)
+        if unmet:
+            raise JobRefused(unmet)
     run.counters = make_counters()
     run.state = _compact_before(run, con)
     # None without a state: a first run streams the manifest straight into the graph.

@@ -70,13 +70,16 @@ class GateConfig(_Section):
         """Why ``score`` (a scores-log record) fails the bar, as a short reason code; None: it passes."""
         if score is None:
             return "unscored"
-        if score.get("status") != "ok":
-            return f"score_{score.get('error_type') or 'error'}" if self.drop_unscored else None
-        metrics = score.get("metrics") or {}
+        scored = score.get("status") == "ok"
+        if not scored and self.drop_unscored:
+            return f"score_{score.get('error_type') or 'error'}"
+        metrics = score.get("metrics") or {}  # measured even when the judge's answer was not read
         if self.drop_unchanged and metrics.get("unchanged"):
             return "unchanged"
         if self.require_size_ok and metrics.get("size_ok") is False:
             return "size"
+        if not scored:  # drop_unscored false: no answer to hold to the score bars
+            return None
         for name in ("sc", "pq", "o"):
             bar = getattr(self, f"min_{name}")
             value = score.get(f"score_{name}")
@@ -148,12 +151,14 @@ class JudgeConfig(_Section):
 
     def judge_id(self) -> str:
         """``engine:model#digest``: readable, and the digest covers everything else that changes
-        an answer (decoding, mode, axis, metric settings). The URL and the key are not in it: the
+        an answer (decoding, precision, vLLM's engine settings, mode, axis, metric settings). The URL and the key are not in it: the
         same model behind another endpoint is the same judge."""
         identity = {
             "engine": self.engine, "model": self.model_name() if self.engine == "http" else self.model,
             "mode": self.mode, "axis": self.axis if self.mode == "pairwise" else None,
             "max_tokens": self.max_tokens if self.engine != "none" else None,
+            "dtype": self.dtype if self.engine == "transformers" else None,
+            "engine_kwargs": self.engine_kwargs if self.engine == "vllm" else None,  # quantization, dtype
             "seed": self.seed if self.engine != "none" else None,
             "metrics": self.metrics.model_dump(),
         }
@@ -166,3 +171,31 @@ def score_key(fingerprint: str, judge_id: str, prompt_hash: str, against: str | 
     (and, pairwise, the other edit's fingerprint)."""
     text = "\x1f".join([fingerprint, judge_id, prompt_hash, against or ""])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def unmet_resources(judge: JudgeConfig, cluster: dict[str, float], edit_gpus: float = 0.0,
+                    edit_cpus: float = 0.0) -> str | None:
+    """Why the judge's actors could never start on a cluster with these resources (Ray would wait
+    for them forever), or None. ``edit_gpus`` / ``edit_cpus``: what the edit actors beside it
+    (judging inside the edit graph) take of the same pool."""
+    res = judge.resources
+    for name, amount in res.custom.items():
+        if amount > 0 and float(cluster.get(name, 0.0)) < amount:
+            return (f"judge.resources.custom asks {amount:g} {name} per replica but the Ray cluster has "
+                    f"{float(cluster.get(name, 0.0)):g} (which nodes advertise it?)")
+    gpus = float(cluster.get("GPU", 0.0)) - (0.0 if res.custom else edit_gpus)
+    if judge.engine == "transformers" and res.num_gpus > 0 and gpus < res.num_gpus:
+        return (f"judge.resources.num_gpus is {res.num_gpus:g} per replica but {max(gpus, 0):g} GPU(s) of the "
+                "Ray cluster are left for the judge")
+    if judge.engine == "vllm":
+        per_replica = float(judge.engine_kwargs.get("tensor_parallel_size", 1)) * float(
+            judge.engine_kwargs.get("pipeline_parallel_size", 1))
+        if gpus < per_replica:
+            return (f"engine vllm needs {per_replica:g} GPU(s) per replica (engine_kwargs) but {max(gpus, 0):g} "
+                    "of the Ray cluster are left for the judge")
+    cpus = float(cluster.get("CPU", 0.0)) - edit_cpus
+    need = (res.num_cpus if judge.engine == "transformers" else 0.0) + res.io_cpus_per_task
+    if cpus < need:
+        return (f"the judge needs {need:g} CPU(s) (judge.resources.num_cpus and io_cpus_per_task) but "
+                f"{max(cpus, 0):g} of the Ray cluster are left for it; lower them or add CPUs")
+    return None

@@ -18,6 +18,7 @@ set and later stages pass it through untouched.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +28,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
-from step1x_batch.errors import CORRUPT_IMAGE, JUDGE_FAILED, READ_FAILED, RowError, redact
-from step1x_batch.io.images import decode_image
+from step1x_batch.errors import CORRUPT_IMAGE, JUDGE_FAILED, READ_FAILED, SCORE_CODES, RowError, redact
+from step1x_batch.io.images import decode_image, encode_image
 from step1x_batch.io.storage import StorageOptions, read_bytes
 from step1x_batch.judge.answers import AnswerError, bounded, overall, parse_preference, parse_scores
 from step1x_batch.judge.config import JudgeConfig, score_key
-from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload, wrapped_payload
+from step1x_batch.judge.http import JudgeCallError, TolerantSession, answer_text, chat_payload, image_mime, wrapped_payload
 from step1x_batch.judge.metrics import ClipScorer, MetricSettings, image_metrics
 from step1x_batch.judge.prompts import JudgeRequest, PromptSet
 from step1x_batch.judge.scores import METRICS_STRUCT, SUB_SCORES_STRUCT, conform_scores
@@ -53,8 +55,21 @@ def _settings(judge: JudgeConfig) -> MetricSettings:
 def _read(uri: str, storage: StorageOptions, what: str) -> bytes:
     try:
         return read_bytes(uri, storage)
-    except RowError as e:
-        raise RowError(READ_FAILED, f"{what}: {e.message}") from None
+    except RowError as e:  # a final read error (a deleted object) stays final; others are retried
+        raise RowError(e.code if e.code in SCORE_CODES else READ_FAILED, f"{what}: {e.message}") from None
+
+
+def _for_judge(data: bytes, pixels: np.ndarray) -> bytes:
+    """The bytes a VLM judge sees: the file as it is when it is PNG, JPEG or WebP and upright,
+    else the decoded, upright pixels as PNG (a GIF, BMP or TIFF input, an EXIF-rotated photo: the
+    judge must see what the edit job saw)."""
+    try:
+        image_mime(data)
+        with Image.open(io.BytesIO(data)) as im:
+            upright = im.getexif().get(0x0112, 1) in (0, 1)
+    except (RowError, OSError, ValueError):
+        upright = False
+    return data if upright else encode_image(pixels, "png")
 
 
 def _decode(data: bytes, max_pixels: int, what: str) -> np.ndarray:
@@ -82,7 +97,11 @@ def _measure_row(row: dict[str, Any], judge: JudgeConfig, storage: StorageOption
         if judge.metrics.clip:
             out["_pixels"] = (first, result)
         if keep_bytes:
-            out["input_bytes"], out["output_bytes"], out["against_bytes"] = inputs, edited, against
+            out["input_bytes"] = [_for_judge(data, first if i == 0 else _decode(data, max_pixels, f"input {uris[i]}"))
+                                  for i, data in enumerate(inputs)]
+            out["output_bytes"] = _for_judge(edited, result)
+            out["against_bytes"] = None if against is None else _for_judge(
+                against, _decode(against, max_pixels, f"other edit {row['against_uri']}"))
     except RowError as e:
         out["error_type"], out["error_message"] = e.code, f"row {row['id']!r}: {e.message}"
     return out
@@ -93,13 +112,19 @@ _CLIP: dict[str, Any] = {}  # one CLIP per worker process and folder, loaded on 
 
 def _add_clip(folder: str, rows: list[dict[str, Any]], measured: list[dict[str, Any]]) -> None:
     """CLIP text and directional similarity of the measured rows, in one model call per batch."""
-    if folder not in _CLIP:
-        _CLIP[folder] = ClipScorer(folder)
     done = [(r, m) for r, m in zip(rows, measured) if m.get("_pixels") is not None]
     if not done:
         return
-    found = _CLIP[folder].scores([r["instruction"] or "" for r, _ in done],
-                                 [m["_pixels"][0] for _, m in done], [m["_pixels"][1] for _, m in done])
+    try:
+        if folder not in _CLIP:
+            _CLIP[folder] = ClipScorer(folder)
+        found = _CLIP[folder].scores([r["instruction"] or "" for r, _ in done],
+                                     [m["_pixels"][0] for _, m in done], [m["_pixels"][1] for _, m in done])
+    except Exception as e:  # noqa: BLE001 - a CLIP failure is these rows' score error, not the job's
+        for r, m in done:
+            m["error_type"] = JUDGE_FAILED
+            m["error_message"] = redact(f"row {r['id']!r}: CLIP similarity failed ({type(e).__name__}: {e})")[:2000]
+        return
     for (_, m), (text, direction) in zip(done, found):
         m["metrics"] = {**m["metrics"], "clip_text": text, "clip_direction": direction}
 
@@ -225,8 +250,13 @@ class _Ask:
                 return {"payload": wrapped_payload(None), "asked_at": None}
             return {"messages": [{"role": "user", "content": "."}], "asked_at": None,
                     "sampling_params": {"temperature": 0.0, "max_tokens": 1, "seed": self.judge.seed}}
-        request = requests_for(row, self.judge, self.prompts)[self.name]
-        payload = chat_payload(request, self.judge.model_name(), self.judge.max_tokens, self.judge.seed)
+        try:
+            request = requests_for(row, self.judge, self.prompts)[self.name]
+            payload = chat_payload(request, self.judge.model_name(), self.judge.max_tokens, self.judge.seed)
+        except Exception as e:  # noqa: BLE001 - a row that cannot be asked is its own score error
+            skipped = self.__call__({**row, "error_type": JUDGE_FAILED})
+            return {**skipped, "judge_error": redact(f"row {row['id']!r}: the question could not be built "
+                                                     f"({type(e).__name__}: {e})")[:2000]}
         if self.engine == "http":
             return {"payload": wrapped_payload(payload), "asked_at": time.time()}
         return {"messages": payload["messages"], "asked_at": time.time(),

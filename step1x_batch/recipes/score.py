@@ -32,7 +32,7 @@ from step1x_batch.job import report
 from step1x_batch.judge import http as judge_http
 from step1x_batch.judge import local as judge_local
 from step1x_batch.judge import scores as score_log
-from step1x_batch.judge.config import JudgeConfig, score_key
+from step1x_batch.judge.config import JudgeConfig, score_key, unmet_resources
 from step1x_batch.judge.prompts import PromptSet, load_prompts
 from step1x_batch.judge.stage import InlineJudge, category_of, score_dataset
 from step1x_batch.recipes.section import RecipeSection
@@ -112,6 +112,7 @@ class ScoreSummary:
     parts: list[str] = field(default_factory=list)
     stopped: str | None = None
     report: str | None = None
+    judge: dict[str, Any] = field(default_factory=dict)  # the judge's config as run (it holds no secret)
 
     def line(self) -> str:
         o = self.stats.get("score_o")
@@ -202,7 +203,8 @@ def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, r
                                                                      table.column("score_key").to_pylist())],
                                  pa.bool_())) if table.num_rows else table
     summary = ScoreSummary(run_id=runtime.run_id, judge_id=judge.judge_id(), prompt_hash=hash_,
-                           candidates=table.num_rows, already_scored=table.num_rows - todo.num_rows, scored=0)
+                           candidates=table.num_rows, already_scored=table.num_rows - todo.num_rows, scored=0,
+                           judge=judge.model_dump(mode="json"))
     if todo.num_rows:
         say(f"scoring {todo.num_rows} of {table.num_rows} rows with {summary.judge_id} (prompts {hash_})")
         summary.stopped = _score_rows(todo, output_uri, judge, prompts, storage, runtime, lease, summary)
@@ -227,6 +229,11 @@ def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, prompts: Pr
 
     started = runner.start_ray(runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local",
                                runtime.local_num_cpus)
+    unmet = unmet_resources(judge, ray.cluster_resources())
+    if unmet:
+        if started:
+            runner.stop_ray()
+        raise JobRefused(unmet)
     writer = score_log.ScoreWriter(output_uri, runtime.run_id, storage, judge.score_part_rows,
                                    judge.score_part_seconds, confirm=lease.confirm if lease else None)
     stopped = None
