@@ -334,5 +334,5 @@ def test_a_vllm_judge_scores_every_row_or_gives_it_a_score_error(judge_folder, r
     failed = records["r2"]
     assert failed["error_type"] == "judge_failed" and "could not answer" in failed["error_message"], failed
     assert "'r2'" in failed["error_message"]  # says which row
-    assert records["r3"]["error_type"] == "read_failed"
+    assert records["r3"]["error_type"] == "missing_object"  # a deleted output stays final, like an edit's
     assert not any("harness" in (r["error_message"] or "") for r in records.values())
