@@ -372,6 +372,7 @@ def test_a_bmp_or_rotated_input_reaches_the_judge_upright_as_png(ray_local, tmp_
 def test_a_judge_the_cluster_cannot_place_is_refused_not_waited_for(ray_local, tmp_path, image_factory, capsys):
     out = _edit(tmp_path, image_factory, "null", n=2)
     before = _files(out)
+    capsys.readouterr()
     cfg = _judge_file(tmp_path, {"engine": "none", "resources": {"custom": {"judge_gpu": 1}}})
     assert main(["score", str(out), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,12 +24,12 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from step1x_batch.errors import SCORE_CODES, JobRefused, redact, redact_uri
-from step1x_batch.io.storage import StorageOptions, join_uri, write_bytes
+from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_bytes
 from step1x_batch.job import runner
 from step1x_batch.job.config import ConfigError, JobConfig, default_run_id, parse_config, read_raw_config
 from step1x_batch.job.entrypoint import add_config_arguments, check_lease_and_run, config_overrides, exit_status, job_main
 from step1x_batch.job.lease import Lease, held
-from step1x_batch.job import report
+from step1x_batch.job import console, report
 from step1x_batch.judge import http as judge_http
 from step1x_batch.judge import local as judge_local
 from step1x_batch.judge import scores as score_log
@@ -113,6 +114,7 @@ class ScoreSummary:
     stopped: str | None = None
     report: str | None = None
     judge: dict[str, Any] = field(default_factory=dict)  # the judge's config as run (it holds no secret)
+    ray_log: str | None = None  # where Ray's own output went
 
     def line(self) -> str:
         o = self.stats.get("score_o")
@@ -225,10 +227,34 @@ def score_output(output_uri: str, judge: JudgeConfig, storage: StorageOptions, r
 def _score_rows(todo: pa.Table, output_uri: str, judge: JudgeConfig, prompts: PromptSet | None,
                 storage: StorageOptions, runtime: ScoreRuntime, lease: Lease | None,
                 summary: ScoreSummary) -> str | None:
+    """Run the scoring graph on ``todo`` and land its records; Ray's own output goes to
+    ``scores/<run_id>/ray.log`` (a local root; else a temporary file, named in the summary) unless
+    ``runtime.verbose``, as the edit job's does. Returns why it stopped early, or None."""
+    log_path = _ray_log_path(output_uri, runtime.run_id)
+    summary.ray_log = None if runtime.verbose else log_path
+    with console.ray_output(log_path, verbose=runtime.verbose):
+        return _score_on_ray(todo, output_uri, judge, prompts, storage, runtime, lease, summary)
+
+
+def _ray_log_path(output_uri: str, run_id: str) -> str:
+    uri = join_uri(score_log.score_dir(output_uri, run_id), "ray.log")
+    if is_local(uri):
+        return uri.removeprefix("file://")
+    fd, path = tempfile.mkstemp(prefix="step1x-score-ray-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def _score_on_ray(todo: pa.Table, output_uri: str, judge: JudgeConfig, prompts: PromptSet | None,
+                  storage: StorageOptions, runtime: ScoreRuntime, lease: Lease | None,
+                  summary: ScoreSummary) -> str | None:
     import ray.data
+    from ray.data import DataContext
 
     started = runner.start_ray(runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local",
                                runtime.local_num_cpus)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = runtime.verbose
     unmet = unmet_resources(judge, ray.cluster_resources())
     if unmet:
         if started:
