@@ -28,9 +28,9 @@ from step1x_batch.errors import redact
 from step1x_batch.job.console import format_rate, plural
 from step1x_batch.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
 from step1x_batch.job.inspection import scores_by_judge, scores_of_edits
+from step1x_batch.judge.scores import current_edits as score_current_edits
 from step1x_batch.judge.scores import current_scores, mean_interval, score_dir, score_part_uris, summarize
 from step1x_batch.rows.log import read_logs
-from step1x_batch.rows.state import latest_per_id
 
 THUMB = 160  # pixels on the longer side
 
@@ -812,8 +812,7 @@ def render_scores_section(scores: pa.Table, stats: dict[str, Any], rows: Sequenc
 
 def current_edits(output_uri: str, storage: StorageOptions | None) -> pa.Table:
     """Each id's current edit (its latest ``ok`` log record): id, fingerprint, inputs, output."""
-    logs = read_logs(output_uri, storage, columns=_EDIT_COLUMNS)
-    return latest_per_id(_ok(logs))
+    return score_current_edits(output_uri, storage, _EDIT_COLUMNS)
 
 
 def root_scores(output_uri: str, storage: StorageOptions | None) -> pa.Table:

@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -58,7 +57,7 @@ from step1x_batch.job.counters import make_counters
 from step1x_batch.job.entrypoint import check_lease_and_run, exit_status, job_main
 from step1x_batch.job.preflight import Preflight
 from step1x_batch.rows import state as rowstate
-from step1x_batch.rows.log import part_uri, write_log_part
+from step1x_batch.rows.log import PartWriter, log_dir, log_part_bytes
 
 
 @dataclass
@@ -117,54 +116,16 @@ class RunSummary:
 # The row log writer (driver side).
 
 
-class LogWriter:
-    """Buffers log records and lands them as whole Parquet objects under ``logs/<run_id>/``.
-
-    Part names carry a per-writer token (``part-000003-1a2b3c4d.parquet``), so a restarted driver
-    reusing a run_id never overwrites a part that an earlier process wrote. ``confirm`` (the
-    lease's) is asked before each part: a run whose lease is gone (deleted, taken over) lands no
-    more records; the buffered ones are dropped (those rows have no record and are redone).
-    """
+class LogWriter(PartWriter):
+    """The row log's writer: whole Parquet parts under ``logs/<run_id>/``
+    (:class:`~step1x_batch.rows.log.PartWriter`'s rules: a token in part names, the lease asked
+    before each part)."""
 
     def __init__(self, output_uri: str, run_id: str, options: StorageOptions | None,
                  part_rows: int, part_seconds: float, confirm: Callable[[], bool] | None = None) -> None:
-        self.output_uri = output_uri
-        self.run_id = run_id
-        self.options = options
-        self.part_rows = part_rows
-        self.part_seconds = part_seconds
-        self.token = uuid.uuid4().hex[:8]
-        self.parts: list[str] = []
-        self.records = 0
-        self._buffer: list[pa.Table] = []
-        self._buffered = 0
-        self._last_flush = time.monotonic()
-        self.confirm = confirm
-        self.dropped = 0  # records not landed because the lease was no longer this run's
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._buffer.append(table)
-            self._buffered += table.num_rows
-        if self._buffered >= self.part_rows or (
-            self._buffered and time.monotonic() - self._last_flush >= self.part_seconds
-        ):
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._buffered:
-            return
-        if self.confirm is not None and not self.confirm():
-            self.dropped += self._buffered
-            self._buffer, self._buffered = [], 0
-            return
-        table = pa.concat_tables(self._buffer, promote_options="permissive")
-        uri = part_uri(self.output_uri, self.run_id, f"{len(self.parts):06d}-{self.token}")
-        write_log_part(table, uri, self.options)  # one whole object: landed or absent
-        self.parts.append(uri)
-        self.records += table.num_rows
-        self._buffer, self._buffered = [], 0
+        super().__init__(log_dir(output_uri, run_id), options, part_rows, part_seconds, log_part_bytes,
+                         confirm=confirm)
+        self.output_uri, self.run_id = output_uri, run_id
 
 
 class Tally:

@@ -14,9 +14,8 @@ import io
 import logging
 import posixpath
 import time
-import uuid
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from step1x_batch.errors import TRANSIENT_SCORE_CODES, redact_uri
-from step1x_batch.io.storage import StorageOptions, filesystem, join_uri, read_bytes, write_bytes
-from step1x_batch.rows.log import log_dir
+from step1x_batch.io.storage import StorageOptions, filesystem, join_uri, read_bytes
+from step1x_batch.rows.log import PartWriter, log_dir, read_logs
+from step1x_batch.rows.state import latest_per_id
 
 logger = logging.getLogger(__name__)
 
@@ -166,48 +166,36 @@ def current_scores(output_uri: str, options: StorageOptions | None = None,
     return deciding_scores(records)
 
 
-class ScoreWriter:
-    """Buffers score records and lands them as whole Parquet objects under ``scores/<run_id>/``
-    (the row log writer's rules: a per-writer token in part names, ``confirm`` asked before each
-    part so a run that lost its lease lands nothing more)."""
+class ScoreWriter(PartWriter):
+    """The scores log's writer: whole Parquet parts under ``scores/<run_id>/``, the row log
+    writer's rules (:class:`~step1x_batch.rows.log.PartWriter`)."""
 
     def __init__(self, output_uri: str, run_id: str, options: StorageOptions | None,
                  part_rows: int, part_seconds: float, confirm: Callable[[], bool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.dir = score_dir(output_uri, run_id)
-        self.options, self.part_rows, self.part_seconds = options, part_rows, part_seconds
-        self.confirm, self.clock = confirm, clock
-        self.token = uuid.uuid4().hex[:8]
-        self.parts: list[str] = []
-        self.records = 0
-        self.dropped = 0
-        self._buffer: list[pa.Table] = []
-        self._buffered = 0
-        self._last = clock()
+        super().__init__(score_dir(output_uri, run_id), options, part_rows, part_seconds, score_part_bytes,
+                         confirm=confirm, clock=clock)
 
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self._buffer.append(conform_scores(table))
-            self._buffered += table.num_rows
-        if self._buffered >= self.part_rows or (self._buffered and self.clock() - self._last >= self.part_seconds):
-            self.flush()
 
-    def flush(self) -> None:
-        self._last = self.clock()
-        if not self._buffered:
-            return
-        if self.confirm is not None and not self.confirm():
-            self.dropped += self._buffered
-            self._buffer, self._buffered = [], 0
-            return
-        table = pa.concat_tables(self._buffer)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        uri = join_uri(self.dir, f"part-{len(self.parts):06d}-{self.token}.parquet")
-        write_bytes(uri, buf.getvalue(), self.options)
-        self.parts.append(uri)
-        self.records += table.num_rows
-        self._buffer, self._buffered = [], 0
+def score_part_bytes(table: pa.Table) -> bytes:
+    """A table conformed to :data:`SCORE_SCHEMA` as Parquet bytes (zstd)."""
+    buf = io.BytesIO()
+    pq.write_table(conform_scores(table), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def current_edits(output_uri: str, options: StorageOptions | None, columns: Sequence[str],
+                  only: Mapping[str, str] | None = None) -> pa.Table:
+    """Each id's current edit, its latest ``ok`` row record (``columns`` of it; ``id``, ``status``,
+    ``fingerprint`` and ``finished_at`` among them): the bytes its output object holds now, what
+    scoring, the report and ``status`` score and show. ``only`` (id -> fingerprint): those edits
+    exactly, whether or not they are still the latest."""
+    logs = read_logs(output_uri, options, columns=list(columns))
+    ok = logs.filter(pc.equal(logs.column("status"), "ok")) if logs.num_rows else logs
+    if only is not None and ok.num_rows:
+        wanted = [only.get(i) == f for i, f in zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist())]
+        ok = ok.filter(pa.array(wanted, pa.bool_()))
+    return latest_per_id(ok)
 
 
 def summarize(scores: pa.Table, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from step1x_batch.errors import SCORE_CODES, JobRefused, redact, redact_uri
@@ -37,8 +36,6 @@ from step1x_batch.judge.config import JudgeConfig, score_key, unmet_resources
 from step1x_batch.judge.prompts import PromptSet, load_prompts
 from step1x_batch.judge.stage import InlineJudge, category_of, score_dataset
 from step1x_batch.recipes.section import RecipeSection
-from step1x_batch.rows.log import read_logs
-from step1x_batch.rows.state import latest_per_id
 
 __all__ = ["JUDGE_SECTION", "ScoreJob", "ScoreRuntime", "ScoreSummary", "check_judge", "run_config",
            "score_output", "candidates"]
@@ -136,25 +133,15 @@ def prompt_hash(judge: JudgeConfig) -> str:
     return "-" if prompts is None else prompts.digest()
 
 
-def _current_edits(output_uri: str, storage: StorageOptions, only: Mapping[str, str] | None = None) -> pa.Table:
-    """Each id's latest ``ok`` record; with ``only`` (id -> fingerprint), those edits exactly."""
-    logs = read_logs(output_uri, storage, columns=_LOG_COLUMNS)
-    ok = logs.filter(pc.equal(logs.column("status"), "ok")) if logs.num_rows else logs
-    if only is not None and ok.num_rows:
-        wanted = [only.get(i) == f for i, f in zip(ok.column("id").to_pylist(), ok.column("fingerprint").to_pylist())]
-        ok = ok.filter(pa.array(wanted, pa.bool_()))
-    return latest_per_id(ok)
-
-
 def candidates(output_uri: str, judge: JudgeConfig, storage: StorageOptions, hash_: str,
                only: Mapping[str, str] | None = None) -> pa.Table:
     """Every id's current edit (its latest ``ok`` record; with ``only``, those (id, fingerprint)
     edits) with its score key; pairwise, only the ids both roots edited, with the other root's
     output and fingerprint."""
-    edits = _current_edits(output_uri, storage, only)
+    edits = score_log.current_edits(output_uri, storage, _LOG_COLUMNS, only)
     against: dict[str, tuple[str, str]] = {}
     if judge.mode == "pairwise":
-        other = _current_edits(judge.against, storage)
+        other = score_log.current_edits(judge.against, storage, _LOG_COLUMNS)
         against = {r: (u, f) for r, u, f in zip(*(other.column(c).to_pylist() for c in ("id", "output_uri", "fingerprint")))}
     rows = []
     judge_id = judge.judge_id()

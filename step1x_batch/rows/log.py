@@ -18,8 +18,10 @@ import json
 import logging
 import posixpath
 import re
+import time
+import uuid
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 import pyarrow as pa
@@ -230,3 +232,49 @@ def read_logs(output_uri: str, options: StorageOptions | None = None,
         schema = LOG_SCHEMA if columns is None else pa.schema([LOG_SCHEMA.field(c) for c in columns])
         return schema.empty_table()
     return pa.concat_tables(parts, promote_options="permissive")
+
+
+class PartWriter:
+    """Buffers records and lands them as whole Parquet objects ``<folder>/part-<n>-<token>.parquet``:
+    the row log's and the scores log's writer. The per-writer token keeps a restarted driver that
+    reuses a run id from overwriting an earlier process's part; ``confirm`` (the lease's) is asked
+    before each part, so a run whose lease is gone lands no more records (the buffered ones are
+    dropped: those rows have no record and are done again)."""
+
+    def __init__(self, folder: str, options: StorageOptions | None, part_rows: int, part_seconds: float,
+                 encode: Callable[[pa.Table], bytes], confirm: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.folder, self.options, self.encode = folder, options, encode
+        self.part_rows, self.part_seconds = part_rows, part_seconds
+        self.confirm, self.clock = confirm, clock
+        self.token = uuid.uuid4().hex[:8]
+        self.parts: list[str] = []
+        self.records = 0
+        self.dropped = 0  # records not landed because the lease was no longer this run's
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._last_flush = clock()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._buffer.append(table)
+            self._buffered += table.num_rows
+        if self._buffered >= self.part_rows or (
+            self._buffered and self.clock() - self._last_flush >= self.part_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = self.clock()
+        if not self._buffered:
+            return
+        if self.confirm is not None and not self.confirm():
+            self.dropped += self._buffered
+            self._buffer, self._buffered = [], 0
+            return
+        table = pa.concat_tables(self._buffer, promote_options="permissive")
+        uri = join_uri(self.folder, f"part-{len(self.parts):06d}-{self.token}.parquet")
+        write_bytes(uri, self.encode(table), self.options)  # one whole object: landed or absent
+        self.parts.append(uri)
+        self.records += table.num_rows
+        self._buffer, self._buffered = [], 0
