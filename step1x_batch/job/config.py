@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from step1x_batch.errors import CODES, redact
 from step1x_batch.rows.manifest import GUIDANCE_SCALE_RANGE, NUM_STEPS_RANGE, SIZE_LEVEL_RANGE
+from step1x_batch.rows.sources import check_column_map
 from step1x_batch.models import family_class, load_family
 from step1x_batch.models.base import AdapterRef, EditParams, ModelFamily, ModelSpec
 from step1x_batch.io.storage import StorageOptions, is_local
@@ -76,6 +77,17 @@ class InputConfig(_Section):
     # before reading where the size is known and while reading otherwise: no endless or huge
     # object (a device, a runaway upload) is ever held in a worker's memory.
     max_image_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    # Which manifest column is which part of a row, for a dataset used as published (GEdit-Bench:
+    # ``{id: key, image: input_image_raw, instruction: instruction}``): the keys are the row
+    # contract's names (``image`` takes one column or a list of columns, each holding URIs, image
+    # bytes or ``datasets`` Image structs); unset, the manifest's own column names are the contract.
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_contract_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_column_map(value)
+        return value
 
 
 class OutputConfig(_Section):
@@ -85,6 +97,13 @@ class OutputConfig(_Section):
     storage: StorageOptions | None = None  # None: the input's storage options
     format: Literal["png", "webp", "jpeg"] = "png"
     quality: int = Field(95, ge=1, le=100)  # webp / jpeg only
+    # The results as a dataset besides the image files (``dataset/`` under the root): Parquet
+    # shards with the edited image as a ``datasets`` Image feature and every manifest column, and
+    # WebDataset tar shards. Rows go to shards by a hash of their id; a shard whose rows did not
+    # change is not rewritten.
+    dataset: bool = False
+    webdataset: bool = False
+    dataset_shards: int = Field(16, ge=1, le=65536)
 
 
 class AdapterConfig(_Section):
