@@ -143,6 +143,8 @@ def _columns_and_rows(uri: str, options: StorageOptions | None) -> tuple[list[st
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f)
             return list(meta.schema_arrow.names), meta.metadata.num_rows, meta.metadata.num_rows > 0
+    if fmt == "webdataset":  # its members are its columns: a sample that lacks one is its own error row
+        return [], None, bool(fs.size(path))
     with fs.open(path, "rb", compression="infer") as f:
         text = io.TextIOWrapper(io.BytesIO(f.read(_MANIFEST_SAMPLE_BYTES)), encoding="utf-8-sig",
                                 errors="replace", newline="")
@@ -175,7 +177,7 @@ def _count_text_rows(files: list[str], options: StorageOptions | None) -> int | 
 
     from step1x_batch.rows.manifest import manifest_format
 
-    if len(files) > 64:
+    if len(files) > 64 or any(manifest_format(f) == "webdataset" for f in files):
         return None
     sizes = []
     for uri in files:
@@ -198,12 +200,33 @@ def _count_text_rows(files: list[str], options: StorageOptions | None) -> int | 
 RequiredColumns = Sequence[Sequence[str]] | Mapping[str, Sequence[str]]
 
 
+def contract_columns(uri: str, options: StorageOptions | None, names: list[str],
+                     columns: Mapping[str, Any] | None) -> list[str]:
+    """A manifest file's columns as the job sees them once ``input.columns`` is applied (its types
+    from a Parquet schema, so an image column of bytes counts as the image); ValueError when the
+    map names a column the file lacks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from step1x_batch.rows.manifest import manifest_format
+    from step1x_batch.rows.sources import IMAGE_BYTES, adapt_table
+
+    if manifest_format(uri) == "parquet":
+        fs, path = filesystem(uri, options)
+        with fs.open(path, "rb") as f:
+            empty = pq.ParquetFile(f).schema_arrow.empty_table()
+    else:
+        empty = pa.table({n: pa.array([], pa.string()) for n in names})
+    return [c for c in adapt_table(empty, columns).column_names if c != IMAGE_BYTES]
+
+
 def check_manifest(uri: str, options: StorageOptions | None,
-                   required: RequiredColumns = ()) -> Preflight:
+                   required: RequiredColumns = (), columns: Mapping[str, Any] | None = None) -> Preflight:
     """The manifest exists, has the ``required`` columns (each a group of alternatives, e.g.
     ``("image_uri", "image_uris")``; as a mapping, keyed by the setting that names the column, so
-    the message says what to change) and at least one row."""
-    from step1x_batch.rows.manifest import manifest_files
+    the message says what to change; ``columns``: after the ``input.columns`` map) and at least
+    one row."""
+    from step1x_batch.rows.manifest import manifest_files, manifest_format
 
     check_bucket(uri, options, "input.manifest")
     shown = redact_uri(uri)
@@ -215,20 +238,26 @@ def check_manifest(uri: str, options: StorageOptions | None,
         raise PreflightError(f"input.manifest: {e}") from None
     except OSError as e:
         raise _storage_failure("input.manifest", uri, e) from None
+    column_map = columns
     try:
-        columns, rows, non_empty = _columns_and_rows(files[0], options)
+        names, rows, non_empty = _columns_and_rows(files[0], options)
     except Exception as e:  # noqa: BLE001 - unreadable first file: one sentence
         raise PreflightError(f"input.manifest: the file {redact_uri(files[0])} cannot be read as "
                              f"a manifest ({type(e).__name__}: {redact(str(e))[:200]})") from None
-    if not columns and not non_empty and len(files) == 1:
+    if not names and not non_empty and len(files) == 1:
         raise PreflightError(f"input.manifest: the manifest {shown} has no rows")
-    groups = required.items() if isinstance(required, Mapping) else [(None, g) for g in required]
+    webdataset = manifest_format(files[0]) == "webdataset"
+    try:
+        columns = names if webdataset and not column_map else contract_columns(files[0], options, names, column_map)
+    except ValueError as e:
+        raise PreflightError(f"input.columns: {e}") from None
+    groups = [] if webdataset else required.items() if isinstance(required, Mapping) else [(None, g) for g in required]
     for setting, group in groups:
         if not any(c in columns for c in group):
-            names = " or ".join(f"`{c}`" for c in group)
+            wanted = " or ".join(f"`{c}`" for c in group)
             named_by = f" (named by {setting})" if setting else ""
             raise PreflightError(
-                f"input.manifest: the manifest {shown} has no {names} column{named_by}; its first "
+                f"input.manifest: the manifest {shown} has no {wanted} column{named_by}; its first "
                 f"file {redact_uri(files[0])} has {', '.join(columns) or 'no columns'}")
     facts = Preflight(manifest_files=files, manifest_columns=columns)
     if files[0].endswith(".parquet") and len(files) <= _ROW_COUNT_MAX_FILES:
@@ -263,19 +292,32 @@ def _id_text(value: Any) -> str | None:
     return text or None
 
 
-def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool) -> Any:
-    """A manifest file's ``id`` and ``output_key`` (``full``: every contract column)."""
+def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool,
+                       columns: Mapping[str, Any] | None = None) -> Any:
+    """A manifest file's ``id`` and ``output_key`` (``full``: every contract column, an embedded
+    image as its hash), after the ``input.columns`` map."""
     import pyarrow.parquet as pq
 
     from step1x_batch.rows.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
+    from step1x_batch.rows.sources import IMAGE_BYTES, adapt_table, mapped_names
 
     if manifest_format(uri) != "parquet":
-        return _read_file(uri, options)
+        table = _read_file(uri, options, columns=columns)
+        return table.drop_columns([IMAGE_BYTES]) if IMAGE_BYTES in table.column_names else table
+    renamed = {s: t for t, ss in mapped_names(columns or {}).items() for s in ss}
     wanted = MANIFEST_COLUMNS if full else ("id", "output_key")
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        return pf.read(columns=[c for c in pf.schema_arrow.names if c in wanted])
+        names = pf.schema_arrow.names
+        if full:  # the image columns too (one file at a time): an embedded image counts by its hash
+            read = [c for c in names if renamed.get(c, c) in wanted or renamed.get(c) == "image"
+                    or c in ("image", "images")]
+        else:
+            read = [c for c in names if renamed.get(c, c) in wanted]
+        table = adapt_table(pf.read(columns=read), {t: s for t, s in (columns or {}).items()
+                                                     if all(x in read for x in mapped_names({t: s})[t])})
+    return table.drop_columns([IMAGE_BYTES]) if IMAGE_BYTES in table.column_names else table
 
 
 def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:
@@ -318,7 +360,8 @@ def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:
     return ids, keys
 
 
-def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext: str) -> None:
+def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext: str,
+                     columns: Mapping[str, Any] | None = None) -> None:
     """Refuse a manifest in which two different rows give the same ``id`` or would write the same
     output object (an ``output_key``, or the ``images/<id>.<ext>`` of a given id), naming both
     rows. Rows that are the same work (equal in every contract column) may repeat. Checked when
@@ -336,7 +379,7 @@ def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext
     sizes: list[tuple[str, int]] = []
     id_parts, key_parts = [], []
     for uri in facts.manifest_files:
-        table = _duplicate_columns(uri, options, full=False)
+        table = _duplicate_columns(uri, options, full=False, columns=columns)
         file_ids, file_keys = _row_keys(table, image_ext)
         id_parts.append(file_ids)
         key_parts.append(file_keys)
@@ -356,7 +399,7 @@ def check_duplicates(facts: Preflight, options: StorageOptions | None, image_ext
     # Some value repeats: are the rows the same work? Only now read every contract column.
     contents: list[tuple] = []
     for uri in facts.manifest_files:
-        table = _duplicate_columns(uri, options, full=True)
+        table = _duplicate_columns(uri, options, full=True, columns=columns)
         contract = [c for c in table.column_names if c in MANIFEST_COLUMNS]
         cols = [table.column(c).to_pylist() for c in contract]
         contents += [tuple(repr(col[i]) for col in cols) for i in range(table.num_rows)]
@@ -573,11 +616,15 @@ def check_job(cfg: "JobConfig", *, manifest: str | None = None,
               extra: Callable[[], None] | None = None) -> Preflight:
     """Every check for a job config, in the order a person would fix things: the input, the
     output, the weights."""
-    facts = check_manifest(manifest or cfg.input.manifest, cfg.input.storage, required_columns)
+    column_map = cfg.input.columns if required_columns is DATASET_COLUMNS else None
+    if cfg.input.columns and column_map is None:
+        raise PreflightError("input.columns maps an edit manifest's columns; this job reads its own "
+                             "manifest with the columns its section names: remove input.columns")
+    facts = check_manifest(manifest or cfg.input.manifest, cfg.input.storage, required_columns, column_map)
     if required_columns is DATASET_COLUMNS:  # an edit manifest: one row per output object and id
         from step1x_batch.io.images import image_extension
 
-        check_duplicates(facts, cfg.input.storage, image_extension(cfg.output.format))
+        check_duplicates(facts, cfg.input.storage, image_extension(cfg.output.format), column_map)
     if extra is not None:
         extra()
     check_output(cfg.output.uri, cfg.output_storage())

@@ -19,7 +19,7 @@ no state (a first run) skips the join and streams.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,7 @@ from step1x_batch.rows.manifest import (
     normalize_batch,
     read_manifest_table,
 )
+from step1x_batch.rows.sources import adapt_table
 from step1x_batch.rows.state import RayTasks, StatePointer, decide, read_bucket, split_by_bucket, take_state
 from step1x_batch.io.storage import StorageOptions, filesystem, retry_count
 
@@ -101,22 +102,24 @@ def manifest_pieces(uri: str, options: StorageOptions | None, rows_per_piece: in
     return pieces
 
 
-def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None) -> pa.Table:
+def read_piece(uri: str, options: StorageOptions | None, row_groups: list[int] | None,
+               columns: Mapping[str, Any] | None = None) -> pa.Table:
     """One piece of the manifest, read as the job's reader reads it (Parquet as stored, CSV and
-    JSON Lines with a fixed schema of text columns)."""
+    JSON Lines with a fixed schema of text columns; the column map and embedded images applied)."""
     if row_groups is None:
-        return read_manifest_table(uri, options, edit_rows=True)
+        return read_manifest_table(uri, options, edit_rows=True, columns=columns)
     fs, path = filesystem(uri, options)
     with fs.open(path, "rb") as fh:
-        return pq.ParquetFile(fh).read_row_groups(row_groups)
+        return adapt_table(pq.ParquetFile(fh).read_row_groups(row_groups), columns)
 
 
 def split_piece(uri: str, row_groups: list[int] | None, options: StorageOptions | None,
-                settings: NormalizeSettings, buckets: int, counters: Any = None) -> list[Any]:
+                settings: NormalizeSettings, buckets: int, counters: Any = None,
+                columns: Mapping[str, Any] | None = None) -> list[Any]:
     """Map task: read a piece of the manifest, key and digest every row, split it by bucket (the
     last return value is a placeholder, so that there are always several)."""
     start, retries = time.perf_counter(), retry_count()
-    block = read_piece(uri, options, row_groups)
+    block = read_piece(uri, options, row_groups, columns)
     keys = row_keys(block, settings)
     digests = manifest_row_digests(block, settings)
     block = block.append_column(KEY, keys).append_column(DIGEST, digests)
@@ -194,13 +197,15 @@ def state_rows(batch: pa.Table) -> pa.Table:
 
 def skip_join(manifest_uri: str, input_options: StorageOptions | None, *, settings: NormalizeSettings,
               pointer: StatePointer, output_uri: str, options: StorageOptions | None,
-              retried: Sequence[str], counters: Any, cpus_per_task: float = 1.0) -> list[Any]:
+              retried: Sequence[str], counters: Any, cpus_per_task: float = 1.0,
+              columns: Mapping[str, Any] | None = None) -> list[Any]:
     """Run the join over the manifest; returns object refs of the candidate tables, one per
     bucket (nothing is fetched to the driver)."""
     tasks = RayTasks(cpus_per_task)
     buckets = pointer.buckets
     pieces = manifest_pieces(manifest_uri, input_options)
-    splits = tasks.map(split_piece, [(f, groups, input_options, settings, buckets, counters) for f, groups in pieces],
+    splits = tasks.map(split_piece, [(f, groups, input_options, settings, buckets, counters, columns)
+                                     for f, groups in pieces],
                        num_returns=buckets + 1)
     calls = [(output_uri, options, pointer, b, list(retried), counters, *[s[b] for s in splits])
              for b in range(buckets)]

@@ -63,11 +63,13 @@ from step1x_batch.job.counters import add_counters
 from step1x_batch.judge.stage import InlineJudge, judge_log_rows
 from step1x_batch.rows.digest import manifest_row_digests
 from step1x_batch.rows.log import LOG_SCHEMA
+from step1x_batch.rows.sources import IMAGE_BYTES, adapt_table, is_embedded, stored_input_uri
 from step1x_batch.rows.state import StatePointer, decide
 from step1x_batch.io import storage
 from step1x_batch.io.storage import (
     StorageOptions,
     arrow_filesystem,
+    exists,
     join_uri,
     read_bytes,
     safe_output_key,
@@ -100,6 +102,8 @@ ROW_SCHEMA = pa.schema(
         ("pix_h", pa.int64()),
         ("pix_w", pa.int64()),
         ("source_digest", pa.uint64()),  # of the raw manifest row: a later skip compares it first
+        # a row's embedded images (rows.sources), normalise -> prepare only: dropped once decoded
+        (IMAGE_BYTES, pa.list_(pa.large_binary())),
     ]
 )
 _NORMALISED_COLUMNS = tuple(NORMALIZED_SCHEMA.names)
@@ -232,7 +236,8 @@ def normalise_rows(batch: pa.Table, *, settings: NormalizeSettings, retried: Seq
         skipped_errors = 0
         attempts = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
     keep = pa.array(~done)
-    table = table.select(list(_NORMALISED_COLUMNS)).filter(keep)
+    carried = [IMAGE_BYTES] if IMAGE_BYTES in table.column_names else []
+    table = table.select(list(_NORMALISED_COLUMNS) + carried).filter(keep)
     no_error = pc.fill_null(pc.equal(pc.fill_null(table.column("error_type"), ""), ""), True)
     table = table.set_column(table.schema.get_field_index("error_message"), "error_message",
                              pc.if_else(no_error, pa.nulls(table.num_rows, pa.string()), table.column("error_message")))
@@ -260,6 +265,29 @@ class PrepareSettings:
     weights: WeightsSource
     threads: int = 8
     max_image_bytes: int | None = None  # input.max_image_bytes
+    output_uri: str | None = None  # where embedded inputs are kept (rows.sources.stored_input_uri)
+    output_storage: StorageOptions | None = None
+
+
+def _embedded_bytes(row: dict[str, Any], i: int, uri: str, s: PrepareSettings) -> bytes:
+    """Input ``i`` (1-based) of a row whose image came inside the manifest: its bytes, kept once
+    under the output root (content-addressed) so the log, the judge and the report can read it."""
+    blobs = row.get(IMAGE_BYTES) or []
+    data = blobs[i - 1] if i <= len(blobs) else None
+    if data is None:
+        raise RowError(errors.READ_FAILED, f"the embedded image {uri} did not reach the prepare stage")
+    if s.max_image_bytes is not None and len(data) > s.max_image_bytes:
+        raise RowError(errors.IMAGE_TOO_LARGE, f"the embedded image is {len(data):,} bytes, over "
+                       f"input.max_image_bytes ({s.max_image_bytes:,})")
+    if s.output_uri:
+        copy = stored_input_uri(uri, s.output_uri)
+        try:
+            if not exists(copy, s.output_storage):
+                write_bytes(copy, data, s.output_storage)
+        except Exception as e:  # the edit needs no copy, the log's readers do: retried next run
+            raise RowError(errors.WRITE_FAILED, f"could not keep the input at {errors.redact_uri(copy)}: "
+                           f"{_message(e)}") from None
+    return data
 
 
 def _load_images(row: dict[str, Any], s: PrepareSettings) -> list[np.ndarray]:
@@ -271,7 +299,8 @@ def _load_images(row: dict[str, Any], s: PrepareSettings) -> list[np.ndarray]:
     for i, uri in enumerate(uris, 1):
         where = f"image {i} of {len(uris)} ({errors.redact_uri(uri)}): " if len(uris) > 1 else ""
         try:
-            image = decode_image(read_bytes(uri, s.storage, s.max_image_bytes), s.max_pixels)
+            data = _embedded_bytes(row, i, uri, s) if is_embedded(uri) else read_bytes(uri, s.storage, s.max_image_bytes)
+            image = decode_image(data, s.max_pixels)
         except RowError as e:
             raise RowError(e.code, where + e.message) from None
         except Exception as e:  # an unexpected failure is still one row, never a crashed job
@@ -339,6 +368,8 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         except Exception as e:  # a bug or an input the family cannot handle: one row, not the job
             row.update(error_type=errors.PREPARE_FAILED, error_message=f"the model's prepare raised {_message(e)}")
         row["preprocess_ms"] = (row["preprocess_ms"] or 0.0) + (time.perf_counter() - t0) * 1e3
+    for row in rows:
+        row[IMAGE_BYTES] = None  # decoded: the pixels travel in ``prepared``
     add_counters(counters, _retry_delta(retries_before))
     return _table(rows, ROW_SCHEMA)
 
@@ -479,6 +510,11 @@ def _write_one(row: dict[str, Any], s: WriteSettings, family: ModelFamily) -> di
     return row
 
 
+def _shown_input(uri: str, s: WriteSettings) -> str:
+    """An input as the log names it: credentials redacted, an embedded image by its kept copy."""
+    return errors.redact_uri(stored_input_uri(uri, s.output_uri))
+
+
 def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
     now = _ts(_now())
     records = []
@@ -491,8 +527,8 @@ def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
             error_type=None if ok else r["error_type"],
             error_message=None if ok else (r.get("error_message") or r["error_type"]),
             # the log and the report are read by people: no user:password@ or signed query in them
-            image_uri=errors.redact_uri(r["image_uri"]) if r.get("image_uri") else r.get("image_uri"),
-            image_uris=[errors.redact_uri(u) for u in r["image_uris"]] if r.get("image_uris") else None,
+            image_uri=_shown_input(r["image_uri"], s) if r.get("image_uri") else r.get("image_uri"),
+            image_uris=[_shown_input(u, s) for u in r["image_uris"]] if r.get("image_uris") else None,
             model_id=s.model_id,
             run_id=s.run_id,
             finished_at=now,
@@ -582,7 +618,8 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
 # The graph.
 
 
-def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | None = None):
+def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | None = None,
+                  columns: dict[str, Any] | None = None):
     """A Ray dataset over the manifest file(s), read with an explicit pyarrow filesystem.
 
     (pyarrow's own S3 client ignores ``AWS_ENDPOINT_URL``; a bare ``s3://`` path would go to AWS.)
@@ -595,13 +632,17 @@ def read_manifest(uri: str, options: StorageOptions | None, num_cpus: float | No
     if fmt == "parquet":
         fs, _ = arrow_filesystem(files[0], options)
         paths = [arrow_filesystem(f, options)[1] for f in files]
-        return ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None,
-                                     num_cpus=num_cpus)
-    # JSON Lines and CSV: the manifest module's own reader (a fixed schema, every value text,
-    # a line that cannot be read one row with its problem), one task and one block per file.
+        ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None,
+                                   num_cpus=num_cpus)
+        # the column map and embedded images, fused into the read tasks (rows.sources)
+        return ds.map_batches(adapt_table, batch_format="pyarrow", batch_size=None,
+                              fn_kwargs={"columns": columns}, num_cpus=num_cpus)
+    # JSON Lines, CSV and WebDataset shards: the manifest module's own reader (a fixed schema,
+    # every value text, a line or member that cannot be read one row with its problem), one task
+    # and one block per file.
     files_ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     return files_ds.map_batches(read_manifest_file, batch_size=1, batch_format="pyarrow",
-                                fn_kwargs={"options": options}, num_cpus=num_cpus)
+                                fn_kwargs={"options": options, "columns": columns}, num_cpus=num_cpus)
 
 
 def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[Any]:
@@ -609,6 +650,7 @@ def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[
     fetched). The driver runs it before the graph, so that a run with no row left starts no edit
     actor and loads no model."""
     return skip.skip_join(cfg.input.manifest, cfg.input.storage, settings=normalize_settings(cfg),
+                          columns=cfg.input.columns,
                           pointer=state, output_uri=cfg.output.uri, options=cfg.output_storage(),
                           retried=cfg.runtime.retried_error_types(), counters=counters)
 
@@ -627,7 +669,8 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     spec, weights = cfg.model_spec(), cfg.weights_source()
     retried = cfg.runtime.retried_error_types()
     if state is None:
-        ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task)
+        ds = read_manifest(cfg.input.manifest, cfg.input.storage, num_cpus=r.io_cpus_per_task,
+                           columns=cfg.input.columns)
     else:
         if candidates is None:
             candidates = skip_candidates(cfg, state, counters)
@@ -647,6 +690,7 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
     prepare_settings = PrepareSettings(
         storage=cfg.input.storage, max_pixels=cfg.runtime.max_pixels, model=spec, weights=weights,
         threads=r.io_threads_per_task, max_image_bytes=cfg.input.max_image_bytes,
+        output_uri=cfg.output.uri, output_storage=cfg.output_storage(),
     )
     ds = ds.map_batches(
         prepare,

@@ -39,4 +39,5 @@ def run_edit_job(job: JobConfig, manifest_uri: str, rows: int, lease: Lease | No
     ``lease`` on the output root (None: the edit job takes it itself)."""
     inner = job.model_copy(deep=True)
     inner.input.manifest = manifest_uri
+    inner.input.columns = {}  # a work manifest is in the row contract's own shape
     return runner.run_job(inner, Preflight(manifest_rows=rows), lease=lease)

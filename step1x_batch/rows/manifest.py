@@ -91,7 +91,7 @@ import posixpath
 import re
 import string
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +113,8 @@ from step1x_batch.models.base import EditParams
 from step1x_batch.io.images import image_extension, image_format as canonical_format
 from step1x_batch.io.storage import StorageOptions, filesystem, parent_uri, safe_output_key, write_bytes
 from step1x_batch.rows.log import LOG_SCHEMA
+from step1x_batch.rows import webdataset
+from step1x_batch.rows.sources import IMAGE_BYTES, MANIFEST_PROBLEM, adapt_table
 
 MANIFEST_REQUIRED = ("instruction",)  # and one of IMAGE_COLUMNS
 IMAGE_COLUMNS = ("image_uri", "image_uris")
@@ -176,6 +178,8 @@ _FORMAT_SUFFIXES = {
     ".ndjson": "json",
     ".json": "json",
     ".csv": "csv",
+    ".tar": "webdataset",
+    ".tgz": "webdataset",
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz", ".lz4")
 _GLOB_CHARS = "*?["
@@ -198,13 +202,13 @@ def _suffix_format(path: str) -> str | None:
 
 
 def manifest_format(path: str) -> str:
-    """``"parquet"``, ``"json"`` (JSON Lines) or ``"csv"`` from a manifest file's name (a
-    compression suffix such as ``.gz`` is looked through)."""
+    """``"parquet"``, ``"json"`` (JSON Lines), ``"csv"`` or ``"webdataset"`` (``.tar`` shards)
+    from a manifest file's name (a compression suffix such as ``.gz`` is looked through)."""
     fmt = _suffix_format(path)
     if fmt is None:
         raise ValueError(
             f"cannot tell the manifest format of {redact_uri(path)}; name it *.parquet, "
-            "*.jsonl or *.csv (optionally compressed, e.g. *.jsonl.gz)"
+            "*.jsonl, *.csv (optionally compressed, e.g. *.jsonl.gz) or *.tar (WebDataset shards)"
         )
     return fmt
 
@@ -243,7 +247,7 @@ def manifest_files(uri: str, options: StorageOptions | None = None) -> list[str]
         raise FileNotFoundError(f"No manifest at {shown}: no such file, folder or glob match.")
     if not files:
         raise FileNotFoundError(
-            f"No manifest files (*.parquet, *.jsonl, *.csv) found at {shown}."
+            f"No manifest files (*.parquet, *.jsonl, *.csv, *.tar) found at {shown}."
         )
     formats = {manifest_format(p) for p in files}
     if len(formats) > 1:
@@ -276,7 +280,6 @@ def csv_convert_options(uri: str, options: StorageOptions | None = None) -> pacs
 
 # A column the text readers add: why a line could not be read as a row (null when it could). The
 # normaliser turns it into that row's INVALID_ROW error, so a bad line is one error row.
-MANIFEST_PROBLEM = "__manifest_problem"
 # Contract columns that hold one value: a JSON list, object or boolean there is the row's error.
 _SCALAR_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in ("image_uris", "image_etags"))
 
@@ -356,15 +359,10 @@ def _read_csv(f, convert: pacsv.ConvertOptions, shown: str) -> pa.Table:
     return table.append_column(MANIFEST_PROBLEM, problems)
 
 
-def _read_file(uri: str, options: StorageOptions | None, fixed_schema: bool = True) -> pa.Table:
-    """One manifest file: Parquet as stored; JSON Lines and CSV with a fixed schema (every
-    column text, typed per row by the normaliser; a line that cannot be read is one row with
-    :data:`MANIFEST_PROBLEM` set), so no value in one row can fail the read of the others.
-
-    ``fixed_schema=False``: JSON Lines typed by pyarrow and CSV without the problem rows, for
-    the jobs whose own manifests are not edit rows (a pairs job's images manifest gives a JSON
-    list of instructions)."""
+def _read_raw(uri: str, options: StorageOptions | None, fixed_schema: bool) -> pa.Table:
     fmt = manifest_format(uri)
+    if fmt == "webdataset":
+        return webdataset.read_shard(uri, options)
     fs, path = filesystem(uri, options)
     if fmt == "parquet":
         with fs.open(path, "rb") as f:
@@ -377,21 +375,44 @@ def _read_file(uri: str, options: StorageOptions | None, fixed_schema: bool = Tr
         return _read_csv(f, convert, shown) if fixed_schema else pacsv.read_csv(f, convert_options=convert)
 
 
-def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = None) -> pa.Table:
-    """Ray ``map_batches`` form of :func:`_read_file`: a batch of ``{"path": [file]}`` -> the
-    file's rows (one block per file, as Ray's own readers give)."""
+def _read_file(uri: str, options: StorageOptions | None, fixed_schema: bool = True,
+               columns: Mapping[str, Any] | None = None) -> pa.Table:
+    """One manifest file in the row contract's shape (:func:`~step1x_batch.rows.sources.adapt_table`
+    applies ``columns``, the ``input.columns`` map, and splits embedded images): Parquet as
+    stored; JSON Lines and CSV with a fixed schema (every column text, typed per row by the
+    normaliser; a line that cannot be read is one row with :data:`MANIFEST_PROBLEM` set), so no
+    value in one row can fail the read of the others; a WebDataset shard one row per sample.
+
+    ``fixed_schema=False``: JSON Lines typed by pyarrow and CSV without the problem rows, for
+    the jobs whose own manifests are not edit rows (a pairs job's images manifest gives a JSON
+    list of instructions)."""
+    table = _read_raw(uri, options, fixed_schema)
+    if not columns and manifest_format(uri) == "webdataset":
+        columns = webdataset.default_columns(table.column_names)
+    return adapt_table(table, columns)
+
+
+def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = None,
+                       columns: Mapping[str, Any] | None = None) -> Iterator[pa.Table]:
+    """Ray ``map_batches`` form of :func:`_read_file` (a generator): a batch of ``{"path":
+    [file]}`` -> the file's rows, one block per file as Ray's own readers give, a WebDataset
+    shard in pieces of about 64 MB so that a multi-GB shard is never held whole."""
     paths = batch["path"]
-    tables = [_read_file(p, options) for p in (paths.to_pylist() if hasattr(paths, "to_pylist") else paths)]
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    for path in (paths.to_pylist() if hasattr(paths, "to_pylist") else paths):
+        if manifest_format(path) != "webdataset":
+            yield _read_file(path, options, columns=columns)
+            continue
+        for piece in webdataset.iter_shard(path, options):
+            yield adapt_table(piece, columns or webdataset.default_columns(piece.column_names))
 
 
 def read_manifest_table(uri: str, options: StorageOptions | None = None, *,
-                        edit_rows: bool = False) -> pa.Table:
+                        edit_rows: bool = False, columns: Mapping[str, Any] | None = None) -> pa.Table:
     """The whole manifest as one Arrow table (for small manifests and tests; a job reads large
     ones with Ray's readers and :func:`step1x_batch.io.storage.arrow_filesystem`). ``edit_rows``:
     read as the edit job reads its manifest (a fixed schema, see :func:`_read_file`); without it,
     JSON Lines values keep their JSON types (the pairs and catalog jobs' input manifests)."""
-    tables = [_read_file(f, options, fixed_schema=edit_rows) for f in manifest_files(uri, options)]
+    tables = [_read_file(f, options, fixed_schema=edit_rows, columns=columns) for f in manifest_files(uri, options)]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -555,7 +576,7 @@ def _parse_float(value: Any, lo: float) -> float:
 def extra_columns(table_columns: Iterable[str]) -> list[str]:
     """The manifest columns that are not part of the contract, in their order: carried untouched
     into the log (``extra`` JSON)."""
-    known = set(MANIFEST_COLUMNS) | {MANIFEST_PROBLEM}
+    known = set(MANIFEST_COLUMNS) | {MANIFEST_PROBLEM, IMAGE_BYTES}
     return [str(c) for c in table_columns if str(c) not in known]
 
 
@@ -1052,4 +1073,6 @@ def normalize_batch(batch: pa.Table, settings: NormalizeSettings) -> pa.Table:
     for name in extras:
         if name not in _RESERVED_NAMES:
             table = table.append_column(name, batch.column(name))
+    if IMAGE_BYTES in names:  # embedded images ride to the prepare stage, never into the log
+        table = table.append_column(IMAGE_BYTES, batch.column(IMAGE_BYTES))
     return table
