@@ -46,7 +46,7 @@ from step1x_batch.errors import JobRefused
 from step1x_batch.io import storage
 from step1x_batch.io.storage import StorageOptions, is_local, join_uri, write_bytes
 from step1x_batch.io import weights
-from step1x_batch.job import console, ray_guard, report, stages
+from step1x_batch.job import console, export, ray_guard, report, stages
 from step1x_batch.job import lease as leases
 from step1x_batch.judge.config import unmet_resources
 from step1x_batch.judge.scores import ScoreWriter
@@ -460,6 +460,8 @@ def _run_leased(cfg: JobConfig, facts: Preflight | None, lease: leases.Lease,
         try:
             if start(run, con):
                 stream(run, con)
+            if not run.stopped:
+                _export_dataset(run, con)
         finally:
             _end_ray(run, started)
     summary, payload = finish(run)
@@ -616,6 +618,24 @@ def _compact_after(run: _Run) -> None:
     except Exception as e:  # the logs are complete; the next start folds them in
         run.notes.append(errors.redact(f"the row state was not compacted ({type(e).__name__}: "
                                        f"{e}); the next run folds this run's log parts in"))
+
+
+def _export_dataset(run: _Run, con: console.Console) -> None:
+    """The results as a dataset (``output.dataset`` / ``output.webdataset``), while the cluster
+    is up; a no-op rerun exports too (a flag just turned on, a shard a killed export left)."""
+    try:
+        result = export.export_for(run.cfg, tasks=rowstate.RayTasks(), lease=run.lease)
+    except leases.LeaseLost:
+        raise
+    except Exception as e:  # the logs are complete; the next run's export finishes it
+        run.notes.append(errors.redact(f"the dataset export failed ({type(e).__name__}: {e}); "
+                                       "the next run finishes it"))
+        con.say(f"warning: {run.notes[-1]}", err=True)
+        return
+    if result is not None:
+        for line in result.warnings:
+            con.say(line, err=True)
+        con.say(result.line(), err=True)
 
 
 def _end_ray(run: _Run, started: bool) -> None:
