@@ -75,6 +75,9 @@ def test_contract_manifest_unchanged_and_unknown_column_refused():
     # a lone `image` column of bytes (a hub dataset's usual name) is the image without a map
     hub = pa.table({"image": pa.array([{"bytes": _png(3), "path": None}], _IMAGE), "instruction": ["x"]})
     assert adapt_table(hub).column("image_uri").to_pylist() == [embedded_uri(_png(3))]
+    # a struct that is no Image feature (it has other fields) is an ordinary extra column
+    meta = plain.append_column("meta", pa.array([{"path": "x", "size": 3}]))
+    assert adapt_table(meta).equals(meta)
 
 
 def test_identity_is_the_bytes_hash_not_the_name():

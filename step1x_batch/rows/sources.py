@@ -102,7 +102,11 @@ def _is_bytes(t: pa.DataType) -> bool:
 
 
 def _is_image_struct(t: pa.DataType) -> bool:
-    return pa.types.is_struct(t) and any(t.field(i).name in ("bytes", "path") for i in range(t.num_fields))
+    """``datasets``' Image feature as stored: a struct of ``bytes`` (and ``path``), nothing else."""
+    if not pa.types.is_struct(t):
+        return False
+    names = {t.field(i).name for i in range(t.num_fields)}
+    return "bytes" in names and names <= {"bytes", "path"}
 
 
 def _is_list(t: pa.DataType) -> bool:
