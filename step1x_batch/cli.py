@@ -1,5 +1,5 @@
-"""The ``step1x-batch`` command: demo, run / synthesize / rerender a job config, make tiny weights,
-edit one image."""
+"""The ``step1x-batch`` command: demo, run / synthesize / rerender / benchmark a job config, make tiny
+weights or a tiny benchmark, edit one image."""
 
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ def _rerender(args: argparse.Namespace) -> int:
     return run_config(args.config, config_overrides(args))
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from step1x_batch.recipes.benchmark import run_config
+
+    return run_config(args.config, config_overrides(args))
+
+
+def _make_tiny_benchmark(args: argparse.Namespace) -> int:
+    from step1x_batch.recipes.tiny_benchmark import make_tiny_benchmark
+
+    path = make_tiny_benchmark(args.dir, seed=args.seed)
+    print(f"tiny GEdit-Bench-shaped dataset (12 rows, seed {args.seed}) written to {path}; "
+          f"use input.manifest: {path.parent}/ with input.columns: "
+          "{id: key, image: input_image_raw, instruction: instruction}")
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     from step1x_batch.recipes.score import run_config
 
@@ -150,6 +166,23 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.dir, args.family)
 
 
+def _add_benchmark_commands(sub: Any) -> None:
+    """``benchmark CONFIG`` and ``make-tiny-benchmark DIR``."""
+    p = sub.add_parser("benchmark", help="edit the same rows with several models (same seeds), score every "
+                                         "edit and compare the models per category in one table",
+                       description="Run every model of benchmark.models on the manifest under "
+                                   "<output.uri>/models/<name>/, score the edits with the judge, and write "
+                                   "<output.uri>/benchmark/table.md, table.json and report.html.")
+    add_config_arguments(p)
+    p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("make-tiny-benchmark", help="write a tiny GEdit-Bench-shaped dataset (Parquet, images "
+                                                   "inside) made from a seed")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_benchmark)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="step1x-batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         add_config_arguments(p)
         p.set_defaults(func=func)
+
+    _add_benchmark_commands(sub)
 
     p = sub.add_parser("score", help="score the edits of an output root with a judge (VLM and image metrics); "
                                      "no image is written",
