@@ -35,6 +35,9 @@ only the denoiser is merged), LoRA biases (``lora_B.bias``), DoRA (``dora_scale`
 else. A PEFT ``adapter_config.json`` beside the file is not read: the alpha must be in the file.
 
 Targets are ``nn.Linear`` modules (``Fp8Linear`` included, see :func:`merge_adapters`).
+Several named sets on one resident model, switched with the same bytes as a merge at load:
+:class:`step1x_batch.models.adapter_sets.AdapterSwitcher` (it shares :func:`plan_contributions`,
+:func:`lora_delta` and :func:`fp8_merged` with :func:`merge_adapters`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -473,28 +476,21 @@ def merge_adapters(module: nn.Module, adapters: Sequence[AdapterSpec], *, family
     if not adapters:
         return []
     index = _ModelIndex(module)
-    plans = _plan_all(index, adapters, family)
-    contributions: dict[str, list[tuple[AdapterPlan, LoraPair]]] = {}
-    for plan in plans:
-        for pair in plan.pairs:
-            contributions.setdefault(pair.target, []).append((plan, pair))
-    targets = sorted(contributions, key=lambda n: index.order[n])
+    plans, contributions = plan_contributions(index, adapters, family)
+    targets = list(contributions)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_full_float32_matmuls())
+        stack.enter_context(full_float32_matmuls())
         files = {id(p): stack.enter_context(safe_open(str(p.spec.path), framework="pt", device="cpu"))
                  for p in plans}
 
         def merged(name: str) -> torch.Tensor:
             """The sum of every adapter's change to ``name``'s weight, in float32."""
             weight = index.modules[name].weight
-            delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            for plan, pair in contributions[name]:
-                f = files[id(plan)]
-                up = f.get_tensor(pair.up).to(weight.device, torch.float32)
-                down = f.get_tensor(pair.down).to(weight.device, torch.float32)
-                delta.add_(up @ down, alpha=plan.spec.scale * pair.ratio)
-            return delta
+            terms = ((f.get_tensor(pair.up).to(weight.device, torch.float32),
+                      f.get_tensor(pair.down).to(weight.device, torch.float32), plan.spec.scale * pair.ratio)
+                     for plan, pair in contributions[name] for f in (files[id(plan)],))
+            return lora_delta(weight.shape, weight.device, terms)
 
         fp8 = _merged_fp8_weights(index, targets, merged, adapters)  # every check before any write
         for name in targets:
@@ -503,6 +499,34 @@ def merge_adapters(module: nn.Module, adapters: Sequence[AdapterSpec], *, family
             with torch.inference_mode(weight.is_inference()), torch.no_grad():
                 weight.copy_(new)
     return targets
+
+
+def plan_contributions(index: _ModelIndex, adapters: Sequence[AdapterSpec], family: str
+                       ) -> tuple[list[AdapterPlan], dict[str, list[tuple[AdapterPlan, LoraPair]]]]:
+    """Every adapter's plan, and each target's (plan, pair) list in the adapters' order, the
+    targets in the model's order: the order :func:`merge_adapters` sums and writes in. A
+    :class:`WeightsError` naming every problem of every adapter."""
+    plans = _plan_all(index, adapters, family)
+    contributions: dict[str, list[tuple[AdapterPlan, LoraPair]]] = {}
+    for plan in plans:
+        for pair in plan.pairs:
+            contributions.setdefault(pair.target, []).append((plan, pair))
+    return plans, {name: contributions[name] for name in sorted(contributions, key=lambda n: index.order[n])}
+
+
+def lora_delta(shape: torch.Size | Sequence[int], device: torch.device | str,
+               terms: Iterable[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """The summed change ``sum(alpha * up @ down)`` to one weight, in float32, in the order given.
+
+    The one place the change is computed, so that a weight merged at load
+    (:func:`merge_adapters`) and one recomputed on a switch
+    (:class:`~step1x_batch.models.adapter_sets.AdapterSwitcher`) have the same bytes. ``up`` and
+    ``down`` must already be float32 on ``device``; call it inside :func:`full_float32_matmuls`.
+    """
+    delta = torch.zeros(shape, dtype=torch.float32, device=device)
+    for up, down, alpha in terms:
+        delta.add_(up @ down, alpha=alpha)
+    return delta
 
 
 def _plan_all(index: _ModelIndex, adapters: Sequence[AdapterSpec], family: str) -> list[AdapterPlan]:
@@ -528,26 +552,34 @@ def _merged_fp8_weights(index: _ModelIndex, targets: Sequence[str], merged: Call
         weight = index.modules[name].weight
         if weight.dtype not in FP8_DTYPES:
             continue
-        delta = merged(name)
-        w32 = weight.detach().float()
-        new = (w32 + delta).to(weight.dtype)
-        norm = float(delta.norm())
-        kept = new.float() - w32
-        err = float((kept - delta).norm()) / norm if norm > 0 else 0.0
-        if not bool(torch.isfinite(new.float()).all()):
-            problems.append(f"{name}: the merged weight overflows {weight.dtype}")
-        elif err > FP8_MAX_DELTA_ERROR:
-            problems.append(f"{name}: its {weight.dtype} weight cannot hold the adapters' change "
-                            f"(rounding back to fp8 leaves an error of {err:.0%} of the change); "
-                            f"load the DiT without fp8 storage to use these adapters")
+        new, problem = fp8_merged(name, weight.detach(), merged(name))
+        if problem:
+            problems.append(problem)
         fp8[name] = new
     if problems:
         raise WeightsError(_summary(problems, [str(a.path) for a in adapters]))
     return fp8
 
 
+def fp8_merged(name: str, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """An fp8 weight plus ``delta``, rounded to fp8 again, and the problem when the result
+    overflows or keeps too little of the change (``FP8_MAX_DELTA_ERROR``), else None."""
+    w32 = weight.float()
+    new = (w32 + delta).to(weight.dtype)
+    norm = float(delta.norm())
+    kept = new.float() - w32
+    err = float((kept - delta).norm()) / norm if norm > 0 else 0.0
+    if not bool(torch.isfinite(new.float()).all()):
+        return new, f"{name}: the merged weight overflows {weight.dtype}"
+    if err > FP8_MAX_DELTA_ERROR:
+        return new, (f"{name}: its {weight.dtype} weight cannot hold the adapters' change "
+                     f"(rounding back to fp8 leaves an error of {err:.0%} of the change); "
+                     f"load the DiT without fp8 storage to use these adapters")
+    return new, None
+
+
 @contextlib.contextmanager
-def _full_float32_matmuls():
+def full_float32_matmuls():
     """``up @ down`` in true float32 even where the process allows TF32 matmuls."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
