@@ -231,3 +231,7 @@ def test_changing_the_shard_count_rebuilds_and_a_missing_output_is_left_out(root
     assert len(result.warnings) == 1 and "'r5'" in result.warnings[0] and "images/r5.png" in result.warnings[0]
     assert sorted(i for ids in _shard_ids(out).values() for i in ids) == sorted(set(OK_IDS) - {"r5"})
     assert not list((out / "dataset/webdataset").glob("*.tar"))  # the switched-off kind is removed
+    # the output is back: the next export looks again and the row returns (the others stay put)
+    again = _export(out, shards=2, webdataset=False)
+    assert (again.shards_written, again.rows, again.missing) == (1, len(OK_IDS), 0)
+    assert sorted(i for ids in _shard_ids(out).values() for i in ids) == sorted(OK_IDS)

@@ -70,8 +70,12 @@ def test_struct_binary_and_list_columns_become_uris_and_bytes():
 def test_contract_manifest_unchanged_and_unknown_column_refused():
     plain = pa.table({"image_uri": ["a.png"], "instruction": ["x"]})
     assert adapt_table(plain, {}).equals(plain)
-    with pytest.raises(ValueError, match="'nope'"):
-        adapt_table(plain, {"image": "nope"})
+    with pytest.raises(ValueError, match="'nope'"):  # pre-flight's form
+        adapt_table(plain, {"image": "nope"}, strict=True)
+    # in a job: every row of a file that lacks the column is a problem row naming it, no crash
+    lacking = adapt_table(plain, {"image": "nope"})
+    assert lacking.column(MANIFEST_PROBLEM).to_pylist() == [
+        "input.columns names column(s) ['nope'] that the manifest does not have (it has ['image_uri', 'instruction'])"]
     # a lone `image` column of bytes (a hub dataset's usual name) is the image without a map
     hub = pa.table({"image": pa.array([{"bytes": _png(3), "path": None}], _IMAGE), "instruction": ["x"]})
     assert adapt_table(hub).column("image_uri").to_pylist() == [embedded_uri(_png(3))]
@@ -189,6 +193,36 @@ def test_preflight_names_a_mapped_column_the_dataset_lacks(tmp_path):
     assert "image_uri" in check_job(ok).manifest_columns
     table = read_manifest_table(manifest, edit_rows=True, columns={"id": "key", "image": "img"})
     assert table.column("image_uri").to_pylist() == [embedded_uri(_png(0))]
+    # a folder whose second file lacks a mapped column is refused before the run, naming the file
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "m.parquet").rename(folder / "a.parquet")
+    pq.write_table(pa.table({"key": ["b"], "img": pa.array([{"bytes": _png(1), "path": None}], _IMAGE)}),
+                   folder / "b.parquet")
+    mixed = parse_config(_config(str(folder), str(tmp_path / "out"), {"family": "null"}, "r",
+                                 {"id": "key", "image": "img", "instruction": "instruction"}))
+    with pytest.raises(PreflightError, match=r"b\.parquet has no column\(s\) \['instruction'\]"):
+        check_job(mixed)
+
+
+def test_duplicate_check_reads_images_a_batch_at_a_time(tmp_path):
+    """Two rows with one key but different pictures are refused; the same row twice is not."""
+    from step1x_batch.job import preflight
+
+    rows = [{"key": "a", "instruction": "x", "img": {"bytes": _png(0), "path": None}},
+            {"key": "a", "instruction": "x", "img": {"bytes": _png(1), "path": None}}]
+    features = datasets.Features({"key": datasets.Value("string"), "instruction": datasets.Value("string"),
+                                  "img": datasets.Image()})
+    manifest = _hub_manifest(tmp_path / "dup.parquet", rows, features)
+    table = preflight._duplicate_columns(manifest, None, full=True, columns={"id": "key", "image": "img"})
+    assert IMAGE_BYTES not in table.column_names
+    assert table.column("image_uri").to_pylist() == [embedded_uri(_png(0)), embedded_uri(_png(1))]
+    cfg = parse_config(_config(manifest, str(tmp_path / "out"), {"family": "null"}, "r", {"id": "key", "image": "img"}))
+    with pytest.raises(PreflightError, match="may not share an id"):
+        check_job(cfg)
+    same = _hub_manifest(tmp_path / "same.parquet", [rows[0], rows[0]], features)
+    assert check_job(parse_config(_config(same, str(tmp_path / "o2"), {"family": "null"}, "r",
+                                          {"id": "key", "image": "img"}))).manifest_rows == 2
 
 
 @pytest.mark.slow

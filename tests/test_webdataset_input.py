@@ -18,6 +18,7 @@ from step1x_batch.rows import manifest
 from step1x_batch.rows.webdataset import (
     MANIFEST_PROBLEM,
     default_columns,
+    default_view,
     iter_shard,
     read_shard,
     split_name,
@@ -135,15 +136,24 @@ def test_a_sample_with_json_jpg_and_txt(tmp_path, image_factory):
     assert table.schema.field("cls").type == pa.large_binary()
     assert table.schema.field("seed").type == pa.string()
     assert table.column_names[0:2] == ["__key__", "__url__"] and table.column_names[-1] == MANIFEST_PROBLEM
-    assert default_columns(table.column_names) == {"id": "__key__", "image": "jpg", "instruction": "instruction"}
 
 
-def test_default_columns_choices():
-    assert default_columns(["__key__", "__url__", "0.png", "webp", "png", "txt", MANIFEST_PROBLEM]) == {
-        "id": "__key__", "image": "png", "instruction": "txt"}
-    assert default_columns(["__key__", "src.tiff", "caption"]) == {
-        "id": "__key__", "image": "src.tiff", "instruction": "caption"}
-    assert default_columns(["__key__", "json_field"]) == {"id": "__key__"}
+def test_default_view_chooses_sample_by_sample(tmp_path, image_factory):
+    """Without input.columns each sample takes its own image and text (a shard mixing jpg and png
+    samples, or json and txt instructions, loses none), and its id names its shard."""
+    path = tmp_path / "mixed.tar"
+    png, jpg = _png(image_factory, 1), _jpg(image_factory, 2)
+    _write_tar(path, [("a.png", png), ("a.txt", b"from txt"), ("b.jpg", jpg),
+                      ("b.json", b'{"instruction": "from json", "task": "t"}'), ("c.txt", b"no image")])
+    view = default_view(read_shard(str(path)))
+    rows = {r["__sample__"]: r for r in view.to_pylist()}
+    assert set(rows) == {"mixed/a", "mixed/b", "mixed/c"}
+    assert rows["mixed/a"]["__image__"] == png and rows["mixed/a"]["__instruction__"] == "from txt"
+    assert rows["mixed/b"]["__image__"] == jpg and rows["mixed/b"]["__instruction__"] == "from json"
+    assert rows["mixed/c"]["__image__"] is None and rows["mixed/b"]["task"] == "t"
+    assert not {"png", "jpg", "txt", "instruction"} & set(view.column_names)  # taken members are not carried twice
+    assert default_columns(view.column_names) == {"id": "__sample__", "image": "__image__",
+                                                  "instruction": "__instruction__"}
 
 
 def test_member_names_group_as_webdataset_groups_them(tmp_path):
@@ -271,3 +281,24 @@ def test_a_shard_on_s3(s3_bucket, storage_options, tmp_path, image_factory):
 
 def test_the_problem_column_is_the_manifest_readers_one():
     assert MANIFEST_PROBLEM == manifest.MANIFEST_PROBLEM
+
+
+def test_a_column_map_on_shards_lacking_a_member(tmp_path, image_factory):
+    """input.columns on WebDataset shards: a piece without a mapped member gives problem rows
+    naming it, never a failed read; pre-flight does not refuse the map (members are columns)."""
+    from step1x_batch.job.config import parse_config
+    from step1x_batch.job.preflight import check_job
+    from step1x_batch.rows.manifest import read_manifest_table
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _write_tar(folder / "a.tar", [("x.png", _png(image_factory, 1)), ("x.caption", b"make it red")])
+    _write_tar(folder / "b.tar", [("y.png", _png(image_factory, 2))])  # no caption member at all
+    columns = {"id": "__key__", "image": "png", "instruction": "caption"}
+    table = read_manifest_table(str(folder), edit_rows=True, columns=columns)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["x"]["instruction"] == "make it red" and rows["x"][MANIFEST_PROBLEM] is None
+    assert "['caption']" in rows["y"][MANIFEST_PROBLEM]
+    cfg = parse_config({"input": {"manifest": str(folder), "columns": columns}, "output": {"uri": str(tmp_path / "o")},
+                        "model": {"family": "null"}})
+    check_job(cfg)  # no refusal: b.tar's sample is its own error row

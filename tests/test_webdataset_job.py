@@ -70,25 +70,29 @@ def _run(raw: dict):
 def test_webdataset_in_parquet_and_webdataset_out(ray_local, tmp_path):
     pictures = _shards(tmp_path / "shards")
     summary = _run(_config(tmp_path, "first"))
-    recs = {r["id"]: r for r in read_logs(str(tmp_path / "out")).to_pylist()}
+    # a row's id is <shard>/<key>: keys are unique within a shard, often not across shards
+    recs = {r["id"].split("/", 1)[1]: r for r in read_logs(str(tmp_path / "out")).to_pylist()}
+    assert {r["id"] for r in recs.values()} == {f"shard-00{k[1]}/{k}" for k in recs}
     assert summary.by_status == {"ok": 10, "error": 1}
-    problem = recs.pop("s2-2")  # the sample cut by the shard's end keeps its key as its id
+    problem = recs.pop("s2-2")  # the sample cut by the shard's end keeps its key in its id
     assert problem["error_type"] == errors.INVALID_ROW
     assert "shard-002.tar: member s2-2.png is truncated" in problem["error_message"]
     assert set(recs) == set(pictures)  # the rows before the cut, nothing after it
     assert json.loads(recs["s0-1"]["extra"])["task_type"] == "t1" and recs["s0-1"]["instruction"] == "make s0-1 blue"
+    assert "png" not in json.loads(recs["s0-1"]["extra"])  # the member taken as the image is not carried again
 
     parquet = sorted(str(p) for p in (tmp_path / "out" / "dataset" / "data").glob("*.parquet"))
     tars = sorted(str(p) for p in (tmp_path / "out" / "dataset" / "webdataset").glob("*.tar"))
     assert len(parquet) == 3 and len(tars) == 3
     loaded = datasets.load_dataset("parquet", data_files=parquet, split="train")
     assert isinstance(loaded.features["image"], datasets.Image)
-    ids = Counter(loaded["id"])
+    ids = Counter(i.split("/", 1)[1] for i in loaded["id"])
     assert ids == Counter(set(pictures))  # every ok row exactly once, no error row
     for row in loaded:  # the null model returns its input: the pixels are the shard's picture
-        assert np.array_equal(np.asarray(row["image"].convert("RGB")), decode_image(pictures[row["id"]], 10**6))
+        picture = pictures[row["id"].split("/", 1)[1]]
+        assert np.array_equal(np.asarray(row["image"].convert("RGB")), decode_image(picture, 10**6))
         assert row["task_type"] in ("t0", "t1")
-    in_tars = Counter(json.loads(s["json"])["id"] for s in wds.WebDataset(tars, shardshuffle=False))
+    in_tars = Counter(json.loads(s["json"])["id"].split("/", 1)[1] for s in wds.WebDataset(tars, shardshuffle=False))
     assert in_tars == Counter(set(pictures))
 
     before = {p: Path(p).stat().st_mtime_ns for p in parquet + tars}

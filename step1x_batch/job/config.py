@@ -52,6 +52,7 @@ _CREDENTIAL_KEY = re.compile(
     r"(secret|password|passwd|token|credential|access_key|private_key|api_key|session_key)", re.I
 )
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,27 @@ class ModelConfig(_Section):
     # LoRA adapters (PEFT / diffusers, kohya, DiffSynth, Step1X-Edit formats): merged into the
     # weights at load, their content hash and scale part of the model id.
     adapters: list[AdapterConfig] = Field(default_factory=list)
+    # Named LoRA sets a row picks with its ``adapters`` column (null: the base model): each GPU
+    # actor keeps the base weights and switches sets exactly (models/adapter_sets.py); a row of
+    # set S gives the bytes a job with ``model.adapters: S`` gives.
+    adapter_sets: dict[str, list[AdapterConfig]] = Field(default_factory=dict)
+
+    @field_validator("adapter_sets")
+    @classmethod
+    def _set_names(cls, value: dict[str, list[AdapterConfig]]) -> dict[str, list[AdapterConfig]]:
+        for name, adapters in value.items():
+            if not _SET_NAME.match(name):
+                raise ValueError(f"set name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+            if not adapters:
+                raise ValueError(f"set {name!r} names no adapter (a row without a set gets the base model)")
+        return value
+
+    @model_validator(mode="after")
+    def _sets_or_adapters(self) -> "ModelConfig":
+        if self.adapter_sets and self.adapters:
+            raise ValueError("give model.adapters (merged at load for every row) or model.adapter_sets "
+                             "(a set per row), not both: put the shared adapters into every set")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -173,13 +195,14 @@ class ModelConfig(_Section):
     def family_class(self) -> type[ModelFamily]:
         return family_class(self.family)
 
-    def spec(self, device: str = "cpu", adapters: tuple[AdapterRef, ...] = ()) -> ModelSpec:
+    def spec(self, device: str = "cpu", adapters: tuple[AdapterRef, ...] = (),
+             adapter_sets: tuple[tuple[str, tuple[AdapterRef, ...]], ...] = ()) -> ModelSpec:
         """The plain-data spec each task and actor builds its family from."""
         return ModelSpec(
             family=self.family, options=dict(self.options), weights=self.weights, dtype=self.dtype,
             device=device, max_batch_size=self.max_batch_size, model_id=self.model_id,
             batch_invariant=self.batch_invariant, compile=self.compile, attention=self.attention,
-            adapters=adapters,
+            adapters=adapters, adapter_sets=adapter_sets,
         )
 
 
@@ -320,7 +343,7 @@ class JobConfig(_Section):
         return "cuda" if self.resources.num_gpus_per_actor > 0 else "cpu"
 
     def model_spec(self) -> ModelSpec:
-        return self.model.spec(self.device(), self.adapter_refs())
+        return self.model.spec(self.device(), self.adapter_refs(), tuple(self.adapter_set_refs().items()))
 
     def family(self) -> ModelFamily:
         """The model family this job edits with; ``family().model_id()`` is the one route to the
@@ -335,6 +358,24 @@ class JobConfig(_Section):
             raise RuntimeError(f"model.adapters[{unpinned[0]}] has no content digest yet: pin the adapters "
                                "(step1x_batch.io.weights.pin_adapters) before deriving the model id")
         return tuple(AdapterRef(a.uri, a.scale, a.format, a.sha256) for a in self.model.adapters)
+
+    def adapter_set_refs(self) -> dict[str, tuple[AdapterRef, ...]]:
+        """``model.adapter_sets`` with each file's pinned content digest, by set name."""
+        out = {}
+        for name, adapters in self.model.adapter_sets.items():
+            unpinned = [i for i, a in enumerate(adapters) if a.sha256 is None]
+            if unpinned:
+                raise RuntimeError(f"model.adapter_sets.{name}[{unpinned[0]}] has no content digest yet: pin "
+                                   "the adapters (step1x_batch.io.weights.pin_adapters) before deriving model ids")
+            out[name] = tuple(AdapterRef(a.uri, a.scale, a.format, a.sha256) for a in adapters)
+        return out
+
+    def set_model_ids(self) -> dict[str, str]:
+        """The model id each adapter set's rows are edited with (the id a job with ``model.adapters``
+        set to that set has), by set name: in those rows' fingerprints."""
+        base = self.model.spec(self.device())
+        return {name: load_family(dataclasses.replace(base, adapters=refs)).model_id()
+                for name, refs in self.adapter_set_refs().items()}
 
     def edit_defaults(self) -> EditParams:
         """Per-row defaults: ``sampling.*`` where set, else the model family's recipe."""

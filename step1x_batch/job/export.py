@@ -378,6 +378,8 @@ def _fold(tables: list[pa.Table]) -> pa.Table:
 def _unchanged(job: _ShardJob, shard: int, meta: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     if meta is None or any(meta.get(k) != new[k] for k in ("format", "shards", "schema", "content")):
         return False
+    if meta.get("missing"):  # a row left out last time (its output unreadable): look again
+        return False
     for on, kind, key in ((job.parquet, "parquet", data_key), (job.webdataset, "webdataset", tar_key)):
         if on and not (meta.get(kind) and exists(join_uri(job.output_uri, key(shard, job.shards)), job.options)):
             return False

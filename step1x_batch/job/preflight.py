@@ -217,7 +217,19 @@ def contract_columns(uri: str, options: StorageOptions | None, names: list[str],
             empty = pq.ParquetFile(f).schema_arrow.empty_table()
     else:
         empty = pa.table({n: pa.array([], pa.string()) for n in names})
-    return [c for c in adapt_table(empty, columns).column_names if c != IMAGE_BYTES]
+    return [c for c in adapt_table(empty, columns, strict=True).column_names if c != IMAGE_BYTES]
+
+
+def _check_mapped_columns(files: list[str], names: list[list[str]], column_map: Mapping[str, Any] | None) -> None:
+    """Every Parquet file has the columns ``input.columns`` maps (a hub folder can mix schemas)."""
+    from step1x_batch.rows.sources import mapped_names
+
+    wanted = [c for cs in mapped_names(column_map or {}).values() for c in cs]
+    for f, have in zip(files, names):
+        lacking = [c for c in wanted if c not in have]
+        if lacking:
+            raise PreflightError(f"input.columns: the manifest file {redact_uri(f)} has no column(s) {lacking} "
+                                 f"(it has {', '.join(have)}); point input.manifest at files of one schema")
 
 
 def check_manifest(uri: str, options: StorageOptions | None,
@@ -248,7 +260,8 @@ def check_manifest(uri: str, options: StorageOptions | None,
         raise PreflightError(f"input.manifest: the manifest {shown} has no rows")
     webdataset = manifest_format(files[0]) == "webdataset"
     try:
-        columns = names if webdataset and not column_map else contract_columns(files[0], options, names, column_map)
+        # a WebDataset sample's members are its columns: one that lacks a mapped member is its own error row
+        columns = names if webdataset else contract_columns(files[0], options, names, column_map)
     except ValueError as e:
         raise PreflightError(f"input.columns: {e}") from None
     groups = [] if webdataset else required.items() if isinstance(required, Mapping) else [(None, g) for g in required]
@@ -262,8 +275,9 @@ def check_manifest(uri: str, options: StorageOptions | None,
     facts = Preflight(manifest_files=files, manifest_columns=columns)
     if files[0].endswith(".parquet") and len(files) <= _ROW_COUNT_MAX_FILES:
         with ThreadPoolExecutor(16) as pool:
-            counts = list(pool.map(lambda f: _columns_and_rows(f, options)[1], files[1:]))
-        facts.manifest_rows = int(rows or 0) + sum(int(c or 0) for c in counts)
+            footers = list(pool.map(lambda f: _columns_and_rows(f, options), files[1:]))
+        _check_mapped_columns(files[1:], [names for names, _, _ in footers], column_map)
+        facts.manifest_rows = int(rows or 0) + sum(int(c or 0) for _, c, _ in footers)
         non_empty = facts.manifest_rows > 0
     else:
         facts.manifest_rows = _count_text_rows(files, options)
@@ -296,6 +310,7 @@ def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool,
                        columns: Mapping[str, Any] | None = None) -> Any:
     """A manifest file's ``id`` and ``output_key`` (``full``: every contract column, an embedded
     image as its hash), after the ``input.columns`` map."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from step1x_batch.rows.manifest import MANIFEST_COLUMNS, _read_file, manifest_format
@@ -310,14 +325,17 @@ def _duplicate_columns(uri: str, options: StorageOptions | None, full: bool,
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        if full:  # the image columns too (one file at a time): an embedded image counts by its hash
+        if full:  # the image columns too: an embedded image counts by its hash (a batch at a time)
             read = [c for c in names if renamed.get(c, c) in wanted or renamed.get(c) == "image"
                     or c in ("image", "images")]
         else:
             read = [c for c in names if renamed.get(c, c) in wanted]
-        table = adapt_table(pf.read(columns=read), {t: s for t, s in (columns or {}).items()
-                                                     if all(x in read for x in mapped_names({t: s})[t])})
-    return table.drop_columns([IMAGE_BYTES]) if IMAGE_BYTES in table.column_names else table
+        mapping = {t: s for t, s in (columns or {}).items() if all(x in read for x in mapped_names({t: s})[t])}
+        parts = []
+        for batch in pf.iter_batches(batch_size=1024, columns=read):
+            part = adapt_table(pa.Table.from_batches([batch]), mapping)
+            parts.append(part.drop_columns([IMAGE_BYTES]) if IMAGE_BYTES in part.column_names else part)
+    return pa.concat_tables(parts) if parts else adapt_table(pf.schema_arrow.empty_table().select(read), mapping)
 
 
 def _row_keys(table: Any, image_ext: str) -> tuple[Any, Any]:

@@ -473,6 +473,8 @@ def pin_adapters(cfg: JobConfig) -> JobConfig:
     """``cfg`` with its adapters' content digests pinned (:func:`step1x_batch.io.weights.pin_adapters`):
     the driver's first step, and the recipes' before they derive the model id."""
     weights.pin_adapters(cfg.model.adapters, cfg.weights_source())
+    for adapters in cfg.model.adapter_sets.values():
+        weights.pin_adapters(adapters, cfg.weights_source())
     return cfg
 
 

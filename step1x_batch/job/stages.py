@@ -44,7 +44,7 @@ from step1x_batch.rows.manifest import (
     normalize_batch,
     read_manifest_file,
 )
-from step1x_batch.models import load_family
+from step1x_batch.models import adapter_switcher, load_family
 from step1x_batch.models.base import (
     AdapterRef,
     AdapterSpec,
@@ -184,6 +184,7 @@ def normalize_settings(cfg: JobConfig, manifest_uri: str | None = None) -> Norma
         max_instruction_chars=cfg.runtime.max_instruction_chars,
         image_quality=cfg.output.quality,
         max_images=family.max_images,
+        set_model_ids=tuple(sorted(cfg.set_model_ids().items())),
     )
 
 
@@ -362,7 +363,9 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         t0 = time.perf_counter()
         try:
             ready = preparer(_request(row, images))
-            row.update(prepared=ready.to_bytes(), batch_key=ready.key, width=ready.width, height=ready.height)
+            # a set's rows never share a forward with another set's (the set is part of the key)
+            key = ready.key if not row.get("adapters") else f"{row['adapters']}\x1f{ready.key}"
+            row.update(prepared=ready.to_bytes(), batch_key=key, width=ready.width, height=ready.height)
         except RowFailure as e:
             row.update(error_type=e.code, error_message=errors.redact(e.message))
         except Exception as e:  # a bug or an input the family cannot handle: one row, not the job
@@ -417,7 +420,15 @@ class EditStage:
                     ray.get(counters.set_fatal.remote(message))
                 raise
         self.engine = engine
+        self.switcher = self._switcher(spec, weights) if spec.adapter_sets else None
         self._state("ready")
+
+    def _switcher(self, spec: ModelSpec, weights: WeightsSource) -> Any:
+        """The adapter sets staged on this node and ready to switch (the engine holds the base)."""
+        switcher = adapter_switcher(self.family, self.engine)
+        for name, refs in spec.adapter_sets:
+            switcher.add_set(name, [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in refs])
+        return switcher
 
     def _state(self, state: str) -> None:
         if self.counters is not None:
@@ -431,6 +442,32 @@ class EditStage:
             progress=lambda done, total: self._state(f"staging weights {format_bytes(done)} of {format_bytes(total)}"))
         self._state("loading the model")
         return self.family.load(folder, spec.device, adapters) if adapters else self.family.load(folder, spec.device)
+
+    def _edit_by_set(self, rows: list[dict[str, Any]]) -> list[EditOutput | BaseException]:
+        """Rows grouped by adapter set, the set already active first (fewer switches); each group
+        edited with its set active. A set that cannot be activated fails its rows, not the job."""
+        if self.switcher is None:
+            return self._edit([Prepared.from_bytes(r["prepared"]) for r in rows])
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.get("adapters") or None, []).append(i)
+        order = sorted(groups, key=lambda name: (name != self.switcher.active, name or ""))
+        results: list[EditOutput | BaseException] = [RuntimeError("not edited")] * len(rows)
+        for name in order:
+            idx = groups[name]
+            before = self.switcher.switches
+            try:
+                self.switcher.activate(name)
+            except Exception as e:
+                for i in idx:
+                    results[i] = RuntimeError(f"the adapter set {name!r} could not be switched in: {_message(e)}")
+                continue
+            if self.switcher.switches != before:
+                add_counters(self.counters, {"adapter_switches": 1.0,
+                                             "adapter_switch_ms": self.switcher.last_switch_s * 1e3})
+            for i, out in zip(idx, self._edit([Prepared.from_bytes(rows[i]["prepared"]) for i in idx])):
+                results[i] = out
+        return results
 
     def _edit(self, rows: list[Prepared]) -> list[EditOutput | BaseException]:
         try:
@@ -451,7 +488,7 @@ class EditStage:
         todo = [r for r in rows if not r["error_type"]]
         self._state("busy")
         try:
-            results = self._edit([Prepared.from_bytes(r["prepared"]) for r in todo]) if todo else []
+            results = self._edit_by_set(todo) if todo else []
         finally:
             self._state("ready")
         for r, result in zip(todo, results):
@@ -486,6 +523,7 @@ class WriteSettings:
     model_id: str
     run_id: str
     model: ModelSpec
+    set_model_ids: tuple[tuple[str, str], ...] = ()  # a row of an adapter set is logged with its id
 
 
 def _write_one(row: dict[str, Any], s: WriteSettings, family: ModelFamily) -> dict[str, Any]:
@@ -529,7 +567,7 @@ def to_log_records(rows: list[dict[str, Any]], s: WriteSettings) -> pa.Table:
             # the log and the report are read by people: no user:password@ or signed query in them
             image_uri=_shown_input(r["image_uri"], s) if r.get("image_uri") else r.get("image_uri"),
             image_uris=[_shown_input(u, s) for u in r["image_uris"]] if r.get("image_uris") else None,
-            model_id=s.model_id,
+            model_id=dict(s.set_model_ids).get(r.get("adapters") or "", s.model_id),
             run_id=s.run_id,
             finished_at=now,
         )
@@ -655,6 +693,12 @@ def skip_candidates(cfg: JobConfig, state: StatePointer, counters: Any) -> list[
                           retried=cfg.runtime.retried_error_types(), counters=counters)
 
 
+def write_settings(cfg: JobConfig, settings: NormalizeSettings, spec: ModelSpec) -> WriteSettings:
+    return WriteSettings(output_uri=cfg.output.uri, storage=cfg.output_storage(), image_format=cfg.output.format,
+                         quality=cfg.output.quality, model_id=settings.model_id, run_id=cfg.runtime.run_id,
+                         model=spec, set_model_ids=settings.set_model_ids)
+
+
 def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, plan: ActorPlan,
                   candidates: list[Any] | None = None, judge: InlineJudge | None = None):
     """manifest -> skip done (a join with the root's state) -> normalise -> prepare -> edit
@@ -714,20 +758,12 @@ def build_dataset(cfg: JobConfig, *, state: StatePointer | None, counters: Any, 
         num_gpus=plan.num_gpus,
         resources=r.custom_per_actor or None,
     )
-    write_settings = WriteSettings(
-        output_uri=cfg.output.uri,
-        storage=cfg.output_storage(),
-        image_format=cfg.output.format,
-        quality=cfg.output.quality,
-        model_id=settings.model_id,
-        run_id=cfg.runtime.run_id,
-        model=spec,
-    )
     ds = ds.map_batches(
         write_outputs,
         batch_format="pyarrow",
         batch_size=r.io_batch_size,
-        fn_kwargs={"settings": write_settings, "counters": counters, "threads": r.io_threads_per_task},
+        fn_kwargs={"settings": write_settings(cfg, settings, spec), "counters": counters,
+                   "threads": r.io_threads_per_task},
         num_cpus=r.io_cpus_per_task,
         max_retries=r.task_max_retries,
     )

@@ -12,7 +12,9 @@ import importlib
 import re
 
 from step1x_batch.models import determinism
-from step1x_batch.models.base import ModelFamily, ModelSpec
+from typing import Any
+
+from step1x_batch.models.base import Engine, ModelFamily, ModelSpec
 
 determinism.set_cpu_env()  # before MKL's first call: strict CNR, same bytes across processes (issue 24)
 
@@ -47,4 +49,13 @@ def load_family(spec: ModelSpec) -> ModelFamily:
     return family_class(spec.family)(spec)
 
 
-__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "family_class", "load_family"]
+__all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "adapter_switcher", "family_class", "load_family"]
+
+
+def adapter_switcher(family: ModelFamily, engine: Engine) -> Any:
+    """An :class:`~step1x_batch.models.adapter_sets.AdapterSwitcher` on ``engine``'s denoiser
+    (``family.adapter_target``): the engine as loaded is the base; named LoRA sets are added and
+    switched in exactly. The job's one way to the switcher (it imports no model internals)."""
+    from step1x_batch.models.adapter_sets import AdapterSwitcher
+
+    return AdapterSwitcher(family.adapter_target(engine), family=family.name)

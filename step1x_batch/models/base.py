@@ -226,6 +226,9 @@ class ModelSpec:
     compile: bool = False  # regional torch.compile of the denoiser's blocks
     attention: str = "auto"  # the SDPA kernel: auto | cudnn | flash | efficient | math
     adapters: tuple[AdapterRef, ...] = ()  # LoRA adapters merged into the denoiser at load, in order
+    # Named LoRA sets the actors switch between per row (not part of the base model id: each set's
+    # rows carry the id of the base with that set's adapters)
+    adapter_sets: tuple[tuple[str, tuple[AdapterRef, ...]], ...] = ()
 
 
 Preparer = Callable[[EditRequest], Prepared]
@@ -317,6 +320,11 @@ class ModelFamily(abc.ABC):
     def finish(self, image: np.ndarray, input_sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """Model-size pixels -> the pixels to write; ``input_sizes`` are the inputs' (width, height)."""
         return image
+
+    def adapter_target(self, engine: Engine) -> Any:
+        """The module LoRA adapters merge into (the denoiser), for switching adapter sets on a
+        loaded engine (:mod:`step1x_batch.models.adapter_sets`); families with ``supports_adapters``."""
+        raise NotImplementedError(f"the {self.name} family takes no LoRA adapters")
 
 
 def adapters_id(adapters: Sequence[AdapterRef]) -> str:

@@ -105,7 +105,8 @@ def settings_digest_key(settings: NormalizeSettings) -> int:
     manifest's folder, not its name)."""
     return settings_key(FINGERPRINT_VERSION, manifest_base(settings.manifest_uri), settings.defaults,
                         settings.seed_base, settings.model_id, settings.image_format,
-                        settings.max_instruction_chars, settings.image_quality, settings.max_images)
+                        settings.max_instruction_chars, settings.image_quality, settings.max_images,
+                        settings.set_model_ids)
 
 
 def manifest_row_digests(raw: pa.Table, settings: NormalizeSettings) -> pa.Array:

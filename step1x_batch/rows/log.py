@@ -55,6 +55,7 @@ LOG_SCHEMA = pa.schema(
         ("size_level", pa.int64()),
         ("blend_instruction", pa.string()),  # null unless the row blends two conditionings
         ("blend_scale", pa.float64()),
+        ("adapters", pa.string()),  # the row's adapter set (model.adapter_sets), null: the base model
         ("model_id", pa.string()),
         ("run_id", pa.string()),
         ("attempt", pa.int64()),

@@ -132,6 +132,7 @@ MANIFEST_OPTIONAL = (
     "image_etags",
     "blend_instruction",
     "blend_scale",
+    "adapters",  # the name of one of model.adapter_sets (null: the base model)
 )
 MANIFEST_COLUMNS = MANIFEST_REQUIRED + MANIFEST_OPTIONAL
 
@@ -149,6 +150,7 @@ NORMALIZED_SCHEMA = pa.schema(
         ("negative_prompt", pa.string()),
         ("blend_instruction", pa.string()),
         ("blend_scale", pa.float64()),
+        ("adapters", pa.string()),  # the row's adapter set (model.adapter_sets), null: the base model
         ("output_key", pa.string()),
         ("fingerprint", pa.string()),
         ("error_type", pa.string()),
@@ -387,9 +389,17 @@ def _read_file(uri: str, options: StorageOptions | None, fixed_schema: bool = Tr
     the jobs whose own manifests are not edit rows (a pairs job's images manifest gives a JSON
     list of instructions)."""
     table = _read_raw(uri, options, fixed_schema)
-    if not columns and manifest_format(uri) == "webdataset":
-        columns = webdataset.default_columns(table.column_names)
+    if manifest_format(uri) == "webdataset":
+        return _adapt_shard_piece(table, columns)
     return adapt_table(table, columns)
+
+
+def _adapt_shard_piece(table: pa.Table, columns: Mapping[str, Any] | None) -> pa.Table:
+    """A WebDataset piece in the contract's shape: the configured map, else sample by sample
+    (:func:`~step1x_batch.rows.webdataset.default_view`)."""
+    if columns:
+        return adapt_table(table, columns)
+    return adapt_table(webdataset.default_view(table), webdataset.DEFAULT_COLUMNS)
 
 
 def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = None,
@@ -403,7 +413,7 @@ def read_manifest_file(batch: dict[str, Any], options: StorageOptions | None = N
             yield _read_file(path, options, columns=columns)
             continue
         for piece in webdataset.iter_shard(path, options):
-            yield adapt_table(piece, columns or webdataset.default_columns(piece.column_names))
+            yield _adapt_shard_piece(piece, columns)
 
 
 def read_manifest_table(uri: str, options: StorageOptions | None = None, *,
@@ -705,8 +715,12 @@ class NormalizeSettings:
     max_instruction_chars: int  # <= 0: no limit
     image_quality: int | None = None  # folded into the fingerprint for lossy formats
     max_images: int = 1  # the model family's limit of input images per row
+    # (set name, model id) of each of model.adapter_sets: a row naming a set is fingerprinted
+    # with that set's model id
+    set_model_ids: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model_id_of_set", dict(self.set_model_ids))
         # Derived once per settings object, not per row; an unknown format fails here.
         output_format = canonical_format(self.image_format)
         object.__setattr__(self, "output_format", output_format)
@@ -897,6 +911,26 @@ def _given_output_key(raw: Mapping[str, Any], fail: _FirstError, identity: dict[
     return output_key
 
 
+def _given_adapters(raw: Mapping[str, Any], settings: NormalizeSettings, fail: _FirstError,
+                    identity: dict[str, Any]) -> str | None:
+    """The adapter set the row names (one of ``model.adapter_sets``); None for the base model."""
+    name = raw.get("adapters")
+    if _blank(name):
+        return None
+    if not isinstance(name, str):
+        identity["adapters"] = repr(name)
+        fail(INVALID_ROW, f"adapters is not text ({type(name).__name__}); give the name of an adapter set.")
+        return None
+    name = name.strip()
+    identity["adapters"] = name
+    known = settings.model_id_of_set
+    if name not in known:
+        fail(INVALID_ROW, f"adapters names the set {redact(repr(name))[:80]}, which model.adapter_sets does not "
+             f"have ({', '.join(sorted(known)) or 'it names no set'}).")
+        return None
+    return name
+
+
 def _given_id(raw: Mapping[str, Any], fail: _FirstError) -> str | None:
     """The row's own id as text (an integral float without its ``.0``); None when it gives none
     or an unusable one."""
@@ -966,6 +1000,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], settings: Normaliz
     _given_blend(raw, max_chars, fail, identity, given)
     _given_negative_prompt(raw, fail, identity, given)
     output_key = _given_output_key(raw, fail, identity)
+    adapters = _given_adapters(raw, settings, fail, identity)
     identity.update(given)
     row_id = _given_id(raw, fail)
     given_id = row_id is not None
@@ -986,6 +1021,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], settings: Normaliz
         "instruction": instruction,
         "seed": seed,
         **{name: getattr(params, name) for name in _PARAM_FIELDS},  # asdict() deep-copies: slow per row
+        "adapters": adapters,
         "output_key": output_key,
         "fingerprint": None,
         "error_type": None,
@@ -1002,7 +1038,7 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], settings: Normaliz
             instruction=instruction,
             params=params,
             seed=seed,
-            model_id=settings.model_id,
+            model_id=settings.model_id_of_set[adapters] if adapters else settings.model_id,
             image_format=settings.output_format,
             image_quality=settings.image_quality,
         )

@@ -45,7 +45,7 @@ __all__ = [
 
 # The row contract's names a column map may target (``image``: one column or a list of them).
 CONTRACT_NAMES = ("id", "image", "instruction", "seed", "negative_prompt", "num_steps", "guidance_scale",
-                  "size_level", "output_key", "blend_instruction", "blend_scale", "image_etag")
+                  "size_level", "output_key", "blend_instruction", "blend_scale", "image_etag", "adapters")
 EMBEDDED_PREFIX = "embedded://sha256/"
 IMAGE_BYTES = "__image_bytes"  # list<large_binary>: a row's embedded images, aligned with its URIs
 
@@ -201,20 +201,17 @@ def _images_columns(table: pa.Table, sources: list[str]) -> dict[str, pa.Array]:
             IMAGE_BYTES: pa.array(blobs, pa.list_(pa.large_binary())), _PROBLEM: pa.array(problems, pa.string())}
 
 
-def _merge_problem(table: pa.Table, problems: pa.Array) -> pa.Table:
+def _merge_problem(table: pa.Table, problems: pa.Array, first: bool = False) -> pa.Table:
     if _PROBLEM not in table.column_names:
         return table.append_column(_PROBLEM, problems)
     i = table.schema.get_field_index(_PROBLEM)
-    return table.set_column(i, _PROBLEM, pc.coalesce(table.column(i), problems))
+    old = table.column(i).cast(pa.string())
+    return table.set_column(i, _PROBLEM, pc.coalesce(problems, old) if first else pc.coalesce(old, problems))
 
 
 def _renamed(table: pa.Table, names: Mapping[str, list[str]]) -> pa.Table:
     """The map's scalar fields under their contract names; a column of the dataset that already
     has a mapped field's name (and is not its source) moves aside as ``source_<name>``."""
-    missing = [s for ss in names.values() for s in ss if s not in table.column_names]
-    if missing:
-        raise ValueError(f"input.columns names column(s) {missing} that the manifest does not have "
-                         f"(it has {table.column_names})")
     out = table
     for target, (source, *_) in ((t, s) for t, s in names.items() if t != "image"):
         if target == source:
@@ -226,13 +223,29 @@ def _renamed(table: pa.Table, names: Mapping[str, list[str]]) -> pa.Table:
     return out
 
 
-def adapt_table(table: pa.Table, columns: Mapping[str, Any] | None = None) -> pa.Table:
+def _missing(table: pa.Table, names: Mapping[str, list[str]], strict: bool) -> tuple[pa.Table, str | None]:
+    """``table`` with a null column for each mapped column it lacks, and the problem every row of
+    it then has (``strict``: a ValueError instead, as pre-flight wants it)."""
+    missing = [s for ss in names.values() for s in ss if s not in table.column_names]
+    if not missing:
+        return table, None
+    why = f"input.columns names column(s) {missing} that the manifest does not have (it has {table.column_names})"
+    if strict:
+        raise ValueError(why)
+    for name in missing:
+        table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    return table, why
+
+
+def adapt_table(table: pa.Table, columns: Mapping[str, Any] | None = None, *, strict: bool = False) -> pa.Table:
     """``table`` (raw rows as read) with the column map applied and embedded images split into
     URIs and :data:`IMAGE_BYTES`; a table already in the contract's shape comes back unchanged.
-    A column the map names that the table lacks is a ValueError (pre-flight refuses the job)."""
+    A column the map names that the table lacks makes every row of it a problem row naming the
+    column (``strict``: a ValueError, for pre-flight)."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     names = mapped_names(columns or {})
+    table, why = _missing(table, names, strict)
     sources = _image_sources(table, names)
     table = _renamed(table, names)
     if sources and (names.get("image") or any(holds_images(table.schema.field(n).type) for n in sources)):
@@ -247,4 +260,6 @@ def adapt_table(table: pa.Table, columns: Mapping[str, Any] | None = None) -> pa
         table = _merge_problem(table, problems)
     for name in [n for n in table.column_names if n != IMAGE_BYTES and holds_images(table.schema.field(n).type)]:
         table = table.set_column(table.schema.get_field_index(name), name, _as_references(table.column(name)))
+    if why is not None:  # this problem first: it is why the mapped fields are null
+        table = _merge_problem(table, pa.array([why] * table.num_rows, pa.string()), first=True)
     return table

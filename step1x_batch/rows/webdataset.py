@@ -41,6 +41,7 @@ import zlib
 from typing import IO, Any, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from step1x_batch.errors import redact, redact_uri
 from step1x_batch.io.storage import StorageOptions, filesystem
@@ -49,7 +50,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MANIFEST_PROBLEM",
     "TEXT_EXTENSIONS",
+    "DEFAULT_COLUMNS",
     "default_columns",
+    "default_view",
     "is_image_extension",
     "iter_shard",
     "read_shard",
@@ -94,23 +97,50 @@ def _is_text(ext: str) -> bool:
     return _last(ext) in TEXT_EXTENSIONS
 
 
+SAMPLE, IMAGE, INSTRUCTION = "__sample__", "__image__", "__instruction__"
+DEFAULT_COLUMNS = {"id": SAMPLE, "image": IMAGE, "instruction": INSTRUCTION}
+
+
+def _image_order(names: Sequence[str]) -> list[str]:
+    """The image columns a sample's image is taken from, in preference order."""
+    preferred = [n for n in _PREFERRED_IMAGES if n in names]
+    return preferred + [n for n in names if n not in _RESERVED and n not in preferred and is_image_extension(n)]
+
+
+def _shard_stem(url: str | None) -> str | None:
+    if not url:
+        return None
+    base = posixpath.basename(url.rstrip("/"))
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def default_view(table: pa.Table) -> pa.Table:
+    """A WebDataset input without ``input.columns``, sample by sample (so the choice never depends
+    on which samples share a piece of a shard): ``__sample__`` = ``<shard name>/<key>`` (keys are
+    unique within a shard, often not across shards), ``__image__`` = the sample's first present
+    member of jpg, jpeg, png, webp (else another image extension), ``__instruction__`` = its JSON's
+    ``instruction``, else its ``txt`` (``text``, ``caption``). The members taken are dropped;
+    :data:`DEFAULT_COLUMNS` maps the three onto the row contract."""
+    names = table.column_names
+    n = table.num_rows
+    stems = [_shard_stem(u) for u in (table.column(URL).to_pylist() if URL in names else [None] * n)]
+    keys = table.column(KEY).to_pylist() if KEY in names else [None] * n
+    sample = pa.array([f"{s}/{k}" if s and k else k for s, k in zip(stems, keys)], pa.string())
+    images = _image_order(names)
+    texts = [c for c in ("instruction",) + TEXT_EXTENSIONS if c in names]
+    image = pc.coalesce(*[table.column(c).cast(pa.large_binary()) for c in images]) if images \
+        else pa.nulls(n, pa.large_binary())
+    text = pc.coalesce(*[table.column(c).cast(pa.string()) for c in texts]) if texts else pa.nulls(n, pa.string())
+    out = table.drop_columns(images + texts)
+    return out.append_column(SAMPLE, sample).append_column(IMAGE, image).append_column(INSTRUCTION, text)
+
+
 def default_columns(names: Sequence[str]) -> dict[str, str | list[str]]:
-    """The column map for a WebDataset input without ``input.columns``: id <- ``__key__``; image <-
-    the first present of jpg, jpeg, png, webp (else the first image-extension column); instruction
-    <- ``instruction`` (from the json member) if present, else ``txt`` (else ``text``,
-    ``caption``). A field with no column is left out (pre-flight names what is missing)."""
-    present = list(names)
-    out: dict[str, str | list[str]] = {}
-    if KEY in present:
-        out["id"] = KEY
-    image = next((n for n in _PREFERRED_IMAGES if n in present), None)
-    image = image or next((n for n in present if n not in _RESERVED and is_image_extension(n)), None)
-    if image:
-        out["image"] = image
-    instruction = next((n for n in ("instruction",) + TEXT_EXTENSIONS if n in present), None)
-    if instruction:
-        out["instruction"] = instruction
-    return out
+    """The column map of :func:`default_view`'s table."""
+    return dict(DEFAULT_COLUMNS)
 
 
 # --- one sample ----------------------------------------------------------------------------------

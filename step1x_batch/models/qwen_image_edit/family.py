@@ -73,6 +73,9 @@ class QwenImageEditFamily(ModelFamily):
         return partial(prepare_row, QwenEditPrompts.from_folder(folder, self.options.image_processor), self.options,
                        batch_invariant=self.spec.batch_invariant)
 
+    def adapter_target(self, engine: Engine) -> Any:
+        return engine.transformer
+
     def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
         from .pipeline import QwenImageEditEngine
 

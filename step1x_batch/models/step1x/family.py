@@ -81,6 +81,9 @@ class Step1XFamily(ModelFamily):
         prompts = load_prompts(Path(folder), self.options.variant)
         return partial(prepare_row, prompts, posterior_mean=self.options.posterior_mean)
 
+    def adapter_target(self, engine: Engine) -> Any:
+        return engine.dit
+
     def load(self, folder: Path | None, device: str, adapters: Sequence[AdapterSpec] = ()) -> Engine:
         from .pipeline import Step1XEngine
 
