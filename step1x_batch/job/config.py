@@ -445,6 +445,8 @@ def _validate_family(model: ModelConfig) -> None:
     model.options = options.model_dump(mode="json")
     if model.adapters and not cls.supports_adapters:
         raise ConfigError(f"invalid config:\n  model.adapters: family {model.family!r} does not take LoRA adapters")
+    if model.adapter_sets and not cls.supports_adapters:
+        raise ConfigError(f"invalid config:\n  model.adapter_sets: family {model.family!r} does not take LoRA adapters")
     if cls.needs_weights and not model.weights:
         raise ConfigError(
             f"invalid config:\n  model.weights: required for family {model.family!r} (a folder or object-storage URI)"

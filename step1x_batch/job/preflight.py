@@ -652,6 +652,9 @@ def check_job(cfg: "JobConfig", *, manifest: str | None = None,
         facts.weights_files = check_weights(model.weights, cfg.model_storage(), family)
     for i, adapter in enumerate(model.adapters):
         check_file(adapter.uri, cfg.model_storage(), f"model.adapters[{i}].uri", safetensors=True)
+    for name, adapters in model.adapter_sets.items():
+        for i, adapter in enumerate(adapters):
+            check_file(adapter.uri, cfg.model_storage(), f"model.adapter_sets.{name}[{i}].uri", safetensors=True)
     if model.checksums:
         check_file(model.checksums, cfg.model_storage(), "model.checksums", safetensors=False)
     return facts

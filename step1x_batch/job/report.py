@@ -402,6 +402,18 @@ def _inputs(srcs: Sequence[str | None]) -> str:
     return f'<div class="inputs">{cells}</div>'
 
 
+def _adapter_sets_html(summary: dict[str, Any]) -> str:
+    """Rows and edit time per adapter set, and how often the actors switched (model.adapter_sets)."""
+    sets = summary.get("adapter_sets")
+    if not isinstance(sets, dict) or not sets:
+        return ""
+    rows = "".join(f"<tr><td>{_e(name or '(base model)')}</td><td>{int(_num(v.get('rows')))}</td>"
+                   f"<td>{_num(v.get('edit_s')):.1f} s</td></tr>" for name, v in sets.items() if isinstance(v, dict))
+    return (f'<div class="sum">Adapter sets: {int(_num(summary.get("adapter_switches")))} switches '
+            f'({_num(summary.get("adapter_switch_s")):.2f} s switching)</div>'
+            f"<table><tr><th>set</th><th>rows</th><th>edit time</th></tr>{rows}</table>")
+
+
 def render_report(
     summary: dict[str, Any],
     rows: Sequence[dict[str, Any]],
@@ -429,7 +441,7 @@ def render_report(
         + (' The judge\'s scores are <a href="#scores-1">below the rows</a>.' if scores_html else "")
         + "</div>"
     )
-    head += _charts(summary)
+    head += _adapter_sets_html(summary) + _charts(summary)
     body = ["<table><tr><th>input</th><th>output</th><th>row</th></tr>"]
     for rec, (tins, tout) in zip(rows, thumbs):
         err = rec.get("status") == "error"

@@ -144,6 +144,8 @@ class Tally:
             "ok": collections.Counter(), "error": collections.Counter()}
         self.retried = 0  # rows with an earlier record (attempt > 1)
         self.retried_errors: collections.Counter[str] = collections.Counter()
+        self.set_rows: collections.Counter[str] = collections.Counter()  # by adapter set ("" the base)
+        self.set_edit_ms: collections.Counter[str] = collections.Counter()
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -160,6 +162,10 @@ class Tally:
                     self.retried_errors[error_type or "unknown"] += 1
         for stage in ("preprocess_ms", "edit_ms", "write_ms"):
             self.stage_ms[stage.removesuffix("_ms")] += sum(v for v in cols[stage] if v is not None)
+        if "adapters" in table.column_names:
+            for name, ms in zip(table.column("adapters").to_pylist(), cols["edit_ms"]):
+                self.set_rows[name or ""] += 1
+                self.set_edit_ms[name or ""] += ms or 0.0
         for status, finished in zip(cols["status"], cols["finished_at"]):
             if status in self.finished_per_s and finished is not None:
                 second = int(max((finished - self.started).total_seconds(), 0.0))
@@ -718,6 +724,11 @@ def _summary_document(run: _Run, summary: RunSummary, wall: float) -> dict[str, 
     }
     payload["timeline"] = run.tally.timeline(wall)
     payload["state_compaction_s"] = None if run.compaction_s is None else round(run.compaction_s, 3)
+    if run.cfg.model.adapter_sets:  # rows and GPU time per set ("" the base model), switches made
+        payload["adapter_sets"] = {name: {"rows": n, "edit_s": round(run.tally.set_edit_ms[name] / 1e3, 3)}
+                                   for name, n in sorted(run.tally.set_rows.items())}
+        payload["adapter_switches"] = int(run.counters_snapshot.get("adapter_switches", 0))
+        payload["adapter_switch_s"] = round(run.counters_snapshot.get("adapter_switch_ms", 0.0) / 1e3, 3)
     return payload
 
 
