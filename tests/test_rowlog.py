@@ -24,7 +24,7 @@ from step1x_batch.rows.log import (
 CONTRACT_COLUMNS = (
     "id, fingerprint, status, error_type, error_message, image_uri, image_uris, instruction, output_uri, "
     "input_width, input_height, width, height, seed, num_steps, guidance_scale, size_level, "
-    "blend_instruction, blend_scale, "
+    "blend_instruction, blend_scale, adapters, "
     "model_id, run_id, attempt, worker, started_at, finished_at, preprocess_ms, edit_ms, write_ms"
 ).split(", ")
 
