@@ -138,7 +138,7 @@ def test_a_set_change_redoes_that_row_and_bytes_equal_a_one_adapter_job(ray_loca
     first = _run(_config(_manifest(tmp_path / "in", rows), out, model, "first"))
     assert first.by_status == {"ok": 4, "error": 1}
     summary = json.loads(Path(first.paths["summary"]).read_text())
-    assert {k: v["rows"] for k, v in summary["adapter_sets"].items()} == {"": 2, "A": 2, "B": 1}
+    assert {k: v["rows"] for k, v in summary["adapter_sets"].items()} == {"": 1, "A": 2, "B": 1}  # rows edited
     assert summary["adapter_sets"]["A"]["edit_s"] > 0
     assert 2 <= summary["adapter_switches"] <= 4  # A and B at least once each, never once per row
     assert "Adapter sets: " in Path(first.paths["report"]).read_text()
@@ -148,13 +148,25 @@ def test_a_set_change_redoes_that_row_and_bytes_equal_a_one_adapter_job(ray_loca
     moved = {r["id"]: r for r in read_logs(str(out), run_id="second").to_pylist()}["A-1"]
     assert moved["adapters"] == "B"
     # the same row in a job whose model.adapters is set B: the same bytes
-    one_manifest = _manifest(tmp_path / "in", {"B-1": None}, "one.jsonl")
+    # a row that gives no id and no seed: its set is in its id (its own output) but not in its seed
+    free = {"image_uri": "p0.png", "instruction": "make it blue"}
+    with open(tmp_path / "in" / "m.jsonl", "a") as f:
+        f.write(json.dumps({**free, "adapters": "B"}) + "\n")
+    third = _run(_config(str(tmp_path / "in" / "m.jsonl"), out, model, "third"))
+    assert third.rows_processed == 1
+    one_manifest = _manifest(tmp_path / "in", {"B-1": None}, "one.jsonl")  # (plus the unknown-set row)
+    with open(one_manifest, "a") as f:
+        f.write(json.dumps(free) + "\n")
     _run(_config(one_manifest, tmp_path / "one-out", _model(family, folder, dtype, adapters=sets["B"]), "one"))
     single = {r["id"]: r for r in read_logs(str(tmp_path / "one-out")).to_pylist()}["B-1"]
     multi = {r["id"]: r for r in read_logs(str(out), run_id="first").to_pylist()}["B-1"]
     assert Path(single["output_uri"]).read_bytes() == Path(multi["output_uri"]).read_bytes()
     # the same work by the resume rule too: same model id, same fingerprint
     assert single["model_id"] == multi["model_id"] and single["fingerprint"] == multi["fingerprint"]
+    (free_multi,) = [r for r in read_logs(str(out), run_id="third").to_pylist()]
+    (free_single,) = [r for r in read_logs(str(tmp_path / "one-out")).to_pylist() if r["instruction"] == "make it blue"]
+    assert free_multi["id"] != free_single["id"] and free_multi["seed"] == free_single["seed"]
+    assert Path(free_multi["output_uri"]).read_bytes() == Path(free_single["output_uri"]).read_bytes()
 
 
 def test_config_and_preflight_refusals(tmp_path):
@@ -177,3 +189,43 @@ def test_config_and_preflight_refusals(tmp_path):
     cfg = parse_config({**base, "model": {"family": "step1x", "weights": str(weights), "adapter_sets": {"A": [lora]}}})
     with pytest.raises(PreflightError, match=r"model.adapter_sets.A\[0\].uri"):
         check_job(cfg)
+
+
+def test_a_set_an_actor_cannot_stage_fails_its_rows_only(weights, tmp_path):
+    """A set whose file does not fit the model (or cannot be staged on that node) gives its rows
+    edit_failed; the other sets and the base go on. Host copies: the base kept in host memory."""
+    import torch
+
+    from step1x_batch.io.weights import WeightsSource, sha256_file
+    from step1x_batch.job.stages import EditStage
+    from step1x_batch.models.base import AdapterRef, EditParams, EditRequest
+    from step1x_batch.models.step1x.family import Step1XFamily
+
+    folder = Path(weights["step1x"])
+    sets = _adapter_files("step1x", folder, tmp_path)
+    good = sets["A"][0]
+    bad = write(tmp_path / "bad.safetensors", {"nowhere.lora_A.weight": torch.zeros(2, 3),
+                                               "nowhere.lora_B.weight": torch.zeros(3, 2)})
+    refs = (("good", (AdapterRef(good["uri"], good["scale"], good["format"], sha256_file(Path(good["uri"]))),)),
+            ("bad", (AdapterRef(str(bad), 1.0, "peft", sha256_file(bad)),)))
+    spec = ModelSpec("step1x", {}, str(folder), "float32", adapter_sets=refs, adapter_base_copies="host")
+    family = Step1XFamily(spec)
+    stage = EditStage(spec, WeightsSource(str(folder)), engine=family.load(folder, "cpu"))
+    assert set(stage.unusable) == {"bad"} and "'bad' cannot be used" in stage.unusable["bad"]
+    assert stage.switcher.sets == ["good"] and stage.switcher.base_device == torch.device("cpu")
+    picture = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    ready = family.preparer(folder)(EditRequest([picture], "make it red", 1, EditParams(num_steps=2, size_level=64)))
+    rows = [{"adapters": s, "prepared": ready.to_bytes()} for s in ("bad", "good", None)]
+    results = stage._edit_by_set(rows)
+    assert isinstance(results[0], RuntimeError) and "'bad' cannot be used" in str(results[0])
+    assert results[1].image is not None and results[2].image is not None
+    assert not np.array_equal(results[1].image, results[2].image)  # the good set was switched in
+
+
+def test_one_model_id_for_many_sets_is_refused(tmp_path):
+    from step1x_batch.job.config import ConfigError
+
+    lora = {"uri": str(tmp_path / "a.safetensors")}
+    with pytest.raises(ConfigError, match="model.model_id"):
+        parse_config({"input": {"manifest": str(tmp_path / "m.jsonl")}, "output": {"uri": str(tmp_path / "o")},
+                      "model": {"family": "step1x", "weights": "w", "model_id": "mine", "adapter_sets": {"A": [lora]}}})

@@ -176,11 +176,19 @@ class ModelConfig(_Section):
                 raise ValueError(f"set {name!r} names no adapter (a row without a set gets the base model)")
         return value
 
+    # Where the switcher keeps the base value of every weight a set changes: on the model's device
+    # (fastest switch; the changed weights' memory twice) or in host memory (pinned; a switch then
+    # copies them over PCIe: about 1 s at full size, but no second copy on the GPU).
+    adapter_base_copies: Literal["device", "host"] = "device"
+
     @model_validator(mode="after")
     def _sets_or_adapters(self) -> "ModelConfig":
         if self.adapter_sets and self.adapters:
             raise ValueError("give model.adapters (merged at load for every row) or model.adapter_sets "
                              "(a set per row), not both: put the shared adapters into every set")
+        if self.adapter_sets and self.model_id:
+            raise ValueError("model.model_id names one model, but each adapter set is a model of its own "
+                             "(its rows carry its id): leave model.model_id unset with model.adapter_sets")
         return self
 
     @model_validator(mode="before")
@@ -202,7 +210,7 @@ class ModelConfig(_Section):
             family=self.family, options=dict(self.options), weights=self.weights, dtype=self.dtype,
             device=device, max_batch_size=self.max_batch_size, model_id=self.model_id,
             batch_invariant=self.batch_invariant, compile=self.compile, attention=self.attention,
-            adapters=adapters, adapter_sets=adapter_sets,
+            adapters=adapters, adapter_sets=adapter_sets, adapter_base_copies=self.adapter_base_copies,
         )
 
 

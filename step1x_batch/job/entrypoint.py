@@ -64,7 +64,8 @@ def check_lease_and_run(cfg: "JobConfig", run: Callable[["Preflight", "Lease"], 
     with lease.held(cfg.output.uri, cfg.output_storage(), cfg.runtime.run_id,
                     ttl_s=cfg.runtime.lease_ttl_s, allow_unlocked=cfg.runtime.allow_unlocked, job=job,
                     say=lambda message: print(message, file=sys.stderr, flush=True)) as held:
-        pin_adapters(cfg.model.adapters, cfg.weights_source())  # before any job derives the model id
+        for adapters in (cfg.model.adapters, *cfg.model.adapter_sets.values()):  # before any model id
+            pin_adapters(adapters, cfg.weights_source())
         return run(facts, held)
 
 

@@ -162,10 +162,11 @@ class Tally:
                     self.retried_errors[error_type or "unknown"] += 1
         for stage in ("preprocess_ms", "edit_ms", "write_ms"):
             self.stage_ms[stage.removesuffix("_ms")] += sum(v for v in cols[stage] if v is not None)
-        if "adapters" in table.column_names:
-            for name, ms in zip(table.column("adapters").to_pylist(), cols["edit_ms"]):
-                self.set_rows[name or ""] += 1
-                self.set_edit_ms[name or ""] += ms or 0.0
+        if "adapters" in table.column_names:  # rows edited per set (an unknown set's row is no set's)
+            for name, ms, status in zip(table.column("adapters").to_pylist(), cols["edit_ms"], cols["status"]):
+                if status == "ok":
+                    self.set_rows[name or ""] += 1
+                    self.set_edit_ms[name or ""] += ms or 0.0
         for status, finished in zip(cols["status"], cols["finished_at"]):
             if status in self.finished_per_s and finished is not None:
                 second = int(max((finished - self.started).total_seconds(), 0.0))

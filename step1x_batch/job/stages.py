@@ -420,14 +420,19 @@ class EditStage:
                     ray.get(counters.set_fatal.remote(message))
                 raise
         self.engine = engine
+        self.unusable: dict[str, str] = {}  # adapter sets this actor could not stage: why
         self.switcher = self._switcher(spec, weights) if spec.adapter_sets else None
         self._state("ready")
 
     def _switcher(self, spec: ModelSpec, weights: WeightsSource) -> Any:
-        """The adapter sets staged on this node and ready to switch (the engine holds the base)."""
+        """The adapter sets staged on this node and ready to switch (the engine holds the base). A
+        set that cannot be staged or does not fit the model fails its own rows, not the actor."""
         switcher = adapter_switcher(self.family, self.engine)
         for name, refs in spec.adapter_sets:
-            switcher.add_set(name, [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in refs])
+            try:
+                switcher.add_set(name, [AdapterSpec(staged_adapter(weights, a), a.scale, a.format) for a in refs])
+            except Exception as e:
+                self.unusable[name] = f"the adapter set {name!r} cannot be used on {self.worker}: {_message(e)}"
         return switcher
 
     def _state(self, state: str) -> None:
@@ -455,6 +460,10 @@ class EditStage:
         results: list[EditOutput | BaseException] = [RuntimeError("not edited")] * len(rows)
         for name in order:
             idx = groups[name]
+            if name in self.unusable:
+                for i in idx:
+                    results[i] = RuntimeError(self.unusable[name])
+                continue
             before = self.switcher.switches
             try:
                 self.switcher.activate(name)

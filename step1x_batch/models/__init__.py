@@ -55,7 +55,9 @@ __all__ = ["FAMILIES", "ModelFamily", "ModelSpec", "adapter_switcher", "family_c
 def adapter_switcher(family: ModelFamily, engine: Engine) -> Any:
     """An :class:`~step1x_batch.models.adapter_sets.AdapterSwitcher` on ``engine``'s denoiser
     (``family.adapter_target``): the engine as loaded is the base; named LoRA sets are added and
-    switched in exactly. The job's one way to the switcher (it imports no model internals)."""
+    switched in exactly; the base copies on the model's device or, with ``spec.adapter_base_copies``
+    ``host``, in host memory. The job's one way to the switcher (it imports no model internals)."""
     from step1x_batch.models.adapter_sets import AdapterSwitcher
 
-    return AdapterSwitcher(family.adapter_target(engine), family=family.name)
+    host = family.spec.adapter_base_copies == "host"
+    return AdapterSwitcher(family.adapter_target(engine), family=family.name, base_device="cpu" if host else None)

@@ -229,6 +229,7 @@ class ModelSpec:
     # Named LoRA sets the actors switch between per row (not part of the base model id: each set's
     # rows carry the id of the base with that set's adapters)
     adapter_sets: tuple[tuple[str, tuple[AdapterRef, ...]], ...] = ()
+    adapter_base_copies: str = "device"  # device | host: where the switcher keeps the base weights
 
 
 Preparer = Callable[[EditRequest], Prepared]

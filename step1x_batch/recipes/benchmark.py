@@ -213,9 +213,14 @@ def _check_model(name: str, cfg: JobConfig) -> None:
             preflight.check_weights(model.weights, cfg.model_storage(), family)
         for i, adapter in enumerate(model.adapters):
             preflight.check_file(adapter.uri, cfg.model_storage(), f"model.adapters[{i}].uri", safetensors=True)
+        for set_name, adapters in model.adapter_sets.items():
+            for i, adapter in enumerate(adapters):
+                preflight.check_file(adapter.uri, cfg.model_storage(), f"model.adapter_sets.{set_name}[{i}].uri",
+                                     safetensors=True)
         if model.checksums:
             preflight.check_file(model.checksums, cfg.model_storage(), "model.checksums", safetensors=False)
-        pin_adapters(cfg.model.adapters, cfg.weights_source())
+        for adapters in (cfg.model.adapters, *cfg.model.adapter_sets.values()):
+            pin_adapters(adapters, cfg.weights_source())
         cfg.family().model_id()  # the id every fingerprint of this model will hold
     except (JobRefused, OSError, ValueError) as e:
         raise JobRefused(f"benchmark.models.{name}: {e}") from None

@@ -1008,8 +1008,11 @@ def _normalize_row(raw: Mapping[str, Any], extras: list[str], settings: Normaliz
         row_id = _sha256(_canonical(identity))[:20]
     params = _edit_params(given, settings.defaults)
     seed = given.get("seed")
-    if seed is None:
-        seed = derive_seed(row_id, settings.seed_base)
+    if seed is None:  # the set is in the id (its own output) but not in the noise: a set's row gets
+        # the seed the same row gets without a set, so sets compare on the same noise
+        seed_key = row_id if given_id or "adapters" not in identity else \
+            _sha256(_canonical({k: v for k, v in identity.items() if k != "adapters"}))[:20]
+        seed = derive_seed(seed_key, settings.seed_base)
     if output_key is None and "output_key" not in identity:
         output_key = _default_output_key(row_id, settings.output_extension, fail)
     raw_uri = raw.get("image_uri")
