@@ -17,7 +17,7 @@ import webdataset as wds
 from step1x_batch.rows import manifest
 from step1x_batch.rows.webdataset import (
     MANIFEST_PROBLEM,
-    default_columns,
+    DEFAULT_COLUMNS,
     default_view,
     iter_shard,
     read_shard,
@@ -152,7 +152,7 @@ def test_default_view_chooses_sample_by_sample(tmp_path, image_factory):
     assert rows["mixed/b"]["__image__"] == jpg and rows["mixed/b"]["__instruction__"] == "from json"
     assert rows["mixed/c"]["__image__"] is None and rows["mixed/b"]["task"] == "t"
     assert not {"png", "jpg", "txt", "instruction"} & set(view.column_names)  # taken members are not carried twice
-    assert default_columns(view.column_names) == {"id": "__sample__", "image": "__image__",
+    assert DEFAULT_COLUMNS == {"id": "__sample__", "image": "__image__",
                                                   "instruction": "__instruction__"}
 
 

@@ -363,9 +363,7 @@ def prepare(batch: pa.Table, *, settings: PrepareSettings, counters: Any = None)
         t0 = time.perf_counter()
         try:
             ready = preparer(_request(row, images))
-            # a set's rows never share a forward with another set's (the set is part of the key)
-            key = ready.key if not row.get("adapters") else f"{row['adapters']}\x1f{ready.key}"
-            row.update(prepared=ready.to_bytes(), batch_key=key, width=ready.width, height=ready.height)
+            row.update(prepared=ready.to_bytes(), batch_key=ready.key, width=ready.width, height=ready.height)
         except RowFailure as e:
             row.update(error_type=e.code, error_message=errors.redact(e.message))
         except Exception as e:  # a bug or an input the family cannot handle: one row, not the job

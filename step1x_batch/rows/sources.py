@@ -94,7 +94,6 @@ _DEFAULT_IMAGE_COLUMNS = ("image", "images")  # a hub dataset's usual names, whe
 # Why a raw row cannot be a row (a line that is not JSON, a null image, a truncated tar member):
 # set by the readers, turned into the row's INVALID_ROW error by normalisation.
 MANIFEST_PROBLEM = "__manifest_problem"
-_PROBLEM = MANIFEST_PROBLEM
 
 
 def _is_bytes(t: pa.DataType) -> bool:
@@ -198,15 +197,15 @@ def _images_columns(table: pa.Table, sources: list[str]) -> dict[str, pa.Array]:
         problems.append(problem)
     # the problem column always (all null in a clean batch): every block has one schema
     return {"image_uris" if many else "image_uri": pa.array(uris, pa.list_(pa.string()) if many else pa.string()),
-            IMAGE_BYTES: pa.array(blobs, pa.list_(pa.large_binary())), _PROBLEM: pa.array(problems, pa.string())}
+            IMAGE_BYTES: pa.array(blobs, pa.list_(pa.large_binary())), MANIFEST_PROBLEM: pa.array(problems, pa.string())}
 
 
 def _merge_problem(table: pa.Table, problems: pa.Array, first: bool = False) -> pa.Table:
-    if _PROBLEM not in table.column_names:
-        return table.append_column(_PROBLEM, problems)
-    i = table.schema.get_field_index(_PROBLEM)
+    if MANIFEST_PROBLEM not in table.column_names:
+        return table.append_column(MANIFEST_PROBLEM, problems)
+    i = table.schema.get_field_index(MANIFEST_PROBLEM)
     old = table.column(i).cast(pa.string())
-    return table.set_column(i, _PROBLEM, pc.coalesce(problems, old) if first else pc.coalesce(old, problems))
+    return table.set_column(i, MANIFEST_PROBLEM, pc.coalesce(problems, old) if first else pc.coalesce(old, problems))
 
 
 def _renamed(table: pa.Table, names: Mapping[str, list[str]]) -> pa.Table:
@@ -254,7 +253,7 @@ def adapt_table(table: pa.Table, columns: Mapping[str, Any] | None = None, *, st
         for name in ("image_uri", "image_uris"):
             if name in table.column_names:  # the map chose other columns: these are the dataset's own
                 table = table.rename_columns([f"source_{c}" if c == name else c for c in table.column_names])
-        problems = images.pop(_PROBLEM)
+        problems = images.pop(MANIFEST_PROBLEM)
         for name, values in images.items():
             table = table.append_column(name, values)
         table = _merge_problem(table, problems)

@@ -45,13 +45,13 @@ import pyarrow.compute as pc
 
 from step1x_batch.errors import redact, redact_uri
 from step1x_batch.io.storage import StorageOptions, filesystem
+from step1x_batch.rows.sources import MANIFEST_PROBLEM
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MANIFEST_PROBLEM",
     "TEXT_EXTENSIONS",
     "DEFAULT_COLUMNS",
-    "default_columns",
     "default_view",
     "is_image_extension",
     "iter_shard",
@@ -59,9 +59,6 @@ __all__ = [
     "split_name",
 ]
 
-# The same name as rows.manifest.MANIFEST_PROBLEM (a test pins it): not imported from there,
-# because the manifest readers import this module.
-MANIFEST_PROBLEM = "__manifest_problem"
 KEY, URL = "__key__", "__url__"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TEXT_EXTENSIONS = ("txt", "text", "caption")
@@ -136,11 +133,6 @@ def default_view(table: pa.Table) -> pa.Table:
     text = pc.coalesce(*[table.column(c).cast(pa.string()) for c in texts]) if texts else pa.nulls(n, pa.string())
     out = table.drop_columns(images + texts)
     return out.append_column(SAMPLE, sample).append_column(IMAGE, image).append_column(INSTRUCTION, text)
-
-
-def default_columns(names: Sequence[str]) -> dict[str, str | list[str]]:
-    """The column map of :func:`default_view`'s table."""
-    return dict(DEFAULT_COLUMNS)
 
 
 # --- one sample ----------------------------------------------------------------------------------
